@@ -31,6 +31,7 @@ import optax
 from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import optim
+from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
 
 
@@ -325,6 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{config.model_name!r} expects [depth, heads] = {mask_shape}.")
 
   os.makedirs(workdir, exist_ok=True)
+  rundir.save_config(config, workdir)  # The run is self-describing (heads, analyses, report).
   state, state_sharding = create_train_state(config, model, tx, info.image_shape, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,

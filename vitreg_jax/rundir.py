@@ -1,0 +1,148 @@
+"""A run's workdir as a self-describing record: its resolved config, checkpoints and model.
+
+Every training run writes its full resolved config (`config_lib.with_defaults`) to
+`WORKDIR/config.json` at start, so that `--workdir` alone is enough for head selection, the
+analyses and the report to rebuild the model, the data and the splits:
+
+    run = rundir.load_run(workdir)          # newest checkpoint; step=... for another one
+    logits, out = run.model.apply(run.variables, images, head_mask=...)
+
+Nothing here imports the training loop or TensorFlow: the model, checkpoint and config are
+read with flax, orbax and ml_collections only (the dataset info is read lazily by `info`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def _to_json(value):
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def config_to_json(config) -> str:
+  """The config as stable JSON (sorted keys; tuples and arrays become lists)."""
+  return json.dumps(_to_json(config), indent=2, sort_keys=True)
+
+
+def save_config(config, workdir: str) -> str:
+  """Writes the resolved `config` to `workdir/config.json` (process 0 only); returns the path."""
+  path = config_path(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config_to_json(config) + "\n")
+    os.replace(tmp, path)  # Never leave a half-written config behind.
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `workdir`.
+
+  Raises:
+    FileNotFoundError: naming the expected file, when `workdir` holds no saved config.
+  """
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir!r} is not a vitreg_jax run directory (runs write their "
+        "config there at start). Pass the --workdir of a training run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints saved under `workdir/checkpoints` (sorted, may be empty)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The saved training-state pytree of `step` (default: newest) as NumPy arrays.
+
+  Returns:
+    `(tree, step)`, `tree` with keys `step, params, opt_state, model_state, rng`.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  steps = checkpoint_steps(workdir)
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(
+        f"No checkpoint {'' if step is None else step} under "
+        f"{os.path.join(workdir, CHECKPOINT_DIR)} (found steps {steps}).")
+  step = steps[-1] if step is None else step
+  item = os.path.join(workdir, CHECKPOINT_DIR, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(item).item_metadata.tree)
+  return checkpointer.restore(item, restore_args=as_numpy), step
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run rebuilt from its workdir."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict  # {'params': ..., **model_state}, NumPy arrays
+  step: int
+  num_classes: int
+
+  @property
+  def info(self):
+    """The dataset info (`data.get_info`), read on demand (the data builders may need TFDS)."""
+    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+    return data.get_info(self.config.data)
+
+
+def load_run(workdir: str, step: int | None = None, *, num_classes: int | None = None) -> Run:
+  """Rebuilds the model of the run in `workdir` and loads its checkpoint (default: newest).
+
+  Args:
+    workdir: a training run's workdir (holds `config.json` and `checkpoints/`).
+    step: the checkpoint step; None for the newest.
+    num_classes: the number of classes; by default read from the saved head's shape, so no
+      dataset is touched.
+  """
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  config = load_config(workdir)
+  tree, step = load_state_tree(workdir, step)
+  params = tree["params"]
+  if num_classes is None:
+    num_classes = _num_classes_from_params(params)
+  model = models.create(config.model_name, num_classes, **config.model.to_dict())
+  variables = {"params": params, **(tree.get("model_state") or {})}
+  return Run(workdir=workdir, config=config, model=model, variables=variables, step=step,
+             num_classes=num_classes)
+
+
+def _num_classes_from_params(params: dict) -> int:
+  head = params.get("head")
+  if not isinstance(head, dict) or "bias" not in head:
+    raise ValueError("Cannot read the number of classes from the checkpoint (no head/bias "
+                     "parameter); pass num_classes= explicitly.")
+  return int(np.shape(head["bias"])[-1])
