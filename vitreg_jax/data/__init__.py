@@ -11,12 +11,17 @@ Batches are dicts of NumPy arrays: `image` float32 `[b, H, W, C]` normalized, `l
 
 `DATASETS` maps each config name to a `base.DatasetSpec`; `'dominoes'` is the no-setup
 default. Importing this package imports neither TensorFlow nor TFDS; TFDS-backed datasets
-import `tensorflow_datasets` when first opened. See README.md for every dataset,
+import `tensorflow_datasets` when first opened. See docs/data.md for every dataset,
 its options and how to prepare it (`python -m vitreg_jax.data.prepare NAME`).
+
+Every split (`train_split`, eval splits) may be sliced in TFDS's syntax, for every dataset:
+`train[:6%]`, `train[:5000]`, `test[-10%:]` (`vitreg_jax.data.splits`). A dataset spec only
+ever sees the unsliced split name; the slice is applied to its source here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from vitreg_jax.data import base
@@ -26,6 +31,7 @@ from vitreg_jax.data import finetune
 from vitreg_jax.data import imagenet
 from vitreg_jax.data import mnist_cifar
 from vitreg_jax.data import pipeline
+from vitreg_jax.data import splits as splits_lib
 from vitreg_jax.data import waterbirds
 from vitreg_jax.data.base import (CorruptDataError, DatasetInfo, DatasetNotPreparedError,
                                   DatasetSpec)
@@ -74,13 +80,31 @@ def get_info(data_config: Any) -> DatasetInfo:
     CorruptDataError: a data file exists but cannot be read (named in the message).
   """
   spec, cfg = get_spec(data_config)
-  info = spec.info(cfg)
-  base.check_split(info, cfg['train_split'])
+  train = splits_lib.parse(cfg['train_split'])
+  info = spec.info(_unsliced(cfg))
+  base.check_split(info, train.name)
+  if train.sliced:
+    n = info.num_examples.get(train.name)
+    if n is None:
+      n = len(spec.source(_unsliced(cfg), train.name))
+    info = dataclasses.replace(
+        info, num_examples={**info.num_examples, cfg['train_split']: train.size(n)})
   for split in eval_splits(data_config, info):
-    base.check_split(info, split)
     # Open every split the run will evaluate, so missing files fail now, not hours later.
-    spec.eval_source(cfg, split)
+    _eval_source(spec, cfg, info, split)
   return info
+
+
+def _unsliced(cfg: dict) -> dict:
+  """The resolved config a dataset spec sees: `train_split` without its slice."""
+  return {**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])}
+
+
+def _eval_source(spec, cfg: dict, info: DatasetInfo, split: str):
+  """The (sliced) source `make_eval_iterator` reads for `split`; checks the split name."""
+  name = splits_lib.base_name(split)
+  base.check_split(info, name)
+  return splits_lib.apply(spec.eval_source(_unsliced(cfg), name), split)
 
 
 def eval_splits(data_config: Any, info: Optional[DatasetInfo] = None) -> tuple:
@@ -89,7 +113,7 @@ def eval_splits(data_config: Any, info: Optional[DatasetInfo] = None) -> tuple:
   if cfg['eval_splits'] is not None:
     splits = cfg['eval_splits']
     return (splits,) if isinstance(splits, str) else tuple(splits)
-  return (info or spec.info(cfg)).default_eval_splits
+  return (info or spec.info(_unsliced(cfg))).default_eval_splits
 
 
 def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
@@ -109,13 +133,13 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     `global_batch_size // process_count`.
   """
   spec, cfg = get_spec(data_config)
-  info = spec.info(cfg)
-  split = cfg['train_split']
-  base.check_split(info, split)
+  split, unsliced = splits_lib.base_name(cfg['train_split']), _unsliced(cfg)
+  base.check_split(spec.info(unsliced), split)
   pi, pc = pipeline.default_process(process_index, process_count)
   pipeline.local_batch_size(global_batch_size, pc)
+  source = splits_lib.apply(spec.source(unsliced, split), cfg['train_split'])
   return pipeline.train_iterator(
-      spec.source(cfg, split), spec.transform(cfg, split, train=True),
+      source, spec.transform(unsliced, split, train=True),
       global_batch_size=global_batch_size, seed=seed, start_step=start_step,
       process_index=pi, process_count=pc, num_threads=cfg['num_threads'],
       prefetch_batches=cfg['prefetch_batches'], num_workers=cfg['num_workers'])
@@ -131,10 +155,10 @@ def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,
   `mask = 0` (real examples have `mask = 1`). Eval preprocessing is deterministic.
   """
   spec, cfg = get_spec(data_config)
-  base.check_split(spec.info(cfg), split)
+  source = _eval_source(spec, cfg, spec.info(_unsliced(cfg)), split)
   pi, pc = pipeline.default_process(process_index, process_count)
   return pipeline.eval_iterator(
-      spec.eval_source(cfg, split), spec.transform(cfg, split, train=False),
+      source, spec.transform(_unsliced(cfg), splits_lib.base_name(split), train=False),
       global_batch_size=global_batch_size, process_index=pi, process_count=pc,
       num_threads=cfg['num_threads'], prefetch_batches=cfg['prefetch_batches'],
       num_workers=cfg['num_workers'])
@@ -143,8 +167,7 @@ def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,
 def num_examples(data_config: Any, split: str) -> int:
   """Number of examples `make_eval_iterator` covers in `split` (opens the source)."""
   spec, cfg = get_spec(data_config)
-  base.check_split(spec.info(cfg), split)
-  return len(spec.eval_source(cfg, split))
+  return len(_eval_source(spec, cfg, spec.info(_unsliced(cfg)), split))
 
 
 __all__ = [
