@@ -92,6 +92,7 @@ def get_info(data_config: Any) -> DatasetInfo:
   for split in eval_splits(data_config, info):
     # Open every split the run will evaluate, so missing files fail now, not hours later.
     _eval_source(spec, cfg, info, split)
+  spec.transform(_unsliced(cfg), train.name, train=True)  # Bad augmentation options fail here.
   return info
 
 

@@ -115,6 +115,7 @@ _IMAGE_OPTIONS = {
     'crop_fraction': 1.0,     # eval centre crop: shorter side * crop_fraction.
     'mean': preprocess.HALF,
     'std': preprocess.HALF,
+    **preprocess.AUGMENT_OPTIONS,
 }
 
 
@@ -192,7 +193,8 @@ class NpzDataset(DatasetSpec):
     return preprocess.ImageTransform(
         size=config['image_size'], train=train, augment=config['augment'],
         crop_fraction=config['crop_fraction'], scale=config['crop_scale'],
-        mean=config['mean'], std=config['std'], attributes=attributes)
+        mean=config['mean'], std=config['std'], attributes=attributes,
+        **preprocess.augmentation_kwargs(config))
 
 
 # ------------------------------------------------------------------------------ image folder
@@ -273,7 +275,8 @@ class ImageFolderDataset(DatasetSpec):
     return preprocess.ImageTransform(
         size=int(config['image_size']), train=train, augment=config['augment'],
         crop_fraction=config['crop_fraction'], scale=config['crop_scale'],
-        mean=config['mean'], std=config['std'], name_key='file')
+        mean=config['mean'], std=config['std'], name_key='file',
+        **preprocess.augmentation_kwargs(config))
 
 
 def class_names(path: str) -> tuple:

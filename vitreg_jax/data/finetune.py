@@ -7,6 +7,9 @@ Preprocessing (per config, see `preprocess`): train = random-resized crop to `im
 with `crop_fraction = 1` (no crop at eval) and `crop_scale = (0.35, 1)` (milder than
 ImageNet's 0.08 on 32-px images); the others at 224 px with `crop_fraction = 0.875`.
 Normalization: ImageNet mean/std (the models are pre-trained on ImageNet rotations).
+Options `crop_padding` (CIFAR pad-and-crop instead of the random-resized crop) and
+`randaugment` (a timm RandAugment string) give the "How do ViTs work?" authors' recipe;
+`CIFAR10_MEAN` ... `CIFAR100_STD` are the statistics their configs normalize with.
 
 Prepare: `python -m vitreg_jax.data.prepare cifar10 --data_dir=...` runs TFDS's own
 download (needs network once) and writes array_record files.
@@ -31,7 +34,14 @@ def image_options(size: int, crop_fraction: float, crop_scale=(0.08, 1.0)) -> di
       'crop_fraction': crop_fraction,
       'mean': preprocess.IMAGENET_MEAN,
       'std': preprocess.IMAGENET_STD,
+      **preprocess.AUGMENT_OPTIONS,
   }
+
+
+# Per-channel statistics of the CIFAR training sets, as the "How do ViTs work?" authors'
+# configs give them (xxxnell/how-do-vits-work, configs/cifar10_vit.yaml, cifar100_vit.yaml).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 
 class FinetuneDataset(TfdsDataset):
@@ -76,7 +86,7 @@ class FinetuneDataset(TfdsDataset):
         size=int(config['image_size']), train=train, augment=config['augment'],
         crop_fraction=config['crop_fraction'], scale=config['crop_scale'],
         mean=config['mean'], std=config['std'], label_key=self.label_key,
-        name_key='file_name')
+        name_key='file_name', **preprocess.augmentation_kwargs(config))
 
 
 _CIFAR_SPLITS = {'train': 'train', 'test': 'test'}

@@ -9,6 +9,11 @@ Standard recipes:
   uniformly from `scale`, log aspect ratio uniformly from log(`ratio`), up to 10 tries, else
   a centre crop), resized bilinearly to `size`, then a horizontal flip with probability 1/2
   (Szegedy et al. 2015; the torchvision / big_vision default).
+- train, CIFAR style (`ImageTransform(padding=4)`): pad each side with `padding` zeros and
+  take a random `size x size` crop, then the flip (torchvision's `RandomCrop(32, padding=4)`,
+  the crop of the "How do ViTs work?" authors' CIFAR recipe).
+- optional RandAugment (`ImageTransform(randaugment=...)`, `vitreg_jax.data.randaugment`) on
+  the cropped uint8 image, before normalization.
 - eval (`resize_center_crop`): resize the shorter side to `size / crop_fraction` and take
   the central `size x size` crop (crop_fraction 0.875 gives the usual 256 -> 224).
 """
@@ -131,6 +136,18 @@ def resize_square_center_crop(image: np.ndarray, size: int,
   return _resize_box(image, ((height - h) // 2, (width - w) // 2, h, w), (size, size))
 
 
+def pad_random_crop(image: np.ndarray, size, padding: int,
+                    rng: np.random.Generator) -> np.ndarray:
+  """Zero-pads each side by `padding`, then crops a random `size` (int or (h, w)) window."""
+  out_h, out_w = _hw(size)
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  if padded.shape[0] < out_h or padded.shape[1] < out_w:
+    raise ValueError(f'Padded image {padded.shape[:2]} is smaller than the crop '
+                     f'{(out_h, out_w)}; raise crop_padding or lower image_size.')
+  top, left = rng.integers(0, (padded.shape[0] - out_h + 1, padded.shape[1] - out_w + 1))
+  return np.ascontiguousarray(padded[top:top + out_h, left:left + out_w])
+
+
 def maybe_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Horizontal flip with probability 1/2."""
   return image[:, ::-1] if rng.random() < 0.5 else image
@@ -160,10 +177,37 @@ def rotate90(image: np.ndarray, k: int) -> np.ndarray:
   return np.ascontiguousarray(np.rot90(image, k=int(k), axes=(0, 1)))
 
 
+# Train-augmentation options of the image datasets (cifar10/100, the fine-tuning and corrupted
+# sets, npz, image_folder); `augmentation_kwargs` turns them into ImageTransform arguments.
+AUGMENT_OPTIONS = {
+    'crop_padding': None,   # int: CIFAR pad-and-random-crop instead of the random-resized crop.
+    'randaugment': None,    # timm RandAugment string, e.g. 'rand-m9-n2-mstd1.0' (randaugment.py).
+}
+
+
+def augmentation_kwargs(config: dict) -> dict:
+  """`padding` and `randaugment` for `ImageTransform` from a resolved data config.
+
+  RandAugment fills the pixels uncovered by geometric ops with the dataset mean (as timm does
+  with `img_mean`), so the fill normalizes to about zero.
+  """
+  from vitreg_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+  spec = config.get('randaugment')
+  padding = config.get('crop_padding')
+  if padding is not None and (not isinstance(padding, (int, np.integer)) or padding < 0):
+    raise ValueError(f'data.crop_padding must be None or an integer >= 0, got {padding!r}.')
+  policy = None
+  if spec:
+    fill = tuple(int(min(255, round(255 * m))) for m in config.get('mean', HALF))
+    policy = randaugment.from_string(spec, fill=fill)
+  return {'padding': padding, 'randaugment': policy}
+
+
 class ImageTransform:
   """The per-example transform of image classification datasets (picklable for workers).
 
-  train and augment: `train_crop_flip` to `size` (None: the image's own size);
+  train and augment: `train_crop_flip` to `size` (None: the image's own size), or with
+  `padding` the CIFAR pad-and-crop plus flip; then `randaugment(image, rng)` if given;
   otherwise `eval_resize_crop` (size None: unchanged), or `resize_square_center_crop` with
   `square_resize`. Then `normalize(mean, std)`.
   Output: `image` float32, `label` int32 (from `label_key`), each attribute as int32.
@@ -175,12 +219,14 @@ class ImageTransform:
                flip: bool = True, mean: Sequence[float] = HALF, std: Sequence[float] = HALF,
                attributes: Sequence[str] = (), label_key: str = 'label',
                image_key: str = 'image', rgb: bool = True, name_key: Optional[str] = None,
-               square_resize: bool = False):
+               square_resize: bool = False, padding: Optional[int] = None,
+               randaugment=None):
     self.size, self.train, self.augment = size, train, augment
     self.crop_fraction, self.scale, self.flip = crop_fraction, tuple(scale), flip
     self.mean, self.std = tuple(mean), tuple(std)
     self.attributes, self.label_key, self.image_key = tuple(attributes), label_key, image_key
     self.rgb, self.name_key, self.square_resize = rgb, name_key, square_resize
+    self.padding, self.randaugment = padding, randaugment
 
   def plan(self, height: int, width: int, rng: Optional[np.random.Generator]) -> tuple:
     """-> (box (top, left, h, w) in the source, output (h, w), flip?) for one example."""
@@ -200,11 +246,17 @@ class ImageTransform:
   def image(self, example, rng: Optional[np.random.Generator]) -> np.ndarray:
     """Decoded, cropped/resized (and flipped) uint8 image, before normalization."""
     img = example[self.image_key]
+    pad_crop = self.train and self.augment and self.padding is not None
     if isinstance(img, (bytes, np.bytes_)):
-      return self._image_from_bytes(bytes(img), example, rng)
+      if not pad_crop:
+        return self._image_from_bytes(bytes(img), example, rng)
+      img = self._decode(bytes(img), example)
     img = np.asarray(img)
     if self.rgb:
       img = to_rgb(img)
+    if pad_crop:
+      img = pad_random_crop(img, self.size or img.shape[:2], int(self.padding), rng)
+      return maybe_flip(img, rng) if self.flip else img
     box, out_hw, flip = self.plan(img.shape[0], img.shape[1], rng)
     img = _resize_box(img, box, out_hw)
     return img[:, ::-1] if flip else img
@@ -233,8 +285,15 @@ class ImageTransform:
       out = out[..., None]
     return out[:, ::-1] if flip else out
 
+  def _decode(self, data: bytes, example) -> np.ndarray:
+    name = example.get(self.name_key, '<bytes>') if self.name_key else '<bytes>'
+    return decode_image(data, name.decode() if isinstance(name, bytes) else str(name))
+
   def __call__(self, example, rng: Optional[np.random.Generator] = None) -> dict:
-    out = {'image': normalize(self.image(example, rng), self.mean, self.std),
+    image = self.image(example, rng)
+    if self.randaugment is not None and self.train and self.augment:
+      image = self.randaugment(image, rng)
+    out = {'image': normalize(image, self.mean, self.std),
            'label': np.int32(example[self.label_key])}
     for key in self.attributes:
       out[key] = np.int32(example[key])
