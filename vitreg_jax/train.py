@@ -255,8 +255,11 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
     if not os.path.isfile(cfg["path"]):
       raise FileNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
                               f"{kind!r} reads a .npz or .safetensors file).")
-    return convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
-                            reset_head=reset_head, layout=PUBLIC_WEIGHT_KINDS[kind])
+    loaded = convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
+                              reset_head=reset_head, layout=PUBLIC_WEIGHT_KINDS[kind])
+    logging.info("Initialized %d parameter arrays from %s (kind=%r).",
+                 len(jax.tree.leaves(loaded)), cfg["path"], kind)
+    return loaded
   if kind != "checkpoint":
     raise ValueError(f"config.init_from.kind must be one of "
                      f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")

@@ -167,7 +167,17 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
   if found == 'timm' and model.gelu_approximate:
     logging.warning('Loading timm weights into a ViT with tanh GELU: logits will differ slightly '
                     "from timm's; set model.gelu_approximate=False to reproduce them.")
-  target = flatten(init_params)
+  loaded = _merge(ckpt, flatten(init_params), path=path, new_grid=(gh, gw), new_prefix=prefix,
+                  reset_head=reset_head, ckpt_grid_hw=ckpt_grid_hw)
+  return flax.traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in loaded.items()})
+
+
+load_vit_npz = load_vit  # The name before timm / big_vision layouts were added.
+
+
+def _merge(ckpt, target, *, path, new_grid, new_prefix, reset_head, ckpt_grid_hw):
+  """Checkpoint arrays for every key of `target` (head reset, posemb resampled) or an error."""
   loaded, missing, mismatched = {}, [], []
   for key, init in target.items():
     if key.startswith('head/'):
@@ -179,7 +189,7 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
     elif key not in ckpt:
       missing.append(key)
     elif key == POSEMB_KEY and ckpt[key].shape != init.shape:
-      loaded[key] = resample_posemb(ckpt[key], (gh, gw), prefix, old_grid_hw=ckpt_grid_hw)
+      loaded[key] = resample_posemb(ckpt[key], new_grid, new_prefix, old_grid_hw=ckpt_grid_hw)
       if loaded[key].shape != init.shape:
         mismatched.append(f'{key}: resampled {loaded[key].shape} vs model {init.shape}')
     elif ckpt[key].shape != init.shape:
@@ -196,11 +206,7 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
         [f'shape mismatch: {m}' for m in mismatched]) + _hints(ckpt, target)
     raise ValueError(f'Checkpoint {path} does not fit the model (check variant / patch size):\n'
                      + '\n'.join(lines))
-  return flax.traverse_util.unflatten_dict(
-      {tuple(k.split('/')): v for k, v in loaded.items()})
-
-
-load_vit_npz = load_vit  # The name before timm / big_vision layouts were added.
+  return loaded
 
 
 def _hints(ckpt, target) -> list:
