@@ -26,6 +26,7 @@ FULL = [
     "matplotlib",
     "pillow",
     "importlib_resources",  # tensorflow_datasets needs it to build custom datasets
+    "safetensors==0.8.0",  # timm weights (.safetensors) for config.init_from kind='timm'
 ]
 
 setuptools.setup(

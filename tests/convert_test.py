@@ -1,4 +1,8 @@
-"""Tests of vitreg_jax.models.convert: .npz round trip, position-embedding resampling, head reset."""
+"""Tests of vitreg_jax.models.convert: .npz round trip, position-embedding resampling, head reset,
+timm and big_vision weights against logits saved by their fixture scripts."""
+
+import json
+import os
 
 import jax
 import numpy as np
@@ -6,6 +10,7 @@ import pytest
 
 from vitreg_jax import models
 from vitreg_jax.models import convert
+from vitreg_jax.models import weight_layouts
 
 TINY = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=8)
 
@@ -114,3 +119,99 @@ def test_mismatch_errors_name_the_keys(tmp_path):
     other = models.create('vit', 4, **TINY)
     convert.load_vit_npz(path, _random_params(other, (32, 32)), model=other, image_hw=(32, 32),
                          reset_head=False)
+
+
+# ---- Public weights in other layouts: timm state_dicts and big_vision's current ViT ---------
+# The fixtures under tests/fixtures were written once by make_timm_fixture.py (timm's own
+# forward) and make_big_vision_fixture.py (an independent NumPy reference of big_vision's
+# forward: big_vision itself is not installable here; see that script's docstring).
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+TIMM = {'token': 'safetensors', 'noembedcls': 'npz', 'gap': 'safetensors'}
+
+
+def _fixture(prefix, name, ext='npz'):
+  io = np.load(os.path.join(FIXTURES, f'{prefix}_{name}_io.npz'))
+  config = json.loads(str(io['config']))
+  return os.path.join(FIXTURES, f'{prefix}_{name}.{ext}'), io['image'], io['logits'], config
+
+
+def _load_and_run(path, image, config, layout, **overrides):
+  model = models.create('vit', 5, **{**config['vit'], **overrides})
+  params = convert.load_vit(path, _random_params(model, config['image_hw'], seed=7), model=model,
+                            image_hw=config['image_hw'], layout=layout)
+  return np.asarray(model.apply({'params': params}, image)[0]), params
+
+
+@pytest.mark.parametrize('name', sorted(TIMM))
+def test_timm_state_dict_reproduces_timm_logits(name):
+  path, image, expected, config = _fixture('timm_vit', name, TIMM[name])
+  logits, params = _load_and_run(path, image, config, 'timm')
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  assert ('cls' in params) == (name != 'gap')
+  if name == 'token':  # The exact GELU is what makes the logits equal, not a loose tolerance.
+    approx, _ = _load_and_run(path, image, config, 'timm', gelu_approximate=True)
+    assert np.abs(approx - expected).max() > 1e-4
+
+
+@pytest.mark.parametrize('name', ['tok', 'map', 'gap_sincos'])
+def test_big_vision_checkpoint_reproduces_reference_logits(name):
+  path, image, expected, config = _fixture('bv_vit', name)
+  logits, params = _load_and_run(path, image, config, 'big_vision')
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  if name == 'tok':  # big_vision's CLS token has no position embedding: a zero row in ours.
+    pe = params['Transformer']['posembed_input']['pos_embedding']
+    with np.load(path) as ckpt:
+      np.testing.assert_array_equal(pe[0, 1:], ckpt['pos_embedding'][0])
+    np.testing.assert_array_equal(pe[0, 0], 0.0)
+  # Auto-detection (kind='npz') reads the same file the same way.
+  auto, _ = _load_and_run(path, image, config, None)
+  np.testing.assert_array_equal(auto, logits)
+
+
+def test_big_vision_checkpoint_fine_tunes_at_a_new_resolution():
+  path, _, _, config = _fixture('bv_vit', 'tok')
+  model = models.create('vit', 3, **config['vit'])
+  params = convert.load_vit(path, _random_params(model, (48, 48)), model=model,
+                            image_hw=(48, 48), layout='big_vision')
+  pe = params['Transformer']['posembed_input']['pos_embedding']
+  assert pe.shape == (1, 1 + 36, 32) and not np.any(pe[0, 0])
+  assert params['head']['kernel'].shape == (24, 3) and not np.any(params['head']['kernel'])
+
+
+def test_wrong_kind_and_unsupported_weights_are_named(tmp_path):
+  bv_path, _, _, bv_config = _fixture('bv_vit', 'map')
+  model = models.create('vit', 5, **bv_config['vit'])
+  init = _random_params(model, (32, 32))
+  with pytest.raises(ValueError, match="looks like a 'big_vision' checkpoint.*not 'timm'"):
+    convert.load_vit(bv_path, init, model=model, image_hw=(32, 32), layout='timm')
+  token = models.create('vit', 5, **{**bv_config['vit'], 'classifier': 'token'})
+  with pytest.raises(ValueError, match="MAP head: set model classifier='map'"):
+    convert.load_vit(bv_path, _random_params(token, (32, 32)), model=token, image_hw=(32, 32))
+  timm_path, _, _, timm_config = _fixture('timm_vit', 'token', 'safetensors')
+  state = dict(weight_layouts.read(timm_path))
+  state['blocks.0.ls1.gamma'] = np.ones(32, np.float32)
+  bad = str(tmp_path / 'layerscale.npz')
+  np.savez(bad, **state)
+  vit = models.create('vit', 5, **timm_config['vit'])
+  with pytest.raises(ValueError, match=r'blocks\.0\.ls1\.gamma \(layer scale'):
+    convert.load_vit(bad, _random_params(vit, (32, 32)), model=vit, image_hw=(32, 32))
+  with pytest.raises(ValueError, match='model_name="vit" only'):
+    convert.load_vit(timm_path, {}, model=models.create('resnet', 5, depth=18),
+                     image_hw=(32, 32))
+
+
+def test_init_from_kinds():
+  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
+  path, image, expected, config = _fixture('timm_vit', 'token', 'safetensors')
+  model = models.create('vit', 5, **config['vit'])
+  params = train.init_params_from(dict(path=path, kind='timm', reset_head=False),
+                                  _random_params(model, (32, 32)), model=model,
+                                  image_hw=(32, 32))
+  np.testing.assert_allclose(model.apply({'params': params}, image)[0], expected, atol=1e-5,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=r"kind must be one of \['checkpoint', 'npz', "
+                                       r"'big_vision', 'timm'\]"):
+    train.init_params_from(dict(path=path, kind='torch'), {}, model=model, image_hw=(32, 32))
+  with pytest.raises(FileNotFoundError, match='is not a file'):
+    train.init_params_from(dict(path=FIXTURES, kind='big_vision'), {}, model=model,
+                           image_hw=(32, 32))

@@ -22,7 +22,8 @@ DEFAULTS = dict(
     label_smoothing=0.0,
     regularizers=[],          # list of dict(name=..., weight=..., layers=..., **options)
     head_mask=None,           # optional [depth, heads] mask applied while training
-    init_from=None,           # dict(path, kind='checkpoint'|'npz', step, reset_head)
+    init_from=None,           # dict(path, kind, step, reset_head); kind: 'checkpoint' | 'npz'
+                              # | 'big_vision' | 'timm' (docs/finetuning.md)
     log_every_steps=50,
     eval_every_steps=500,
     checkpoint_every_steps=500,

@@ -227,12 +227,19 @@ def _checkpoint_params(path: str, step: int | None) -> dict:
   return convert.flatten(checkpointer.restore(item, restore_args=as_numpy)["params"])
 
 
+# config.init_from.kind of public ViT weights -> the layout `convert.load_vit` insists on.
+PUBLIC_WEIGHT_KINDS = {"npz": None, "big_vision": "big_vision", "timm": "timm"}
+
+
 def init_params_from(init_from, params, *, model, image_hw) -> Any:
   """Initializes `params` from a pretrained model (`config.init_from`), e.g. fine-tuning.
 
-  `init_from = dict(path=..., kind='checkpoint' | 'npz', step=None, reset_head=None)`:
-  `checkpoint` reads another vitreg_jax run (e.g. the ARViT rotation pretraining), `npz` a
-  public big_vision / AugReg ViT file. Every parameter is taken from the source; the head is
+  `init_from = dict(path=..., kind='checkpoint' | 'npz' | 'big_vision' | 'timm', step=None,
+  reset_head=None)`: `checkpoint` reads another vitreg_jax run (e.g. the ARViT rotation
+  pretraining); the others read public ViT weights into a `vit` model (`models/convert.py`):
+  `npz` detects the layout from the keys, `big_vision` (AugReg and big_vision `.npz`) and
+  `timm` (a timm state_dict, `.safetensors` or `.npz`) insist on theirs. Every parameter is
+  taken from the source; the head is
   re-initialized when its shape differs (new classes, or ARViT's flattened head at a new
   resolution) or when `reset_head=True`; a ViT's position embedding is resampled to the new
   patch grid. Anything else that does not fit is an error naming the parameters.
@@ -244,11 +251,18 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
     raise ValueError(f"config.init_from needs `path` and accepts kind, step, reset_head; got "
                      f"unknown {unknown}.")
   kind, reset_head = cfg.get("kind", "checkpoint"), cfg.get("reset_head")
-  if kind == "npz":
-    return convert.load_vit_npz(cfg["path"], params, model=model, image_hw=image_hw,
-                                reset_head=reset_head)
+  if kind in PUBLIC_WEIGHT_KINDS:
+    if not os.path.isfile(cfg["path"]):
+      raise FileNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
+                              f"{kind!r} reads a .npz or .safetensors file).")
+    loaded = convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
+                              reset_head=reset_head, layout=PUBLIC_WEIGHT_KINDS[kind])
+    logging.info("Initialized %d parameter arrays from %s (kind=%r).",
+                 len(jax.tree.leaves(loaded)), cfg["path"], kind)
+    return loaded
   if kind != "checkpoint":
-    raise ValueError(f"config.init_from.kind must be 'checkpoint' or 'npz', got {kind!r}.")
+    raise ValueError(f"config.init_from.kind must be one of "
+                     f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")
   source, target = _checkpoint_params(cfg["path"], cfg.get("step")), convert.flatten(params)
   merged, problems = {}, []
   for key, fresh in target.items():

@@ -283,10 +283,14 @@ class MultiHeadAttention(nn.Module):
 
 class MlpBlock(nn.Module):
   """Feed-forward sub-layer: `Dense(mlp_dim) -> GELU -> Dense(D)`, or with `mlp_dim=0` a single
-  fully connected layer `Dense(D) -> GELU` (ARViT, paper Section 3.4)."""
+  fully connected layer `Dense(D) -> GELU` (ARViT, paper Section 3.4).
+
+  `gelu_approximate`: the tanh form of GELU (flax's default, used by big_vision and the public
+  JAX ViTs) or, with False, the exact erf form (PyTorch's `nn.GELU`, used by timm)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -295,7 +299,7 @@ class MlpBlock(nn.Module):
                                bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
     y = dense(self.mlp_dim or d)(x)
-    y = nn.gelu(y)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
     if self.mlp_dim:
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       y = dense(d)(y)
@@ -312,6 +316,7 @@ class EncoderBlock(nn.Module):
     drop_path: stochastic-depth rate of this block (whole residual branches dropped per example).
     attn_residual: False drops the residual connection around the attention (DIV authors' code,
       last block).
+    gelu_approximate: tanh GELU in the MLP (True) or exact erf GELU (timm), see `MlpBlock`.
   """
   num_heads: int
   mlp_dim: int
@@ -320,6 +325,7 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attn_residual: bool = True
   attention_impl: Optional[str] = None
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, head_mask=None, explicit=False, per_head_inputs=False,
@@ -354,8 +360,8 @@ class EncoderBlock(nn.Module):
     # Stochastic depth drops a residual branch; without the residual there is nothing to skip to.
     x = x + drop_path(y) if self.attn_residual else y
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name='MlpBlock_0')(
-        y, train)
+    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(y, train)
     x = x + drop_path(drop(y))
     out['output'] = x
     return x, out
@@ -389,6 +395,7 @@ class Encoder(nn.Module):
     last_attn_residual: keep the residual connection around the last block's attention.
     remat: recompute each block's activations in the backward pass (`nn.remat`): less memory
       for large batches, about one extra forward of compute; same parameters and results.
+    gelu_approximate: tanh GELU (True) or exact erf GELU (timm) in every block's MLP.
   """
   depth: int
   num_heads: int
@@ -402,6 +409,7 @@ class Encoder(nn.Module):
   last_attn_residual: bool = True
   attention_impl: Optional[str] = None
   remat: bool = False
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, *, grid_hw, num_prefix_tokens=0, attn_mask=None, head_mask=None,
@@ -432,7 +440,8 @@ class Encoder(nn.Module):
       x, out[f'block{i}'] = block_cls(
           self.num_heads, self.mlp_dim, dropout=self.dropout, drop_path=rate, dtype=self.dtype,
           attn_residual=self.last_attn_residual or i < self.depth - 1,
-          attention_impl=self.attention_impl, name=f'encoderblock_{i}')(
+          attention_impl=self.attention_impl, gelu_approximate=self.gelu_approximate,
+          name=f'encoderblock_{i}')(
               x, attn_mask, block_mask, i in capture, i in div_layers, train)
     if self.final_norm:
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='encoder_norm')(x)

@@ -1,9 +1,12 @@
-"""Import of public ViT checkpoints (AugReg / big_vision `.npz`) into `vitreg_jax` ViT params.
+"""Import of public ViT weights (AugReg, big_vision, timm) into `vitreg_jax` ViT params.
 
 The `.npz` files of the public ViT releases store one array per parameter under its
 '/'-joined path, e.g. `Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel`
-`[D, H, Dh]`. `models.vit.ViT` uses exactly these names and shapes, so loading is a one-to-one
-copy plus two adaptations for fine-tuning:
+`[D, H, Dh]`. `models.vit.ViT` uses exactly these names and shapes (AugReg layout).
+big_vision's current layout (top-level `pos_embedding` without a CLS row, scanned blocks,
+MAP head) and timm's PyTorch `state_dict` (`.safetensors` or `.npz`) are first translated to
+these names by `weight_layouts.py`. Loading is then a one-to-one copy plus two adaptations for
+fine-tuning:
 
 * the learned position embedding is resampled to the new patch grid: the patch part is reshaped
   to its `(gh, gw, D)` grid and resized bilinearly (`jax.image.resize`, antialiased when
@@ -16,21 +19,27 @@ Typical use (fine-tuning from public weights):
 
     model = models.create('vit', 10, variant='B/16')
     params = model.init(rng, jnp.zeros((1, 384, 384, 3)))['params']
-    params = convert.load_vit_npz('B_16-i21k-...npz', params, model=model, image_hw=(384, 384))
+    params = convert.load_vit('B_16-i21k-...npz', params, model=model, image_hw=(384, 384))
+
+A timm model: `models.create('vit', 1000, variant='S/16', gelu_approximate=False)` and
+`convert.load_vit('vit_small.safetensors', ..., layout='timm')` (the exact GELU reproduces
+timm's logits; `num_heads` must match the timm model, its file does not record it).
 """
 
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from absl import logging
 import flax
 import jax
 import numpy as np
 
-POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+from vitreg_jax.models import weight_layouts
+
+POSEMB_KEY = weight_layouts.POSEMB_KEY
 # Checkpoint entries a model may legitimately not have (another head, no CLS, fixed posemb).
 _OPTIONAL_PREFIXES = ('head/', 'pre_logits/', 'cls', 'Transformer/posembed_input/')
-# Prefixes some releases put in front of the parameter paths.
-_STRIP_PREFIXES = ('params/', 'opt/target/')
+LAYOUTS = weight_layouts.LAYOUTS
 
 
 def flatten(params) -> Dict[str, np.ndarray]:
@@ -47,15 +56,37 @@ def save_npz(path: str, params) -> None:
 
 def load_npz(path: str) -> Dict[str, np.ndarray]:
   """Reads a `.npz` checkpoint into {'/'-joined key: float32 array} (strips 'params/' etc.)."""
-  with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k]) for k in data.files}
-  out = {}
-  for key, value in flat.items():
-    for prefix in _STRIP_PREFIXES:
-      if key.startswith(prefix):
-        key = key[len(prefix):]
-    out[key] = value.astype(np.float32) if value.dtype.kind == 'f' else value
-  return out
+  return weight_layouts.read(path)
+
+
+def load_translated(path: str, *, num_heads: int, layout: Optional[str] = None,
+                    ckpt_grid_hw: Optional[Sequence[int]] = None,
+                    model_grid_hw: Optional[Sequence[int]] = None
+                    ) -> Tuple[Dict[str, np.ndarray], str]:
+  """Reads a weight file and translates it to `ViT` names (see `weight_layouts.py`).
+
+  Args:
+    path: `.npz` or `.safetensors`.
+    num_heads: the model's heads (needed to split timm's fused qkv).
+    layout: None (detect from the keys), 'augreg', 'big_vision' (also reads AugReg files, the
+      older big_vision layout) or 'timm'.
+    ckpt_grid_hw: the checkpoint's patch grid, needed only when it is not square (and not the
+      grid `model_grid_hw` of the model being loaded).
+  Returns:
+    `({ViT key: array}, detected layout)`.
+  """
+  if layout is not None and layout not in LAYOUTS:
+    raise ValueError(f'Unknown weight layout {layout!r}; valid: {LAYOUTS} or None (detect).')
+  flat = weight_layouts.read(path)
+  found = weight_layouts.detect(flat)
+  if layout is not None and found != layout and {found, layout} != {'augreg', 'big_vision'}:
+    raise ValueError(f'{path} looks like a {found!r} checkpoint (keys like '
+                     f'{sorted(flat)[:3]}), not {layout!r}: fix config.init_from.kind.')
+  if found == 'timm':
+    return weight_layouts.from_timm(flat, num_heads=num_heads, grid_hw=ckpt_grid_hw,
+                                    hint_hw=model_grid_hw), found
+  return weight_layouts.from_big_vision(flat, grid_hw=ckpt_grid_hw,
+                                        hint_hw=model_grid_hw), found
 
 
 def _split_prefix(num_tokens: int, num_prefix: Optional[int],
@@ -105,13 +136,14 @@ def resample_posemb(posemb: np.ndarray, new_grid_hw: Sequence[int], new_prefix: 
   return np.concatenate([head, grid.reshape(1, nh * nw, d)], axis=1)
 
 
-def load_vit_npz(path: str, init_params, *, model, image_hw: Sequence[int],
-                 reset_head: Optional[bool] = None,
-                 ckpt_grid_hw: Optional[Sequence[int]] = None) -> Any:
-  """Loads a public ViT `.npz` checkpoint into the parameter tree of `model`.
+def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
+             reset_head: Optional[bool] = None, ckpt_grid_hw: Optional[Sequence[int]] = None,
+             layout: Optional[str] = None) -> Any:
+  """Loads public ViT weights (AugReg, big_vision or timm) into the parameter tree of `model`.
 
   Args:
-    path: the `.npz` file (keys like `Transformer/encoderblock_0/LayerNorm_0/scale`).
+    path: `.npz` (AugReg / big_vision keys like `Transformer/encoderblock_0/LayerNorm_0/scale`,
+      or a timm state_dict) or `.safetensors` (a timm state_dict).
     init_params: freshly initialized params of `model` (their structure and shapes are the
       target; they also supply parameters the checkpoint lacks only for the head).
     model: the `ViT` module (its `token_layout` gives the new grid and CLS count).
@@ -119,14 +151,33 @@ def load_vit_npz(path: str, init_params, *, model, image_hw: Sequence[int],
     reset_head: True: fresh zero head; False: keep the checkpoint head (shapes must match);
       None (default): fresh zero head iff the number of classes differs.
     ckpt_grid_hw: the checkpoint's patch grid, needed only for non-square checkpoint grids.
+    layout: None (detect), 'augreg', 'big_vision' or 'timm' (see `load_translated`).
   Returns:
     A params tree with the structure of `init_params`.
   Raises:
     ValueError naming every missing, unexpected or mismatching key (with both shapes).
   """
-  ckpt = load_npz(path)
-  target = flatten(init_params)
+  from vitreg_jax.models import vit  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, vit.ViT):
+    raise ValueError(f'Public ViT weights load into model_name="vit" only, not '
+                     f'{type(model).__name__} (use kind="checkpoint" for vitreg_jax runs).')
   gh, gw, prefix = model.token_layout(image_hw)
+  ckpt, found = load_translated(path, num_heads=model.num_heads, layout=layout,
+                                ckpt_grid_hw=ckpt_grid_hw, model_grid_hw=(gh, gw))
+  if found == 'timm' and model.gelu_approximate:
+    logging.warning('Loading timm weights into a ViT with tanh GELU: logits will differ slightly '
+                    "from timm's; set model.gelu_approximate=False to reproduce them.")
+  loaded = _merge(ckpt, flatten(init_params), path=path, new_grid=(gh, gw), new_prefix=prefix,
+                  reset_head=reset_head, ckpt_grid_hw=ckpt_grid_hw)
+  return flax.traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in loaded.items()})
+
+
+load_vit_npz = load_vit  # The name before timm / big_vision layouts were added.
+
+
+def _merge(ckpt, target, *, path, new_grid, new_prefix, reset_head, ckpt_grid_hw):
+  """Checkpoint arrays for every key of `target` (head reset, posemb resampled) or an error."""
   loaded, missing, mismatched = {}, [], []
   for key, init in target.items():
     if key.startswith('head/'):
@@ -138,20 +189,35 @@ def load_vit_npz(path: str, init_params, *, model, image_hw: Sequence[int],
     elif key not in ckpt:
       missing.append(key)
     elif key == POSEMB_KEY and ckpt[key].shape != init.shape:
-      loaded[key] = resample_posemb(ckpt[key], (gh, gw), prefix, old_grid_hw=ckpt_grid_hw)
+      loaded[key] = resample_posemb(ckpt[key], new_grid, new_prefix, old_grid_hw=ckpt_grid_hw)
       if loaded[key].shape != init.shape:
         mismatched.append(f'{key}: resampled {loaded[key].shape} vs model {init.shape}')
     elif ckpt[key].shape != init.shape:
       mismatched.append(f'{key}: checkpoint {ckpt[key].shape} vs model {init.shape}')
     else:
       loaded[key] = ckpt[key]
+  # A zero bias equals no bias (timm's qkv_bias=False is translated to zeros).
   unexpected = sorted(k for k in ckpt if k not in target
-                      and not any(k.startswith(p) for p in _OPTIONAL_PREFIXES))
+                      and not any(k.startswith(p) for p in _OPTIONAL_PREFIXES)
+                      and not (k.endswith('/bias') and not np.any(ckpt[k])))
   if missing or unexpected or mismatched:
     lines = ([f'missing in checkpoint: {sorted(missing)}'] if missing else []) + (
         [f'not in the model: {unexpected}'] if unexpected else []) + (
-        [f'shape mismatch: {m}' for m in mismatched])
+        [f'shape mismatch: {m}' for m in mismatched]) + _hints(ckpt, target)
     raise ValueError(f'Checkpoint {path} does not fit the model (check variant / patch size):\n'
                      + '\n'.join(lines))
-  return flax.traverse_util.unflatten_dict(
-      {tuple(k.split('/')): v for k, v in loaded.items()})
+  return loaded
+
+
+def _hints(ckpt, target) -> list:
+  """Model settings that would make a checkpoint fit (for the error message)."""
+  hints = []
+  if 'MAPHead_0/probe' in ckpt and 'MAPHead_0/probe' not in target:
+    hints.append("hint: the checkpoint has a MAP head: set model classifier='map'.")
+  if 'MAPHead_0/probe' in target and 'MAPHead_0/probe' not in ckpt:
+    hints.append("hint: the checkpoint has no MAP head: classifier='token' or 'gap'.")
+  if 'cls' in target and 'cls' not in ckpt:
+    hints.append("hint: the checkpoint has no CLS token: set classifier='gap' (or 'map').")
+  if POSEMB_KEY in target and POSEMB_KEY not in ckpt:
+    hints.append("hint: the checkpoint has no learned position embedding: posemb='sincos2d'.")
+  return hints

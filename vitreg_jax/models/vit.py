@@ -5,7 +5,9 @@ Parameter names and shapes follow the public AugReg / big_vision ViT checkpoints
 `Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `pre_logits`, `head`), so that
 `convert.py` loads them one to one and the parameter counts equal the reference models
 (Ti/16 5,717,416; S/16 22,050,664; B/16 86,567,656 at 224 px, 1000 classes, CLS, learned
-position embedding).
+position embedding). big_vision's current layout and timm's `state_dict` are converted to these
+names by `convert.py`; `classifier='map'` adds big_vision's attention-pooling head
+(`map_head.py`) and `gelu_approximate=False` the exact GELU of timm's models.
 
 Call: `ViT(...).apply(variables, images, head_mask=None, train=False, capture_attention=False,
 div_layers=())` returns `(logits, out)`; see `vitreg_jax/models/attention.py` and
@@ -19,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitreg_jax.models import attention
+from vitreg_jax.models import map_head
 
 # Geometry of the named sizes (width, depth, mlp_dim, num_heads), as in the ViT paper / big_vision.
 # 'Ti6x12' is the ViT-Tiny baseline of the ARViT paper (Table 1): ViT-Tiny width and MLP with
@@ -32,7 +35,7 @@ SIZES = {
     'H': (1280, 32, 5120, 16),
     'Ti6x12': (192, 6, 768, 12),
 }
-CLASSIFIERS = ('token', 'gap')
+CLASSIFIERS = ('token', 'gap', 'map')
 _GEOMETRY = ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size')
 
 
@@ -66,7 +69,8 @@ class ViT(nn.Module):
       e.g. 'Ti/16', 'S/4' (32-px and 64x32 inputs), 'Ti6x12/16' (ARViT paper's ViT-Tiny).
       Resolved when the module is constructed; explicit geometry fields override it.
     width, depth, mlp_dim, num_heads, patch_size: explicit geometry (override `variant`).
-    classifier: 'token' (CLS token) or 'gap' (mean of the encoded tokens, "How do ViTs work?").
+    classifier: 'token' (CLS token), 'gap' (mean of the encoded tokens, "How do ViTs work?")
+      or 'map' (multihead attention pooling, big_vision's `pool_type='map'`, `map_head.py`).
     posemb: 'learn' (learned, over CLS and patches) or 'sincos2d' (fixed 2D sin-cos, patches).
     local_window: None (global attention) or k: every patch token attends only within a k x k
       window of the patch grid (`attention.local_attention_mask`; even k documented there);
@@ -80,6 +84,8 @@ class ViT(nn.Module):
     head_zeroinit: zero-initialize the head (as big_vision).
     attention_impl: fused kernel choice: None (auto), 'xla' or 'cudnn'.
     remat: recompute block activations in the backward pass (less memory, same results).
+    gelu_approximate: tanh GELU in the MLPs (flax default, big_vision, the AugReg checkpoints)
+      or, with False, the exact erf GELU of PyTorch / timm (needed to reproduce timm's logits).
   """
   num_classes: int
   variant: Optional[str] = None
@@ -99,6 +105,7 @@ class ViT(nn.Module):
   head_zeroinit: bool = True
   attention_impl: Optional[str] = None
   remat: bool = False
+  gelu_approximate: bool = True
 
   def __post_init__(self):
     # Fill the geometry from `variant` so `module.depth` / `module.num_heads` are ints.
@@ -142,11 +149,16 @@ class ViT(nn.Module):
     x, out = attention.Encoder(
         self.depth, self.num_heads, self.mlp_dim, posemb=self.posemb, dropout=self.dropout,
         drop_path=self.drop_path, dtype=dtype, last_attn_residual=self.last_attn_residual,
-        attention_impl=self.attention_impl, remat=self.remat, name='Transformer')(
+        attention_impl=self.attention_impl, remat=self.remat,
+        gelu_approximate=self.gelu_approximate, name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=num_prefix, attn_mask=mask,
             head_mask=head_mask, capture=capture, div_layers=div, train=train)
     out['encoded'] = x
-    x = x[:, 0] if self.classifier == 'token' else x.mean(axis=1)
+    if self.classifier == 'map':
+      x = map_head.MAPHead(self.num_heads, self.mlp_dim, dtype=dtype,
+                           gelu_approximate=self.gelu_approximate, name='MAPHead_0')(x)
+    else:
+      x = x[:, 0] if self.classifier == 'token' else x.mean(axis=1)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, param_dtype=jnp.float32,
                            name='pre_logits')(x))

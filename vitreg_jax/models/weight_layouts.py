@@ -1,0 +1,261 @@
+"""Translation of public ViT weight layouts (big_vision, timm) into `models.vit.ViT`'s names.
+
+`ViT` uses the names of the AugReg `.npz` releases (`Transformer/posembed_input/pos_embedding`
+over CLS + patches, `Transformer/encoderblock_{i}/...`). Two other layouts are common:
+
+**big_vision, current** (google-research/big_vision `big_vision/models/vit.py`, the `_Model`
+module and its `fix_old_checkpoints`): the learned position embedding is a top-level
+`pos_embedding [1, gh * gw, D]` over the patches only, added *before* the CLS token (`cls`,
+`pool_type='tok'`) is prepended, so the CLS token has no position embedding. A checkpoint of the
+older big_vision code (`Transformer/pos_embedding`) may instead hold `1 + gh * gw` rows, the
+first for CLS. Models trained with `scan=True` stack all blocks in one
+`Transformer/encoderblock/...` with a leading depth axis; `pool_type='map'` adds `MAPHead_0`
+(see `map_head.py`). Translation: the embedding moves to `Transformer/posembed_input/` with a
+zero row in front when the model has a CLS token and the checkpoint has no row for it
+(`cls + 0 + ...` is exactly the big_vision forward); stacked blocks are split. Everything else
+already has `ViT`'s names.
+
+**timm** (`timm.models.vision_transformer.VisionTransformer.state_dict()`, PyTorch
+conventions): `patch_embed.proj.weight [D, C, p, p]` (a conv on NCHW images), `cls_token`,
+`pos_embed` (with a CLS row, or patches only when `no_embed_class=True`), per block `norm1`,
+`attn.qkv` (fused: rows are `[q; k; v]`, each `(head, head_dim)`-major), `attn.proj`, `norm2`,
+`mlp.fc1`, `mlp.fc2`; `norm`, `head`. Linear weights are `[out, in]` (transposed here), a
+LayerNorm's `weight` is flax's `scale`. timm's GELU is the exact erf form: build the model with
+`gelu_approximate=False` to reproduce timm's logits. Layer scale, register tokens, `fc_norm`
+(average pooling followed by a norm), `norm_pre`, q/k norms and timm's attention-pool head have
+no `ViT` equivalent and are refused with an error naming the keys.
+
+    python -m vitreg_jax.models.weight_layouts FILE.npz|FILE.safetensors
+prints the detected layout and the `ViT` geometry the file implies.
+"""
+
+import math
+import re
+import sys
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+LAYOUTS = ('augreg', 'big_vision', 'timm')
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+_BV_POSEMB_KEYS = ('pos_embedding', 'Transformer/pos_embedding')
+_SCAN_PREFIX = 'Transformer/encoderblock/'
+# Prefixes some releases put in front of the parameter paths (optimizer state, train state).
+_STRIP_PREFIXES = ('params/', 'opt/target/')
+# timm keys without a ViT equivalent, with the timm option that produced them.
+_TIMM_UNSUPPORTED = (
+    (r'(^|\.)ls[12]\.gamma$', 'layer scale (init_values)'),
+    (r'^reg_token$', 'register tokens (reg_tokens)'),
+    (r'^fc_norm\.', "a norm after average pooling (global_pool='avg' / fc_norm=True)"),
+    (r'^norm_pre\.', 'a norm before the blocks (pre_norm=True)'),
+    (r'\.(q_norm|k_norm)\.', 'q/k normalization (qk_norm=True)'),
+    (r'^attn_pool\.', "timm's attention-pool head (global_pool='map')"),
+    (r'^patch_embed\.norm\.', 'a norm after the patch embedding'),
+)
+
+
+def read(path: str) -> Dict[str, np.ndarray]:
+  """Reads `.npz` or `.safetensors` into {key: float32 array} (strips 'params/', 'opt/target/')."""
+  if path.endswith('.safetensors'):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'Reading {path} needs the `safetensors` package: pip install '
+                        'safetensors (or save the state_dict as .npz).') from e
+    flat = load_file(path)
+  elif path.endswith('.npz'):
+    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
+      flat = {k: np.asarray(data[k]) for k in data.files}
+  else:
+    raise ValueError(f'Unknown weight file type {path!r}: expected .npz or .safetensors.')
+  out = {}
+  for key, value in flat.items():
+    for prefix in _STRIP_PREFIXES:
+      key = key.removeprefix(prefix)
+    out[key] = value.astype(np.float32) if value.dtype.kind == 'f' else value
+  return out
+
+
+def detect(flat: Dict[str, np.ndarray]) -> str:
+  """Names the layout of a flat checkpoint: 'timm', 'big_vision' or 'augreg'."""
+  if any(k.startswith(('blocks.', 'patch_embed.')) for k in flat):
+    return 'timm'
+  if (any(k in flat for k in _BV_POSEMB_KEYS) or 'probe' in flat
+      or any(k.startswith((_SCAN_PREFIX, 'MAPHead_0/')) for k in flat)):
+    return 'big_vision'
+  return 'augreg'
+
+
+def _with_cls_row(posemb: np.ndarray, has_cls: bool, grid_hw: Optional[Sequence[int]],
+                  hint_hw: Optional[Sequence[int]] = None):
+  """Prepends a zero CLS row when the checkpoint has CLS and the embedding covers patches only.
+
+  `grid_hw` is the checkpoint's patch grid when known; otherwise the embedding covers patches
+  only when its length is a square or equals the grid `hint_hw` of the model being loaded.
+  """
+  n = posemb.shape[1]
+  if grid_hw is not None:
+    patches_only = n == grid_hw[0] * grid_hw[1]
+  else:
+    patches_only = math.isqrt(n) ** 2 == n or (
+        hint_hw is not None and n == hint_hw[0] * hint_hw[1])
+  if has_cls and patches_only:
+    return np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+  return posemb
+
+
+def from_big_vision(flat: Dict[str, np.ndarray], *, grid_hw: Optional[Sequence[int]] = None,
+                    hint_hw: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+  """big_vision (current or older) / AugReg layout -> `ViT` names (AugReg input is unchanged).
+
+  Args:
+    flat: {'/'-joined key: array}, 'params/' prefixes already stripped.
+    grid_hw: the checkpoint's patch grid; needed only when it is not square.
+    hint_hw: the patch grid of the model being loaded (a non-square checkpoint of that grid
+      needs no `grid_hw`).
+  """
+  out = dict(flat)
+  if 'probe' in out:  # MAP heads of early big_vision code were inlined at the top level.
+    for name in [k for k in out if k == 'probe' or k.split('/')[0] in (
+        'MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_0')]:
+      out['MAPHead_0/' + name] = out.pop(name)
+  scanned = [k for k in out if k.startswith(_SCAN_PREFIX)]
+  for key in scanned:  # scan=True: one stacked block, leading axis = depth.
+    stacked = out.pop(key)
+    for i, value in enumerate(stacked):
+      out[f'Transformer/encoderblock_{i}/{key[len(_SCAN_PREFIX):]}'] = value
+  for key in _BV_POSEMB_KEYS:
+    if key in out:
+      if POSEMB_KEY in out:
+        raise ValueError(f'Checkpoint has two position embeddings: {key} and {POSEMB_KEY}.')
+      out[POSEMB_KEY] = _with_cls_row(out.pop(key), 'cls' in out, grid_hw, hint_hw)
+  return out
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(w.T)
+
+
+def _timm_block(get, i: int, num_heads: int) -> Dict[str, np.ndarray]:
+  """One timm block `blocks.{i}.*` -> `Transformer/encoderblock_{i}/*`."""
+  src, dst = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+  attn = dst + 'MultiHeadDotProductAttention_0/'
+  qkv = get(src + 'attn.qkv.weight')  # [3D, D]: rows (q|k|v, head, head_dim)
+  d = qkv.shape[1]
+  if qkv.shape[0] != 3 * d or d % num_heads:
+    raise ValueError(f'{src}attn.qkv.weight has shape {qkv.shape}: expected [3 * {d}, {d}] '
+                     f'with {d} divisible by num_heads={num_heads}.')
+  dh = d // num_heads
+  qkv_bias = get(src + 'attn.qkv.bias', np.zeros(3 * d, np.float32))  # qkv_bias=False: zero
+  out = {}
+  for j, name in enumerate(('query', 'key', 'value')):
+    out[attn + name + '/kernel'] = _linear(qkv[j * d:(j + 1) * d]).reshape(d, num_heads, dh)
+    out[attn + name + '/bias'] = qkv_bias[j * d:(j + 1) * d].reshape(num_heads, dh)
+  # proj's input is the concatenation of the heads, (head, head_dim)-major.
+  out[attn + 'out/kernel'] = _linear(get(src + 'attn.proj.weight')).reshape(num_heads, dh, d)
+  out[attn + 'out/bias'] = get(src + 'attn.proj.bias')
+  for torch_name, flax_name in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_1')):
+    out[dst + flax_name + '/scale'] = get(src + torch_name + '.weight')
+    out[dst + flax_name + '/bias'] = get(src + torch_name + '.bias')
+  for torch_name, flax_name in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+    out[dst + 'MlpBlock_0/' + flax_name + '/kernel'] = _linear(
+        get(src + f'mlp.{torch_name}.weight'))
+    out[dst + 'MlpBlock_0/' + flax_name + '/bias'] = get(src + f'mlp.{torch_name}.bias')
+  return out
+
+
+def from_timm(state: Dict[str, np.ndarray], *, num_heads: int,
+              grid_hw: Optional[Sequence[int]] = None,
+              hint_hw: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+  """A timm `VisionTransformer.state_dict()` -> `ViT` names and flax shapes.
+
+  Args:
+    state: {timm key: array} (`.safetensors` / `.npz` of the state_dict).
+    num_heads: the model's number of heads (a timm state_dict does not record it).
+    grid_hw / hint_hw: as in `from_big_vision`.
+  Raises:
+    ValueError naming keys that `ViT` cannot represent (and the timm option behind them), or
+    keys this translation does not know.
+  """
+  bad = sorted(f'{k} ({why})' for k in state for pattern, why in _TIMM_UNSUPPORTED
+               if re.search(pattern, k))
+  if bad:
+    raise ValueError('This timm model uses features vitreg_jax ViT does not have: '
+                     + ', '.join(bad[:8]) + (' ...' if len(bad) > 8 else '')
+                     + '. Supported: timm ViTs with class-token or no pooling token, no layer '
+                     'scale, no register tokens, no fc_norm.')
+  used = set()
+
+  def get(key, default=None):
+    if key not in state:
+      if default is not None:
+        return default
+      raise ValueError(f'timm state_dict lacks {key!r}; is it a timm VisionTransformer?')
+    used.add(key)
+    return np.asarray(state[key], np.float32)
+
+  out = {'embedding/kernel': np.ascontiguousarray(
+      get('patch_embed.proj.weight').transpose(2, 3, 1, 0)),  # [D, C, p, p] -> [p, p, C, D]
+         'embedding/bias': get('patch_embed.proj.bias')}
+  has_cls = 'cls_token' in state
+  if has_cls:
+    out['cls'] = get('cls_token')
+  if 'pos_embed' in state:
+    out[POSEMB_KEY] = _with_cls_row(get('pos_embed'), has_cls, grid_hw, hint_hw)
+  depth = 1 + max((int(m.group(1)) for k in state
+                   if (m := re.match(r'blocks\.(\d+)\.', k))), default=-1)
+  for i in range(depth):
+    out.update(_timm_block(get, i, num_heads))
+  if 'norm.weight' in state:
+    out['Transformer/encoder_norm/scale'] = get('norm.weight')
+    out['Transformer/encoder_norm/bias'] = get('norm.bias')
+  if 'head.weight' in state:
+    out['head/kernel'] = _linear(get('head.weight'))
+    out['head/bias'] = get('head.bias')
+  unknown = sorted(set(state) - used)
+  if unknown:
+    raise ValueError(f'timm state_dict keys with no ViT equivalent: {unknown[:10]}.')
+  return out
+
+
+def describe(flat: Dict[str, np.ndarray]) -> dict:
+  """The `ViT` geometry a checkpoint implies (after translation to `ViT` names)."""
+  kernel = flat['embedding/kernel']
+  depth = sum(1 for k in flat if re.fullmatch(r'Transformer/encoderblock_\d+/LayerNorm_0/scale', k))
+  info = dict(width=int(kernel.shape[-1]), depth=depth, patch_size=int(kernel.shape[0]),
+              classifier='map' if 'MAPHead_0/probe' in flat else
+              'token' if 'cls' in flat else 'gap (or big_vision pool_type "0"/"none")',
+              posemb='learn' if POSEMB_KEY in flat else 'sincos2d (no learned embedding)')
+  mlp = flat.get('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')
+  query = flat.get('Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel')
+  if mlp is not None:
+    info['mlp_dim'] = int(mlp.shape[1])
+  if query is not None and query.ndim == 3:
+    info['num_heads'] = int(query.shape[1])
+  if 'pre_logits/kernel' in flat:
+    info['representation_size'] = int(flat['pre_logits/kernel'].shape[1])
+  if 'head/kernel' in flat:
+    info['num_classes'] = int(flat['head/kernel'].shape[1])
+  return info
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise SystemExit('usage: python -m vitreg_jax.models.weight_layouts FILE.npz|.safetensors')
+  flat = read(argv[1])
+  layout = detect(flat)
+  # num_heads is not stored in a timm file: translate with 1 head just to read the geometry.
+  converted = (from_timm(flat, num_heads=1) if layout == 'timm'
+               else from_big_vision(flat))
+  info = describe(converted)
+  for key in ('pos_embed', POSEMB_KEY, *_BV_POSEMB_KEYS):  # The pretraining resolution.
+    if key in flat:
+      info['posemb_tokens_in_file'] = int(flat[key].shape[1])
+  if layout == 'timm':
+    info['num_heads'] = 'not stored in timm files: set it from the timm model name'
+    info['gelu_approximate'] = False
+  print(dict(layout=layout, **info))
+
+
+if __name__ == '__main__':
+  main(sys.argv)
