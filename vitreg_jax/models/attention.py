@@ -489,7 +489,7 @@ class Encoder(nn.Module):
     posemb_at: where a fixed embedding enters: 'input' (added once to the tokens, ViT),
       'qk' (added to the query/key inputs of every block, DETR) or 'qkv' (to the query, key
       and value inputs of every block, the ARViT authors' similarity encoder).
-    dropout: after the position embedding and inside the blocks.
+    dropout: after the position embedding (pre-norm only) and inside the blocks.
     drop_path: stochastic depth of the last block; block i uses `drop_path * i / (depth - 1)`
       (linear decay rule of Huang et al. 2016).
     final_norm: apply 'encoder_norm' after the last block.
@@ -548,7 +548,8 @@ class Encoder(nn.Module):
     check_choice('norm', self.norm, NORMS)
     check_choice('activation', self.activation, tuple(ACTIVATIONS))
     x, pos = self._position_encoding(x, grid_hw, num_prefix_tokens)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    if self.norm == 'pre':  # ViT's embedding dropout; the post-norm DETR encoder has none
+      x = nn.Dropout(self.dropout)(x, deterministic=not train)
     out = {}
     # Arguments 4-6 and 8 (explicit, per_head_inputs, train, pos_to_values) are Python bools:
     # static under remat.
