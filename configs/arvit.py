@@ -4,15 +4,18 @@ Paper: "Regularizing self-attention on vision transformers" with ARViT
 (papers/arvit-attention-regularization.txt). All models are first pretrained on a
 self-supervised rotation task on ImageNet (`dataset=imagenet_rotation`, 4 classes: 0, 90,
 180, 270 degrees), then fine-tuned on CIFAR-10, CIFAR-100, Oxford Flowers-102, Imagenette and
-Imagewoof (top-1 accuracy). 224 px inputs, patch 16, batch 80 (Section 4.3).
+Imagewoof (top-1 accuracy). Patch 16 (Table 1), batch 80 (Section 4.3).
 
-  # 1. rotation pretraining of a row (the regularizer is on in both stages)
+  # 1. rotation pretraining of a row
   python -m vitreg_jax.main --config=configs/arvit.py:variant=R1-1,dataset=imagenet_rotation \
       --workdir=/runs/r1-1_rot
   # 2. fine-tuning from it (the head is re-initialized: 4 -> 10 classes)
   python -m vitreg_jax.main \
       --config=configs/arvit.py:variant=R1-1,dataset=cifar10,init=/runs/r1-1_rot \
       --workdir=/runs/r1-1_cifar10
+  # the authors' protocol instead (their encoder, 256 px, no penalty while fine-tuning)
+  python -m vitreg_jax.main --config=configs/arvit.py:variant=R1-1,dataset=cifar10,impl=code,\
+init=/runs/r1-1_rot_code --workdir=/runs/r1-1_cifar10_code
   # laptop smoke run (10 steps, 64 px, narrow model; the dataset must still be prepared)
   python -m vitreg_jax.main --config=configs/arvit.py:variant=L3,dataset=cifar10,runlocal \
       --workdir=/tmp/arvit_local
@@ -26,12 +29,10 @@ Arguments (`:key=value,...`):
             and 12 heads, CLS token, learned position embedding).
   dataset   'imagenet_rotation' (pretraining) | 'cifar10' | 'cifar100' | 'oxford_flowers102' |
             'imagenette' | 'imagewoof'.
-  impl      'paper' (default: Section 3.4 model; P = D / max D; S = MSE of Gram matrices;
-            lambda 0.005 for similarity) | 'code' (the authors' code: `arvit` variant 'code' and
-            their penalty options: smooth-sign P, min-max normalized attention, log, batch sum,
-            p=0.1 Minkowski similarity with normalization and bias -0.17, lambda 0.01).
-  weight    lambda; < 0 (default) = the row's value: similarity 0.005 (paper) / 0.01 (code);
-            distance 0.01 (the paper gives no value; the authors' code uses 0.01).
+  impl      'paper' (default, as the library's rule is the paper's definition first: the
+            Section 3.4 model, P = D / max D, S = MSE of Gram matrices, 224 px, the row's
+            penalty in both stages) | 'code' (the authors' code and protocol, see below).
+  weight    lambda; < 0 (default) = 0.01 for either penalty (see "lambda" below).
   init      for fine-tuning: the workdir (or checkpoints folder) of the rotation pretraining
             run (`config.init_from = dict(path=init, kind='checkpoint')`); '' = from scratch.
   epochs    training epochs; 0 (default) = 30 for imagenet_rotation, 100 for fine-tuning.
@@ -41,10 +42,27 @@ Arguments (`:key=value,...`):
             so every row's regularized block exists. `init` must then name a runlocal
             pretraining run (the narrow model cannot take full-size weights).
 
-Not stated in the paper and chosen here (documented in README.md): optimizer
-(Adam, lr 1e-4, cosine decay, 1 warmup epoch for pretraining), the number of epochs, and the
-distance-penalty lambda. CIFAR images are resized to 224 px as the paper's patch-16 models
-need.
+`impl=code` (mormille/self-attention-regularization): the model is `arvit` `variant='code'`
+(their post-norm DETR-style encoder, models/arvit.py), width 512 / 8 heads for the R1 rows
+(region_similarity_based/launch-ARViT.py) and 516 / 12 for the L rows
+(distance_based/launch-ARViT2D.py); inputs are 256 px, the 16 x 16 grid their code hard-codes
+(`R = 256` tokens in `rescale`); the penalties take their options (distance: smooth-sign P,
+min-max normalized attention, log, batch sum: distance_based/ARViT2D/utils/distance_loss.py;
+similarity: the same min-max normalized attention (`reduced_attn`, ARViT.py `rescale`),
+p = 0.1 Minkowski distance of Gram matrices, min-max normalized, bias -0.17, log, batch sum:
+region_similarity_based/losses/attention_loss.py); and fine-tuning runs without the penalty
+(region_similarity_based/launch-Finetune.py trains with plain cross-entropy). The penalty is
+on while pretraining in both protocols.
+
+lambda: the paper gives no value for either penalty (Section 3.2: "lambda > 0 is a
+hyperparameter"). The default 0.01 for both is the authors' code's (distance: `sigma = 0.01`
+in launch-ARViT2D.py; similarity: `ARViT_Loss(lambda_=0.01)`). It was set for their
+log-scaled loss; under `impl=paper` the loss is not logged, so treat 0.01 as a starting point
+and tune `weight=` on a validation split.
+
+Not stated in the paper and chosen here: 224 px for `impl=paper` (ViT's resolution; the paper
+gives none), the optimizer (Adam, lr 1e-4, cosine decay, 1 warmup epoch for pretraining) and
+the number of epochs. CIFAR images are resized to the model's resolution.
 """
 
 from vitreg_jax import config_lib
@@ -55,11 +73,17 @@ DATASETS = ("imagenet_rotation", "cifar10", "cifar100", "oxford_flowers102", "im
             "imagewoof")
 IMPLS = ("paper", "code")
 
-# The authors' code's penalty options (README.md).
+# The authors' code's penalty options (module docstring). Both read the attention map min-max
+# normalized per image (their `rescale`), averaged over heads (`nn.MultiheadAttention`).
 _CODE_DISTANCE = dict(penalty="smooth_sign", normalize_attention=True, log=True,
                       batch_reduction="sum")
-_CODE_SIMILARITY = dict(metric="minkowski", normalize_similarity=True, bias=-0.17, log=True,
-                        batch_reduction="sum")
+_CODE_SIMILARITY = dict(metric="minkowski", normalize_similarity=True, normalize_attention=True,
+                        bias=-0.17, log=True, batch_reduction="sum")
+# lambda of either penalty: the authors' code's value (the paper gives none).
+DEFAULT_WEIGHT = 0.01
+# impl=code geometry per penalty family (their launch scripts): (width, heads).
+_CODE_GEOMETRY = {"L": (516, 12), "R": (512, 8)}
+IMAGE_SIZE = {"paper": 224, "code": 256}
 
 
 def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) -> list:
@@ -67,12 +91,11 @@ def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) ->
   if variant in ("base", "vit_tiny"):
     return []
   if variant.startswith("L"):
-    entry = dict(name="distance", weight=0.01, layers=(int(variant[1:]) - 1,))
+    entry = dict(name="distance", weight=DEFAULT_WEIGHT, layers=(int(variant[1:]) - 1,))
     if impl == "code":
       entry.update(_CODE_DISTANCE)
   else:
-    entry = dict(name="similarity", weight=0.005 if impl == "paper" else 0.01,
-                 layers=(int(variant[3:]) - 1,))
+    entry = dict(name="similarity", weight=DEFAULT_WEIGHT, layers=(int(variant[3:]) - 1,))
     if impl == "code":
       entry.update(_CODE_SIMILARITY)
   if weight >= 0:
@@ -101,7 +124,10 @@ def get_config(arg=None):
   else:
     config.model_name = "arvit"
     config.model = dict(variant=arg.impl, patch_size=16)
-  config.data = dict(name=arg.dataset, image_size=224)
+    if arg.impl == "code" and arg.variant != "base":
+      width, heads = _CODE_GEOMETRY[arg.variant[0]]
+      config.model.update(width=width, num_heads=heads)
+  config.data = dict(name=arg.dataset, image_size=IMAGE_SIZE[arg.impl])
   if arg.init:
     config.init_from = dict(path=arg.init, kind="checkpoint")
   config.batch_size = 80
@@ -109,7 +135,11 @@ def get_config(arg=None):
   config.total_epochs = arg.epochs or (30 if pretraining else 100)
   config.optimizer = dict(name="adam", lr=arg.lr, grad_clip_norm=1.0)
   config.schedule = dict(name="cosine", warmup_epochs=1 if pretraining else 0)
-  config.regularizers = regularizers_for(arg.variant, arg.impl, arg.weight)
+  # The authors fine-tune with plain cross-entropy (launch-Finetune.py); the paper's protocol
+  # is read here as keeping the row's penalty in both stages.
+  finetune_plain = arg.impl == "code" and not pretraining
+  config.regularizers = [] if finetune_plain else regularizers_for(arg.variant, arg.impl,
+                                                                   arg.weight)
   config.log_every_steps = 100
   config.eval_every_steps = 2000 if pretraining else 1000
   config.checkpoint_every_steps = 2000 if pretraining else 1000

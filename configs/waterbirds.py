@@ -66,7 +66,7 @@ def get_config(arg=None):
   config.optimizer = dict(name="sgd", lr=arg.lr, momentum=0.9, grad_clip_norm=1.0)
   config.schedule = dict(name="cosine", warmup_epochs=2)
   if arg.reg == "div":
-    config_lib.set_div_regularizer(config, impl=arg.div)
+    config_lib.set_div_regularizer(config, impl=arg.div, weight=100.0)
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

@@ -269,3 +269,127 @@ def test_head_masks_share_one_compilation():
   b = fwd(variables, x, jnp.ones((2, 4)).at[0, 2].set(0.0))
   assert fwd._cache_size() == 1
   assert not np.allclose(a, b)
+
+
+# ------------------------------------------- head size, q/k/v bias, logit bias, per-block pos
+
+
+def _reference_mha(params, xs, bias=None, head_mask=None, qk_pos=0.0, v_pos=0.0):
+  """Loop over heads with optional q/k/v biases, logit bias [H, N, N] and position inputs."""
+  num_heads = len(xs)
+  kept = num_heads if head_mask is None else float(np.sum(head_mask))
+  y = params['out']['bias']
+  for h in range(num_heads):
+    def proj(name, x):
+      p = params[name]
+      return x @ p['kernel'][:, h] + (p['bias'][h] if 'bias' in p else 0.0)
+    q, k = proj('query', xs[h] + qk_pos), proj('key', xs[h] + qk_pos)
+    v = proj('value', xs[h] + v_pos)
+    logits = q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    if bias is not None:
+      logits = logits + bias[h]
+    z = jax.nn.softmax(logits, axis=-1) @ v
+    if head_mask is not None:
+      z = z * head_mask[h] * num_heads / kept
+    y = y + z @ params['out']['kernel'][h]
+  return y
+
+
+@pytest.mark.parametrize('explicit', [False, True])
+@pytest.mark.parametrize('per_head_inputs', [False, True])
+def test_inner_width_differs_from_residual_width(explicit, per_head_inputs):
+  """H * Dh = 4 * 16 = 64 != D = 24, no q/k/v bias (the DIV authors' attention), head mask."""
+  x = _normal((B, N, D))
+  mha = attention.MultiHeadAttention(H, qkv_features=H * 16, use_bias=False)
+  params = np_init(mha, x, 3)['params']
+  assert params['query']['kernel'].shape == (D, H, 16) and 'bias' not in params['query']
+  assert params['out']['kernel'].shape == (H, 16, D)
+  xin = jnp.broadcast_to(x[:, None], (B, H, N, D)) if per_head_inputs else x
+  head_mask = np.array([1.0, 1.0, 0.0, 1.0])
+  y, aux = mha.apply({'params': params}, xin, head_mask=head_mask, explicit=explicit,
+                     per_head_inputs=per_head_inputs)
+  assert y.shape == (B, N, D) and aux['head_out'].shape == (B, N, H, 16)
+  np.testing.assert_allclose(y, _reference_mha(params, [x] * H, head_mask=head_mask),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('explicit', [False, True])
+def test_logit_bias_and_position_inputs_match_reference(explicit):
+  """Additive [H, N, N] logit bias; position added to q/k inputs and (separately) to v."""
+  mha, params, x = _mha_params()
+  bias = _normal((H, N, N), 5)
+  qk_pos, v_pos = _normal((N, D), 6), _normal((N, D), 7)
+  y, _ = mha.apply({'params': params}, x, bias=bias, explicit=explicit, qk_pos=qk_pos,
+                   v_pos=v_pos)
+  np.testing.assert_allclose(
+      y, _reference_mha(params, [x] * H, bias=bias, qk_pos=qk_pos, v_pos=v_pos),
+      atol=1e-5, rtol=1e-5)
+  y2, _ = mha.apply({'params': params}, x, bias=bias[0], explicit=explicit)  # [N, N] shared
+  np.testing.assert_allclose(y2, _reference_mha(params, [x] * H, bias=[bias[0]] * H),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_only_while_training():
+  mha, params, x = _mha_params()
+  mha = attention.MultiHeadAttention(H, attn_dropout=0.5)
+  y_eval, _ = mha.apply({'params': params}, x)
+  np.testing.assert_allclose(y_eval, _reference_mha(params, [x] * H), atol=1e-5, rtol=1e-5)
+  y_train, aux = mha.apply({'params': params}, x, train=True, explicit=True,
+                           rngs={'dropout': jax.random.key(0)})
+  assert not np.allclose(y_train, y_eval, atol=1e-3)
+  np.testing.assert_allclose(aux['attn'].sum(-1), 1.0, rtol=1e-5)  # maps before dropout
+
+
+def test_vit_head_dim_keeps_div_inputs_and_head_masks():
+  """A ViT whose heads are wider than width / heads: per-head DIV gradients and head masks."""
+  from vitreg_jax import regularizers  # pylint: disable=g-import-not-at-top
+  model = _tiny_vit(width=16, num_heads=2, head_dim=12, qkv_bias=False, depth=2, mlp_dim=8)
+  x = _normal((2, 32, 32, 3))
+  variables = np_init(model, x, 1)
+  block = variables['params']['Transformer']['encoderblock_1']
+  assert block['MultiHeadDotProductAttention_0']['value']['kernel'].shape == (16, 2, 12)
+  grads, logits, out, _ = regularizers.div_head_input_grads(model, variables, x, div_layers=(1,))
+  assert grads[1].shape == (2, 2, 17, 16) and out['block1']['head_out'].shape == (2, 17, 2, 12)
+  assert not np.allclose(grads[1][:, 0], grads[1][:, 1], atol=1e-5)
+  # Masking head 0 of the DIV block cuts the prediction's dependence through it.
+  mask = np.ones((2, 2), np.float32)
+  mask[1, 0] = 0.0
+  masked, *_ = regularizers.div_head_input_grads(model, variables, x, div_layers=(1,),
+                                                 head_mask=mask)
+  np.testing.assert_array_equal(masked[1][:, 0], 0.0)
+  assert np.abs(masked[1][:, 1]).max() > 0
+
+
+def test_sincos_detr_layout_matches_the_authors_formula():
+  """Channel by channel, the ARViT authors' positionalencoding2d (models/positional_encoding.py)."""
+  gh, gw, width = 3, 5, 16
+  pe = attention.posemb_sincos_2d_detr((gh, gw), width)[0]
+  half = width // 2
+  for r, c in itertools.product(range(gh), range(gw)):
+    for j in range(0, half, 2):
+      w = np.exp(j * -(np.log(10000.0) / half))
+      row = pe[r * gw + c]
+      np.testing.assert_allclose(row[[j, j + 1, half + j, half + j + 1]],
+                                 [np.sin(c * w), np.cos(c * w), np.sin(r * w), np.cos(r * w)],
+                                 atol=1e-6)
+
+
+def test_post_norm_block_matches_reference():
+  """`norm='post'`, ReLU FFN, position on q/k/v inputs: LN(x + Attn), then LN(x + FFN)."""
+  x = _normal((B, N, D))
+  pos = _normal((N, D), 9)
+  block = attention.EncoderBlock(H, 16, norm='post', activation='relu')
+  params = np_init(block, x, 4, pos=pos, pos_to_values=True)['params']
+  y, out = block.apply({'params': params}, x, pos=pos, pos_to_values=True)
+
+  def ln(z, p):
+    mu, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
+    return (z - mu) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
+
+  mlp = params['MlpBlock_0']
+  h = ln(x + _reference_mha(params['MultiHeadDotProductAttention_0'], [x] * H, qk_pos=pos,
+                            v_pos=pos), params['LayerNorm_0'])
+  f = np.maximum(h @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'], 0)
+  f = f @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+  np.testing.assert_allclose(y, ln(h + f, params['LayerNorm_1']), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(out['input'], x)

@@ -165,7 +165,7 @@ def test_config_builds_model_regularizers_and_optimizer(name, arg):
 def test_arvit_rows_regularize_the_papers_layer(k):
   distance = get("arvit", f"variant=L{k}")
   similarity = get("arvit", f"variant=R1-{k}")
-  for config, name, weight in ((distance, "distance", 0.01), (similarity, "similarity", 0.005)):
+  for config, name, weight in ((distance, "distance", 0.01), (similarity, "similarity", 0.01)):
     assert config.model_name == "arvit" and config.model.variant == "paper"
     assert config.model.patch_size == 16 and config.data.image_size == 224
     assert config.batch_size == 80
@@ -198,13 +198,24 @@ def test_arvit_base_vit_tiny_and_rotation_pretraining():
 
 
 def test_arvit_code_impl_and_weight_override():
-  code = get("arvit", "variant=R1-2,impl=code")
-  assert code.model.variant == "code"
-  (entry,) = code.regularizers
+  # The authors' protocol: their encoder at 256 px (16 x 16 grid), their penalty options
+  # including the min-max normalized attention, and no penalty while fine-tuning.
+  pretrain = get("arvit", "variant=R1-2,impl=code,dataset=imagenet_rotation")
+  assert pretrain.model.variant == "code" and pretrain.data.image_size == 256
+  assert (pretrain.model.width, pretrain.model.num_heads) == (512, 8)
+  (entry,) = pretrain.regularizers
   assert entry["weight"] == 0.01 and entry["metric"] == "minkowski"
+  assert entry["normalize_attention"] and entry["normalize_similarity"]
   assert entry["bias"] == -0.17 and entry["log"] and entry["batch_reduction"] == "sum"
-  (entry,) = get("arvit", "variant=L2,impl=code").regularizers
+  model = models.create("arvit", 4, **pretrain.model)
+  assert model.token_layout((256, 256)) == (16, 16, 0)
+  assert not get("arvit", "variant=R1-2,impl=code,dataset=cifar10").regularizers
+  distance = get("arvit", "variant=L2,impl=code,dataset=imagenet_rotation")
+  (entry,) = distance.regularizers
   assert entry["penalty"] == "smooth_sign" and entry["normalize_attention"]
+  assert (distance.model.width, distance.model.num_heads) == (516, 12)
+  # The paper protocol keeps the penalty in both stages.
+  assert get("arvit", "variant=L2,dataset=cifar10").regularizers
   (entry,) = get("arvit", "variant=L2,weight=0.2").regularizers
   assert entry["weight"] == 0.2
 
@@ -213,7 +224,7 @@ def test_arvit_r1_wrapper_is_r1_1_on_cifar10():
   config = get("arvit_r1")
   assert config.data.name == "cifar10" and config.model_name == "arvit"
   assert [dict(r) for r in config.regularizers] == [
-      dict(name="similarity", weight=0.005, layers=(0,))]
+      dict(name="similarity", weight=0.01, layers=(0,))]
   assert get("arvit_r1", "variant=R1-5").regularizers[0]["layers"] == (4,)
 
 
@@ -226,8 +237,11 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
     assert image_shape(config) == (64, 32, 3)
   assert erm.optimizer.lr == 1e-4 and not erm.regularizers
   assert div.optimizer.lr == 1e-3
+  # Default: the authors' code's DIV (their Table 1 numbers), lambda 100 on the last block.
   (entry,) = div.regularizers
   assert entry["name"] == "div" and entry["weight"] == 100.0 and tuple(entry["layers"]) == (-1,)
+  assert entry["normalize"] and entry["reduction"] == "mean"
+  assert div.model.last_attn_residual is False
   model, *_ = build(div)
   assert regularizers.build(div.regularizers, model).div_layers == (model.depth - 1,)
   # Step decay x0.1 at epochs 70 and 80.
@@ -235,9 +249,30 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
   _, schedule = optim.make_optimizer(div, 100 * spe, spe)
   lrs = [float(schedule(e * spe)) for e in (0, 69, 70, 79, 80, 99)]
   np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-5)
-  code = get("mnist_cifar", "reg=div,div=code")
-  assert code.regularizers[0]["normalize"] and code.regularizers[0]["reduction"] == "mean"
-  assert code.model.last_attn_residual is False
+  paper = get("mnist_cifar", "reg=div,div=paper")
+  (entry,) = paper.regularizers
+  assert entry["weight"] == config_lib.DIV_WEIGHTS["paper"] and "normalize" not in entry
+  assert paper.model.get("last_attn_residual", True)
+  assert get("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
+
+
+def test_mnist_cifar_uses_the_authors_model():
+  # ArmandNM/diverse-vit: dim 64, depth 6, heads 4, dim_head 64, mlp 128, to_qkv without bias,
+  # patch 4 on 64 x 32, CLS + learned position embedding, LayerNorm + Linear head. Their count,
+  # module by module: patch Linear(48, 64) 3,136; pos 129 x 64 = 8,256; cls 64; per block
+  # LN 128 + to_qkv 64 x 768 = 49,152 + proj 256 x 64 + 64 = 16,448 + LN 128
+  # + FF 64 x 128 + 128 + 128 x 64 + 64 = 16,576 -> 82,432, x 6 = 494,592; head LN 128
+  # + Linear(64, 2) 130.
+  expected = 3_136 + 8_256 + 64 + 6 * 82_432 + 128 + 130
+  config = get("mnist_cifar", "reg=div")
+  model, variables, *_ = build(config)
+  assert num_params(variables) == expected == 506_306
+  attn = variables["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  assert attn["query"]["kernel"].shape == (64, 4, 64) and "bias" not in attn["query"]
+  assert attn["out"]["kernel"].shape == (4, 64, 64)     # inner width 256 -> residual 64
+  # PyTorch's Linear init of the head: non-zero, uniform in +-1/sqrt(64).
+  head = model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3)))["params"]["head"]
+  assert 0 < np.abs(head["kernel"]).max() <= 1 / 8 and np.abs(head["bias"]).max() > 0
 
 
 def test_waterbirds_div_and_pretrained_init():

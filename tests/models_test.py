@@ -1,6 +1,7 @@
 """Tests of the model registry and every model family (tiny variants, 32-px / 64x32 inputs)."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -244,11 +245,15 @@ def test_alternet_layout_rule():
 
 def test_alternet_shapes():
   model = models.create('alternet', 6, width=8, blocks_per_stage=(1, 2, 2, 2),
-                        msa_per_stage=(0, 1, 1, 1), heads=(1, 2, 2, 4), head_dim=8)
+                        msa_per_stage=(0, 1, 1, 1), heads=(1, 2, 2, 4), head_dim=8,
+                        msa_window=4)
   x = _images((32, 32))
   variables = np_init(model, x, 1)
-  msa = variables['params']['stage2_block1']['attention']
-  assert msa['query']['kernel'].shape == (16, 2, 8)
+  msa = variables['params']['stage2_block1']
+  assert msa['attention']['query']['kernel'].shape == (16, 2, 8)   # f = 16 -> 2 heads x 8
+  assert 'bias' not in msa['attention']['query']                   # to_q / to_kv: bias=False
+  assert msa['attention']['out']['kernel'].shape == (2, 8, 64)     # projects to 4 f
+  assert msa['relative_position_bias'].shape == (7, 7)             # 2 w - 1
   logits, out = model.apply(variables, x)
   assert logits.shape == (2, 6)
   assert out['block2']['output'].shape == (2, 16, 16, 64)
@@ -259,11 +264,12 @@ def test_alternet_shapes():
     model.apply(variables, x, capture_attention=True)
 
 
-def test_alternet_msa_windows():
+def test_alternet_figure_msa_windows():
   """A window covering the whole map is global attention; smaller windows are not."""
   x = _images((4, 4), batch=1)
   x = np.concatenate([x] * 4, axis=-1)  # 12 channels
-  blocks = {w: alternet.MSABlock(4, num_heads=2, head_dim=4, window=w) for w in (None, 4, 2)}
+  blocks = {w: alternet.FigureMSABlock(4, num_heads=2, head_dim=4, window=w)
+            for w in (None, 4, 2)}
   variables = np_init(blocks[None], x, 1)
   y = {w: b.apply(variables, x) for w, b in blocks.items()}
   np.testing.assert_allclose(y[4], y[None], atol=1e-5)
@@ -273,5 +279,45 @@ def test_alternet_msa_windows():
   x2[:, 2:, 2:] += 1.0
   y2 = blocks[2].apply(variables, x2)
   np.testing.assert_allclose(y2[:, :2, :2], y[2][:, :2, :2], atol=1e-5)
+  with pytest.raises(ValueError, match='must divide'):
+    alternet.FigureMSABlock(4, num_heads=2, head_dim=4, window=3).apply(variables, x)
+  figure = models.create('alternet', 6, msa_block='figure', width=8, blocks_per_stage=(1, 2),
+                         msa_per_stage=(0, 1), heads=(1, 2))
+  assert 'relative_position_bias' not in np_init(figure, _images((8, 8)), 1)['params'][
+      'stage2_block1']
+
+
+def test_relative_position_index_matches_definition():
+  w = 3
+  index = alternet.relative_position_index(w)
+  assert index.shape == (w * w, w * w, 2)
+  for a, b in itertools.product(range(w * w), repeat=2):
+    (ra, ca), (rb, cb) = divmod(a, w), divmod(b, w)
+    assert tuple(index[a, b]) == (rb - ra + w - 1, cb - ca + w - 1)
+
+
+def test_alternet_authors_block_window_and_relative_bias():
+  """Tokens see only their own window; the bias table is indexed by relative offset."""
+  x = np.concatenate([_images((4, 4), batch=1)] * 4, axis=-1)  # 12 channels -> 16 out
+  block = alternet.MSABlock(4, num_heads=2, head_dim=4, window=2)
+  variables = np_init(block, x, 1)
+  params = variables['params']
+  assert params['relative_position_bias'].shape == (3, 3)
+  assert 'bias' not in params['attention']['key']
+  y = block.apply(variables, x)
+  assert y.shape == (1, 4, 4, 16)
+  x2 = x.copy()
+  x2[:, 2:, 2:] += 1.0   # another window
+  np.testing.assert_allclose(block.apply(variables, x2)[:, :2, :2], y[:, :2, :2], atol=1e-5)
+  x3 = x.copy()
+  x3[:, 0, 1] += 1.0     # same window, another token
+  assert not np.allclose(block.apply(variables, x3)[:, 0, 0], y[:, 0, 0], atol=1e-4)
+  # A table that forbids every offset but (0, 0): each token attends to itself only, so the
+  # other token of its window no longer matters. A wrongly indexed table would fail this.
+  table = np.full((3, 3), -1e9, np.float32)
+  table[1, 1] = 0.0
+  selfish = {**variables, 'params': {**params, 'relative_position_bias': table}}
+  np.testing.assert_allclose(block.apply(selfish, x3)[:, 0, 0], block.apply(selfish, x)[:, 0, 0],
+                             atol=1e-5)
   with pytest.raises(ValueError, match='must divide'):
     alternet.MSABlock(4, num_heads=2, head_dim=4, window=3).apply(variables, x)

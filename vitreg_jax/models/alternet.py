@@ -8,11 +8,22 @@ from the end of a stage, alternating, so a stage of n blocks with m MSAs is laid
 Fig. 11 (as in the authors' code): blocks per stage (3, 4, 6, 4), MSAs per stage (0, 1, 3, 2),
 heads (3, 6, 12, 24) following Swin, giving stages `CCC | CCCM | CMCMCM | CMCM`.
 
-MSA block (bottleneck-shaped, pre-activation like the Conv blocks):
-  `x + Conv1x1_{4f}(ReLU(BN(MSA(LN(Conv1x1_f(ReLU(BN(x))))))))`
-where the MSA runs over the `h * w` positions of the feature map (or over non-overlapping
-`msa_window x msa_window` windows), with `heads x head_dim` query/key/value width (head_dim 32
-as in Swin). Position information comes from the surrounding convolutions.
+MSA block, `msa_block='authors'` (default): the authors' `AttentionBlockB`
+(xxxnell/how-do-vits-work, models/alternet.py, `LocalAttention` and models/attentions.py,
+`Attention2d`), for a block of bottleneck width f and output width 4f:
+
+  y = GELU(BN(x));  skip = x (or a 1x1 projection of y when the width changes)
+  y = BN(Conv1x1_f(y))                               (no conv bias)
+  y = LocalMSA(y): non-overlapping w x w windows (w = `msa_window`, 7 by default), heads of
+      size `head_dim` = 64, q/k/v 1x1 projections without bias, logits
+      `q k^T / sqrt(64) + B[dr + w - 1, dc + w - 1]` with B a learned (2w - 1) x (2w - 1)
+      relative position bias shared by the heads (init N(0, 0.02)) and (dr, dc) the key's
+      offset from the query inside the window, output projection (with bias) to 4f
+  out = DropPath(y) + skip
+
+`msa_block='figure'`: our earlier block designed from Fig. 11 only, kept as an ablation:
+`x + Conv1x1_{4f}(ReLU(BN(MSA(LN(Conv1x1_f(ReLU(BN(x))))))))`, global MSA (or `msa_window`
+windows) with no position bias and head size 32 (Swin's).
 
 `out` follows `resnet.py` ('stem', 'block{i}', 'stage{s}', 'encoded', 'pre_logits', 'logits');
 `AlterNet(...).block_kinds()` says which global block index is 'conv' or 'msa'.
@@ -22,9 +33,13 @@ from typing import List, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from vitreg_jax.models import attention
 from vitreg_jax.models import resnet
+
+
+MSA_BLOCKS = ('authors', 'figure')
 
 
 def alternet_layout(blocks_per_stage: Sequence[int],
@@ -52,8 +67,75 @@ def alternet_layout(blocks_per_stage: Sequence[int],
   return layout
 
 
+def relative_position_index(window: int) -> np.ndarray:
+  """`[w^2, w^2, 2]` indices into a (2w - 1) x (2w - 1) bias table: for query a and key b of a
+  w x w window (row-major), `(row_b - row_a + w - 1, col_b - col_a + w - 1)`."""
+  pos = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij'), -1)
+  pos = pos.reshape(-1, 2)
+  return pos[None, :, :] - pos[:, None, :] + window - 1
+
+
+def to_windows(y, window: int):
+  """`[B, h, w, C]` -> `[B * (h / win) * (w / win), win^2, C]` (row-major inside a window)."""
+  b, h, w, c = y.shape
+  if h % window or w % window:
+    raise ValueError(f'msa_window={window} must divide the feature map {h}x{w} (the authors '
+                     'tile the map with non-overlapping windows); choose a divisor, e.g. 4 '
+                     'for the 16/8/4 maps of a 32-px CIFAR AlterNet.')
+  y = y.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(-1, window * window, c)
+
+
+def from_windows(tokens, shape_bhw, window: int):
+  """Inverse of `to_windows` for a map of batch/height/width `shape_bhw`."""
+  b, h, w = shape_bhw
+  c = tokens.shape[-1]
+  y = tokens.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, h, w, c)
+
+
 class MSABlock(nn.Module):
-  """Pre-activation bottleneck whose 3x3 conv is replaced by multi-head self-attention.
+  """The authors' AlterNet MSA block (`AttentionBlockB`, module docstring).
+
+  Attributes:
+    features: bottleneck width f (output 4 f).
+    num_heads: attention heads.
+    head_dim: width per head (64).
+    window: side w of the non-overlapping attention windows (7); must divide the map sides.
+    drop_path: stochastic-depth rate of this block.
+  """
+  features: int
+  num_heads: int
+  head_dim: int = 64
+  window: int = 7
+  drop_path: float = 0.0
+  dtype: attention.Dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    out_features = self.features * self.expansion
+    y = nn.gelu(resnet._norm(train, self.dtype)(x), approximate=False)
+    shortcut = resnet._shortcut(x, y, out_features, 1, self.dtype)
+    y = resnet._conv(self.features, 1, 1, self.dtype)(y)
+    y = resnet._norm(train, self.dtype)(y)
+    b, h, w, _ = y.shape
+    win = int(self.window)
+    table = self.param('relative_position_bias', nn.initializers.normal(stddev=0.02),
+                       (2 * win - 1, 2 * win - 1), jnp.float32)
+    index = relative_position_index(win)
+    bias = table[index[..., 0], index[..., 1]]  # [w^2, w^2], shared by the heads
+    tokens, _ = attention.MultiHeadAttention(
+        self.num_heads, qkv_features=self.num_heads * self.head_dim, out_features=out_features,
+        dtype=self.dtype, use_bias=False, name='attention')(to_windows(y, win), bias=bias)
+    y = from_windows(tokens, (b, h, w), win)
+    y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
+    return shortcut + y
+
+
+class FigureMSABlock(nn.Module):
+  """Pre-activation bottleneck whose 3x3 conv is replaced by multi-head self-attention
+  (`msa_block='figure'`, designed from Fig. 11; see the module docstring).
 
   Attributes:
     features: bottleneck width f (output 4 f).
@@ -105,8 +187,13 @@ class AlterNet(nn.Module):
     blocks_per_stage: bottleneck blocks per stage (3, 4, 6, 4).
     msa_per_stage: how many of them are MSA blocks, placed by the build-up rule (0, 1, 3, 2).
     heads: MSA heads per stage (3, 6, 12, 24).
-    head_dim: width of each head (32).
-    msa_window: None (global MSA over the feature map) or a window side.
+    msa_block: 'authors' (default, their `AttentionBlockB`) or 'figure' (module docstring).
+    head_dim: width of each head; None = 64 ('authors') / 32 ('figure').
+    msa_window: window side; None = 7 ('authors', which needs it to divide the map sides) /
+      global MSA over the feature map ('figure').
+    drop_path: stochastic depth of the last block, linear in the global block index as the
+      authors' `sd * j / (blocks - 1)`; applied to the MSA blocks ('authors' only: the
+      Conv blocks here have none).
     stem: 'cifar' or 'imagenet' (see resnet.py).
     width: bottleneck width of stage 1 (64); doubles per stage.
     dtype: compute dtype; parameters float32.
@@ -115,8 +202,10 @@ class AlterNet(nn.Module):
   blocks_per_stage: Sequence[int] = (3, 4, 6, 4)
   msa_per_stage: Sequence[int] = (0, 1, 3, 2)
   heads: Sequence[int] = (3, 6, 12, 24)
-  head_dim: int = 32
+  msa_block: str = 'authors'
+  head_dim: Optional[int] = None
   msa_window: Optional[int] = None
+  drop_path: float = 0.0
   stem: str = 'cifar'
   width: int = 64
   dtype: str = 'float32'
@@ -131,8 +220,18 @@ class AlterNet(nn.Module):
                        f'({len(self.blocks_per_stage)} stages).')
     if self.stem not in resnet.STEMS:
       raise ValueError(f'stem must be one of {resnet.STEMS}, got {self.stem!r}')
+    attention.check_choice('msa_block', self.msa_block, MSA_BLOCKS)
+    if self.msa_block == 'figure' and self.drop_path:
+      raise ValueError("drop_path applies to msa_block='authors' only.")
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
+
+  def _msa_block(self, features, num_heads, drop_path, dtype, name):
+    if self.msa_block == 'figure':
+      return FigureMSABlock(features, num_heads, self.head_dim or 32, self.msa_window,
+                            dtype=dtype, name=name)
+    return MSABlock(features, num_heads, self.head_dim or 64, self.msa_window or 7,
+                    drop_path=drop_path, dtype=dtype, name=name)
 
   def block_kinds(self) -> List[str]:
     """'conv' or 'msa' for every block, indexed like `out['block{i}']`."""
@@ -148,15 +247,16 @@ class AlterNet(nn.Module):
     out = {}
     x = resnet.make_stem(images.astype(dtype), self.stem, self.width, train, dtype)
     out['stem'] = x
-    blocks = []
+    blocks, index, total = [], 0, sum(self.blocks_per_stage)
     for s, kinds in enumerate(alternet_layout(self.blocks_per_stage, self.msa_per_stage)):
       features = self.width * 2**s
       stage = []
       for b, kind in enumerate(kinds):
         name = f'stage{s + 1}_block{b}'
+        rate = self.drop_path * index / max(total - 1, 1)
+        index += 1
         if kind == 'msa':
-          stage.append(MSABlock(features, self.heads[s], self.head_dim, self.msa_window,
-                                dtype=dtype, name=name))
+          stage.append(self._msa_block(features, self.heads[s], rate, dtype, name))
         else:
           stage.append(resnet.BottleneckBlock(features, strides=2 if s > 0 and b == 0 else 1,
                                               dtype=dtype, name=name))

@@ -6,21 +6,39 @@ Paper definition (the default, `variant='paper'`):
   * 6 pre-norm encoder blocks, hidden size 516, 12 heads (head size 43);
   * the two-layer MLP of each block replaced by a single fully connected layer (D -> D, GELU);
   * no CLS token: the head reads the complete output of the last block, flattened to N * D.
+The paper does not say whether the blocks are pre- or post-norm, nor which activation the
+single layer uses; pre-norm and GELU are ViT's.
 
-The authors' public code differs; `variant='code'` selects all of its choices at once, and each
-can be set on its own (fields override the variant):
+`variant='code'` is the authors' encoder of their patch-similarity runs
+(mormille/self-attention-regularization: region_similarity_based/ARViT/ARViT.py, layers/
+encoder.py, launch-ARViT.py; positional encoding in models/positional_encoding.py), a DETR
+encoder (a PyTorch `nn.TransformerEncoderLayer` copy, `normalize_before=False`):
 
   ===================== ===================== ==========================================
   field                 paper (default)       authors' code (`variant='code'`)
   ===================== ===================== ==========================================
-  posemb_scale          1.0                   0.3 (position embedding scaled by 0.3)
-  mlp_dim               0 (single FC layer)   256 (two layers D -> 256 -> D, GELU)
+  width, num_heads      516, 12               512, 8 (their similarity runs; their distance
+                                              runs use 516, 12: set the fields)
+  norm                  'pre'                 'post': `LN(x + Attn(x))`, `LN(x + FFN(x))`
+  posemb                'sincos2d'            'sincos2d_detr' (their channel layout)
+  posemb_scale          1.0                   0.3
+  posemb_at             'input' (added once)  'qkv': added to the query, key and value
+                                              inputs of every block (their `q = k = v =
+                                              src + pos`; 'qk' is DETR's original, value
+                                              without it, as their older models/encoder.py)
+  mlp_dim, activation   0 (single FC), gelu   256 (two layers D -> 256 -> D), relu
+  dropout, attn_dropout 0, 0                  0.1, 0.1 (residual branches, FFN hidden layer,
+                                              attention probabilities)
   pre_head_norm         False                 True (LayerNorm before flattening)
   ===================== ===================== ==========================================
 
-Their code also averages the attention map over heads (PyTorch's `nn.MultiheadAttention`
-returns head-averaged weights); this affects only what the regularizer sees, so the model keeps
-per-head maps in `out['block{i}']['attn']` and the regularizers offer the averaging.
+Each field can be set on its own (fields override the variant). Left as in the rest of the
+library: LayerNorm eps (theirs 1e-5, ours 1e-6), parameter initialization, and the order in
+which the head flattens the N x D features (theirs channel-major, a fixed permutation of the
+head's rows). Their code also averages the attention map over heads (PyTorch's
+`nn.MultiheadAttention` returns head-averaged weights); this affects only what the regularizer
+sees, so the model keeps per-head maps in `out['block{i}']['attn']` and the regularizers offer
+the averaging (the maps are the probabilities before attention dropout).
 
 ARViT shares the encoder block of ViT (`attention.Encoder`), so head masks, captured attention
 and per-head inputs (`div_layers`) work identically.
@@ -35,8 +53,12 @@ from vitreg_jax.models import attention
 from vitreg_jax.models.vit import grid_size
 
 VARIANTS = {
-    'paper': dict(posemb_scale=1.0, mlp_dim=0, pre_head_norm=False),
-    'code': dict(posemb_scale=0.3, mlp_dim=256, pre_head_norm=True),
+    'paper': dict(width=516, num_heads=12, norm='pre', posemb='sincos2d', posemb_scale=1.0,
+                  posemb_at='input', mlp_dim=0, activation='gelu', dropout=0.0,
+                  attn_dropout=0.0, pre_head_norm=False),
+    'code': dict(width=512, num_heads=8, norm='post', posemb='sincos2d_detr', posemb_scale=0.3,
+                 posemb_at='qkv', mlp_dim=256, activation='relu', dropout=0.1,
+                 attn_dropout=0.1, pre_head_norm=True),
 }
 
 
@@ -45,25 +67,38 @@ class ARViT(nn.Module):
 
   Attributes:
     num_classes: outputs of the head.
-    variant: 'paper' (Section 3.4) or 'code' (the authors' implementation), see module doc.
-    width, depth, num_heads, patch_size: geometry (516, 6, 12, 16).
+    variant: 'paper' (Section 3.4) or 'code' (the authors' encoder), see the module doc; the
+      fields left None take the variant's value.
+    width, num_heads: (516, 12) paper, (512, 8) code.
+    depth, patch_size: 6, 16.
     mlp_dim: 0 = single fully connected layer (paper); > 0 = two-layer feed-forward.
-    posemb_scale: multiplier of the fixed sin-cos position embedding.
+    norm: 'pre' or 'post' blocks; activation: 'gelu' or 'relu' (feed-forward).
+    posemb: 'sincos2d' or 'sincos2d_detr' (channel layouts); posemb_scale: its multiplier;
+    posemb_at: 'input', 'qk' or 'qkv' (see `attention.Encoder`).
+    dropout, attn_dropout: on residual branches and FFN hidden layer / on the attention
+      probabilities (training only).
     pre_head_norm: LayerNorm ('encoder_norm') on the last block's output before flattening.
-    local_window, dropout, drop_path, dtype, last_attn_residual, attention_impl, remat: as in
-      ViT.
+    head_dim, qkv_bias: attention head size (default width / heads) and q/k/v biases.
+    local_window, drop_path, dtype, last_attn_residual, attention_impl, remat: as in ViT.
   """
   num_classes: int
   variant: str = 'paper'
-  width: int = 516
+  width: Optional[int] = None
   depth: int = 6
-  num_heads: int = 12
+  num_heads: Optional[int] = None
   patch_size: int = 16
   mlp_dim: Optional[int] = None
+  norm: Optional[str] = None
+  activation: Optional[str] = None
+  posemb: Optional[str] = None
   posemb_scale: Optional[float] = None
+  posemb_at: Optional[str] = None
   pre_head_norm: Optional[bool] = None
+  head_dim: Optional[int] = None
+  qkv_bias: bool = True
   local_window: Optional[int] = None
-  dropout: float = 0.0
+  dropout: Optional[float] = None
+  attn_dropout: Optional[float] = None
   drop_path: float = 0.0
   dtype: str = 'float32'
   last_attn_residual: bool = True
@@ -77,8 +112,13 @@ class ARViT(nn.Module):
     for key, value in VARIANTS[self.variant].items():
       if getattr(self, key) is None:
         object.__setattr__(self, key, value)
-    if self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}.')
+    if self.head_dim is None and self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
+                       'set head_dim to use heads of another size.')
+    attention.check_choice('norm', self.norm, attention.NORMS)
+    attention.check_choice('activation', self.activation, tuple(attention.ACTIVATIONS))
+    attention.check_choice('posemb', self.posemb, ('sincos2d', 'sincos2d_detr'))
+    attention.check_choice('posemb_at', self.posemb_at, attention.POSEMB_AT)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
 
@@ -100,10 +140,12 @@ class ARViT(nn.Module):
     if self.local_window is not None:
       mask = attention.local_attention_mask((gh, gw), self.local_window, 0)
     x, out = attention.Encoder(
-        self.depth, self.num_heads, self.mlp_dim, posemb='sincos2d',
+        self.depth, self.num_heads, self.mlp_dim, posemb=self.posemb,
         posemb_scale=self.posemb_scale, dropout=self.dropout, drop_path=self.drop_path,
         dtype=dtype, final_norm=self.pre_head_norm, last_attn_residual=self.last_attn_residual,
-        attention_impl=self.attention_impl, remat=self.remat, name='Transformer')(
+        attention_impl=self.attention_impl, remat=self.remat, head_dim=self.head_dim,
+        qkv_bias=self.qkv_bias, norm=self.norm, activation=self.activation,
+        attn_dropout=self.attn_dropout, posemb_at=self.posemb_at, name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=0, attn_mask=mask, head_mask=head_mask,
             capture=capture, div_layers=div, train=train)
     out['encoded'] = x

@@ -135,6 +135,32 @@ def posemb_sincos_2d(grid_hw: Sequence[int], width: int,
   return pe[None].astype(np.float32)
 
 
+def posemb_sincos_2d_detr(grid_hw: Sequence[int], width: int,
+                          temperature: float = 10_000.) -> np.ndarray:
+  """The ARViT authors' fixed 2D sin/cos encoding `[1, gh * gw, width]` (row-major grid).
+
+  Their `PositionalEncodingSin.positionalencoding2d` (mormille/self-attention-regularization,
+  models/positional_encoding.py): with `h = width / 2` and frequencies
+  `w_k = temperature ** (-2k / h)`, k = 0 .. h/2 - 1, channel `2k` holds `sin(x w_k)`, `2k+1`
+  `cos(x w_k)` (x = column), channel `h + 2k` holds `sin(y w_k)` and `h + 2k + 1` `cos(y w_k)`
+  (y = row): interleaved pairs, column half first. Same family as `posemb_sincos_2d`, with
+  another channel order and frequencies spaced by `2/h` instead of `1/(width/4 - 1)`.
+  """
+  if width % 4:
+    raise ValueError(f'posemb="sincos2d_detr" needs a width divisible by 4, got {width}.')
+  gh, gw = grid_hw
+  half = width // 2
+  omega = temperature ** (-np.arange(0, half, 2) / half)  # [half / 2]
+  y, x = np.mgrid[:gh, :gw]
+
+  def pairs(p):  # [gh * gw, half]: sin, cos interleaved
+    angle = p.reshape(-1, 1) * omega[None]
+    return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(p.size, half)
+
+  pe = np.concatenate([pairs(x), pairs(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
 def apply_head_mask(z: jax.Array, head_mask: jax.Array) -> jax.Array:
   """Masks and rescales per-head outputs (head-selection poster, steps 2-3).
 
@@ -169,26 +195,30 @@ class HeadDense(nn.Module):
 
   Accepts a shared input `x [B, N, D]` or per-head inputs `xh [B, H, N, D]` (head h uses
   `xh[:, h]`: einsum `bhnd,dhk->bnhk`, the same FLOPs as the shared case). Returns
-  `[B, N, H, Dh]`.
+  `[B, N, H, Dh]`. `use_bias=False` drops the bias (the DIV authors' `to_qkv` and the
+  "How do ViTs work?" authors' `to_q` / `to_kv` have none).
   """
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, per_head: bool = False) -> jax.Array:
     d = x.shape[-1]
     kernel = self.param('kernel', _flat_init(self.kernel_init, 1),
                         (d, self.num_heads, self.head_dim), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.head_dim),
-                      jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if per_head:
       y = jnp.einsum('bhnd,dhk->bnhk', x, kernel)
     else:
       y = jnp.einsum('bnd,dhk->bnhk', x, kernel)
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.head_dim),
+                      jnp.float32)
     return y + bias.astype(self.dtype)
 
 
@@ -208,34 +238,51 @@ class MultiHeadAttention(nn.Module):
 
   Attributes:
     num_heads: H.
-    qkv_features: total q/k/v width H * Dh (default: input width).
+    qkv_features: total q/k/v width H * Dh (default: input width). It may differ from the
+      residual width D, as flax's `qkv_features` and lucidrains' `dim_head` (the DIV authors'
+      MNIST-CIFAR model: D = 64, H = 4, Dh = 64, so H * Dh = 256).
     out_features: output width (default: input width).
     dtype: compute dtype; parameters stay float32.
     implementation: None (auto: cuDNN on GPU when possible, else XLA), 'xla' or 'cudnn';
       only used on the fused path.
+    use_bias: biases on the query/key/value projections (the output projection always has
+      one). False as lucidrains' `to_qkv` (DIV authors) and AlterNet's `to_q` / `to_kv`.
+    attn_dropout: dropout on the attention probabilities while training (PyTorch's
+      `nn.MultiheadAttention(dropout=...)`, the ARViT authors' encoder). A training call with
+      a rate > 0 computes the probabilities explicitly (fused kernels have no dropout).
   """
   num_heads: int
   qkv_features: Optional[int] = None
   out_features: Optional[int] = None
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  use_bias: bool = True
+  attn_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None,
-               head_mask: Optional[jax.Array] = None, explicit: bool = False,
-               per_head_inputs: bool = False):
+               bias: Optional[jax.Array] = None, head_mask: Optional[jax.Array] = None,
+               explicit: bool = False, per_head_inputs: bool = False,
+               qk_pos: Optional[jax.Array] = None, v_pos: Optional[jax.Array] = None,
+               train: bool = False):
     """Self-attention over tokens.
 
     Args:
       x: `[B, N, D]`, or `[B, H, N, D]` per-head inputs when `per_head_inputs`.
       mask: optional boolean `[N, N]` (True = may attend).
+      bias: optional additive logit bias `[N, N]` or `[H, N, N]` (relative position bias).
       head_mask: optional `[H]` or `[B, H]`, see `apply_head_mask`.
       explicit: materialize the probabilities (returned as `aux['attn']`, float32
         `[B, H, N, N]`) instead of calling the fused kernel.
       per_head_inputs: `x` holds one input copy per head.
+      qk_pos / v_pos: optional `[N, D]` (or broadcastable) added to the input of the query
+        and key / of the value projections only (DETR-style position encoding in every
+        layer, as the ARViT authors' encoder).
+      train: enables `attn_dropout` (rng 'dropout').
     Returns:
       `(y [B, N, D_out], aux)` with `aux['head_out']` `[B, N, H, Dh]` the (masked, rescaled)
-      head outputs that enter the output projection, and `aux['attn']` when explicit.
+      head outputs that enter the output projection, and `aux['attn']` when explicit (the
+      probabilities before attention dropout).
     """
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f'attention implementation must be one of '
@@ -247,31 +294,25 @@ class MultiHeadAttention(nn.Module):
     if per_head_inputs and (x.ndim != 4 or x.shape[1] != self.num_heads):
       raise ValueError(f'per-head inputs must be [B, {self.num_heads}, N, D], got {x.shape}.')
     head_dim = features // self.num_heads
-    proj = lambda name: HeadDense(self.num_heads, head_dim, dtype=self.dtype, name=name)
-    q = proj('query')(x, per_head=per_head_inputs)  # [B, N, H, Dh]
-    k = proj('key')(x, per_head=per_head_inputs)
-    v = proj('value')(x, per_head=per_head_inputs)
+    proj = lambda name: HeadDense(self.num_heads, head_dim, dtype=self.dtype,
+                                  use_bias=self.use_bias, name=name)
+    xqk = x if qk_pos is None else x + jnp.asarray(qk_pos, x.dtype)
+    xv = x if v_pos is None else x + jnp.asarray(v_pos, x.dtype)
+    q = proj('query')(xqk, per_head=per_head_inputs)  # [B, N, H, Dh]
+    k = proj('key')(xqk, per_head=per_head_inputs)
+    v = proj('value')(xv, per_head=per_head_inputs)
 
     aux = {}
-    if explicit:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-      logits = logits / np.sqrt(head_dim).astype(np.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      aux['attn'] = probs
+    drop_attention = train and self.attn_dropout > 0
+    if explicit or drop_attention:
+      probs = _explicit_probs(q, k, head_dim, mask, bias)
+      if explicit:
+        aux['attn'] = probs
+      if drop_attention:
+        probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
       z = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
     else:
-      mask4 = None if mask is None else jnp.asarray(mask)[None, None]
-      impl = _choose_implementation(self.implementation, q.dtype, head_dim, mask is not None)
-      try:
-        z = jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation=impl)
-      except (ValueError, NotImplementedError, RuntimeError):
-        # Auto mode only: cuDNN checks shapes, dtypes and its version while tracing; anything
-        # it rejects runs on the XLA kernel instead. An explicit request re-raises.
-        if self.implementation is not None or impl == 'xla':
-          raise
-        z = jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation='xla')
+      z = self._fused(q, k, v, head_dim, mask, bias)
     if head_mask is not None:
       z = apply_head_mask(z, head_mask)
     aux['head_out'] = z
@@ -280,16 +321,53 @@ class MultiHeadAttention(nn.Module):
                         kernel_init=nn.initializers.xavier_uniform(), name='out')(z)
     return y, aux
 
+  def _fused(self, q, k, v, head_dim, mask, bias):
+    mask4 = None if mask is None else jnp.asarray(mask)[None, None]
+    bias4 = None if bias is None else _bias4(bias, q.dtype)
+    impl = _choose_implementation(self.implementation, q.dtype, head_dim,
+                                  mask is not None or bias is not None)
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask4, implementation=impl)
+    except (ValueError, NotImplementedError, RuntimeError):
+      # Auto mode only: cuDNN checks shapes, dtypes and its version while tracing; anything
+      # it rejects runs on the XLA kernel instead. An explicit request re-raises.
+      if self.implementation is not None or impl == 'xla':
+        raise
+      return jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask4, implementation='xla')
+
+
+def _bias4(bias, dtype):
+  bias = jnp.asarray(bias)
+  return (bias[None, None] if bias.ndim == 2 else bias[None]).astype(dtype)
+
+
+def _explicit_probs(q, k, head_dim, mask, bias):
+  """`softmax(q k^T / sqrt(Dh) + bias)` in float32, masked entries excluded: `[B, H, N, N]`."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(head_dim).astype(np.float32)
+  if bias is not None:
+    logits = logits + _bias4(bias, jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+ACTIVATIONS = {'gelu': nn.gelu, 'relu': nn.relu}
+NORMS = ('pre', 'post')
+POSEMB_AT = ('input', 'qk', 'qkv')
+
 
 class MlpBlock(nn.Module):
-  """Feed-forward sub-layer: `Dense(mlp_dim) -> GELU -> Dense(D)`, or with `mlp_dim=0` a single
-  fully connected layer `Dense(D) -> GELU` (ARViT, paper Section 3.4).
+  """Feed-forward sub-layer: `Dense(mlp_dim) -> act -> Dense(D)`, or with `mlp_dim=0` a single
+  fully connected layer `Dense(D) -> act` (ARViT, paper Section 3.4). `act` is GELU (ViT) or
+  ReLU (the ARViT authors' PyTorch encoder, `activation="relu"`).
 
   `gelu_approximate`: the tanh form of GELU (flax's default, used by big_vision and the public
   JAX ViTs) or, with False, the exact erf form (PyTorch's `nn.GELU`, used by timm)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu'
   gelu_approximate: bool = True
 
   @nn.compact
@@ -299,7 +377,10 @@ class MlpBlock(nn.Module):
                                bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
     y = dense(self.mlp_dim or d)(x)
-    y = nn.gelu(y, approximate=self.gelu_approximate)
+    if self.activation == 'gelu':
+      y = nn.gelu(y, approximate=self.gelu_approximate)
+    else:
+      y = ACTIVATIONS[self.activation](y)
     if self.mlp_dim:
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       y = dense(d)(y)
@@ -307,7 +388,10 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm Transformer block: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
+  """Transformer block, pre-norm (ViT) or post-norm (the ARViT authors' DETR-style encoder).
+
+  pre:  `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
+  post: `LN(x + Attn(x))`, then `LN(x + MLP(x))` (PyTorch `normalize_before=False`).
 
   Attributes:
     num_heads: H.
@@ -316,6 +400,11 @@ class EncoderBlock(nn.Module):
     drop_path: stochastic-depth rate of this block (whole residual branches dropped per example).
     attn_residual: False drops the residual connection around the attention (DIV authors' code,
       last block).
+    head_dim: width per head (default D / H); H * head_dim may differ from D.
+    qkv_bias: biases on the query/key/value projections.
+    norm: 'pre' or 'post' (see above).
+    activation: feed-forward nonlinearity, 'gelu' or 'relu'.
+    attn_dropout: dropout on the attention probabilities while training.
     gelu_approximate: tanh GELU in the MLP (True) or exact erf GELU (timm), see `MlpBlock`.
   """
   num_heads: int
@@ -325,19 +414,27 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attn_residual: bool = True
   attention_impl: Optional[str] = None
+  head_dim: Optional[int] = None
+  qkv_bias: bool = True
+  norm: str = 'pre'
+  activation: str = 'gelu'
+  attn_dropout: float = 0.0
   gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, head_mask=None, explicit=False, per_head_inputs=False,
-               train=False):
+               train=False, pos=None, pos_to_values=False):
     """Applies the block to `x [B, N, D]`.
 
     Args:
       mask: optional boolean `[N, N]` attention mask (local windows).
       head_mask: optional `[H]` or `[B, H]` head mask.
       explicit: materialize the attention probabilities (`out['attn']`).
-      per_head_inputs: give each head its own (perturbable) copy of the normalized input.
+      per_head_inputs: give each head its own (perturbable) copy of the attention input (the
+        normalized input in a pre-norm block, the block input in a post-norm one).
       train: enable dropout and stochastic depth (rng 'dropout').
+      pos: optional `[N, D]` position encoding added to the query/key inputs of this block
+        (and to the value inputs with `pos_to_values`).
     Returns:
       `(x_out, out)` with `out` = {'input', 'head_out', 'output'[, 'attn']}.
     """
@@ -346,23 +443,33 @@ class EncoderBlock(nn.Module):
     # Stochastic depth: one Bernoulli per example, shared across tokens and channels.
     drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(
         y, deterministic=not train)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_0')(x)
+    layer_norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    pre = self.norm == 'pre'
+    y = layer_norm('LayerNorm_0')(x) if pre else x
     if per_head_inputs:
       b, n, d = y.shape
       y = jnp.broadcast_to(y[:, None], (b, self.num_heads, n, d))
       y = self.perturb(PERTURBATION_NAME, y)
-    y, aux = MultiHeadAttention(self.num_heads, dtype=self.dtype,
-                                implementation=self.attention_impl,
+    qkv_features = None if self.head_dim is None else self.num_heads * self.head_dim
+    y, aux = MultiHeadAttention(self.num_heads, qkv_features=qkv_features, dtype=self.dtype,
+                                implementation=self.attention_impl, use_bias=self.qkv_bias,
+                                attn_dropout=self.attn_dropout,
                                 name='MultiHeadDotProductAttention_0')(
-        y, mask=mask, head_mask=head_mask, explicit=explicit, per_head_inputs=per_head_inputs)
+        y, mask=mask, head_mask=head_mask, explicit=explicit, per_head_inputs=per_head_inputs,
+        qk_pos=pos, v_pos=pos if pos_to_values else None, train=train)
     out.update(aux)
     y = drop(y)
     # Stochastic depth drops a residual branch; without the residual there is nothing to skip to.
     x = x + drop_path(y) if self.attn_residual else y
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_1')(x)
+    if not pre:
+      x = layer_norm('LayerNorm_0')(x)
+    y = layer_norm('LayerNorm_1')(x) if pre else x
     y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 activation=self.activation,
                  gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(y, train)
     x = x + drop_path(drop(y))
+    if not pre:
+      x = layer_norm('LayerNorm_1')(x)
     out['output'] = x
     return x, out
 
@@ -377,7 +484,7 @@ class AddPositionEmbs(nn.Module):
     return x + pe.astype(x.dtype)
 
 
-POSEMBS = ('learn', 'sincos2d')
+POSEMBS = ('learn', 'sincos2d', 'sincos2d_detr')
 
 
 class Encoder(nn.Module):
@@ -385,16 +492,21 @@ class Encoder(nn.Module):
 
   Attributes:
     depth, num_heads, mlp_dim: block geometry (mlp_dim 0 = single FC layer).
-    posemb: 'learn' (over all tokens, as the public ViT checkpoints) or 'sincos2d' (fixed, on
-      patch tokens only).
+    posemb: 'learn' (over all tokens, as the public ViT checkpoints), 'sincos2d' (fixed, on
+      patch tokens only, big_vision layout) or 'sincos2d_detr' (fixed, the ARViT authors'
+      layout, see `posemb_sincos_2d_detr`).
     posemb_scale: multiplier of the fixed sin-cos embedding.
-    dropout: after the position embedding and inside the blocks.
+    posemb_at: where a fixed embedding enters: 'input' (added once to the tokens, ViT),
+      'qk' (added to the query/key inputs of every block, DETR) or 'qkv' (to the query, key
+      and value inputs of every block, the ARViT authors' similarity encoder).
+    dropout: after the position embedding (pre-norm only) and inside the blocks.
     drop_path: stochastic depth of the last block; block i uses `drop_path * i / (depth - 1)`
       (linear decay rule of Huang et al. 2016).
     final_norm: apply 'encoder_norm' after the last block.
     last_attn_residual: keep the residual connection around the last block's attention.
     remat: recompute each block's activations in the backward pass (`nn.remat`): less memory
       for large batches, about one extra forward of compute; same parameters and results.
+    head_dim, qkv_bias, norm, activation, attn_dropout: per block, see `EncoderBlock`.
     gelu_approximate: tanh GELU (True) or exact erf GELU (timm) in every block's MLP.
   """
   depth: int
@@ -409,7 +521,30 @@ class Encoder(nn.Module):
   last_attn_residual: bool = True
   attention_impl: Optional[str] = None
   remat: bool = False
+  head_dim: Optional[int] = None
+  qkv_bias: bool = True
+  norm: str = 'pre'
+  activation: str = 'gelu'
+  attn_dropout: float = 0.0
+  posemb_at: str = 'input'
   gelu_approximate: bool = True
+
+  def _position_encoding(self, x, grid_hw, num_prefix_tokens):
+    """Returns `(x, pos)`: tokens with the embedding added at the input, or the `[N, D]`
+    encoding every block adds to its query/key (/value) inputs (zero on prefix tokens)."""
+    check_choice('posemb', self.posemb, POSEMBS)
+    check_choice('posemb_at', self.posemb_at, POSEMB_AT)
+    if self.posemb == 'learn':
+      if self.posemb_at != 'input':
+        raise ValueError("posemb_at='qk'/'qkv' needs a fixed posemb ('sincos2d' or "
+                         "'sincos2d_detr'), not 'learn'.")
+      return AddPositionEmbs(name='posembed_input')(x), None
+    fn = posemb_sincos_2d if self.posemb == 'sincos2d' else posemb_sincos_2d_detr
+    pe = jnp.asarray(fn(grid_hw, x.shape[-1]) * self.posemb_scale, x.dtype)[0]
+    pe = jnp.pad(pe, ((num_prefix_tokens, 0), (0, 0)))
+    if self.posemb_at == 'input':
+      return x + pe, None
+    return x, pe
 
   @nn.compact
   def __call__(self, x, *, grid_hw, num_prefix_tokens=0, attn_mask=None, head_mask=None,
@@ -422,17 +557,16 @@ class Encoder(nn.Module):
     Returns:
       `(encoded [B, N, D], out)` with `out['block{i}']` dicts.
     """
-    if self.posemb == 'learn':
-      x = AddPositionEmbs(name='posembed_input')(x)
-    elif self.posemb == 'sincos2d':
-      pe = posemb_sincos_2d(grid_hw, x.shape[-1]) * self.posemb_scale
-      x = x.at[:, num_prefix_tokens:].add(jnp.asarray(pe, x.dtype))
-    else:
-      raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}')
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    check_choice('norm', self.norm, NORMS)
+    check_choice('activation', self.activation, tuple(ACTIVATIONS))
+    x, pos = self._position_encoding(x, grid_hw, num_prefix_tokens)
+    if self.norm == 'pre':  # ViT's embedding dropout; the post-norm DETR encoder has none
+      x = nn.Dropout(self.dropout)(x, deterministic=not train)
     out = {}
-    # Arguments 4-6 (explicit, per_head_inputs, train) are Python bools: static under remat.
-    block_cls = nn.remat(EncoderBlock, static_argnums=(4, 5, 6)) if self.remat else EncoderBlock
+    # Arguments 4-6 and 8 (explicit, per_head_inputs, train, pos_to_values) are Python bools:
+    # static under remat.
+    block_cls = (nn.remat(EncoderBlock, static_argnums=(4, 5, 6, 8)) if self.remat
+                 else EncoderBlock)
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
@@ -440,12 +574,21 @@ class Encoder(nn.Module):
       x, out[f'block{i}'] = block_cls(
           self.num_heads, self.mlp_dim, dropout=self.dropout, drop_path=rate, dtype=self.dtype,
           attn_residual=self.last_attn_residual or i < self.depth - 1,
-          attention_impl=self.attention_impl, gelu_approximate=self.gelu_approximate,
+          attention_impl=self.attention_impl, head_dim=self.head_dim, qkv_bias=self.qkv_bias,
+          norm=self.norm, activation=self.activation, attn_dropout=self.attn_dropout,
+          gelu_approximate=self.gelu_approximate,
           name=f'encoderblock_{i}')(
-              x, attn_mask, block_mask, i in capture, i in div_layers, train)
+              x, attn_mask, block_mask, i in capture, i in div_layers, train, pos,
+              self.posemb_at == 'qkv')
     if self.final_norm:
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='encoder_norm')(x)
     return x, out
+
+
+def check_choice(what: str, value, choices) -> None:
+  """Raises a ValueError naming the valid choices when `value` is not one of them."""
+  if value not in choices:
+    raise ValueError(f'{what} must be one of {tuple(choices)}, got {value!r}.')
 
 
 def check_call_args(module, capture_attention, div_layers, head_mask):

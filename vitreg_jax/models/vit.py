@@ -18,7 +18,9 @@ import re
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitreg_jax.models import attention
 from vitreg_jax.models import map_head
@@ -52,6 +54,36 @@ def decode_variant(variant: Optional[str]) -> dict:
               patch_size=int(match.group(2)))
 
 
+HEAD_INITS = ('lecun_normal', 'pytorch')
+
+
+class Head(nn.Module):
+  """Classifier `x @ kernel + bias` with the parameter names of `nn.Dense` ('kernel', 'bias').
+
+  init: 'zeros' (big_vision), 'lecun_normal' (flax's Dense default, zero bias) or 'pytorch'
+  (`torch.nn.Linear.reset_parameters`: kernel and bias uniform in `+-1/sqrt(fan_in)`, since
+  kaiming_uniform with a = sqrt(5) has bound sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(fan_in)).
+  """
+  features: int
+  init: str = 'zeros'
+  dtype: attention.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    bound = 1.0 / np.sqrt(fan_in)
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+    kernel_init, bias_init = {
+        'zeros': (nn.initializers.zeros, nn.initializers.zeros),
+        'lecun_normal': (nn.initializers.lecun_normal(), nn.initializers.zeros),
+        'pytorch': (uniform, uniform),
+    }[self.init]
+    kernel = self.param('kernel', kernel_init, (fan_in, self.features), jnp.float32)
+    bias = self.param('bias', bias_init, (self.features,), jnp.float32)
+    return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
 def grid_size(image_hw: Sequence[int], patch_size: int) -> Tuple[int, int]:
   """Patch grid of an image; clear error when a side is not a multiple of the patch."""
   h, w = (int(s) for s in image_hw)
@@ -81,7 +113,16 @@ class ViT(nn.Module):
     dtype: compute dtype ('float32', 'bfloat16', ...); parameters are float32.
     last_attn_residual: False removes the residual connection around the last block's
       attention (an option of the DIV authors' code).
-    head_zeroinit: zero-initialize the head (as big_vision).
+    head_dim: width of each attention head; None = width / num_heads. `num_heads * head_dim`
+      (the q/k/v width, flax's `qkv_features`) may differ from `width`: the DIV authors'
+      MNIST-CIFAR model has width 64, 4 heads of size 64 (lucidrains' `dim_head`;
+      ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py).
+    qkv_bias: biases on the query/key/value projections (False in that model: `to_qkv` has
+      `bias=False`).
+    head_zeroinit: zero-initialize the head (as big_vision); False uses `head_init`.
+    head_init: initializer of a non-zero head: 'lecun_normal' (flax's Dense default) or
+      'pytorch' (`torch.nn.Linear`'s default, kernel and bias uniform in
+      `+-1/sqrt(fan_in)`: the head of the DIV authors' PyTorch model).
     attention_impl: fused kernel choice: None (auto), 'xla' or 'cudnn'.
     remat: recompute block activations in the backward pass (less memory, same results).
     gelu_approximate: tanh GELU in the MLPs (flax default, big_vision, the AugReg checkpoints)
@@ -102,7 +143,10 @@ class ViT(nn.Module):
   drop_path: float = 0.0
   dtype: str = 'float32'
   last_attn_residual: bool = True
+  head_dim: Optional[int] = None
+  qkv_bias: bool = True
   head_zeroinit: bool = True
+  head_init: str = 'lecun_normal'
   attention_impl: Optional[str] = None
   remat: bool = False
   gelu_approximate: bool = True
@@ -119,8 +163,10 @@ class ViT(nn.Module):
       raise ValueError(f'classifier must be one of {CLASSIFIERS}, got {self.classifier!r}')
     if self.posemb not in attention.POSEMBS:
       raise ValueError(f'posemb must be one of {attention.POSEMBS}, got {self.posemb!r}')
-    if self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}.')
+    if self.head_dim is None and self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
+                       'set head_dim to use heads of another size.')
+    attention.check_choice('head_init', self.head_init, HEAD_INITS)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
 
@@ -149,8 +195,9 @@ class ViT(nn.Module):
     x, out = attention.Encoder(
         self.depth, self.num_heads, self.mlp_dim, posemb=self.posemb, dropout=self.dropout,
         drop_path=self.drop_path, dtype=dtype, last_attn_residual=self.last_attn_residual,
-        attention_impl=self.attention_impl, remat=self.remat,
-        gelu_approximate=self.gelu_approximate, name='Transformer')(
+        attention_impl=self.attention_impl, remat=self.remat, head_dim=self.head_dim,
+        qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
+        name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=num_prefix, attn_mask=mask,
             head_mask=head_mask, capture=capture, div_layers=div, train=train)
     out['encoded'] = x
@@ -164,9 +211,8 @@ class ViT(nn.Module):
                            name='pre_logits')(x))
     out['pre_logits'] = x
     if self.num_classes:
-      init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, kernel_init=init,
-                   name='head')(x)
+      init = 'zeros' if self.head_zeroinit else self.head_init
+      x = Head(self.num_classes, init, dtype, name='head')(x)
     logits = x.astype(jnp.float32)
     out['logits'] = logits
     return logits, out

@@ -1,0 +1,80 @@
+"""Scale of the two DIV variants on the authors' MNIST-CIFAR model; prints one JSON object.
+
+    python bench/div_scale.py [--seeds 5] [--batch 80]
+
+Why: the poster's Table 1 comes from the authors' code (ArmandNM/diverse-vit,
+diverse_vit/losses.py: per-token normalized gradients, mean over B x H x H, no residual around
+the last attention) with lambda = 100 tuned for that scale (their README). The poster's own
+L_IG (raw gradients, sum over head pairs) has another scale, so `div=paper` needs its own
+lambda. This script measures, for each variant on the model it is trained with
+(`configs/mnist_cifar.py`, authors' geometry and PyTorch head init), at initialization:
+
+* `L_code`, `L_paper`: the unweighted terms (median over seeds);
+* `grad_code`, `grad_paper`: the global norm of their parameter gradients;
+* `weight_paper_by_grad = 100 * grad_code / grad_paper`: the lambda at which the paper's term
+  pushes the parameters as hard as the authors' term does with lambda 100;
+* `weight_paper_by_value = 100 * L_code / L_paper`: the same matched on the loss value.
+
+Inputs are N(0, 1) images of the MNIST-CIFAR shape (64 x 32 x 3, i.e. normalized pixels),
+so the figures are a starting point for a validation sweep (`configs/mnist_cifar.py:
+reg=div,div=paper,weight=W`, choose W on val_id / val_ood), not a tuned value.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+from vitreg_jax import models
+from vitreg_jax import regularizers
+
+
+def _mnist_cifar_config(arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs',
+                      'mnist_cifar.py')
+  spec = importlib.util.spec_from_file_location('mnist_cifar_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def measure(div: str, seed: int, batch: int):
+  """(unweighted DIV term, global norm of its parameter gradient) at initialization."""
+  config = _mnist_cifar_config(f'reg=div,div={div}')
+  model = models.create('vit', 2, **config.model)
+  entry = dict(config.regularizers[0], weight=1.0)
+  reg = regularizers.build([entry], model)
+  images = jax.random.normal(jax.random.key(1000 + seed), (batch, 64, 32, 3))
+  variables = model.init(jax.random.key(seed), images[:1])
+
+  def term(params):
+    _, _, total, _, _ = reg({'params': params}, images)
+    return total
+
+  value, grads = jax.jit(jax.value_and_grad(term))(variables['params'])
+  return float(value), float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--seeds', type=int, default=5)
+  parser.add_argument('--batch', type=int, default=80)
+  args = parser.parse_args()
+  rows = {div: [measure(div, s, args.batch) for s in range(args.seeds)]
+          for div in ('code', 'paper')}
+  med = lambda div, i: statistics.median(r[i] for r in rows[div])
+  result = dict(seeds=args.seeds, batch=args.batch,
+                L_code=med('code', 0), L_paper=med('paper', 0),
+                grad_code=med('code', 1), grad_paper=med('paper', 1))
+  result['weight_paper_by_value'] = 100 * result['L_code'] / result['L_paper']
+  result['weight_paper_by_grad'] = 100 * result['grad_code'] / result['grad_paper']
+  result['per_seed'] = {div: [dict(L=v, grad=g) for v, g in r] for div, r in rows.items()}
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == '__main__':
+  main()
