@@ -333,7 +333,7 @@ class EncoderBlock(nn.Module):
       per_head_inputs: give each head its own (perturbable) copy of the normalized input.
       train: enable dropout and stochastic depth (rng 'dropout').
     Returns:
-      `(x_out, out)` with `out` = {'input', 'head_out', 'output'[, 'attn']}.
+      `(x_out, out)` with `out` = {'input', 'head_out', 'after_attn', 'output'[, 'attn']}.
     """
     out = {'input': x}
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -353,6 +353,7 @@ class EncoderBlock(nn.Module):
     y = drop(y)
     # Stochastic depth drops a residual branch; without the residual there is nothing to skip to.
     x = x + drop_path(y) if self.attn_residual else y
+    out['after_attn'] = x  # the residual stream between the two sub-blocks (Fourier analysis)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_1')(x)
     y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name='MlpBlock_0')(
         y, train)
