@@ -24,6 +24,7 @@ FULL = [
     "protobuf<8",
     "scikit-learn",
     "matplotlib",
+    "tqdm",  # progress bars of the analyses
     "pillow",
     "importlib_resources",  # tensorflow_datasets needs it to build custom datasets
     "safetensors==0.8.0",  # timm weights (.safetensors) for config.init_from kind='timm'

@@ -8,19 +8,26 @@ is far lower. Runs in a few minutes on a 2-core CPU:
   python -m vitreg_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
-'div', the head-diversity regularizer on the last block), `runlocal` (a 30-step smoke run).
+'div', the head-diversity regularizer on the last block), `runlocal` (a 30-step smoke run),
+`model` ('vit', default, or 'resnet': a narrow pre-activation ResNet-18 to contrast with the ViT
+in the analyses of docs/analysis.md; `reg=div` needs the ViT).
 """
 
 from vitreg_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=600, reg="erm", runlocal=False)
+  arg = config_lib.parse_arg(arg, steps=600, reg="erm", runlocal=False, model="vit")
   config = config_lib.ml_collections.ConfigDict()
   config.seed = 0
-  config.model_name = "vit"
-  config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=4,
-                      classifier="token", posemb="learn")
+  config.model_name = arg.model
+  if arg.model == "vit":
+    config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=4,
+                        classifier="token", posemb="learn")
+  elif arg.model == "resnet":
+    config.model = dict(depth=18, width=16, stem="cifar")
+  else:
+    raise ValueError(f"model must be 'vit' or 'resnet', got {arg.model!r}.")
   # Dataset options listed here can be overridden on the command line, e.g.
   # --config.data.spurious_agreement=0.5 (see the README's dominoes options).
   config.data = dict(name="dominoes", train_split="train",

@@ -436,7 +436,7 @@ class EncoderBlock(nn.Module):
       pos: optional `[N, D]` position encoding added to the query/key inputs of this block
         (and to the value inputs with `pos_to_values`).
     Returns:
-      `(x_out, out)` with `out` = {'input', 'head_out', 'output'[, 'attn']}.
+      `(x_out, out)` with `out` = {'input', 'head_out', 'after_attn', 'output'[, 'attn']}.
     """
     out = {'input': x}
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -463,6 +463,7 @@ class EncoderBlock(nn.Module):
     x = x + drop_path(y) if self.attn_residual else y
     if not pre:
       x = layer_norm('LayerNorm_0')(x)
+    out['after_attn'] = x  # the residual stream between the two sub-blocks (Fourier analysis)
     y = layer_norm('LayerNorm_1')(x) if pre else x
     y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
                  activation=self.activation,

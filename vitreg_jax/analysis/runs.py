@@ -1,0 +1,134 @@
+"""Command-line plumbing shared by the analyses: which runs, which batches, where outputs go.
+
+The analysis maths lives in `hessian.py`, `fourier.py` and `noise.py` as pure functions of
+`(model, variables, batch)`; this module only turns the common flags into those arguments:
+
+  --workdir=DIR (repeatable: overlay several runs in one plot)
+  --step=N      (repeatable: several checkpoints of each run; default the newest)
+  --out=DIR     (default: the single workdir; required with several workdirs)
+  --batch_size  (default: the run's eval_batch_size for eval data, batch_size for training data)
+
+Runs are rebuilt with `vitreg_jax.rundir.load_run` (saved config.json + orbax checkpoint), so
+any checkpoint, including one initialised from a public `.npz`, is analysed the same way.
+Every input is checked (workdirs, checkpoints, output folder) before any compute is spent.
+"""
+
+import json
+import os
+from typing import Iterable, Iterator, Optional, Sequence
+
+from absl import flags
+import jax
+import numpy as np
+
+from vitreg_jax import rundir
+from vitreg_jax import sharding
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", None, "Training run directory (repeat to overlay runs).")
+flags.DEFINE_multi_integer("step", None, "Checkpoint step(s) to analyse (default: newest).")
+flags.DEFINE_string("out", None, "Output folder (default: the workdir, when there is one).")
+flags.DEFINE_integer("batch_size", None, "Examples per batch (default: from the run's config).")
+flags.DEFINE_integer("seed", 0, "Seed of the random vectors / noise and of the data order.")
+
+
+def load_runs(workdirs: Sequence[str], steps: Optional[Sequence[int]] = None) -> list:
+  """`rundir.Run`s for every (workdir, step) pair; steps default to each run's newest."""
+  if not workdirs:
+    raise ValueError("Pass at least one --workdir=DIR (a training run's directory).")
+  runs = []
+  for workdir in workdirs:
+    for step in (steps or [None]):
+      runs.append(rundir.load_run(workdir, step))
+  return runs
+
+
+def label(run, runs: Sequence) -> str:
+  """Legend label: the run's folder name, plus its step when several steps are compared."""
+  name = os.path.basename(os.path.normpath(run.workdir))
+  steps = {r.step for r in runs if r.workdir == run.workdir}
+  return f"{name} @{run.step}" if len(steps) > 1 or len(runs) == 1 else name
+
+
+def output_dir(out: Optional[str], workdirs: Sequence[str]) -> str:
+  """`--out`, or the one workdir; a clear error when several workdirs share no `--out`."""
+  if out is None:
+    if len(set(workdirs)) > 1:
+      raise ValueError("Several --workdir values are overlaid in one plot: pass --out=DIR "
+                       "for the combined JSON and PNG.")
+    out = workdirs[0]
+  os.makedirs(out, exist_ok=True)
+  return out
+
+
+def progress(iterable: Iterable, total: Optional[int], desc: str) -> Iterator:
+  """A progress bar on stderr (tqdm)."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return iter(tqdm.tqdm(iterable, total=total, desc=desc, dynamic_ncols=True))
+
+
+def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator[dict]:
+  """`num_batches` training batches of the run's data, with its training augmentation."""
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  it = data.make_train_iterator(run.config.data, global_batch_size=batch_size,
+                                seed=seed, process_index=0, process_count=1)
+  for _ in range(num_batches):
+    batch = next(it)
+    yield {"image": batch["image"], "label": batch["label"]}
+
+
+def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] = None,
+                 data_config=None) -> Iterator[dict]:
+  """Batches of `split` (eval preprocessing), padding dropped, at most `max_examples`."""
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  seen = 0
+  for batch in data.make_eval_iterator(data_config or run.config.data, split,
+                                       global_batch_size=batch_size, process_index=0,
+                                       process_count=1):
+    keep = batch["mask"] > 0
+    if max_examples is not None:
+      keep &= np.cumsum(keep) + seen <= max_examples
+    if keep.any():
+      seen += int(keep.sum())
+      yield {"image": batch["image"][keep], "label": batch["label"][keep]}
+    if max_examples is not None and seen >= max_examples:
+      return
+
+
+def default_eval_split(run) -> str:
+  """The first eval split of the run (its in-distribution validation or test split)."""
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  return data.eval_splits(run.config.data)[0]
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """Splits the batch over the mesh's data axis (clear error when it does not divide)."""
+  sharding.check_batch_divisible(len(batch["label"]), mesh)
+  return sharding.to_global(batch, mesh)
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def write_json(path: str, obj) -> str:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def save_figure(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.close(fig)
+  return path
+
+
+def pyplot():
+  """matplotlib.pyplot with the non-interactive backend (no display on servers)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
