@@ -114,7 +114,12 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
 
   (loss, (ce, terms, new_model_state, logits)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    # SAM (optim.py) evaluates the gradient again at its adversarial point; others ignore it.
+    grad_fn = lambda params, _: jax.grad(lambda p: loss_fn(p)[0])(params)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  else:
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
