@@ -9,6 +9,15 @@ a non-zero `weight_decay` adds the classic coupled L2 term `wd * w` to the gradi
 optimizer, as torch.optim does. By default only parameters with ndim >= 2 (kernels, patch and
 position embeddings) are decayed, not biases or LayerNorm scales, as timm does;
 `decay_1d_params=True` decays every parameter.
+
+SAM (Foret et al. 2021, "Sharpness-Aware Minimization"; the optimizer comparison of "How do
+ViTs work?"): `name='sam'` wraps the optimizer named by `base` (default `sgd` with momentum)
+in `optax.contrib.sam` in opaque mode: each step first moves to the adversarial point
+`w + rho * g / ||g||`, takes the gradient there (the same loss, regularizers included, on the
+same batch) and gives it to the base optimizer at `w`. The train step passes the gradient
+function as `tx.update(..., grad_fn=...)` (every optimizer here accepts it; only SAM uses it),
+so one SAM step costs two forward-backward passes. BatchNorm statistics come from the clean
+pass only (opaque mode keeps the adversarial pass invisible).
 """
 
 from typing import Any, Mapping
@@ -16,12 +25,13 @@ from typing import Any, Mapping
 import jax
 import optax
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
+SAM_BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 
 _OPTIMIZER_FIELDS = {
     "name", "lr", "weight_decay", "momentum", "nesterov", "b1", "b2", "eps",
-    "grad_clip_norm", "decay_1d_params",
+    "grad_clip_norm", "decay_1d_params", "base", "rho",
 }
 _SCHEDULE_FIELDS = {
     "name", "warmup_steps", "warmup_epochs", "boundaries", "boundary_epochs",
@@ -116,6 +126,24 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int | None = None)
   wd = opt.get("weight_decay", 0.0)
   mask = lambda p: _decay_mask(p, opt.get("decay_1d_params", False))
 
+  if name != "sam" and ({"base", "rho"} & set(opt)):
+    raise ValueError(f"optimizer.base and optimizer.rho are SAM fields; set "
+                     f"optimizer.name='sam' to use them (got name={name!r}).")
+  base = opt.get("base", "sgd") if name == "sam" else name
+  if base not in SAM_BASES:
+    raise ValueError(f"SAM's optimizer.base must be one of {list(SAM_BASES)}, got {base!r}.")
+  tx = optax.chain(*_base_chain(base, opt, schedule, wd, mask))
+  if name == "sam":
+    rho = opt.get("rho", 0.05)
+    if not rho > 0:
+      raise ValueError(f"SAM needs optimizer.rho > 0 (the adversarial radius), got {rho}.")
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+    tx = optax.chain(optax.contrib.sam(tx, adversary, sync_period=2, opaque_mode=True))
+  return tx, schedule
+
+
+def _base_chain(name, opt, schedule, wd, mask) -> list:
+  """Gradient clipping, weight decay and the optimizer `name`, as a list for optax.chain."""
   chain = []
   if opt.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(opt["grad_clip_norm"]))
@@ -131,4 +159,4 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int | None = None)
     else:
       chain.append(optax.sgd(schedule, momentum=opt.get("momentum", 0.9) or None,
                              nesterov=opt.get("nesterov", False)))
-  return optax.chain(*chain), schedule
+  return chain

@@ -114,7 +114,12 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
 
   (loss, (ce, terms, new_model_state, logits)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    # SAM (optim.py) evaluates the gradient again at its adversarial point; others ignore it.
+    grad_fn = lambda params, _: jax.grad(lambda p: loss_fn(p)[0])(params)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  else:
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -408,6 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"checkpoint (step {last}) is kept in {checkpointer.directory}. Lower "
           "config.optimizer.lr, add config.optimizer.grad_clip_norm, or check the data.")
 
+  loop_start = time.time()
   try:
     while step < total_steps:
       batch = next(train_iter)
@@ -428,6 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary = {k: float(np.mean([m[k] for m in logged])) for k in logged[0]
                    if k != "finite"}
         summary["lr"] = float(schedule(step - 1))
+        # Wall time of this session's loop (compilation and evals included); it restarts at 0
+        # on resume, which the report accounts for when it sums time to a target accuracy.
+        summary["elapsed_s"] = time.time() - loop_start
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         jsonl.write(step, "train", summary)
         train_log, pending = [], None

@@ -1,0 +1,117 @@
+"""Tests of vitreg_jax.sweep: the grid, the commands, the dry run, SLURM submission and a
+tiny local run (two points of a 2-step ViT) that a rerun skips and a lost marker resumes."""
+
+import json
+import os
+import shlex
+import stat
+import sys
+
+import pytest
+
+from vitreg_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_SWEEP = f'''
+import importlib.util
+from vitreg_jax import sweep
+
+_spec = importlib.util.spec_from_file_location("qs", {os.path.join(ROOT, "configs", "quickstart.py")!r})
+_qs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_qs)
+get_config = _qs.get_config
+
+TINY = {{"config.model.width": 16, "config.model.depth": 1, "config.model.num_heads": 2,
+         "config.model.mlp_dim": 16, "config.data.num_train": 64, "config.data.num_val": 32,
+         "config.batch_size": 16, "config.eval_batch_size": 32}}
+
+def get_sweep(arg=None):
+  return [dict(p, **TINY) for p in sweep.product(steps=(2,), reg=("erm", "div"))]
+'''
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(TINY_SWEEP)
+  return str(path)
+
+
+def test_product_and_names():
+  grid = sweep.product(model=("vit", "resnet"), lr=(0.1, 0.03))
+  assert grid == [{"model": "vit", "lr": 0.1}, {"model": "vit", "lr": 0.03},
+                  {"model": "resnet", "lr": 0.1}, {"model": "resnet", "lr": 0.03}]
+  point = {"model": "alternet", "config.model.msa_per_stage": (0, 1), "seed": 1}
+  assert sweep.point_name(point) == "model=alternet,model.msa_per_stage=(0,1),seed=1"
+  command = sweep.point_command("configs/x.py", "data=cifar100,model=vit", point, "/r/p")
+  assert command[1:] == ["-m", "vitreg_jax.main", "--config=configs/x.py:data=cifar100,"
+                         "model=alternet,seed=1", "--workdir=/r/p",
+                         "--config.model.msa_per_stage=(0,1)"]
+  with pytest.raises(ValueError, match="sequence of values"):
+    sweep.product(lr=0.1)
+
+
+def test_bad_sweep_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    sweep.load_sweep(str(tmp_path / "nope.py"))
+  with pytest.raises(ValueError, match="defines no get_sweep"):
+    sweep.load_sweep(os.path.join(ROOT, "configs", "quickstart.py"))
+
+
+def test_dry_run_prints_every_command_of_the_real_sweeps(capsys, tmp_path):
+  for spec, n in (("configs/optimizer_study.py", 8), ("configs/optimizer_study.py:data=cifar100", 126),
+                  ("configs/msa_buildup.py", 7), ("configs/msa_buildup.py:runlocal", 4)):
+    assert sweep.main([os.path.join(ROOT, spec), f"--workdir={tmp_path}", "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "vitreg_jax.main" in l]
+    assert len(lines) == n, spec
+    assert all(f"--workdir={tmp_path}/" in l for l in lines)
+  assert "--config.model" not in "\n".join(lines)   # sweep arguments, not field flags
+
+
+def test_slurm_submits_only_unfinished_points(sweep_file, tmp_path, monkeypatch, capsys):
+  root = tmp_path / "root"
+  fake = tmp_path / "bin" / "sbatch"
+  fake.parent.mkdir()
+  fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/sbatch_args\n")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+  rows = sweep.plan(sweep_file, str(root))
+  os.makedirs(rows[0][2])
+  open(os.path.join(rows[0][2], sweep.DONE_FILE), "w").close()
+  assert sweep.main([sweep_file, f"--workdir={root}", "--slurm",
+                     "--sbatch_args=--partition=gpu --gpus=1"]) == 0
+  args = (tmp_path / "sbatch_args").read_text().split()
+  assert args[0] == "--array=1" and "--partition=gpu" in args and "--gpus=1" in args
+  assert args[-3:] == [sweep.LAUNCHER, sweep_file, str(root)]
+  assert os.access(sweep.LAUNCHER, os.X_OK)
+
+
+def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_path, capsys):
+  root = str(tmp_path / "root")
+  assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
+  rows = sweep.plan(sweep_file, root)
+  assert [r[1] for r in rows] == ["steps=2,reg=erm", "steps=2,reg=div"]
+  assert [r[4] for r in rows] == ["done", "done"]
+  for _, _, workdir, *_ in rows:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      splits = [json.loads(l)["split"] for l in f]
+    assert "train" in splits and "val_ood" in splits
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    assert config["total_steps"] == 2 and config["model"]["width"] == 16
+  assert json.load(open(os.path.join(rows[1][2], "config.json")))["regularizers"][0]["name"] == "div"
+  capsys.readouterr()
+
+  # A point that lost its marker (as after a crash) resumes from its checkpoint: the trainer
+  # starts at the saved final step, so only the final evaluation is written again.
+  workdir = rows[0][2]
+  os.remove(os.path.join(workdir, sweep.DONE_FILE))
+  before = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
+  out = capsys.readouterr().out
+  assert "steps=2,reg=erm: resuming" in out and "steps=2,reg=div: done, skipped" in out
+  after = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  new = [json.loads(l) for l in after[len(before):]]
+  assert new and all(l["split"] != "train" and l["step"] == 2 for l in new)
+  assert sweep.status(workdir) == "done"
