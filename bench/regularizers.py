@@ -1,19 +1,26 @@
 """Cost of the regularizers in a full training step; prints one JSON object.
 
-    python bench/regularizers.py [--quick] [--batch 8] [--repeats 7]
+    python bench/regularizers.py [--batch 64] [--paper_batch 80] [--dtype bfloat16]
+    python bench/regularizers.py --quick          # CPU smoke run: batch 4, 3 rounds
 
 Each figure is a ratio of median step times measured in this run, a step being
 `jax.value_and_grad` of (cross-entropy + regularizer) plus an optax Adam update, jitted,
 timed after compilation. The configurations are timed round-robin (one step of each in
-turn, `repeats` rounds) so that load drifts on a shared machine hit them alike.
+turn, `repeats` rounds) so that load drifts on a shared machine hit them alike. The compute
+dtype is bf16 on a GPU/TPU and fp32 on a CPU unless `--dtype` says otherwise.
 
+* `div_step_ratio` (headline): DIV (weight 100, last block) / ERM at `--batch` (64) for the
+  MNIST-CIFAR model (configs/mnist_cifar.py: 64 x 32 px, patch 4, width 256, depth 6, 8 heads);
+  `div_step_ratio_mnist_cifar_paper_batch` the same at `--paper_batch` (80, the config's);
+  `div_step_ratio_quickstart`: the quickstart model (32 x 16 px, width 64, depth 4, 4 heads)
+  at `--batch`.
 * `distance_step_ratio`, `similarity_step_ratio`: ARViT (paper variant: width 516, 6 blocks,
-  12 heads, patch 16) at 224 x 224 px, the penalty on block 0 / no penalty.
-* `div_step_ratio`: ViT on 64 x 32 inputs (MNIST-CIFAR shape), patch 4, 4 heads, DIV on the
-  last block / ERM.
-* `div_loop_over_vectorized` (4 heads) and `div_loop_over_vectorized_12_heads`: the same
-  DIV step with the per-head loop reference (one `jax.grad` per head w.r.t. a perturbation of
-  that head's input only, then the ERM forward) / the one-pass version.
+  12 heads, patch 16) at 224 x 224 px and `--paper_batch` (80, Section 4.3), the paper's
+  penalty (configs/arvit.py: distance 0.01, similarity 0.005) on block 0 / no penalty.
+* `div_loop_over_vectorized` (4 heads) and `div_loop_over_vectorized_12_heads`: at
+  `--loop_batch` (8), a width-192 ViT on 64 x 32 px, the DIV step with the per-head loop
+  reference (one `jax.grad` per head w.r.t. a perturbation of that head's input only, then the
+  ERM forward) / the one-pass version.
 """
 
 import argparse
@@ -104,52 +111,80 @@ def setup(model, configs, batch, loss_overrides=None):
   return steps, states
 
 
-def bench_arvit(batch_size, repeats):
-  model = models.create('arvit', num_classes=10)
+# Model settings of the configs (configs/mnist_cifar.py, configs/quickstart.py, configs/arvit.py).
+DIV_SETTINGS = {
+    'mnist_cifar': (dict(width=256, depth=6, mlp_dim=512, num_heads=8, patch_size=4), (64, 32)),
+    'quickstart': (dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=4), (32, 16)),
+    'small_4_heads': (dict(width=192, depth=4, mlp_dim=384, num_heads=4, patch_size=4), (64, 32)),
+    'small_12_heads': (dict(width=192, depth=4, mlp_dim=384, num_heads=12, patch_size=4),
+                       (64, 32)),
+}
+
+
+def bench_arvit(batch_size, repeats, dtype):
+  """ARViT paper variant at 224 px; the paper's penalties (configs/arvit.py) on block 0."""
+  model = models.create('arvit', num_classes=10, dtype=dtype)
   images = jax.random.normal(jax.random.key(1), (batch_size, 224, 224, 3))
   labels = jnp.arange(batch_size) % 10
   configs = {'none': [],
-             'distance': [dict(name='distance', weight=0.01, layers=(0,),
-                               penalty='smooth_sign')],
+             'distance': [dict(name='distance', weight=0.01, layers=(0,))],
              'similarity': [dict(name='similarity', weight=0.005, layers=(0,))]}
   steps, states = setup(model, configs, (images, labels))
   return time_round_robin(steps, states, (images, labels), repeats)
 
 
-def bench_div(batch_size, repeats, num_heads, with_erm=True):
-  model = models.create('vit', num_classes=2, width=192, depth=4, mlp_dim=384,
-                        num_heads=num_heads, patch_size=4, head_zeroinit=False)
-  images = jax.random.normal(jax.random.key(1), (batch_size, 64, 32, 3))
+def bench_div(setting, batch_size, repeats, dtype, loop=False, erm=True):
+  """DIV on the last block (weight 100) vs ERM (and the per-head loop reference)."""
+  geometry, (h, w) = DIV_SETTINGS[setting]
+  model = models.create('vit', num_classes=2, head_zeroinit=False, dtype=dtype, **geometry)
+  images = jax.random.normal(jax.random.key(1), (batch_size, h, w, 3))
   labels = jnp.arange(batch_size) % 2
-  configs = {'div': [dict(name='div', weight=100.0, layers=(-1,))], 'loop': None}
-  if with_erm:
+  configs = {'div': [dict(name='div', weight=100.0, layers=(-1,))]}
+  if erm:
     configs['erm'] = []
-  steps, states = setup(model, configs, (images, labels),
-                        {'loop': loop_div_loss(model, model.depth - 1, 100.0)})
+  overrides = {}
+  if loop:
+    configs['loop'] = None
+    overrides['loop'] = loop_div_loss(model, model.depth - 1, 100.0)
+  steps, states = setup(model, configs, (images, labels), overrides)
   return time_round_robin(steps, states, (images, labels), repeats)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true', help='batch 2, 3 rounds')
-  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--batch', type=int, default=64, help='headline batch (DIV, ARViT: 80)')
+  parser.add_argument('--paper_batch', type=int, default=80)
+  parser.add_argument('--loop_batch', type=int, default=8)
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--dtype', default=None, help='default: bfloat16 on GPU/TPU, else float32')
+  parser.add_argument('--quick', action='store_true',
+                      help='CPU smoke run: batch 4 everywhere (paper batch 4, loop batch 2), '
+                           '3 rounds')
   args = parser.parse_args()
-  batch, repeats = (2, 3) if args.quick else (args.batch, args.repeats)
-  arvit = bench_arvit(batch, repeats)
-  div4 = bench_div(batch, repeats, 4)
-  div12 = bench_div(batch, repeats, 12, with_erm=False)
+  if args.quick:
+    args.batch, args.paper_batch, args.loop_batch, args.repeats = 4, 4, 2, 3
+  dtype = args.dtype or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  b, pb, r = args.batch, args.paper_batch, args.repeats
+  mc = bench_div('mnist_cifar', b, r, dtype)
+  mc_paper = bench_div('mnist_cifar', pb, r, dtype)
+  qs = bench_div('quickstart', b, r, dtype)
+  arvit = bench_arvit(pb, r, dtype)
+  div4 = bench_div('small_4_heads', args.loop_batch, r, dtype, loop=True, erm=False)
+  div12 = bench_div('small_12_heads', args.loop_batch, r, dtype, loop=True, erm=False)
   result = {
+      'div_step_ratio': mc['div'] / mc['erm'],
+      'div_step_ratio_mnist_cifar_paper_batch': mc_paper['div'] / mc_paper['erm'],
+      'div_step_ratio_quickstart': qs['div'] / qs['erm'],
       'distance_step_ratio': arvit['distance'] / arvit['none'],
       'similarity_step_ratio': arvit['similarity'] / arvit['none'],
-      'div_step_ratio': div4['div'] / div4['erm'],
       'div_loop_over_vectorized': div4['loop'] / div4['div'],
       'div_loop_over_vectorized_12_heads': div12['loop'] / div12['div'],
-      'step_seconds': {'arvit_224': arvit, 'vit_64x32_4_heads': div4,
-                       'vit_64x32_12_heads': div12},
-      'batch_size': batch,
-      'repeats': repeats,
-      'backend': jax.default_backend(),
+      'step_seconds': {'mnist_cifar': mc, 'mnist_cifar_paper_batch': mc_paper,
+                       'quickstart': qs, 'arvit_224': arvit, 'loop_4_heads': div4,
+                       'loop_12_heads': div12},
+      'batch_size': b, 'paper_batch_size': pb, 'loop_batch_size': args.loop_batch,
+      'repeats': r, 'dtype': dtype, 'quick': args.quick,
+      'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
       'devices': jax.device_count(),
   }
   print(json.dumps({k: round(v, 4) if isinstance(v, float) else v

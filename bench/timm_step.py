@@ -1,0 +1,119 @@
+"""The timm half of `bench/train_step.py`: images/s of timm's ViT training step; one JSON object.
+
+    python bench/timm_step.py --models ti,s,b --batch 256 [--dtype bfloat16] [--compile]
+
+Runs in a Python that has torch and timm (never a dependency of vitreg_jax): on the lent GPU
+machine the system `python3`; on this CPU machine /work/venv-torch (bench/make_torch_venv.sh,
+whose stand-in torchvision only lets `import timm` succeed). `bench/train_step.py` starts it
+as a subprocess, before JAX claims the GPU, so the two frameworks never share device memory.
+
+The step is what a timm user who wants speed writes: `timm.create_model('vit_<size>_patch16_224',
+num_classes=1000)`, bf16 autocast (`--dtype bfloat16`, CUDA only), `torch.compile(model)`
+(`--compile`), fused AdamW (fallback: foreach), timm's default attention, which calls
+`F.scaled_dot_product_attention` (flash / cuDNN kernels on an H100), synthetic data already on
+the device, `zero_grad(set_to_none=True)`. Timing: `--windows` windows of `--window` steps
+after `--warmup` steps, synchronized only at window ends; the median window gives images/s.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+TIMM_NAMES = {'ti': 'vit_tiny_patch16_224', 's': 'vit_small_patch16_224',
+              'b': 'vit_base_patch16_224'}
+
+
+def _sync(device):
+  import torch  # pylint: disable=g-import-not-at-top
+  if device.type == 'cuda':
+    torch.cuda.synchronize()
+
+
+def make_optimizer(model, lr=1e-3, weight_decay=0.05):
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             fused=True), 'fused'
+  except (RuntimeError, TypeError):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             foreach=True), 'foreach'
+
+
+def bench_model(size, args, device):
+  """Median images/s of one timm ViT; returns a dict of figures and the settings used."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = timm.create_model(TIMM_NAMES[size], num_classes=1000, img_size=args.image)
+  model = model.to(device).train()
+  opt, opt_kind = make_optimizer(model)
+  step_model = torch.compile(model) if args.compile else model
+  autocast = args.dtype == 'bfloat16'
+  images = torch.randn(args.batch, 3, args.image, args.image, device=device)
+  labels = torch.randint(0, 1000, (args.batch,), device=device)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def step():
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+      loss = loss_fn(step_model(images), labels)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+  start = time.perf_counter()
+  for _ in range(args.warmup):
+    step()
+  _sync(device)
+  warmup_s = time.perf_counter() - start
+  if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+  windows = []
+  for _ in range(args.windows):
+    start = time.perf_counter()
+    for _ in range(args.window):
+      loss = step()
+    _sync(device)
+    windows.append((time.perf_counter() - start) / args.window)
+  seconds = statistics.median(windows)
+  result = {'timm_model': TIMM_NAMES[size], 'images_per_s': args.batch / seconds,
+            'step_seconds': seconds, 'warmup_seconds': warmup_s,
+            'final_loss': loss.item(), 'optimizer': f'AdamW ({opt_kind})',
+            'params': sum(p.numel() for p in model.parameters())}
+  if device.type == 'cuda':
+    result['peak_memory_gib'] = torch.cuda.max_memory_allocated() / 2**30
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='ti,s,b')
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--image', type=int, default=224)
+  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
+  parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+  parser.add_argument('--warmup', type=int, default=5)
+  parser.add_argument('--window', type=int, default=5)
+  parser.add_argument('--windows', type=int, default=5)
+  args = parser.parse_args()
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  if device.type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True  # What a speed-minded user sets.
+    torch.backends.cudnn.allow_tf32 = True
+  out = {'torch': torch.__version__, 'timm': timm.__version__, 'device': str(device),
+         'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
+         'dtype': args.dtype,
+         'autocast_bf16': args.dtype == 'bfloat16', 'torch_compile': args.compile,
+         'sdpa': 'F.scaled_dot_product_attention (timm fused_attn)',
+         'batch_size': args.batch, 'image_size': args.image, 'models': {}}
+  for size in args.models.split(','):
+    if size in TIMM_NAMES:
+      out['models'][size] = bench_model(size, args, device)
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,246 @@
+"""Training-step throughput of vitreg_jax against timm and the chip's limit; one JSON object.
+
+    python bench/train_step.py                      # GPU defaults: bf16, batch 256, 224 px
+    python bench/train_step.py --cpu_small          # this CPU: fp32, batch 4, 64 px, few steps
+
+For ViT-Ti/16, S/16, B/16 (1000 classes) and ARViT (paper variant, 10 classes), a full step of
+the library's own `vitreg_jax.train.train_step` (forward, backward, AdamW, finite check, the
+parameters and optimizer state donated) on synthetic data already on the device:
+
+* `images_per_s`: batch / median step time, timed in `--windows` windows of `--window` steps
+  after `--warmup` steps (synchronized only at the end of a window, as the training loop runs).
+* `xla_flops_per_image`: XLA's cost analysis of the compiled step / batch. `model_flops_per_image`:
+  the analytic count (3 x forward: every matmul of the encoder, attention scores and values,
+  patch embedding, head), the usual numerator of MFU. XLA does not count the FLOPs inside
+  fused cuDNN attention, so on a GPU the two differ by the attention term.
+* On a GPU: `mfu` = model FLOPs/s / `--peak_tflops` (989, the dense bf16 peak of an H100/H200
+  SXM), `peak_memory_gib` (device allocator), and `max_batch` (largest batch whose compiled
+  step fits the device memory, from XLA's memory analysis of the compiled step, doubling then
+  bisecting to a multiple of 8; `--max_batch_models`).
+* timm (when a Python with torch + timm is found: `--torch_python`, else this Python if it
+  imports them, else /work/venv-torch): the matching `vit_*_patch16_224` at the same batch and
+  size through `bench/timm_step.py`, and `ours_over_timm` = our images/s / timm's per model.
+  The timm run happens first, in a subprocess, so the frameworks never share device memory.
+
+`--cpu_small` is for a CPU: fp32 on both sides (no bf16 autocast on CPU), batch 4, 64-px images,
+no torch.compile, few steps; the JSON says so (`setting`). Figures from it say nothing about a
+GPU. The one-command GPU run is `bench/gpu_run.sh` (BENCHMARKS.md).
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vitreg_jax import models
+from vitreg_jax import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = {  # name -> (model_name, kwargs, num_classes)
+    'ti': ('vit', dict(variant='Ti/16'), 1000),
+    's': ('vit', dict(variant='S/16'), 1000),
+    'b': ('vit', dict(variant='B/16'), 1000),
+    'arvit': ('arvit', dict(variant='paper'), 10),
+}
+
+
+def model_flops_per_image(model, image: int, num_classes: int) -> float:
+  """Analytic training FLOPs per image: 3 x (2 x multiply-adds of the forward pass)."""
+  p = model.patch_size
+  n_patch = (image // p) ** 2
+  n = n_patch + int(getattr(model, 'classifier', None) == 'token')
+  d, depth = model.width, model.depth
+  mlp = model.mlp_dim
+  mlp_macs = 2 * d * mlp if mlp else d * d  # ARViT's mlp_dim=0: one D x D layer
+  block = n * (4 * d * d + mlp_macs) + 2 * n * n * d  # qkv + out, MLP, scores + values
+  head_in = d * n if model.__class__.__name__ == 'ARViT' else d
+  forward = n_patch * 3 * p * p * d + depth * block + head_in * num_classes
+  return 3 * 2 * float(forward)
+
+
+def make_step(model, tx, num_classes):
+  step = functools.partial(train.train_step, forward=train.make_forward(model, []), tx=tx,
+                           num_classes=num_classes)
+  return jax.jit(step, donate_argnums=0)
+
+
+def new_state(model, tx, image):
+  """A fresh train state (call under `jax.jit` or `jax.eval_shape`)."""
+  variables = dict(model.init(jax.random.key(0), jnp.zeros((1, image, image, 3))))
+  params = variables.pop('params')
+  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), model_state=variables,
+                          rng=jax.random.key(1))
+
+
+def synthetic_batch(batch, image, num_classes):
+  keys = jax.random.split(jax.random.key(2))
+  return {'image': jax.random.normal(keys[0], (batch, image, image, 3), jnp.float32),
+          'label': jax.random.randint(keys[1], (batch,), 0, num_classes)}
+
+
+def time_steps(step, state, batch, warmup, window, windows):
+  """Median seconds per step over `windows` windows, synchronizing only at window ends."""
+  for _ in range(warmup):
+    state, measured = step(state, batch)
+  jax.block_until_ready(measured)
+  times = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(window):
+      state, measured = step(state, batch)
+    jax.block_until_ready(measured)
+    times.append((time.perf_counter() - start) / window)
+  return statistics.median(times), measured
+
+
+def fits(model, tx, num_classes, batch, image, limit_bytes) -> bool:
+  """Whether the compiled step at `batch` fits in `limit_bytes` (XLA memory analysis)."""
+  state = jax.eval_shape(functools.partial(new_state, model, tx, image))
+  data = {'image': jax.ShapeDtypeStruct((batch, image, image, 3), jnp.float32),
+          'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  try:
+    mem = make_step(model, tx, num_classes).lower(state, data).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' in str(e) or 'memory' in str(e).lower():
+      return False
+    raise
+  used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  return used <= limit_bytes
+
+
+def max_batch(model, tx, num_classes, image, start, limit_bytes, max_tries=8):
+  """Largest batch (multiple of 8) whose step fits: doubling from `start`, then bisection."""
+  lo, hi, tries = 0, None, 0
+  b = start
+  while hi is None and tries < max_tries:
+    tries += 1
+    if fits(model, tx, num_classes, b, image, limit_bytes):
+      lo, b = b, b * 2
+    else:
+      hi = b
+  while hi is not None and hi - lo > 8 and tries < max_tries:
+    tries += 1
+    mid = (lo + hi) // 16 * 8
+    lo, hi = (mid, hi) if fits(model, tx, num_classes, mid, image, limit_bytes) else (lo, mid)
+  return lo or None
+
+
+def bench_ours(name, args):
+  model_name, kwargs, num_classes = MODELS[name]
+  model = models.create(model_name, num_classes, dtype=args.dtype, **kwargs)
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  step = make_step(model, tx, num_classes)
+  state = jax.jit(functools.partial(new_state, model, tx, args.image))()
+  batch = synthetic_batch(args.batch, args.image, num_classes)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  seconds, measured = time_steps(step, state, batch, args.warmup, args.window, args.windows)
+  flops = model_flops_per_image(model, args.image, num_classes)
+  out = {'images_per_s': args.batch / seconds, 'step_seconds': seconds,
+         'compile_seconds': compile_s, 'model_flops_per_image': flops,
+         'xla_flops_per_image': float(cost.get('flops', float('nan'))) / args.batch,
+         'final_loss': float(measured['loss']), 'finite': bool(measured['finite'])}
+  device = jax.devices()[0]
+  if device.platform == 'gpu':
+    out['mfu'] = flops * out['images_per_s'] / (args.peak_tflops * 1e12)
+    stats = device.memory_stats() or {}
+    out['peak_memory_gib'] = stats.get('peak_bytes_in_use', 0) / 2**30
+    if name in args.max_batch_models.split(','):
+      limit = stats.get('bytes_limit', 0)
+      out['max_batch'] = max_batch(model, tx, num_classes, args.image, args.batch, limit)
+  return out
+
+
+def find_torch_python(requested):
+  if requested:
+    return requested
+  try:
+    import timm, torch  # pylint: disable=g-import-not-at-top,unused-import,multiple-imports
+    return sys.executable
+  except ImportError:
+    pass
+  venv = '/work/venv-torch/bin/python'
+  return venv if os.path.exists(venv) else None
+
+
+def bench_timm(args):
+  """Runs bench/timm_step.py in a Python with torch + timm; None (with a reason) otherwise."""
+  python = find_torch_python(args.torch_python)
+  sizes = [m for m in args.models.split(',') if m in ('ti', 's', 'b')]
+  if args.no_timm or not python or not sizes:
+    return None, 'skipped (--no_timm, no torch+timm Python found, or no ViT model)'
+  cmd = [python, os.path.join(HERE, 'timm_step.py'), '--models', ','.join(sizes),
+         '--batch', str(args.batch), '--image', str(args.image), '--dtype', args.dtype,
+         '--warmup', str(args.warmup), '--window', str(args.window),
+         '--windows', str(args.windows)] + (['--compile'] if args.timm_compile else [])
+  res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if res.returncode:
+    return None, f'timm_step.py failed: {res.stderr.strip()[-2000:]}'
+  return json.loads(res.stdout.strip().splitlines()[-1]), ' '.join(cmd)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='ti,s,b,arvit', help=f'subset of {sorted(MODELS)}')
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--image', type=int, default=224)
+  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
+  parser.add_argument('--warmup', type=int, default=5)
+  parser.add_argument('--window', type=int, default=10)
+  parser.add_argument('--windows', type=int, default=5)
+  parser.add_argument('--peak_tflops', type=float, default=989.0)
+  parser.add_argument('--max_batch_models', default='b')
+  parser.add_argument('--torch_python', default=None)
+  parser.add_argument('--no_timm', action='store_true')
+  parser.add_argument('--timm_compile', action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument('--cpu_small', action='store_true',
+                      help='fp32, batch 4, 64 px, 1 warm-up, 3 windows of 2 steps, no compile')
+  args = parser.parse_args(argv)
+  unknown = set(args.models.split(',')) - set(MODELS)
+  if unknown:
+    parser.error(f'unknown models {sorted(unknown)}; valid: {sorted(MODELS)}')
+  if args.cpu_small:
+    args.dtype, args.batch, args.image = 'float32', 4, 64
+    args.warmup, args.window, args.windows, args.timm_compile = 1, 2, 3, False
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  timm_result, timm_command = bench_timm(args)  # First: before JAX takes the GPU's memory.
+  device = jax.devices()[0]
+  result = {'setting': ('cpu_small: fp32 both sides, batch 4, 64 px, no torch.compile; not a '
+                        'GPU figure' if args.cpu_small else 'full'),
+            'backend': jax.default_backend(), 'device': device.device_kind,
+            'jax': jax.__version__, 'dtype': args.dtype, 'batch_size': args.batch,
+            'image_size': args.image, 'warmup': args.warmup, 'window': args.window,
+            'windows': args.windows, 'peak_tflops': args.peak_tflops, 'models': {}}
+  for name in args.models.split(','):
+    result['models'][name] = bench_ours(name, args)
+  result['timm'] = timm_result if timm_result else {'skipped': timm_command}
+  if timm_result:
+    result['timm_command'] = timm_command
+    for name, theirs in timm_result['models'].items():
+      ours = result['models'][name]
+      ours['timm_images_per_s'] = theirs['images_per_s']
+      ours['ours_over_timm'] = ours['images_per_s'] / theirs['images_per_s']
+  result['ours_over_timm'] = {k: v.get('ours_over_timm') for k, v in result['models'].items()}
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
