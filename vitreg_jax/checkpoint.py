@@ -10,6 +10,7 @@ Saves are asynchronous; SIGTERM (a preemption on SLURM / GKE / TPU VMs) sets a f
 training loop polls, so it saves the current step and exits cleanly.
 """
 
+import json
 import signal
 from typing import Any
 
@@ -104,6 +105,18 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def run_meta(config, step: int) -> dict:
+  """The JSON record saved next to the state: the data position and the model's config."""
+  return {"data_step": int(step), "model_name": config.model_name,
+          "model": json.dumps(config.model.to_dict(), sort_keys=True, default=str)}
+
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(
@@ -139,3 +152,9 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+  def __enter__(self):
+    return self.install()
+
+  def __exit__(self, *exc):
+    self.uninstall()

@@ -1,0 +1,103 @@
+"""Starting a run from pretrained weights: `config.init_from`.
+
+`init_from = dict(path=..., kind=..., step=None, reset_head=None)`, kind one of `checkpoint`,
+`npz`, `big_vision`, `timm` (docs/finetuning.md):
+`checkpoint` reads another vitreg_jax run (e.g. the ARViT rotation pretraining), `npz` a
+public big_vision / AugReg ViT file (`models/convert.py`). Only a fresh run reads it: a run
+that resumes from its own checkpoint ignores `init_from`.
+"""
+
+import os
+from typing import Any
+
+from absl import logging
+import flax.traverse_util
+import jax
+import numpy as np
+
+
+def _checkpoint_params(path: str, step: int | None) -> dict:
+  """Params of another run (its workdir or its `checkpoints/` folder) as flat NumPy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(path, "checkpoints") if os.path.isdir(
+      os.path.join(path, "checkpoints")) else path
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f"config.init_from: no checkpoint {step or ''} under {directory} "
+                            f"(found steps {steps}).")
+  item = os.path.join(directory, str(step if step is not None else steps[-1]), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(item).item_metadata.tree)
+  return convert.flatten(checkpointer.restore(item, restore_args=as_numpy)["params"])
+
+
+# config.init_from.kind of public ViT weights -> the layout `convert.load_vit` insists on.
+PUBLIC_WEIGHT_KINDS = {"npz": None, "big_vision": "big_vision", "timm": "timm"}
+
+
+def init_params_from(init_from, params, *, model, image_hw) -> Any:
+  """Initializes `params` from a pretrained model (`config.init_from`), e.g. fine-tuning.
+
+  `init_from = dict(path=..., kind='checkpoint' | 'npz' | 'big_vision' | 'timm', step=None,
+  reset_head=None)`: `checkpoint` reads another vitreg_jax run (e.g. the ARViT rotation
+  pretraining); the others read public ViT weights into a `vit` model (`models/convert.py`):
+  `npz` detects the layout from the keys, `big_vision` (AugReg and big_vision `.npz`) and
+  `timm` (a timm state_dict, `.safetensors` or `.npz`) insist on theirs. Every parameter is
+  taken from the source; the head is
+  re-initialized when its shape differs (new classes, or ARViT's flattened head at a new
+  resolution) or when `reset_head=True`; a ViT's position embedding is resampled to the new
+  patch grid. Anything else that does not fit is an error naming the parameters.
+  """
+  from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
+  cfg = dict(init_from)
+  unknown = sorted(set(cfg) - {"path", "kind", "step", "reset_head"})
+  if unknown or "path" not in cfg:
+    raise ValueError(f"config.init_from needs `path` and accepts kind, step, reset_head; got "
+                     f"unknown {unknown}.")
+  kind, reset_head = cfg.get("kind", "checkpoint"), cfg.get("reset_head")
+  if kind in PUBLIC_WEIGHT_KINDS:
+    if not os.path.isfile(cfg["path"]):
+      raise FileNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
+                              f"{kind!r} reads a .npz or .safetensors file).")
+    loaded = convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
+                              reset_head=reset_head, layout=PUBLIC_WEIGHT_KINDS[kind])
+    logging.info("Initialized %d parameter arrays from %s (kind=%r).",
+                 len(jax.tree.leaves(loaded)), cfg["path"], kind)
+    return loaded
+  if kind != "checkpoint":
+    raise ValueError(f"config.init_from.kind must be one of "
+                     f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")
+  source, target = _checkpoint_params(cfg["path"], cfg.get("step")), convert.flatten(params)
+  merged, problems = {}, []
+  for key, fresh in target.items():
+    have = source.get(key)
+    if key.startswith("head/") and (reset_head or have is None or have.shape != fresh.shape):
+      merged[key] = np.asarray(fresh)
+    elif have is None:
+      problems.append(f"{key}: missing in the source")
+    elif (have.shape != fresh.shape and key == convert.POSEMB_KEY
+          and have.shape[-1] == fresh.shape[-1]):  # Same width, another patch grid.
+      gh, gw, prefix = model.token_layout(image_hw)
+      merged[key] = convert.resample_posemb(have, (gh, gw), prefix)
+    elif have.shape != fresh.shape:
+      problems.append(f"{key}: source {have.shape} vs model {fresh.shape}")
+    else:
+      merged[key] = have
+  if problems:
+    raise ValueError(f"config.init_from {cfg['path']} does not fit the model:\n  "
+                     + "\n  ".join(problems[:20])
+                     + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+  logging.info("Initialized %d parameter arrays from %s.", len(merged), cfg["path"])
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
+
+
+def init_state_from(init_from, state, shardings, *, tx, model, image_hw):
+  """`state` with its params from `init_from` and a fresh optimizer state for them."""
+  params = init_params_from(init_from, jax.device_get(state.params), model=model,
+                            image_hw=image_hw)
+  params = jax.device_put(params, shardings.params)
+  return state.replace(params=params, opt_state=jax.jit(
+      tx.init, out_shardings=shardings.opt_state)(params))

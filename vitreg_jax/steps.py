@@ -1,0 +1,189 @@
+"""The train state and the jitted steps: `create_train_state`, `train_step`, `eval_step`.
+
+`train_step` is one optimization step returning `(state, measurements)`; `eval_step` returns
+per-example predictions and losses under a head mask that is an array argument, so evaluating
+many masks compiles once. `jit_train_step` / `jit_eval_step` wrap them in `jax.jit` with the
+state's shardings.
+
+Loss: `L = CE(logits, y) + sum_k weight_k * R_k` where the regularizer terms `R_k` come from
+`vitreg_jax.regularizers.build(config.regularizers, model)`.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitreg_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # Mutable collections other than params, e.g. {'batch_stats': ...}.
+  rng: jax.Array
+
+
+def create_model(config, num_classes: int) -> nn.Module:
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  return models.create(config.model_name, num_classes, **dict(config.model))
+
+
+def head_mask_shape(model) -> tuple[int, int] | None:
+  """`(depth, heads)` of a model that takes head masks, else None."""
+  depth, heads = getattr(model, "depth", None), getattr(model, "num_heads", None)
+  if isinstance(depth, int) and isinstance(heads, int):
+    return depth, heads
+  return None
+
+
+def train_head_mask(config, model):
+  """`config.head_mask` as an array, checked against the model's `[depth, heads]`."""
+  if config.head_mask is None:
+    return None
+  mask, shape = jnp.asarray(config.head_mask, jnp.float32), head_mask_shape(model)
+  if shape is None or mask.shape != shape:
+    raise ValueError(f"config.head_mask has shape {mask.shape}; model "
+                     f"{config.model_name!r} expects [depth, heads] = {shape}.")
+  return mask
+
+
+def make_forward(model, regularizer_configs):
+  """Returns `forward(variables, images, labels, train, rngs, head_mask, mutable)`.
+
+  Without regularizers this is the plain `model.apply`; with them it is the regularizer
+  wrapper, which materializes attention maps only for the layers it needs and returns the
+  weighted penalty and each unweighted term.
+  """
+  if not regularizer_configs:
+    def forward(variables, images, *, labels, train, rngs, head_mask, mutable):
+      del labels
+      res = model.apply(variables, images, head_mask=head_mask, train=train, rngs=rngs,
+                        mutable=mutable)
+      (logits, out), new_state = res if mutable else (res, {})
+      return logits, out, jnp.zeros((), jnp.float32), {}, dict(new_state)
+    return forward
+  from vitreg_jax import regularizers  # pylint: disable=g-import-not-at-top
+  reg = regularizers.build([dict(r) for r in regularizer_configs], model)
+
+  def forward(variables, images, *, labels, train, rngs, head_mask, mutable):
+    return reg(variables, images, labels=labels, train=train, rngs=rngs,
+               head_mask=head_mask, mutable=mutable)
+  return forward
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy with optional label smoothing (computed in fp32)."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
+               label_smoothing: float = 0.0, head_mask=None):
+  """One optimization step.
+
+  Returns:
+    `(new_state, measurements)`; measurements hold the total loss, the cross-entropy, every
+    regularizer term (`reg/<name>`, unweighted), the gradient and parameter norms, the train
+    accuracy and `finite`. A non-finite loss or gradient leaves the state unchanged (the host
+    loop then stops with a clear error), so the in-memory state is always the last good one.
+    (`optax.apply_if_finite` would skip the optimizer update only; the guard here also keeps
+    the model state, e.g. BatchNorm statistics, and the loop stops rather than skipping.)
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  mutable = list(state.model_state) or False
+
+  def loss_fn(params):
+    variables = {"params": params, **state.model_state}
+    logits, _, reg_total, terms, new_model_state = forward(
+        variables, batch["image"], labels=batch["label"], train=True,
+        rngs={"dropout": rng}, head_mask=head_mask, mutable=mutable)
+    ce = cross_entropy(logits, batch["label"], num_classes, label_smoothing)
+    return ce + reg_total, (ce, terms, new_model_state, logits)
+
+  (loss, (ce, terms, new_model_state, logits)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    # SAM (optim.py) evaluates the gradient again at its adversarial point; others ignore it.
+    grad_fn = lambda params, _: jax.grad(lambda p: loss_fn(p)[0])(params)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  else:
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      model_state=keep(dict(new_model_state), state.model_state) if mutable
+      else state.model_state)
+  measurements = {
+      "loss": loss, "ce": ce, "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(state.params),
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "finite": finite,
+      **{f"reg/{k}": v for k, v in terms.items()},
+  }
+  return new_state, measurements
+
+
+def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int):
+  """Per-example predictions and losses (masked examples are dropped later on the host)."""
+  variables = {"params": state.params, **state.model_state}
+  logits, _ = model.apply(variables, batch["image"], head_mask=head_mask, train=False)
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
+  return {"pred": jnp.argmax(logits, -1), "loss": loss}
+
+
+def create_train_state(config, model, tx, image_shape, mesh) -> tuple[TrainState, Any]:
+  """Initializes the (sharded) train state; returns it and its shardings."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def init():
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    variables = dict(variables)
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), model_state=variables, rng=state_rng)
+
+  abstract = jax.eval_shape(init)  # Fails fast (no compute) on bad shapes / fields.
+  shardings = shd.state_shardings(abstract, mesh, config.sharding.get("fsdp", False),
+                                  config.sharding.get("fsdp_min_size", 2**14))
+  state = jax.jit(init, out_shardings=shardings)()
+  return state, shardings
+
+
+def all_heads_mask(model):
+  """The all-ones `[depth, heads]` mask evaluations use (None for models without heads)."""
+  shape = head_mask_shape(model)
+  return None if shape is None else jnp.ones(shape, jnp.float32)
+
+
+def jit_train_step(state_sharding, mesh, **step_kwargs):
+  """`train_fn(state, batch) -> (state, measurements)`: `train_step` jitted on `mesh`.
+
+  `step_kwargs` are `train_step`'s keyword arguments (forward, tx, num_classes, ...); the
+  old state is donated.
+  """
+  return jax.jit(functools.partial(train_step, **step_kwargs),
+                 in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(state_sharding, mesh, *, model, num_classes: int):
+  """`eval_fn(state, batch, head_mask) -> {'pred', 'loss'}` per example, jitted on `mesh`."""
+  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+                 in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+                 out_shardings=shd.batch_sharding(mesh))
