@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vitreg_jax import config_lib
 from vitreg_jax import train
 
 HERE = os.path.dirname(__file__)
@@ -193,3 +194,27 @@ def test_init_from_checkpoint_reuses_backbone_and_resets_new_head(reference, tmp
   results = train.train_and_evaluate(train_worker.load_config(
       {**TINY, "total_steps": 1, "schedule": {"name": "constant"}, "init_from": {"path": str(reference[0])}}), str(tmp_path))
   assert results["val_id"]["accuracy"] > 0.6  # The source's accuracy, not chance.
+
+
+def test_resume_with_changed_config_is_refused_naming_fields(reference, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+  saved = open(os.path.join(tmp_path, "config.json")).read()
+  changed = {**TINY, "seed": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+             "total_steps": 16}
+  with pytest.raises(rundir.ConfigChangedError,
+                     match=r"(?s)optimizer\.lr: 0\.05 -> 0\.1.*seed: 0 -> 1.*"
+                           r"--accept_config_change") as err:
+    train.train_and_evaluate(train_worker.load_config(changed), str(tmp_path))
+  assert "total_steps" not in str(err.value)  # Harmless: not among the refused changes.
+  assert open(os.path.join(tmp_path, "config.json")).read() == saved  # Not overwritten.
+  # More steps and other logging / eval frequencies are accepted (and logged).
+  harmless = rundir.check_resume_config(
+      config_lib.with_defaults(train_worker.load_config(
+          {**TINY, "total_steps": 16, "log_every_steps": 2, "eval_every_steps": 8})),
+      str(tmp_path))
+  assert set(harmless) == {"total_steps", "log_every_steps", "eval_every_steps"}
+  accepted = rundir.check_resume_config(
+      config_lib.with_defaults(train_worker.load_config(changed)), str(tmp_path), accept=True)
+  assert {"seed", "optimizer.lr", "total_steps"} <= set(accepted)

@@ -1,12 +1,27 @@
-"""Experiment config defaults and validation.
+"""Experiment config defaults, validation, and loading config files for the command line.
 
 A config file's `get_config(arg)` returns an `ml_collections.ConfigDict` with any subset of the
-top-level fields below; `with_defaults` fills in the rest and rejects unknown fields, naming the
-valid ones, before any compute is spent. Nested sections (`model`, `data`, `optimizer`,
-`schedule`, `regularizers`) are validated by the module that consumes them.
+top-level fields below; `with_defaults` fills in the rest (including the model's own fields
+and the dataset's options) and rejects unknown fields, naming the valid ones, before any
+compute is spent. Nested sections (`model`, `data`, `optimizer`, `schedule`, `regularizers`)
+are validated by the module that consumes them.
+
+On the command line (`vitreg_jax.main`), `load_config_file` fills every documented field in
+*before* `--config.a.b=value` overrides are applied, so each of them has a typed target:
+
+  --config=configs/quickstart.py:runlocal,dtype=bfloat16 --config.sharding.fsdp=True
+
+`dtype=...` is a config argument every config file accepts (`COMMON_ARGS`): it sets
+`config.model.dtype`.
 """
 
+import importlib.util
+import os
+import typing
+
+from absl import flags
 import ml_collections
+from ml_collections import config_dict
 
 DEFAULTS = dict(
     seed=0,
@@ -34,12 +49,60 @@ DEFAULTS = dict(
 )
 
 
-def with_defaults(config) -> ml_collections.ConfigDict:
-  """Returns a new ConfigDict: DEFAULTS overridden by `config`, after validating its keys.
+# Types of the top-level fields whose default is None (command-line overrides parse to these).
+_NONE_TYPES = dict(eval_batch_size=int, total_steps=int, total_epochs=float, head_mask=object)
+INIT_FROM_FIELDS = dict(path=str, kind=str, step=int, reset_head=bool)
+# Sections whose absent fields mean "the consumer's default": listed for overrides as None.
+_OPEN_SECTIONS = ("optimizer", "schedule", "init_from")
+DTYPES = ("float32", "bfloat16", "float16")
+COMMON_ARGS = dict(dtype="")  # Config arguments every config file accepts.
 
-  Raises:
-    ValueError: naming unknown top-level fields and listing the valid ones.
-  """
+
+def _model_defaults(model_name: str) -> dict:
+  """`{field: (default, type)}` of the model's own dataclass fields ({} for unknown names)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  cls = models.MODELS.get(model_name)
+  if cls is None:
+    return {}
+  hints = typing.get_type_hints(cls)
+  return {f.name: (f.default, _plain_type(hints.get(f.name)))
+          for f in dataclasses.fields(cls)
+          if f.name in models.field_names(cls) and f.name != "num_classes"
+          and f.default is not dataclasses.MISSING}
+
+
+def _plain_type(annotation) -> type:
+  """int / float / str / bool / tuple for an annotation such as Optional[int], else object."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+    annotation = args[0]
+  origin = typing.get_origin(annotation) or annotation
+  if origin in (int, float, str, bool):
+    return origin
+  if origin in (tuple, list) or getattr(origin, "__name__", "") == "Sequence":
+    return tuple
+  return object
+
+
+def _data_defaults(data_cfg: dict) -> dict:
+  """The dataset's options with their defaults ({} for unknown dataset names)."""
+  from vitreg_jax.data import base  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  spec = data.DATASETS.get(data_cfg.get("name", base.COMMON_OPTIONS["name"]))
+  return {} if spec is None else {**base.COMMON_OPTIONS, **spec.options}
+
+
+def _open_section_fields(section: str) -> dict:
+  from vitreg_jax import optim  # pylint: disable=g-import-not-at-top
+  if section == "init_from":
+    return INIT_FROM_FIELDS
+  fields = optim._OPTIMIZER_FIELDS if section == "optimizer" else optim._SCHEDULE_FIELDS  # pylint: disable=protected-access
+  return {f: object for f in fields}
+
+
+def _merge(config) -> dict:
+  """DEFAULTS overridden by `config`, model and data sections filled with their defaults."""
   unknown = sorted(set(config.keys()) - set(DEFAULTS))
   if unknown:
     raise ValueError(f"Unknown config field(s) {unknown}. Valid top-level fields: "
@@ -50,11 +113,38 @@ def with_defaults(config) -> ml_collections.ConfigDict:
     if isinstance(value, ml_collections.ConfigDict):
       value = value.to_dict()
     merged[key] = value
+  merged["model"] = {**{k: d for k, (d, _) in _model_defaults(merged["model_name"]).items()},
+                     **merged["model"]}
+  merged["data"] = {**_data_defaults(merged["data"]), **merged["data"]}
+  merged["sharding"] = {**DEFAULTS["sharding"], **merged["sharding"]}
+  return merged
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """Returns a new ConfigDict: DEFAULTS overridden by `config`, after validating its keys.
+
+  The model section gets every field of the model (`models.MODELS[model_name]`) and the data
+  section every option of the dataset, so the saved config says exactly what ran. Fields of
+  `optimizer`, `schedule` and `init_from` left None mean the consumer's default.
+
+  Raises:
+    ValueError: naming unknown top-level fields and listing the valid ones.
+  """
+  merged = _merge(config)
+  for section in _OPEN_SECTIONS:
+    if isinstance(merged[section], dict):
+      merged[section] = {k: v for k, v in merged[section].items() if v is not None}
+  if not merged["init_from"] or merged["init_from"].get("path") is None:
+    merged["init_from"] = None
   if (merged["total_steps"] is None) == (merged["total_epochs"] is None):
     raise ValueError("Set exactly one of config.total_steps and config.total_epochs "
                      f"(got total_steps={merged['total_steps']}, "
                      f"total_epochs={merged['total_epochs']}).")
   return ml_collections.ConfigDict(merged)
+
+
+_BOOLS = {"": True, "1": True, "true": True, "yes": True,
+          "0": False, "false": False, "no": False}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -79,11 +169,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ValueError(f"Unknown config argument {key!r}. Valid arguments: {sorted(defaults)}.")
     default = defaults[key]
     if isinstance(default, bool):
-      result[key] = value.lower() in ("", "1", "true", "yes")
+      if value.lower() not in _BOOLS:
+        raise ValueError(f"Config argument {key}={value!r} is not a boolean: use {key}, "
+                         f"{key}=true or {key}=false.")
+      result[key] = _BOOLS[value.lower()]
     elif default is None:
       result[key] = value
     else:
-      result[key] = type(default)(value)
+      try:
+        result[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"Config argument {key}={value!r} is not a valid "
+                         f"{type(default).__name__}.") from None
   return result
 
 
@@ -113,3 +210,108 @@ def set_div_regularizer(config, *, impl: str = "paper", weight: float | None = N
     div.update(normalize=True, reduction="mean")
     config.model["last_attn_residual"] = False
   config.regularizers = [div]
+
+
+def overridable(config) -> ml_collections.ConfigDict:
+  """`config` with every documented field present and typed, for command-line overrides.
+
+  Like `with_defaults` (the same values), but fields whose default is None become typed
+  placeholders (`--config.total_epochs=3` parses a float), and `optimizer`, `schedule` and
+  `init_from` list all their fields (None = the consumer's default). Not validated: the
+  trainer calls `with_defaults` on the result.
+  """
+  merged = _merge(config)
+  model_types = {k: t for k, (_, t) in _model_defaults(merged["model_name"]).items()}
+  merged["model"] = {k: _typed(v, model_types.get(k, object))
+                     for k, v in merged["model"].items()}
+  merged["data"] = {k: _typed(v, object) for k, v in merged["data"].items()}
+  for section in _OPEN_SECTIONS:
+    fields = dict(_open_section_fields(section))
+    given = merged[section] if isinstance(merged[section], dict) else {}
+    merged[section] = {k: _typed(given.get(k), fields.get(k, object))
+                       for k in sorted(set(fields) | set(given))}
+  for key, kind in _NONE_TYPES.items():
+    merged[key] = _typed(merged[key], kind)
+  for key in ("total_steps", "total_epochs"):  # Either may be switched off: `=None`.
+    merged[key] = config_dict.FieldReference(merged[key], field_type=object)
+  return ml_collections.ConfigDict(merged)
+
+
+def _typed(value, kind):
+  return config_dict.placeholder(kind) if value is None else value
+
+
+def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py[:arg]` as the command line does, ready for overrides.
+
+  The common arguments (`COMMON_ARGS`, e.g. `dtype=bfloat16`) are taken out of `arg` and
+  applied here, so every config file accepts them; the rest goes to `get_config(arg)`.
+
+  Raises:
+    ValueError: a clean message for an unknown or badly typed argument, or a missing file.
+  """
+  path, _, arg = path_and_arg.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"Config file {path!r} not found.")
+  items = [i for i in arg.split(",") if i]
+  common = [i for i in items if i.partition("=")[0].strip() in COMMON_ARGS]
+  rest = ",".join(i for i in items if i not in common) or None
+  common = parse_arg(",".join(common), **COMMON_ARGS)
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(rest) if rest is not None else module.get_config()
+  if common.dtype:
+    if common.dtype not in DTYPES:
+      raise ValueError(f"Config argument dtype={common.dtype!r}: valid dtypes {DTYPES}.")
+    config.model["dtype"] = common.dtype
+  return overridable(config)
+
+
+def unknown_override_message(config, field_path: str) -> str:
+  """A message naming the first missing part of `field_path` and the valid fields there."""
+  node, where = config, "config"
+  for part in field_path.split("."):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node, where = node[part], f"{where}.{part}"
+      continue
+    valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    return (f"Unknown config field {where}.{part} (in --config.{field_path}). "
+            + (f"Valid fields of {where}: {valid}." if valid else f"{where} has no fields."))
+  return f"Cannot override --config.{field_path}."
+
+
+class ConfigFileParser(flags.ArgumentParser):
+  """absl parser for `--config=path.py[:arg]`: `load_config_file`, then locked."""
+
+  def parse(self, argument):
+    config = load_config_file(argument)
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
+def explain_override_error(argv, error) -> str:
+  """The message for a failed `--config.a.b=v` override: the unknown field and valid ones."""
+  path_arg = None
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      path_arg = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      path_arg = argv[i + 1]
+  try:
+    config = load_config_file(path_arg)
+  except Exception:  # pylint: disable=broad-except
+    return f"{type(error).__name__}: {error}"
+  for a in argv:
+    if a.startswith("--config."):
+      field_path = a[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in field_path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+          return unknown_override_message(config, field_path)
+        node = node[part]
+  return f"{type(error).__name__}: {error}"

@@ -3,29 +3,53 @@
   python -m vitreg_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart \
       [--config.optimizer.lr=3e-4 ...]
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Multi-process
+Every documented config field can be overridden (`--config.model.dtype=bfloat16`,
+`--config.sharding.fsdp=True`): `config_lib.load_config_file` fills in all of them before the
+overrides are applied; an unknown field or a badly typed value stops here with a message
+naming the valid fields. Rerunning the same command resumes from the newest checkpoint in
+--workdir; a changed model, data stream or optimizer is refused unless
+--accept_config_change is given (`rundir.check_resume_config`). Multi-process
 runs (several hosts, or several processes on one machine) pass --coordinator_address,
 --num_processes and --process_id, or set the JAX_* / SLURM variables jax reads itself.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vitreg_jax import config_lib
 from vitreg_jax import sharding
 from vitreg_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':arg'.", lock_config=True)
+# Every documented field is filled in before the `--config.x=...` overrides are applied.
+flags.FLAGS[_CONFIG.name].parser = config_lib.ConfigFileParser()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_ACCEPT_CHANGE = flags.DEFINE_bool(
+    "accept_config_change", False,
+    "Resume even though the config changes the model, data stream or optimizer.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with unknown `--config.*` fields reported cleanly (no traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (KeyError, AttributeError) as e:  # config_flags: an override of a missing field.
+    message = config_lib.explain_override_error(argv, e)
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.exit(1)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -43,8 +67,9 @@ def main(argv):
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           accept_config_change=_ACCEPT_CHANGE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -146,3 +146,72 @@ def _num_classes_from_params(params: dict) -> int:
     raise ValueError("Cannot read the number of classes from the checkpoint (no head/bias "
                      "parameter); pass num_classes= explicitly.")
   return int(np.shape(head["bias"])[-1])
+
+
+# Fields a resumed run may change: they alter neither the model, nor the data stream, nor
+# the optimizer's trajectory up to the restored step (a `prefix.` entry covers its subtree).
+HARMLESS_CHANGES = (
+    "total_steps", "total_epochs", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "profile", "runlocal", "eval_batch_size",
+    "init_from", "init_from.", "sharding.", "data.eval_splits", "data.data_dir",
+    "data.manual_dir", "data.num_threads", "data.prefetch_batches", "data.num_workers")
+
+
+class ConfigChangedError(ValueError):
+  """A resumed run's config changes the model, the data stream or the optimizer."""
+
+
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def config_changes(old, new) -> dict:
+  """`{dotted field: (old, new)}` for every field that differs between two configs."""
+  old, new = _flat(_to_json(old)), _flat(_to_json(new))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def is_harmless(field: str) -> bool:
+  return any(field == h or (h.endswith(".") and field.startswith(h))
+             for h in HARMLESS_CHANGES)
+
+
+def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
+  """Compares `config` with the one saved in `workdir` by the run it resumes.
+
+  Harmless changes (`HARMLESS_CHANGES`: more steps, logging / eval / checkpoint frequency,
+  eval splits, data paths and loader threads, sharding) are logged and accepted. Any other
+  change (model fields, dataset and its options, batch size, seed, optimizer, schedule,
+  regularizers, ...) would silently continue another experiment from these weights: it is
+  refused unless `accept` (the `--accept_config_change` flag).
+
+  Returns:
+    The changes, `{field: (old, new)}` ({} when nothing changed or nothing was saved).
+  Raises:
+    ConfigChangedError: naming the differing fields and how to proceed.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(config_path(workdir)):
+    return {}
+  changes = config_changes(config_lib.with_defaults(load_config(workdir)), config)
+  breaking = {k: v for k, v in changes.items() if not is_harmless(k)}
+  if breaking and not accept:
+    lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in breaking.items())
+    raise ConfigChangedError(
+        f"{workdir} holds a run with another config; resuming it with this one would change "
+        f"the model, the data stream or the optimizer:\n{lines}\nRerun with the saved "
+        f"config ({config_path(workdir)}), use a fresh --workdir, or pass "
+        "--accept_config_change (train_and_evaluate(..., accept_config_change=True)) to "
+        "resume anyway.")
+  for k, (old, new) in changes.items():
+    logging.warning("Resuming with a changed config: %s: %r -> %r%s", k, old, new,
+                    "" if is_harmless(k) else " (accepted by --accept_config_change)")
+  return changes

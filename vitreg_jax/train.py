@@ -32,8 +32,12 @@ from vitreg_jax.steps import (TrainState, create_model, create_train_state,  # p
                               cross_entropy, eval_step, make_forward, train_step)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       accept_config_change: bool = False) -> dict:
   """Trains, evaluates and checkpoints; resumes from the newest checkpoint in `workdir`.
+
+  A resume whose config changes the model, the data stream or the optimizer is refused
+  unless `accept_config_change` (`rundir.check_resume_config`).
 
   Returns:
     The final evaluation metrics, `{split: {metric: value}}` (`{}` when preempted).
@@ -48,6 +52,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps, steps_per_epoch = num_train_steps(config, info)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   mesh = make_mesh(config)
+  if rundir.checkpoint_steps(workdir):  # A resume: is it still the same experiment?
+    rundir.check_resume_config(config, workdir, accept=accept_config_change)
 
   rundir.save_config(config, workdir)  # The run is self-describing (heads, analyses, report).
   state, shardings = steps.create_train_state(config, model, tx, info.image_shape, mesh)
