@@ -108,3 +108,26 @@ def test_unknown_override_on_the_command_line_is_a_clean_message(tmp_path):
   assert "Unknown config field config.model.dtpye" in res.stderr
   assert "'dtype'" in res.stderr and "Traceback" not in res.stderr
   assert not os.path.exists(tmp_path / "w")  # Nothing ran.
+
+
+@pytest.mark.parametrize("model_name", ["resnet", "alternet"])
+def test_attention_regularizer_on_a_model_without_attention_maps_fails_at_config_time(
+    model_name):
+  """`resnet` has no attention: the error says so when the config is read, not later."""
+  from vitreg_jax import regularizers
+  config = ml_collections.ConfigDict(dict(
+      model_name=model_name, model={"depth": 18} if model_name == "resnet" else {},
+      total_steps=1,
+      regularizers=[dict(name="div", weight=1.0, layers=(-1,))]))
+  with pytest.raises(ValueError, match=r"(?s)Attention regularizers \['div'\] need an "
+                                       r"attention model.*\['arvit', 'vit'\].*"
+                                       rf"model '{model_name}' has none"):
+    config_lib.with_defaults(config)
+  config.model_name = "vit"
+  config.model = {}
+  assert config_lib.with_defaults(config).regularizers[0]["name"] == "div"
+  # The same check guards regularizers.build for models built directly.
+  from vitreg_jax import models
+  model = models.create("resnet", 10, depth=18)
+  with pytest.raises(ValueError, match="need an attention model"):
+    regularizers.build([dict(name="distance", weight=1.0, layers=(0,))], model)

@@ -128,7 +128,8 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   `optimizer`, `schedule` and `init_from` left None mean the consumer's default.
 
   Raises:
-    ValueError: naming unknown top-level fields and listing the valid ones.
+    ValueError: naming unknown top-level fields and listing the valid ones; regularizers on
+      a model without attention maps (e.g. `resnet`).
   """
   merged = _merge(config)
   for section in _OPEN_SECTIONS:
@@ -140,7 +141,17 @@ def with_defaults(config) -> ml_collections.ConfigDict:
     raise ValueError("Set exactly one of config.total_steps and config.total_epochs "
                      f"(got total_steps={merged['total_steps']}, "
                      f"total_epochs={merged['total_epochs']}).")
+  if merged["regularizers"]:
+    _check_regularizers_fit_model(merged["regularizers"], merged["model_name"])
   return ml_collections.ConfigDict(merged)
+
+
+def _check_regularizers_fit_model(regularizer_configs, model_name: str) -> None:
+  """A regularizer on a model without attention (e.g. `resnet`) fails here, at config time."""
+  from vitreg_jax import models, regularizers  # pylint: disable=g-import-not-at-top
+  if model_name in models.MODELS:  # An unknown name is reported by models.create.
+    regularizers.check_attention_model(list(regularizer_configs), model_name,
+                                       models.MODELS[model_name])
 
 
 _BOOLS = {"": True, "1": True, "true": True, "yes": True,

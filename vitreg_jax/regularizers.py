@@ -708,6 +708,30 @@ class Regularizer:
     return logits, out, reg_total, terms, new_state
 
 
+def is_attention_model(model) -> bool:
+  """True for a model (class or instance) whose blocks expose attention maps to the
+  regularizers: the ViT-like models, which map tokens to the patch grid (`token_layout`)."""
+  return callable(getattr(model, 'token_layout', None))
+
+
+def check_attention_model(config_list, model_name: str, model) -> None:
+  """Raises a ValueError unless `model` can carry the regularizers of `config_list`.
+
+  ResNet has no attention and AlterNet's convolutional-stage MSAs do not expose the
+  per-block attention maps of docs/design.md: both must fail here, naming the problem,
+  rather than later inside the regularizer with an unrelated error.
+  """
+  if is_attention_model(model):
+    return
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  names = [dict(e).get('name') for e in config_list]
+  valid = sorted(n for n, cls in models.MODELS.items() if is_attention_model(cls))
+  raise ValueError(
+      f'Attention regularizers {names} need an attention model whose blocks expose their '
+      f'attention maps ({valid}); model {model_name!r} has none. Set config.model_name to '
+      f'one of {valid}, or remove config.regularizers.')
+
+
 def build(config_list: Optional[Sequence[Mapping[str, Any]]], model) -> Regularizer:
   """Parses `config.regularizers` and binds it to `model` (docs/design.md, Regularizers).
 
@@ -737,10 +761,8 @@ def build(config_list: Optional[Sequence[Mapping[str, Any]]], model) -> Regulari
       of range, or a model without attention blocks.
   """
   entries = list(config_list or [])
-  if entries and not hasattr(model, 'depth'):
-    raise ValueError(f'regularizers {[dict(e).get("name") for e in entries]} need an '
-                     f'attention model with `depth` and attention blocks; '
-                     f'{type(model).__name__} has none.')
+  if entries:
+    check_attention_model(entries, type(model).__name__, model)
   depth = int(model.depth) if entries else 0
   terms = [_parse_entry(i, e, depth) for i, e in enumerate(entries)]
   return Regularizer(_unique_names(terms), model)

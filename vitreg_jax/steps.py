@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from vitreg_jax import sharding as shd
+from vitreg_jax.data import mixing
 
 
 @flax.struct.dataclass
@@ -78,11 +79,17 @@ def make_forward(model, regularizer_configs):
   return forward
 
 
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy with optional label smoothing (computed in fp32)."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy against soft `targets` `[B, K]` (rows summing to 1, e.g.
+  one-hot labels or Mixup/CutMix mixtures), with optional label smoothing, in fp32."""
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy of int `labels`, with optional label smoothing (fp32)."""
+  return soft_cross_entropy(logits, jax.nn.one_hot(labels, num_classes), label_smoothing)
 
 
 def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
@@ -100,12 +107,15 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
   rng = jax.random.fold_in(state.rng, state.step)
   mutable = list(state.model_state) or False
 
+  # Mixup/CutMix when the batch carries a recipe (config.data.mixup), else one-hot targets.
+  images, targets = mixing.apply(batch, num_classes)
+
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
     logits, _, reg_total, terms, new_model_state = forward(
-        variables, batch["image"], labels=batch["label"], train=True,
+        variables, images, labels=batch["label"], train=True,
         rngs={"dropout": rng}, head_mask=head_mask, mutable=mutable)
-    ce = cross_entropy(logits, batch["label"], num_classes, label_smoothing)
+    ce = soft_cross_entropy(logits, targets, label_smoothing)
     return ce + reg_total, (ce, terms, new_model_state, logits)
 
   (loss, (ce, terms, new_model_state, logits)), grads = jax.value_and_grad(

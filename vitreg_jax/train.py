@@ -23,13 +23,15 @@ from vitreg_jax import reporting
 from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
 from vitreg_jax import steps
+from vitreg_jax.data import mixing
 
 # The pieces under their historical names (tests, analyses and forks import them from here).
 from vitreg_jax.evaluation import classification_metrics, evaluate  # pylint: disable=unused-import
 from vitreg_jax.pretrained import init_params_from  # pylint: disable=unused-import
 from vitreg_jax.reporting import NonFiniteLossError  # pylint: disable=unused-import
 from vitreg_jax.steps import (TrainState, create_model, create_train_state,  # pylint: disable=unused-import
-                              cross_entropy, eval_step, make_forward, train_step)
+                              cross_entropy, eval_step, make_forward,
+                              soft_cross_entropy, train_step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -129,4 +131,5 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
 
 def device_batch(batch: dict, mesh) -> dict:
   """The global on-device training batch from this process's host batch."""
-  return shd.to_global({"image": batch["image"], "label": batch["label"]}, mesh)
+  keys = ("image", "label", *mixing.BATCH_KEYS)  # + the Mixup/CutMix recipe, if any.
+  return shd.to_global({k: batch[k] for k in keys if k in batch}, mesh)

@@ -29,6 +29,7 @@ from vitreg_jax.data import corrupted
 from vitreg_jax.data import custom
 from vitreg_jax.data import finetune
 from vitreg_jax.data import imagenet
+from vitreg_jax.data import mixing
 from vitreg_jax.data import mnist_cifar
 from vitreg_jax.data import pipeline
 from vitreg_jax.data import splits as splits_lib
@@ -80,6 +81,7 @@ def get_info(data_config: Any) -> DatasetInfo:
     CorruptDataError: a data file exists but cannot be read (named in the message).
   """
   spec, cfg = get_spec(data_config)
+  mixing.check_config(cfg['mixup'])
   train = splits_lib.parse(cfg['train_split'])
   info = spec.info(_unsliced(cfg))
   base.check_split(info, train.name)
@@ -143,7 +145,8 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
       source, spec.transform(unsliced, split, train=True),
       global_batch_size=global_batch_size, seed=seed, start_step=start_step,
       process_index=pi, process_count=pc, num_threads=cfg['num_threads'],
-      prefetch_batches=cfg['prefetch_batches'], num_workers=cfg['num_workers'])
+      prefetch_batches=cfg['prefetch_batches'], num_workers=cfg['num_workers'],
+      mix=mixing.check_config(cfg['mixup']))
 
 
 def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,

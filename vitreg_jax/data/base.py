@@ -28,6 +28,7 @@ COMMON_OPTIONS = {
     'num_threads': 4,         # grain reader threads per process.
     'prefetch_batches': 4,    # batches buffered ahead of the training loop.
     'num_workers': 0,         # >0: grain worker processes (mp_prefetch) for heavy decoding.
+    'mixup': None,            # Mixup/CutMix options (data/mixing.py), applied in the train step.
 }
 
 Example = Mapping[str, Any]

@@ -110,14 +110,21 @@ class _TrainBatch:
   """Step -> this process's slice of the global batch of that step."""
 
   def __init__(self, examples, permutation: _Permutation, global_batch: int, local_batch: int,
-               process_index: int):
+               process_index: int, mix: Optional[dict] = None, seed: int = 0):
     self._examples, self._permutation = examples, permutation
     self._global, self._local, self._pi = global_batch, local_batch, process_index
+    self._mix, self._seed = mix, seed
 
   def __call__(self, step: int) -> dict:
     first = int(step) * self._global + self._pi * self._local
-    return stack([self._examples[self._permutation(p)]
-                  for p in range(first, first + self._local)])
+    batch = stack([self._examples[self._permutation(p)]
+                   for p in range(first, first + self._local)])
+    if self._mix:  # The batch's Mixup/CutMix recipe, on every example (see data/mixing.py).
+      from vitreg_jax.data import mixing  # pylint: disable=g-import-not-at-top
+      recipe = mixing.draw(self._mix, self._seed, step, *batch['image'].shape[1:3])
+      batch.update({k: np.broadcast_to(v, (self._local, *np.shape(v))).copy()
+                    for k, v in recipe.items()})
+    return batch
 
 
 class _EvalBatch:
@@ -156,7 +163,7 @@ def _to_iterator(batches, num_threads: int, prefetch_batches: int, num_workers: 
 def train_iterator(source: Sequence[Example], transform: Transform, *, global_batch_size: int,
                    seed: int, start_step: int = 0, process_index: int = 0,
                    process_count: int = 1, num_threads: int = 4, prefetch_batches: int = 4,
-                   num_workers: int = 0):
+                   num_workers: int = 0, mix: Optional[dict] = None):
   """Infinite iterator of this process's training batches from step `start_step` on.
 
   Args:
@@ -168,6 +175,8 @@ def train_iterator(source: Sequence[Example], transform: Transform, *, global_ba
     process_index, process_count: this process and the number of processes.
     num_threads, prefetch_batches, num_workers: grain parallelism (threads building whole
       batches, batches buffered, optional worker processes).
+    mix: Mixup/CutMix options (`data/mixing.py`); each batch then carries its recipe
+      (`mix_lam`, `mix_box`, `mix_cutmix`), drawn from (seed, step), applied on the device.
   Returns:
     a grain `DatasetIterator` of dicts of NumPy arrays with leading dimension
     `global_batch_size // process_count`.
@@ -184,7 +193,7 @@ def train_iterator(source: Sequence[Example], transform: Transform, *, global_ba
   max_step = (sys.maxsize - global_batch_size) // global_batch_size
   steps = grain.MapDataset.range(int(start_step), max_step)
   batches = steps.map(_TrainBatch(examples, _Permutation(n, seed), global_batch_size, local,
-                                  process_index))
+                                  process_index, mix=mix, seed=seed))
   return _to_iterator(batches, num_threads, prefetch_batches, num_workers)
 
 
