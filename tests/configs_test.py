@@ -70,7 +70,8 @@ CASES = (
         "model=vit", "model=vit,classifier=gap", "model=vit,local_window=3",
         "model=vit,local_window=5", "model=vit,local_window=8", "model=resnet",
         "model=resnet,depth=18,dataset=cifar10", "model=alternet", "model=alternet,robustness",
-        "model=vit,runlocal", "model=resnet,runlocal", "model=alternet,runlocal")])
+        "model=vit,runlocal", "model=resnet,runlocal", "model=alternet,runlocal",
+        "model=vit,train_split=train[:6%]", "model=vit,patch=4")])
 
 
 def load(name):
@@ -288,10 +289,21 @@ def test_how_vits_work_variants():
   vit = get("how_vits_work", "model=vit")
   assert vit.data.name == "cifar100" and image_shape(vit) == (32, 32, 3)
   model, *_ = build(vit)
-  assert model.token_layout((32, 32)) == (8, 8, 1)   # the paper's 8 x 8 global MSA grid
+  assert model.token_layout((32, 32)) == (16, 16, 1)   # the authors' CIFAR ViT: patch 2
   assert vit.model.local_window is None and vit.model.classifier == "token"
+  # The authors' recipe (xxxnell/how-do-vits-work, configs/cifar100_vit.yaml).
+  assert (vit.batch_size, vit.optimizer.grad_clip_norm, vit.label_smoothing,
+          vit.model.drop_path) == (96, 5.0, 0.1, 0.1)
+  assert (vit.data.crop_padding, vit.data.randaugment) == (4, "rand-m9-n2-mstd1.0")
+  assert dict(vit.data.mixup) == dict(mixup_alpha=1.0, cutmix_alpha=0.8, prob=1.0,
+                                      switch_prob=0.5)
   assert get("how_vits_work", "model=vit,classifier=gap").model.classifier == "gap"
-  assert get("how_vits_work", "model=vit,local_window=5").model.local_window == 5
+  local = get("how_vits_work", "model=vit,local_window=5")
+  assert local.model.local_window == 5
+  model, *_ = build(local)
+  assert model.token_layout((32, 32)) == (8, 8, 1)   # the slides' 8 x 8 global MSA grid
+  small = get("how_vits_work", "model=resnet,train_split=train[:6%]")
+  assert small.data.train_split == "train[:6%]" and small.batch_size == 96
   alternet = get("how_vits_work", "model=alternet")
   model, *_ = build(alternet)
   assert model.block_kinds().count("msa") == 6      # Alter-ResNet-50: 0 + 1 + 3 + 2 MSAs
