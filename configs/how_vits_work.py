@@ -54,7 +54,8 @@ Mixup (alpha 1.0) or CutMix (alpha 0.8) on every batch (`vitreg_jax/data/mixing.
 normalization with the CIFAR mean/std of their configs; the ViT with patch 2 and stochastic
 depth 0.1. Differences that remain: their warmup epochs come before the 300 cosine epochs
 (here the 5 are inside the 300), their ViT is timm's `VisionTransformer` without q/k/v bias,
-and stochastic depth is not implemented for `resnet` / `alternet` here.
+and stochastic depth 0.1 is applied to the ViT and to AlterNet's MSA blocks only (our
+`resnet` and AlterNet's conv blocks have none).
 
 The Hessian and Fourier analyses are separate tools (ROADMAP), not configs.
 """
@@ -106,7 +107,7 @@ def get_config(arg=None):
   else:
     # Alter-ResNet-50 (CCC | CCCM | CMCMCM | CMCM) with the authors' MSA block; window 4, since
     # their default 7 does not tile the 16/8/4 maps of a 32-px input (see module docstring).
-    config.model = dict(stem="cifar", msa_window=4)
+    config.model = dict(stem="cifar", msa_window=4, drop_path=0.1)
   config.data = authors_augmentation(dict(name=arg.dataset, train_split=arg.train_split),
                                      arg.dataset)
   if arg.robustness:
