@@ -16,8 +16,8 @@ Arguments (`:key=value,...`):
             normalized gradients, mean over batch x H x H, no residual around the last
             block's attention; lambda 100, the value their README gives) | 'paper' (the
             poster's L_IG: sum over head pairs of squared dot products of the raw input
-            gradients; lambda `config_lib.DIV_WEIGHTS['paper']`, chosen to match the
-            parameter-gradient scale of the authors' term, see `bench/div_scale.py`).
+            gradients; lambda `config_lib.DIV_WEIGHTS['paper']`, an uncalibrated placeholder:
+            see `bench/div_scale.py` and docs/configs.md; sweep `weight=` on validation).
   weight    lambda; < 0 (default) = the variant's value above.
   seed      run seed (the poster reports mean +- std over seeds).
   agreement P(digit = label) in train / `*_id` (0.9 as in the poster).
