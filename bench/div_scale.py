@@ -42,21 +42,26 @@ def _mnist_cifar_config(arg):
   return module.get_config(arg)
 
 
-def measure(div: str, seed: int, batch: int):
-  """(unweighted DIV term, global norm of its parameter gradient) at initialization."""
+def measure(div: str, seeds, batch: int):
+  """[(unweighted DIV term, global norm of its parameter gradient)] at init, one per seed."""
   config = _mnist_cifar_config(f'reg=div,div={div}')
   model = models.create('vit', 2, **config.model)
   entry = dict(config.regularizers[0], weight=1.0)
   reg = regularizers.build([entry], model)
-  images = jax.random.normal(jax.random.key(1000 + seed), (batch, 64, 32, 3))
-  variables = model.init(jax.random.key(seed), images[:1])
 
-  def term(params):
-    _, _, total, _, _ = reg({'params': params}, images)
-    return total
+  @jax.jit
+  def value_and_grad_norm(params, images):
+    term = lambda p: reg({'params': p}, images)[2]
+    value, grads = jax.value_and_grad(term)(params)
+    return value, jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
 
-  value, grads = jax.jit(jax.value_and_grad(term))(variables['params'])
-  return float(value), float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+  rows = []
+  for seed in seeds:  # one compilation, then one call per seed
+    images = jax.random.normal(jax.random.key(1000 + seed), (batch, 64, 32, 3))
+    params = model.init(jax.random.key(seed), images[:1])['params']
+    value, norm = value_and_grad_norm(params, images)
+    rows.append((float(value), float(norm)))
+  return rows
 
 
 def main():
@@ -64,8 +69,7 @@ def main():
   parser.add_argument('--seeds', type=int, default=5)
   parser.add_argument('--batch', type=int, default=80)
   args = parser.parse_args()
-  rows = {div: [measure(div, s, args.batch) for s in range(args.seeds)]
-          for div in ('code', 'paper')}
+  rows = {div: measure(div, range(args.seeds), args.batch) for div in ('code', 'paper')}
   med = lambda div, i: statistics.median(r[i] for r in rows[div])
   result = dict(seeds=args.seeds, batch=args.batch,
                 L_code=med('code', 0), L_paper=med('paper', 0),

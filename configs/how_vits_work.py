@@ -101,7 +101,8 @@ def get_config(arg=None):
   if arg.model == "vit":
     patch = arg.patch or (4 if arg.local_window else 2)
     config.model = dict(variant=f"Ti/{patch}", classifier=arg.classifier, posemb="learn",
-                        local_window=arg.local_window or None, drop_path=0.1)
+                        local_window=arg.local_window or None, drop_path=0.1,
+                        qkv_bias=False)  # timm VisionTransformer(qkv_bias=False) in their code.
   elif arg.model == "resnet":
     config.model = dict(depth=arg.depth, stem="cifar")
   else:

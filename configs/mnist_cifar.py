@@ -16,8 +16,8 @@ Arguments (`:key=value,...`):
             normalized gradients, mean over batch x H x H, no residual around the last
             block's attention; lambda 100, the value their README gives) | 'paper' (the
             poster's L_IG: sum over head pairs of squared dot products of the raw input
-            gradients; lambda `config_lib.DIV_WEIGHTS['paper']`, chosen to match the
-            parameter-gradient scale of the authors' term, see `bench/div_scale.py`).
+            gradients; lambda `config_lib.DIV_WEIGHTS['paper']`, an uncalibrated placeholder:
+            see `bench/div_scale.py` and docs/configs.md; sweep `weight=` on validation).
   weight    lambda; < 0 (default) = the variant's value above.
   seed      run seed (the poster reports mean +- std over seeds).
   agreement P(digit = label) in train / `*_id` (0.9 as in the poster).
@@ -38,10 +38,10 @@ bias, CLS token, learned position embedding: 506,306 parameters, as theirs. Thei
 `nn.Linear` with PyTorch's default init; we use the same (`head_zeroinit=False,
 head_init='pytorch'`) because with a zero head the top logit does not depend on the input, so
 DIV's input gradients, its value and its parameter gradients are exactly zero at step 0 and the
-regularizer only starts once cross-entropy has moved the head. Remaining differences, kept as
-in the rest of the library: their position embedding and CLS token start from N(0, 1) (ours
-N(0, 0.02) and zeros), their LayerNorm eps is 1e-5 (ours 1e-6) and their GELU is exact (flax's
-default is the tanh approximation).
+regularizer only starts once cross-entropy has moved the head. The MLP's GELU is exact, as
+PyTorch's (`gelu_approximate=False`). Remaining differences, kept as in the rest of the
+library: their position embedding and CLS token start from N(0, 1) (ours N(0, 0.02) and
+zeros) and their LayerNorm eps is 1e-5 (ours 1e-6).
 """
 
 from vitreg_jax import config_lib
@@ -51,7 +51,7 @@ DIV_VARIANTS = ("code", "paper")
 # The authors' MNIST-CIFAR ViT (module docstring): 506,306 parameters with 2 classes.
 AUTHORS_MODEL = dict(patch_size=4, width=64, depth=6, num_heads=4, head_dim=64, mlp_dim=128,
                      qkv_bias=False, classifier="token", posemb="learn", head_zeroinit=False,
-                     head_init="pytorch")
+                     head_init="pytorch", gelu_approximate=False)
 
 
 def get_config(arg=None):

@@ -307,6 +307,8 @@ def test_how_vits_work_variants():
   alternet = get("how_vits_work", "model=alternet")
   model, *_ = build(alternet)
   assert model.block_kinds().count("msa") == 6      # Alter-ResNet-50: 0 + 1 + 3 + 2 MSAs
+  # The authors' AttentionBlockB in 4 x 4 windows (7 does not divide the 16/8/4 CIFAR maps).
+  assert model.msa_block == "authors" and alternet.model.msa_window == 4
   robust = get("how_vits_work", "model=resnet,robustness")
   assert robust.data.name == "cifar100_corrupted" and len(robust.data.corruptions) == 15
   with pytest.raises(ValueError, match="model=vit only"):

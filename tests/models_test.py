@@ -173,6 +173,9 @@ def test_arvit_paper_and_code_variants():
   code = models.create('arvit', 7, **TINY_ARVIT, variant='code')
   assert (paper.mlp_dim, paper.posemb_scale, paper.pre_head_norm) == (0, 1.0, False)
   assert (code.mlp_dim, code.posemb_scale, code.pre_head_norm) == (256, 0.3, True)
+  assert (code.norm, code.activation, code.posemb, code.posemb_at) == (
+      'post', 'relu', 'sincos2d_detr', 'qkv')
+  assert (code.dropout, code.attn_dropout) == (0.1, 0.1)
   vp, vc = np_init(paper, x, 1), np_init(code, x, 1)
   mlp_p = vp['params']['Transformer']['encoderblock_0']['MlpBlock_0']
   mlp_c = vc['params']['Transformer']['encoderblock_0']['MlpBlock_0']
@@ -195,6 +198,38 @@ def test_arvit_paper_and_code_variants():
   _, o2 = models.create('arvit', 7, **TINY_ARVIT, posemb_scale=0.3).apply(vp, zero)
   np.testing.assert_allclose(o2['block0']['input'] - bias, 0.3 * (o1['block0']['input'] - bias),
                              atol=1e-6)
+
+
+def test_arvit_code_variant_is_the_authors_encoder():
+  # Their similarity model at 256 px, 10 classes (region_similarity_based/ARViT): patch Conv2d
+  # 3*16*16*512 + 512 = 393,728; per layer in_proj 3 * 512^2 + 3 * 512 = 787,968, out_proj
+  # 262,656, linear1 512 * 256 + 256 = 131,328, linear2 256 * 512 + 512 = 131,584, two
+  # LayerNorms 2,048 -> 1,315,584, x 6 = 7,893,504; LayerNorm 1,024; head 256 * 512 * 10 + 10.
+  code = models.create('arvit', 10, variant='code')
+  assert (code.width, code.num_heads) == (512, 8)
+  expected = 393_728 + 6 * 1_315_584 + 1_024 + 256 * 512 * 10 + 10
+  assert _count(code, (256, 256)) == expected == 9_598_986
+  # The position encoding enters every block's q/k/v, not the tokens: block 0's input is the
+  # patch embedding itself.
+  tiny = models.create('arvit', 7, **TINY_ARVIT, variant='code')
+  x = _images()
+  variables = np_init(tiny, x, 1)
+  _, out = tiny.apply(variables, x)
+  conv = variables['params']['embedding']
+  patches = jax.lax.conv_general_dilated(
+      jnp.asarray(x), conv['kernel'], (8, 8), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv['bias']
+  np.testing.assert_allclose(out['block0']['input'], patches.reshape(2, 16, 24), atol=1e-4)
+  # Post-norm: every block output is LayerNorm'd (zero mean over channels before the affine).
+  ln = variables['params']['Transformer']['encoderblock_0']['LayerNorm_1']
+  z = (out['block0']['output'] - ln['bias']) / ln['scale']
+  np.testing.assert_allclose(z.mean(-1), 0.0, atol=1e-4)
+  # Dropout (0.1, incl. the attention probabilities) only while training.
+  eval1, _ = tiny.apply(variables, x)
+  eval2, _ = tiny.apply(variables, x)
+  train, _ = tiny.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_array_equal(eval1, eval2)
+  assert not np.allclose(train, eval1, atol=1e-4)
 
 
 def test_arvit_shares_attention_features():

@@ -618,3 +618,27 @@ def test_with_library_vit_in_bfloat16():
   assert value16.dtype == jnp.float32 and float(value32) > 1e-3
   np.testing.assert_allclose(value16, value32, rtol=0.1)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_div_is_exactly_zero_at_init_with_a_zero_head_and_not_with_pytorch_init():
+  """Why configs/mnist_cifar.py uses PyTorch's head init: with a zero head, p* is the bias
+  alone, so the per-head input gradients, DIV and DIV's parameter gradients are all 0."""
+  from vitreg_jax import models
+  images = np.random.RandomState(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  entry = dict(name='div', weight=1.0, layers=(-1,), normalize=True, reduction='mean')
+  for head, expect_zero in (('zeros', True), ('pytorch', False)):
+    model = models.create('vit', 2, width=16, depth=2, mlp_dim=16, num_heads=2, head_dim=8,
+                          qkv_bias=False, patch_size=4, head_zeroinit=head == 'zeros',
+                          head_init='pytorch')
+    variables = model.init(jax.random.key(0), images)
+    reg = R.build([entry], model)
+
+    def total(params):
+      return reg({'params': params}, images)[2]
+
+    value, grads = jax.value_and_grad(total)(variables['params'])
+    grad_norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
+    if expect_zero:
+      assert float(value) == 0.0 and grad_norm == 0.0
+    else:
+      assert float(value) > 0.0 and grad_norm > 0.0
