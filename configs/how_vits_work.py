@@ -52,12 +52,13 @@ clipping at global norm 5, label smoothing 0.1; data: pad-4 random crop and hori
 RandAugment `rand-m9-n2-mstd1.0` (timm's policy, `vitreg_jax/data/randaugment.py`),
 Mixup (alpha 1.0) or CutMix (alpha 0.8) on every batch (`vitreg_jax/data/mixing.py`),
 normalization with the CIFAR mean/std of their configs; the ViT with patch 2 and stochastic
-depth 0.1. Differences that remain: their warmup epochs come before the 300 cosine epochs
-(here the 5 are inside the 300), their ViT is timm's `VisionTransformer` without q/k/v bias,
-and stochastic depth 0.1 is applied to the ViT and to AlterNet's MSA blocks only (our
+depth 0.1 and no q/k/v bias (timm's `VisionTransformer(qkv_bias=False)` in their code).
+Differences that remain: their warmup epochs come before the 300 cosine epochs
+(here the 5 are inside the 300), and stochastic depth 0.1 is applied to the ViT and to AlterNet's MSA blocks only (our
 `resnet` and AlterNet's conv blocks have none).
 
-The Hessian and Fourier analyses are separate tools (ROADMAP), not configs.
+The Hessian, Fourier and noise analyses are commands over a trained run's workdir
+(`python -m vitreg_jax.analysis.hessian --workdir=DIR`, docs/analysis.md), not configs.
 """
 
 from vitreg_jax import config_lib
