@@ -119,7 +119,7 @@ def fits(model, tx, num_classes, batch, image, limit_bytes) -> bool:
   return used <= limit_bytes
 
 
-def max_batch(model, tx, num_classes, image, start, limit_bytes, max_tries=8):
+def max_batch(model, tx, num_classes, image, start, limit_bytes, max_tries=6):
   """Largest batch (multiple of 8) whose step fits: doubling from `start`, then bisection."""
   lo, hi, tries = 0, None, 0
   b = start

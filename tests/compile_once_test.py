@@ -37,7 +37,7 @@ class _Compiles(logging.Handler):
     self.names = []
 
   def emit(self, record):
-    match = re.match(r"Compiling (\S+)", record.getMessage())
+    match = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
     if match:
       self.names.append(match.group(1))
 

@@ -25,7 +25,7 @@ TINY = {
     'arvit': ((2, 32, 32, 3), dict(width=24, depth=2, num_heads=2, patch_size=16)),
     'resnet': ((2, 16, 16, 3), dict(depth=18, width=8)),
     'alternet': ((2, 16, 16, 3), dict(width=8, blocks_per_stage=(1, 2), msa_per_stage=(0, 1),
-                                      heads=(1, 2), head_dim=8)),
+                                      heads=(1, 2), head_dim=8, msa_window=4)),
 }
 PRODUCTS = ('dot_general', 'conv_general_dilated')
 

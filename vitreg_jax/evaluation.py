@@ -57,9 +57,10 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
                                global_batch_size=config.eval_batch_size or config.batch_size)
   for batch in it:
     gbatch = shd.to_global({"image": batch["image"], "label": batch["label"]}, mesh)
-    res = multihost_utils.process_allgather(eval_fn(state, gbatch, head_mask), tiled=True)
-    preds.append(np.asarray(res["pred"]))
-    losses.append(np.asarray(res["loss"]))
+    # Results stay on the device (no per-batch host sync); fetched once after the loop.
+    res = eval_fn(state, gbatch, head_mask)
+    preds.append(res["pred"])
+    losses.append(res["loss"])
     host = multihost_utils.process_allgather(
         {k: np.asarray(v) for k, v in batch.items() if k != "image"}, tiled=True)
     for k, v in host.items():
@@ -67,7 +68,9 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
   if not preds:
     raise ValueError(f"Eval split {split!r} of dataset {config.data.name!r} is empty.")
   arrays = {k: np.concatenate(v) for k, v in arrays.items()}
-  return classification_metrics(np.concatenate(preds), np.concatenate(losses), arrays)
+  preds, losses = multihost_utils.process_allgather((preds, losses), tiled=True)
+  return classification_metrics(np.concatenate([np.asarray(p) for p in preds]),
+                                np.concatenate([np.asarray(l) for l in losses]), arrays)
 
 
 def evaluate_splits(state, config, info, *, mesh, eval_fn, head_mask=None) -> dict:

@@ -4,8 +4,10 @@
 evaluation's metrics. Every `config.log_every_steps` it averages the train measurements and
 writes them, with the learning rate, to clu's writers (TensorBoard events + the log) and to
 `WORKDIR/metrics.jsonl`, one JSON object per line, `{"step", "split", **metrics}`, that a
-report can read back. A step's measurements are read on the host one step late, so the host
-never stalls the device; a non-finite step stops the run with `NonFiniteLossError`.
+report can read back. Nothing a step returns is read on the host per step: the first
+non-finite step is recorded on the device (`inflight.StepMonitor`) and read at logging and
+checkpoint time, so several steps stay in flight; a non-finite step stops the run with
+`NonFiniteLossError` naming it.
 """
 
 import json
@@ -15,6 +17,11 @@ import time
 from absl import logging
 import jax
 import numpy as np
+
+from vitreg_jax import inflight
+
+# Steps the host may dispatch ahead of the device (each queued step holds a batch).
+STEPS_IN_FLIGHT = 3
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,19 +69,16 @@ class Reporter:
     self.log_every, self.total_steps = config.log_every_steps, total_steps
     self.schedule, self.checkpointer = schedule, checkpointer
     self._start = time.time()
-    self._pending, self._done = None, []  # The newest step's and the older steps' since the last summary.
+    self._monitor = inflight.StepMonitor(max_in_flight=STEPS_IN_FLIGHT)
 
   def train(self, step: int, measured: dict) -> None:
     """Takes the measurements of `step` (1-based count); writes the summary on schedule."""
-    if self._pending is not None:  # The previous step has finished by now: check it.
-      self._check(*self._pending)
-      self._done.append(self._pending[0])
-    self._pending = (measured, step)
+    self._monitor.record(step, measured)  # No host sync.
     for hook in self.hooks:
       hook(step)
     if step % self.log_every == 0 or step == self.total_steps:
       self.check_finite()
-      logged = jax.device_get(self._done)
+      logged = self._monitor.take_log()
       summary = {k: float(np.mean([m[k] for m in logged])) for k in logged[0] if k != "finite"}
       summary["lr"] = float(self.schedule(step - 1))
       # Wall time of this session's loop (compilation and evals included); it restarts at 0
@@ -82,24 +86,20 @@ class Reporter:
       summary["elapsed_s"] = time.time() - self._start
       self.writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
       self.jsonl.write(step, "train", summary)
-      self._done = []
 
   def check_finite(self) -> None:
     """Raises `NonFiniteLossError` unless every step so far was finite (call before saving)."""
-    if self._pending is not None:
-      self._check(*self._pending)
-      self._done.append(self._pending[0])
-      self._pending = None
+    self._monitor.check(self._raise)
 
-  def _check(self, measured, step):
-    if not bool(measured["finite"]):
-      self.checkpointer.wait()
-      raise NonFiniteLossError(
-          f"Non-finite loss or gradient at step {step} (loss={float(measured['loss'])}, "
-          f"grad_norm={float(measured['grad_norm'])}). Training stopped; the last good "
-          f"checkpoint (step {self.checkpointer.latest_step()}) is kept in "
-          f"{self.checkpointer.directory}. Lower config.optimizer.lr, add "
-          "config.optimizer.grad_clip_norm, or check the data.")
+  def _raise(self, step, measured):
+    self.checkpointer.wait()
+    values = "" if measured is None else (
+        f" (loss={float(measured['loss'])}, grad_norm={float(measured['grad_norm'])})")
+    raise NonFiniteLossError(
+        f"Non-finite loss or gradient at step {step}{values}. Training stopped; the last good "
+        f"checkpoint (step {self.checkpointer.latest_step()}) is kept in "
+        f"{self.checkpointer.directory}. Lower config.optimizer.lr, add "
+        "config.optimizer.grad_clip_norm, or check the data.")
 
   def eval(self, step: int, results: dict) -> None:
     """Writes `{split: metrics}` of an evaluation at `step`."""

@@ -17,6 +17,7 @@ import ml_collections
 from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import evaluation
+from vitreg_jax import inflight
 from vitreg_jax import optim
 from vitreg_jax import pretrained
 from vitreg_jax import reporting
@@ -73,13 +74,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       s, config, info, mesh=mesh, eval_fn=eval_fn, head_mask=steps.all_heads_mask(model))
   report = reporting.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
-  train_iter = data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                        seed=config.seed, start_step=start_step)
+  # The next batches are transferred while a step runs (vitreg_jax/inflight.py).
+  train_iter = inflight.prefetch_to_device(
+      data.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                               seed=config.seed, start_step=start_step), mesh, size=2)
 
   with ckpt_lib.PreemptionFlag() as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, measured = train_fn(state, device_batch(next(train_iter), mesh))
+        state, measured = train_fn(state, next(train_iter))
       report.train(step, measured)
       if step % config.eval_every_steps == 0 and step < total_steps:
         report.eval(step, evaluate_all(state))
