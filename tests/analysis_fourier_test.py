@@ -12,7 +12,7 @@ TINY = {
     "vit": dict(width=8, depth=2, mlp_dim=8, num_heads=2, patch_size=2),
     "arvit": dict(width=8, depth=2, num_heads=2, patch_size=2),
     "resnet": dict(depth=18, width=2),
-    "alternet": dict(blocks_per_stage=(1, 2), msa_per_stage=(0, 1), heads=(1, 1), head_dim=2, msa_window=None,
+    "alternet": dict(blocks_per_stage=(1, 2), msa_per_stage=(0, 1), heads=(1, 1), head_dim=2, msa_window=4,
                      width=2),
 }
 
