@@ -94,12 +94,12 @@ def map_names(model, variables, image_shape) -> List[tuple]:
   """`(name, kind)` of every feature map, without computing it (abstract evaluation)."""
   names = []
 
-  def trace(x):
-    maps = feature_maps(model, variables, x)
+  def trace(v, x):
+    maps = feature_maps(model, v, x)
     names.extend((m["name"], m["kind"]) for m in maps)
     return [m["map"] for m in maps]
 
-  jax.eval_shape(trace, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  jax.eval_shape(trace, variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   return names
 
 
@@ -164,9 +164,7 @@ def plot_spectra(results: List[dict], path: str) -> str:
     ax.set(title=r["label"], xlabel="frequency (x pi)", ylabel="delta log amplitude")
   sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
   fig.colorbar(sm, ax=axes[0].tolist(), label="normalized depth (dashed: after MSA)")
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return runs.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main

@@ -119,8 +119,7 @@ def write_json(path: str, obj) -> str:
 
 
 def save_figure(fig, path: str) -> str:
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=90, bbox_inches="tight")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   plt.close(fig)
   return path

@@ -1,0 +1,81 @@
+"""Cost of the Hessian analysis; prints one JSON object.
+
+    python bench/analysis.py [--batch 32] [--num_batches 10] [--top_k 5] [--max_iter 100]
+        [--repeats 5] [--image 224] [--skip_spectrum]
+
+Model: ViT-Ti/16 (5.7 M parameters) at `--image` px, 1000 classes, random weights, a
+random batch of `--batch` images (the figures do not depend on the data).
+
+* `hvp_over_grad`: median time of one Hessian-vector product (forward-over-reverse, as
+  `vitreg_jax.analysis.hessian.hvp`) / one gradient of the same objective, same batch and
+  model, both jitted and timed after compilation, round-robin over `--repeats` rounds so load
+  drifts hit both alike. Target <= 2.5.
+* `spectrum_seconds`: wall time of the top-`--top_k` power-iteration spectrum over
+  `--num_batches` batches (`hessian.analyse`'s jitted per-batch function; compile excluded,
+  reported apart as `spectrum_compile_seconds`), with `products` the HVPs it used.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vitreg_jax import models
+from vitreg_jax.analysis import hessian
+
+
+def timed(fn, *args):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--image", type=int, default=224)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--num_batches", type=int, default=10)
+  p.add_argument("--top_k", type=int, default=5)
+  p.add_argument("--max_iter", type=int, default=100)
+  p.add_argument("--skip_spectrum", action="store_true")
+  a = p.parse_args()
+
+  model = models.create("vit", 1000, variant="Ti/16", head_zeroinit=False)
+  key = jax.random.PRNGKey(0)
+  shape = (a.batch, a.image, a.image, 3)
+  variables = jax.jit(model.init)(key, jnp.zeros(shape))
+  loss, theta = hessian.make_objective(model, variables, weight_decay=1e-4)
+  batch = {"image": jax.random.normal(key, shape),
+           "label": jax.random.randint(key, (a.batch,), 0, 1000)}
+  v = jax.random.normal(jax.random.PRNGKey(1), theta.shape)
+  grad = jax.jit(jax.grad(loss))
+  hvp = jax.jit(lambda t, b, v: hessian.hvp(loss, t, b, v))
+  timed(grad, theta, batch), timed(hvp, theta, batch, v)  # compile
+  times = {"grad": [], "hvp": []}
+  for _ in range(a.repeats):
+    times["grad"].append(timed(grad, theta, batch))
+    times["hvp"].append(timed(hvp, theta, batch, v))
+  med = {k: statistics.median(t) for k, t in times.items()}
+  res = dict(model="ViT-Ti/16", image=a.image, batch=a.batch, num_params=int(theta.size),
+             backend=jax.default_backend(), devices=jax.device_count(),
+             grad_seconds=med["grad"], hvp_seconds=med["hvp"],
+             hvp_over_grad=med["hvp"] / med["grad"])
+  if not a.skip_spectrum:
+    analyse = hessian.make_batch_analysis(loss, theta.size, top_k=a.top_k, max_iter=a.max_iter)
+    res["spectrum_compile_seconds"] = timed(analyse, theta, batch, key)
+    start, products = time.perf_counter(), 0
+    for i in range(a.num_batches):
+      b = {"image": jax.random.normal(jax.random.fold_in(key, i), shape), "label": batch["label"]}
+      products += int(jax.device_get(analyse(theta, b, jax.random.fold_in(key, i)))[
+          "products"].sum())
+    res.update(spectrum_seconds=time.perf_counter() - start, num_batches=a.num_batches,
+               top_k=a.top_k, max_iter=a.max_iter, products=products)
+  print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+  main()
