@@ -204,9 +204,20 @@ class Group:
     return [v for v in vals if v is not None and math.isfinite(v)]
 
 
+# Bookkeeping fields: runs differing only in these (and the seed) are the same experiment.
+IGNORED = ("seed", "keep_checkpoints", "checkpoint_every_steps", "log_every_steps",
+           "eval_every_steps", "eval_batch_size", "profile", "head_eval", "sharding")
+
+
+def _short(key: str, value):
+  if key == "regularizers":  # e.g. div(100)+distance(0.01)
+    return "+".join(f"{r.get('name')}({r.get('weight')})" for r in value) or "none"
+  return value
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
   """Groups by config minus seed; labels each group by the fields that differ between groups."""
-  flat = [_flatten({k: v for k, v in r.config.items() if k != "seed"}) for r in runs]
+  flat = [_flatten({k: v for k, v in r.config.items() if k not in IGNORED}) for r in runs]
   groups: dict[str, Group] = {}
   keys = {}
   for run, f in zip(runs, flat):
@@ -220,7 +231,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
             and not (k.startswith("model.") and not all(k in f for f in keys.values()))]
   for key, group in groups.items():
     f = keys[key]
-    group.label = ", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in differ) \
+    group.label = ", ".join(f"{k}={_short(k, json.loads(f[k])) if k in f else '-'}"
+                            for k in differ) \
         or os.path.basename(group.runs[0].workdir.rstrip("/"))
     group.runs.sort(key=lambda r: (r.seed is None, r.seed))
   return sorted(groups.values(), key=lambda g: g.label)
