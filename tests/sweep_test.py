@@ -29,7 +29,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   # An argument axis and a config-field axis (passed as --config.total_steps=2).
-  return sweep.product(reg=("erm", "div"), **{"config.total_steps": (2,)})
+  return sweep.product(reg=("erm", "div"), **{{"config.total_steps": (2,)}})
 '''
 
 

@@ -381,8 +381,8 @@ def _poster_splits(name: str, splits) -> tuple:
 
 def poster_table(groups) -> Table | None:
   """The poster's Tables 1-2: ID / OOD accuracy per method, +SEL rows from heads.json."""
-  groups = [g for g in groups if g.config.get("data", {}).get("name")
-            in ("mnist_cifar", "waterbirds", "dominoes")]
+  groups = [g for g in groups if g.config.get("model_name") == "vit"
+            and g.config.get("data", {}).get("name") in ("mnist_cifar", "waterbirds", "dominoes")]
   if not groups:
     return None
   header = ["dataset", "method", "seeds", "status", "ID acc.", "paper ID", "diff",
