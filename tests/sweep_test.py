@@ -28,8 +28,8 @@ def get_config(arg=None):
   return config
 
 def get_sweep(arg=None):
-  # An argument axis and a config-field axis (passed as --config.total_steps=2).
-  return sweep.product(reg=("erm", "div"), **{{"config.total_steps": (2,)}})
+  # Argument axes and a config-field axis (passed as --config.optimizer.lr=0.002).
+  return sweep.product(reg=("erm", "div"), steps=(2,), **{{"config.optimizer.lr": (0.002,)}})
 '''
 
 
@@ -93,7 +93,7 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
   root = str(tmp_path / "root")
   assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
   rows = sweep.plan(sweep_file, root)
-  assert [r[1] for r in rows] == ["reg=erm,total_steps=2", "reg=div,total_steps=2"]
+  assert [r[1] for r in rows] == ["reg=erm,steps=2,optimizer.lr=0.002", "reg=div,steps=2,optimizer.lr=0.002"]
   assert [r[4] for r in rows] == ["done", "done"]
   for _, _, workdir, *_ in rows:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -102,7 +102,7 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
     with open(os.path.join(workdir, "config.json")) as f:
       config = json.load(f)
     assert config["total_steps"] == 2 and config["model"]["width"] == 16
-    assert config["data"]["num_val"] == 32
+    assert config["data"]["num_val"] == 32 and config["optimizer"]["lr"] == 0.002
   assert json.load(open(os.path.join(rows[1][2], "config.json")))["regularizers"][0]["name"] == "div"
   capsys.readouterr()
 
@@ -113,7 +113,8 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
   before = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
   out = capsys.readouterr().out
-  assert "reg=erm,total_steps=2: resuming" in out and "reg=div,total_steps=2: done, skipped" in out
+  assert "reg=erm,steps=2,optimizer.lr=0.002: resuming" in out
+  assert "reg=div,steps=2,optimizer.lr=0.002: done, skipped" in out
   after = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   new = [json.loads(l) for l in after[len(before):]]
   assert new and all(l["split"] != "train" and l["step"] == 2 for l in new)

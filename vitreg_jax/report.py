@@ -227,8 +227,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
   all_keys = sorted({k for f in keys.values() for k in f})
   differ = [k for k in all_keys
             if len({f.get(k) for f in keys.values()}) > 1
-            # A model field of one family only is implied by model_name.
-            and not (k.startswith("model.") and not all(k in f for f in keys.values()))]
+            # A nested field some runs lack (one model family's, or a default saved by a
+            # newer version) is implied by the fields that do differ.
+            and not ("." in k and not all(k in f for f in keys.values()))]
   for key, group in groups.items():
     f = keys[key]
     group.label = ", ".join(f"{k}={_short(k, json.loads(f[k])) if k in f else '-'}"
