@@ -71,7 +71,11 @@ CASES = (
         "model=vit,local_window=5", "model=vit,local_window=8", "model=resnet",
         "model=resnet,depth=18,dataset=cifar10", "model=alternet", "model=alternet,robustness",
         "model=vit,runlocal", "model=resnet,runlocal", "model=alternet,runlocal",
-        "model=vit,train_split=train[:6%]", "model=vit,patch=4")])
+        "model=vit,train_split=train[:6%]", "model=vit,patch=4")]
+    + [("optimizer_study", a) for a in (
+        "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw,lr=3e-3,wd=0",
+        "model=resnet,opt=adam,data=cifar100", "model=vit,opt=sam,data=cifar100,runlocal")]
+    + [("msa_buildup", a) for a in ("msa=0000", "msa=0012", None, "msa=0011,runlocal")])
 
 
 def load(name):
@@ -283,6 +287,22 @@ def test_waterbirds_div_and_pretrained_init():
   assert dict(config.init_from) == {"path": "/ckpt/ViT-B_16.npz", "kind": "npz"}
   assert config.regularizers[0]["weight"] == 100.0
   assert get("waterbirds").init_from is None
+
+
+def test_optimizer_study_and_msa_buildup_points():
+  sam = get("optimizer_study", "model=resnet,opt=sam")
+  assert sam.optimizer.name == "sam" and sam.optimizer.base == "sgd"
+  assert sam.optimizer.rho == 0.05 and sam.optimizer.momentum == 0.9
+  adamw = get("optimizer_study", "model=vit,opt=adamw,lr=3e-3,wd=0")
+  assert (adamw.optimizer.lr, adamw.optimizer.weight_decay) == (3e-3, 0.0)
+  c100 = get("optimizer_study", "model=vit,opt=adam,data=cifar100")
+  hvw = get("how_vits_work", "model=vit")   # the paper's model and data; only the optimizer
+  assert c100.model == hvw.model and c100.data == hvw.data and c100.optimizer.name == "adam"
+  for msa in ("0000", "0012", "0132"):
+    model, *_ = build(get("msa_buildup", f"msa={msa}"))
+    assert model.block_kinds().count("msa") == sum(map(int, msa))
+  with pytest.raises(ValueError, match="at most"):
+    load("msa_buildup").get_config("msa=0300")
 
 
 def test_how_vits_work_variants():

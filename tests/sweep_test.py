@@ -20,14 +20,16 @@ from vitreg_jax import sweep
 _spec = importlib.util.spec_from_file_location("qs", {os.path.join(ROOT, "configs", "quickstart.py")!r})
 _qs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_qs)
-get_config = _qs.get_config
-
-TINY = {{"config.model.width": 16, "config.model.depth": 1, "config.model.num_heads": 2,
-         "config.model.mlp_dim": 16, "config.data.num_train": 64, "config.data.num_val": 32,
-         "config.batch_size": 16, "config.eval_batch_size": 32}}
+def get_config(arg=None):
+  config = _qs.get_config(arg)   # quickstart, shrunk: a 1-block ViT, tiny splits
+  config.model.update(width=16, depth=1, num_heads=2, mlp_dim=16)
+  config.data.update(num_train=64, num_val=32)
+  config.batch_size, config.eval_batch_size = 16, 32
+  return config
 
 def get_sweep(arg=None):
-  return [dict(p, **TINY) for p in sweep.product(steps=(2,), reg=("erm", "div"))]
+  # Argument axes and a config-field axis (passed as --config.optimizer.lr=0.002).
+  return sweep.product(reg=("erm", "div"), steps=(2,), **{{"config.optimizer.lr": (0.002,)}})
 '''
 
 
@@ -91,7 +93,7 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
   root = str(tmp_path / "root")
   assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
   rows = sweep.plan(sweep_file, root)
-  assert [r[1] for r in rows] == ["steps=2,reg=erm", "steps=2,reg=div"]
+  assert [r[1] for r in rows] == ["reg=erm,steps=2,optimizer.lr=0.002", "reg=div,steps=2,optimizer.lr=0.002"]
   assert [r[4] for r in rows] == ["done", "done"]
   for _, _, workdir, *_ in rows:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -100,6 +102,7 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
     with open(os.path.join(workdir, "config.json")) as f:
       config = json.load(f)
     assert config["total_steps"] == 2 and config["model"]["width"] == 16
+    assert config["data"]["num_val"] == 32 and config["optimizer"]["lr"] == 0.002
   assert json.load(open(os.path.join(rows[1][2], "config.json")))["regularizers"][0]["name"] == "div"
   capsys.readouterr()
 
@@ -110,7 +113,8 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
   before = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
   out = capsys.readouterr().out
-  assert "steps=2,reg=erm: resuming" in out and "steps=2,reg=div: done, skipped" in out
+  assert "reg=erm,steps=2,optimizer.lr=0.002: resuming" in out
+  assert "reg=div,steps=2,optimizer.lr=0.002: done, skipped" in out
   after = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   new = [json.loads(l) for l in after[len(before):]]
   assert new and all(l["split"] != "train" and l["step"] == 2 for l in new)

@@ -204,9 +204,20 @@ class Group:
     return [v for v in vals if v is not None and math.isfinite(v)]
 
 
+# Bookkeeping fields: runs differing only in these (and the seed) are the same experiment.
+IGNORED = ("seed", "keep_checkpoints", "checkpoint_every_steps", "log_every_steps",
+           "eval_every_steps", "eval_batch_size", "profile", "head_eval", "sharding")
+
+
+def _short(key: str, value):
+  if key == "regularizers":  # e.g. div(100)+distance(0.01)
+    return "+".join(f"{r.get('name')}({r.get('weight')})" for r in value) or "none"
+  return value
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
   """Groups by config minus seed; labels each group by the fields that differ between groups."""
-  flat = [_flatten({k: v for k, v in r.config.items() if k != "seed"}) for r in runs]
+  flat = [_flatten({k: v for k, v in r.config.items() if k not in IGNORED}) for r in runs]
   groups: dict[str, Group] = {}
   keys = {}
   for run, f in zip(runs, flat):
@@ -216,11 +227,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
   all_keys = sorted({k for f in keys.values() for k in f})
   differ = [k for k in all_keys
             if len({f.get(k) for f in keys.values()}) > 1
-            # A model field of one family only is implied by model_name.
-            and not (k.startswith("model.") and not all(k in f for f in keys.values()))]
+            # A nested field some runs lack (one model family's, or a default saved by a
+            # newer version) is implied by the fields that do differ.
+            and not ("." in k and not all(k in f for f in keys.values()))]
   for key, group in groups.items():
     f = keys[key]
-    group.label = ", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in differ) \
+    group.label = ", ".join(f"{k}={_short(k, json.loads(f[k])) if k in f else '-'}"
+                            for k in differ) \
         or os.path.basename(group.runs[0].workdir.rstrip("/"))
     group.runs.sort(key=lambda r: (r.seed is None, r.seed))
   return sorted(groups.values(), key=lambda g: g.label)
@@ -369,8 +382,8 @@ def _poster_splits(name: str, splits) -> tuple:
 
 def poster_table(groups) -> Table | None:
   """The poster's Tables 1-2: ID / OOD accuracy per method, +SEL rows from heads.json."""
-  groups = [g for g in groups if g.config.get("data", {}).get("name")
-            in ("mnist_cifar", "waterbirds", "dominoes")]
+  groups = [g for g in groups if g.config.get("model_name") == "vit"
+            and g.config.get("data", {}).get("name") in ("mnist_cifar", "waterbirds", "dominoes")]
   if not groups:
     return None
   header = ["dataset", "method", "seeds", "status", "ID acc.", "paper ID", "diff",
