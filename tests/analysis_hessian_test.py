@@ -20,7 +20,7 @@ TINY = {
     "vit": dict(width=4, depth=1, mlp_dim=4, num_heads=2, patch_size=4, head_zeroinit=False),
     "arvit": dict(width=4, depth=1, num_heads=2, patch_size=4),
     "resnet": dict(depth=18, width=2),
-    "alternet": dict(blocks_per_stage=(1, 2), msa_per_stage=(0, 1), heads=(1, 1), head_dim=2, msa_window=4,
+    "alternet": dict(blocks_per_stage=(1, 2), msa_per_stage=(0, 1), heads=(1, 1), head_dim=2, msa_window=2,
                      width=2),
 }
 
