@@ -8,16 +8,27 @@ is far lower. Runs in a few minutes on a 2-core CPU:
   python -m vitreg_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
-'div', the head-diversity regularizer on the last block), `runlocal` (a 30-step smoke run),
-`model` ('vit', default, or 'resnet': a narrow pre-activation ResNet-18 to contrast with the ViT
-in the analyses of docs/analysis.md; `reg=div` needs the ViT).
+'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
+`runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
+pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analysis.md;
+`reg=div` needs the ViT).
+
+DIV here is the authors' code's normalized variant (per-token cosine of the head input
+gradients, squared, mean over batch x heads x heads: a term in [0, 1]), with the model and
+everything else as in ERM. The paper's raw sum (`normalize=False, reduction='sum'`) is ~1e-9
+on this model, so at any sane weight it changes nothing. The weight was tuned on `val_ood`
+only (docs/heads.md). The zero-initialized head makes every head's gradient, hence DIV's,
+zero at step 0; it acts from the first steps on. `train/reg/div` in the logs is the term.
+
+Per-head figures at every evaluation: `--config.head_eval=-1` (docs/heads.md).
 """
 
 from vitreg_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=600, reg="erm", runlocal=False, model="vit")
+  arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=10.0, runlocal=False,
+                             model="vit")
   config = config_lib.ml_collections.ConfigDict()
   config.seed = 0
   config.model_name = arg.model
@@ -39,9 +50,11 @@ def get_config(arg=None):
   config.optimizer = dict(name="adam", lr=1e-3, grad_clip_norm=1.0)
   config.schedule = dict(name="cosine", warmup_steps=min(50, config.total_steps // 10))
   if arg.reg == "div":
-    config.regularizers = [dict(name="div", weight=1.0, layers=(-1,))]
+    config.regularizers = [dict(name="div", weight=arg.div_weight, layers=(-1,),
+                                normalize=True, reduction="mean")]
   elif arg.reg != "erm":
     raise ValueError(f"reg must be 'erm' or 'div', got {arg.reg!r}.")
+  config.head_eval = ""  # '-1' / 'all': every head's figures at each eval (heads_eval.jsonl)
   config.log_every_steps = 50
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200

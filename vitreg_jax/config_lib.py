@@ -36,7 +36,9 @@ DEFAULTS = dict(
     schedule={"name": "cosine", "warmup_steps": 0},
     label_smoothing=0.0,
     regularizers=[],          # list of dict(name=..., weight=..., layers=..., **options)
-    head_mask=None,           # optional [depth, heads] mask applied while training
+    head_mask=None,           # optional [depth, heads] mask applied while training and
+                              # evaluating: an array, or a head_mask.json / run dir path
+    head_eval="",             # per-head figures at every eval: '' off, '-1', 'all', '0,3'
     init_from=None,           # dict(path, kind, step, reset_head); kind: 'checkpoint' | 'npz'
                               # | 'big_vision' | 'timm' (docs/finetuning.md)
     log_every_steps=50,

@@ -45,14 +45,16 @@ def head_mask_shape(model) -> tuple[int, int] | None:
 
 
 def train_head_mask(config, model):
-  """`config.head_mask` as an array, checked against the model's `[depth, heads]`."""
+  """`config.head_mask` (an array, or a head_mask.json / run dir path) as an array, checked
+  against the model's `[depth, heads]`."""
+  from vitreg_jax import heads  # pylint: disable=g-import-not-at-top
   if config.head_mask is None:
     return None
-  mask, shape = jnp.asarray(config.head_mask, jnp.float32), head_mask_shape(model)
-  if shape is None or mask.shape != shape:
-    raise ValueError(f"config.head_mask has shape {mask.shape}; model "
-                     f"{config.model_name!r} expects [depth, heads] = {shape}.")
-  return mask
+  shape = head_mask_shape(model)
+  if shape is None:
+    raise ValueError(f"config.head_mask needs an attention model; {config.model_name!r} has "
+                     "no heads.")
+  return jnp.asarray(heads.load_head_mask(config.head_mask, shape))
 
 
 def make_forward(model, regularizer_configs):

@@ -17,6 +17,7 @@ import ml_collections
 from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import evaluation
+from vitreg_jax import heads
 from vitreg_jax import inflight
 from vitreg_jax import optim
 from vitreg_jax import pretrained
@@ -70,8 +71,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   num_classes=info.num_classes, head_mask=train_mask,
                                   label_smoothing=config.label_smoothing)
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes)
-  evaluate_all = lambda s: evaluation.evaluate_splits(
-      s, config, info, mesh=mesh, eval_fn=eval_fn, head_mask=steps.all_heads_mask(model))
+  eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
+  head_eval = heads.training_hook(config, model, info, workdir)  # config.head_eval (heads.py)
+
+  def evaluate_all(s):
+    results = evaluation.evaluate_splits(s, config, info, mesh=mesh, eval_fn=eval_fn,
+                                         head_mask=eval_mask)
+    if head_eval:
+      head_eval(int(s.step), s)
+    return results
   report = reporting.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
   # The next batches are transferred while a step runs (vitreg_jax/inflight.py).

@@ -1,0 +1,227 @@
+"""Head masks, batched per-head evaluation, selection rules, the table and the command."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vitreg_jax import config_lib
+from vitreg_jax import heads
+from vitreg_jax import models
+from vitreg_jax import rundir
+
+import testutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = models.create("vit", 3, width=16, depth=2, mlp_dim=32, num_heads=4, patch_size=4)
+  x = np.random.RandomState(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
+  # The slow reference: one model call per mask (jitted once: masks are array arguments).
+  apply = jax.jit(lambda v, images, mask: model.apply(v, images, head_mask=mask))
+  return model, testutil.np_init(model, x), x, apply
+
+
+def test_head_masks_and_parse_layers():
+  alone, index = heads.head_masks(3, 4, (2,), "alone")
+  assert alone.shape == (4, 3, 4) and index == [(2, h) for h in range(4)]
+  np.testing.assert_array_equal(alone[1][2], [0, 1, 0, 0])
+  np.testing.assert_array_equal(alone[1][:2], np.ones((2, 4)))
+  removed, _ = heads.head_masks(3, 4, (0, 2), "removed")
+  assert removed.shape == (8, 3, 4) and removed[5].sum() == 11 and removed[5][2, 1] == 0
+  assert heads.parse_layers("-1", 4) == (3,) and heads.parse_layers("all", 3) == (0, 1, 2)
+  assert heads.parse_layers("0,-1", 4) == (0, 3)
+  with pytest.raises(ValueError, match="outside the model's 4 blocks"):
+    heads.parse_layers(4, 4)
+
+
+def test_head_alone_is_the_layer_with_the_others_masked_and_rescaled(tiny):
+  model, variables, x, apply = tiny
+  _, full = apply(variables, x, np.ones((2, 4), np.float32))
+  for layer in range(2):
+    alone, index = heads.head_masks(2, 4, (layer,), "alone")
+    for mask, (_, h) in zip(alone, index):
+      _, out = apply(variables, x, mask)
+      z_full = np.asarray(full[f"block{layer}"]["head_out"])
+      z = np.asarray(out[f"block{layer}"]["head_out"])
+      expected = np.zeros_like(z_full)
+      expected[:, :, h] = 4 * z_full[:, :, h]  # Rescaled by heads / kept = 4 / 1.
+      np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
+      if layer == 1:  # The blocks before the masked one are untouched.
+        np.testing.assert_allclose(out["block0"]["output"], full["block0"]["output"],
+                                   rtol=1e-6)
+
+
+def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
+  model, variables, x, apply = tiny
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  alone, _ = heads.head_masks(2, 4, (0, 1), "alone")
+  removed, _ = heads.head_masks(2, 4, (1,), "removed")
+  masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])  # 13 masks
+  evaluator = heads.MaskEvaluator(model, masks_per_pass=5)
+  pred, loss = evaluator(variables, x, labels, masks)
+  assert pred.shape == loss.shape == (13, 6)
+  for i, m in enumerate(masks):
+    logits, _ = apply(variables, x, m)
+    np.testing.assert_array_equal(pred[i], np.argmax(logits, -1))
+    ref = -jax.nn.log_softmax(logits)[np.arange(6), labels]
+    np.testing.assert_allclose(loss[i], ref, rtol=1e-4, atol=1e-5)
+  evaluator(variables, x + 1.0, labels, masks[:1])  # Fewer masks, new data: same shapes.
+  assert evaluator.traces == 1
+
+
+def _additive_score(weights):
+  return lambda masks: np.einsum("mlh,lh->m", masks, weights)
+
+
+def test_greedy_search_finds_the_known_subset():
+  weights = np.zeros((2, 4))
+  weights[1] = [0.3, -0.2, 0.5, -0.1]  # Heads 0 and 2 of layer 1 help, 1 and 3 hurt.
+  mask, score, path = heads.greedy_search(_additive_score(weights), np.ones((2, 4)), (1,))
+  np.testing.assert_array_equal(mask[1], [1, 0, 1, 0])
+  np.testing.assert_array_equal(mask[0], np.ones(4))
+  assert score == pytest.approx(0.8) and len(path) == 3  # Removes 1 then 3.
+  # A non-additive score: closeness to a target subset, reached from a single head.
+  target = np.array([[1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
+  score_fn = lambda masks: -np.abs(masks - target).sum(axis=(1, 2))
+  start = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
+  mask, score, _ = heads.greedy_search(score_fn, start, (1,))
+  np.testing.assert_array_equal(mask, target)
+  assert score == 0
+
+
+def _fake_heads(ood, conflict):
+  rows = []
+  for h, (o, c) in enumerate(zip(ood, conflict)):
+    rows.append({"layer": 1, "head": h, "alone": {
+        "val_ood": {"accuracy": o},
+        "val_id": {"accuracy": 0.9, "conflict_accuracy": c, "conflict_spurious_accuracy": 1 - c}}})
+  return rows
+
+
+def test_selection_rules_on_known_heads():
+  roles = heads.split_roles(("train", "val_id", "val_ood", "test_id", "test_ood"))
+  rows = _fake_heads(ood=[0.6, 0.8, 0.7, 0.5], conflict=[0.3, 0.7, 0.6, 0.2])
+  full = np.ones((2, 4), np.float32)
+  mask, info = heads.select_oracle(rows, roles, full)
+  np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 1, 0, 0]])
+  assert info["head"] == 1 and info["score"] == 0.8
+  mask, info = heads.select_topk(rows, roles, full, k=2)
+  np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])
+  mask, _ = heads.select_topk(rows, roles, full, k=1, score="id_conflict")
+  np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
+  mask, info = heads.select_id_conflict(rows, roles, full)
+  np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])  # Conflict accuracy above 0.5.
+  mask, _ = heads.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles, full)
+  np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])  # None good: keep the best one.
+  assert heads.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
+      "mean_group_accuracy"
+  with pytest.raises(ValueError, match="Cannot tell"):
+    heads.split_roles(("train", "test"))
+
+
+def test_load_head_mask_from_array_file_and_run_dir(tmp_path):
+  mask = np.array([[1, 1], [0, 1]], np.float32)
+  path = heads.save_head_mask(mask, str(tmp_path), rule="oracle")
+  for value in (mask.tolist(), path, str(tmp_path)):
+    np.testing.assert_array_equal(heads.load_head_mask(value, (2, 2)), mask)
+  with pytest.raises(ValueError, match=r"expects \[depth, heads\] = \(3, 2\)"):
+    heads.load_head_mask(path, (3, 2))
+  with pytest.raises(ValueError, match="masks every head of layer"):
+    heads.load_head_mask([[1, 1], [0, 0]], (2, 2))
+  with pytest.raises(FileNotFoundError, match="vitreg_jax.heads"):
+    heads.load_head_mask(str(tmp_path / "none.json"), (2, 2))
+
+
+def _fake_run(root, name, div, test_id, test_ood, wg=None):
+  workdir = os.path.join(root, name)
+  regs = [dict(name="div", weight=10.0, layers=[-1])] if div else []
+  config = config_lib.with_defaults(ml_collections.ConfigDict(
+      dict(total_steps=1, regularizers=regs)))
+  rundir.save_config(config, workdir)
+  figures = lambda i, o: {"test_id": {"accuracy": i}, "test_ood": {
+      "accuracy": o, "mean_group_accuracy": o, "worst_group_accuracy": wg or o}}
+  result = {"dataset": "dominoes", "rule": "oracle",
+            "roles": vars(heads.split_roles(("val_id", "val_ood", "test_id", "test_ood"))),
+            "full": figures(test_id, test_ood), "selected": figures(test_id, test_ood + 0.1)}
+  with open(os.path.join(workdir, "heads.json"), "w") as f:
+    json.dump(result, f)
+  return workdir
+
+
+def test_poster_table_format(tmp_path):
+  runs = [_fake_run(tmp_path, "e0", False, 0.90, 0.70), _fake_run(tmp_path, "e1", False, 0.92, 0.72),
+          _fake_run(tmp_path, "d0", True, 0.88, 0.75)]
+  lines = heads.poster_table(runs).splitlines()
+  assert lines[0] == "| Method | ID Acc. | OOD Acc. | Runs |"
+  assert lines[1] == "|---|---|---|---|"
+  assert lines[2] == "| ViT+ERM | 91.00 ± 1.41 | 71.00 ± 1.41 | 2 |"
+  assert lines[3] == "| ViT+DIV | 88.00 | 75.00 | 1 |"
+  assert lines[4] == "| ViT+ERM+SEL | 91.00 ± 1.41 | 81.00 ± 1.41 | 2 |"
+  assert lines[5] == "| ViT+DIV+SEL | 88.00 | 85.00 | 1 |"
+  assert "test splits" in lines[7] and "oracle" in lines[7]
+  with pytest.raises(FileNotFoundError, match="python -m vitreg_jax.heads"):
+    heads.poster_table([str(tmp_path / "missing")])
+
+
+def test_poster_table_waterbirds_adds_worst_group_and_poster_column(tmp_path):
+  run = _fake_run(tmp_path, "w0", False, 0.96, 0.84, wg=0.7)
+  path = os.path.join(run, "heads.json")
+  result = json.load(open(path))
+  result["dataset"] = "waterbirds"
+  json.dump(result, open(path, "w"))
+  lines = heads.poster_table([run]).splitlines()
+  assert lines[0] == ("| Method | ID Acc. | OOD Acc. | Worst-group Acc. | Runs | "
+                      "Poster ID / OOD |")
+  assert lines[2] == "| ViT+ERM | 96.00 | 84.00 | 70.00 | 1 | 96.55 ± 0.2 / 83.37 ± 0.4 |"
+  assert lines[4].startswith("| ViT+ERM+SEL | 96.00 | 94.00 | 70.00 | 1 |")
+  assert lines[3] == "| ViT+DIV | - | - | - | 0 | 96.99 ± 0.1 / 83.87 ± 0.7 |"
+
+
+def _quickstart_config(**overrides):
+  spec = importlib.util.spec_from_file_location("quickstart",
+                                                os.path.join(ROOT, "configs", "quickstart.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2)
+  config.data.update(num_train=256, num_val=100, num_test=100)
+  config.update(batch_size=32, eval_batch_size=100, total_steps=6, eval_every_steps=3,
+                checkpoint_every_steps=6, log_every_steps=3, head_eval="all", **overrides)
+  return config
+
+
+def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
+  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+  train.train_and_evaluate(_quickstart_config(), workdir)
+  logged = heads.read_head_eval(workdir)  # 2 evals x 4 splits x (full + 4 heads alone).
+  assert len(logged) == 2 * 4 * 5 and {r["step"] for r in logged} == {3, 6}
+  assert heads.main([f"--workdir={workdir}", "--layer=all", "--select=greedy", "--out", out,
+                     "--no_progress"]) == 0
+  result = json.load(open(os.path.join(out, "heads.json")))
+  assert result["rule"] == "greedy" and np.asarray(result["mask"]).shape == (2, 2)
+  assert result["compilations"] == 1  # 9 masks x 4 splits, greedy rounds, selected: 1 jit.
+  assert len(result["heads"]) == 4 and {"layer", "head", "accuracy", "spurious_accuracy"} <= \
+      set(result["heads"][0])
+  assert set(result["heads"][0]["accuracy"]) == {"val_id", "val_ood", "test_id", "test_ood"}
+  assert set(result["full"]) == set(result["selected"]) == set(result["heads"][0]["accuracy"])
+  # The unmasked figures equal the training loop's own final evaluation.
+  final = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
+  assert result["full"][final["split"]]["accuracy"] == pytest.approx(final["accuracy"])
+  assert result["epoch_oracle"]["step"] in (3, 6)
+  assert "| Layer | Head |" in open(os.path.join(out, "heads.md")).read()
+  assert open(os.path.join(out, "heads.png"), "rb").read(4) == b"\x89PNG"
+  # The saved mask trains a model (config.head_mask as a path); a wrong shape is refused.
+  masked = _quickstart_config(head_mask=os.path.join(out, "head_mask.json"), head_eval="",
+                              total_steps=2)
+  train.train_and_evaluate(masked, str(tmp_path / "masked"))
+  bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
+  with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
