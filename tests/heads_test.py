@@ -218,10 +218,8 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
   assert result["epoch_oracle"]["step"] in (3, 6)
   assert "| Layer | Head |" in open(os.path.join(out, "heads.md")).read()
   assert open(os.path.join(out, "heads.png"), "rb").read(4) == b"\x89PNG"
-  # The saved mask trains a model (config.head_mask as a path); a wrong shape is refused.
-  masked = _quickstart_config(head_mask=os.path.join(out, "head_mask.json"), head_eval="",
-                              total_steps=2)
-  train.train_and_evaluate(masked, str(tmp_path / "masked"))
+  # The saved mask is what config.head_mask reads; a wrong shape fails before any compute.
+  np.testing.assert_array_equal(heads.load_head_mask(out, (2, 2)), result["mask"])
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
