@@ -16,9 +16,11 @@ pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analys
 DIV here is the authors' code's normalized variant (per-token cosine of the head input
 gradients, squared, mean over batch x heads x heads: a term in [0, 1]), with the model and
 everything else as in ERM. The paper's raw sum (`normalize=False, reduction='sum'`) is ~1e-9
-on this model, so at any sane weight it changes nothing. The weight was tuned on `val_ood`
-only (docs/heads.md). The zero-initialized head makes every head's gradient, hence DIV's,
-zero at step 0; it acts from the first steps on. `train/reg/div` in the logs is the term.
+on this model, so at any sane weight it changes nothing. Weight 100 is the authors'
+MNIST-CIFAR value for this recipe, not yet tuned here (tune it on `val_ood` only, see
+docs/heads.md). The zero-initialized head makes every head's gradient, hence DIV's, zero at
+step 0; it acts from the first steps on. `train/reg/div` in the logs is the unweighted term
+(seed 0: 2.8e-4 at step 100, 2.6e-5 at step 200, vs cross-entropy 0.62 and 0.26).
 
 Per-head figures at every evaluation: `--config.head_eval=-1` (docs/heads.md).
 """
@@ -27,7 +29,7 @@ from vitreg_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=10.0, runlocal=False,
+  arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=100.0, runlocal=False,
                              model="vit")
   config = config_lib.ml_collections.ConfigDict()
   config.seed = 0
