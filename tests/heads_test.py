@@ -192,8 +192,9 @@ def _quickstart_config(**overrides):
   config = module.get_config("runlocal")
   config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2)
   config.data.update(num_train=256, num_val=100, num_test=100)
-  config.update(batch_size=32, eval_batch_size=100, total_steps=6, eval_every_steps=3,
-                checkpoint_every_steps=6, log_every_steps=3, head_eval="all", **overrides)
+  config.update({**dict(batch_size=32, eval_batch_size=100, total_steps=6, eval_every_steps=3,
+                        checkpoint_every_steps=6, log_every_steps=3, head_eval="all"),
+                 **overrides})
   return config
 
 
@@ -218,8 +219,12 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
   assert result["epoch_oracle"]["step"] in (3, 6)
   assert "| Layer | Head |" in open(os.path.join(out, "heads.md")).read()
   assert open(os.path.join(out, "heads.png"), "rb").read(4) == b"\x89PNG"
-  # The saved mask is what config.head_mask reads; a wrong shape fails before any compute.
+  # The saved mask is what config.head_mask reads.
   np.testing.assert_array_equal(heads.load_head_mask(out, (2, 2)), result["mask"])
+
+
+def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path):
+  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
