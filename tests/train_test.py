@@ -166,10 +166,14 @@ def test_bad_config_fails_fast_naming_valid_choices(tmp_path, overrides, message
 def test_checkpoint_of_another_model_is_rejected(reference, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-  from vitreg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import checkpoint, rundir  # pylint: disable=g-import-not-at-top
+  config = train_worker.load_config({**TINY, "model.width": 48})
+  # The saved config.json names the change first; accepting it, the checkpoint itself is
+  # still refused because its shapes do not fit the new model.
+  with pytest.raises(rundir.ConfigChangedError, match="model.width: 32 -> 48"):
+    train.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
-    train.train_and_evaluate(train_worker.load_config({**TINY, "model.width": 48}),
-                             str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path), accept_config_change=True)
 
 
 def test_init_from_checkpoint_reuses_backbone_and_resets_new_head(reference, tmp_path):

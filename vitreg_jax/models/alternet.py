@@ -121,13 +121,14 @@ class MSABlock(nn.Module):
     y = resnet._norm(train, self.dtype)(y)
     b, h, w, _ = y.shape
     win = int(self.window)
+    windows = to_windows(y, win)  # Checks the window divides the map before any parameter.
     table = self.param('relative_position_bias', nn.initializers.normal(stddev=0.02),
                        (2 * win - 1, 2 * win - 1), jnp.float32)
     index = relative_position_index(win)
     bias = table[index[..., 0], index[..., 1]]  # [w^2, w^2], shared by the heads
     tokens, _ = attention.MultiHeadAttention(
         self.num_heads, qkv_features=self.num_heads * self.head_dim, out_features=out_features,
-        dtype=self.dtype, use_bias=False, name='attention')(to_windows(y, win), bias=bias)
+        dtype=self.dtype, use_bias=False, name='attention')(windows, bias=bias)
     y = from_windows(tokens, (b, h, w), win)
     y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     return shortcut + y
