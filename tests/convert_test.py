@@ -123,8 +123,8 @@ def test_mismatch_errors_name_the_keys(tmp_path):
 
 # ---- Public weights in other layouts: timm state_dicts and big_vision's current ViT ---------
 # The fixtures under tests/fixtures were written once by make_timm_fixture.py (timm's own
-# forward) and make_big_vision_fixture.py (an independent NumPy reference of big_vision's
-# forward: big_vision itself is not installable here; see that script's docstring).
+# forward) and make_big_vision_fixture.py (big_vision's own `vit.Model` from a checkout, its
+# logits also checked against a NumPy restatement; see that script's docstring).
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 TIMM = {'token': 'safetensors', 'noembedcls': 'npz', 'gap': 'safetensors'}
 
