@@ -1,6 +1,6 @@
 """Scale of the two DIV variants on the authors' MNIST-CIFAR model; prints one JSON object.
 
-    python bench/div_scale.py [--seeds 5] [--batch 80]
+    python bench/div_scale.py [--data mnist_cifar|dominoes] [--seeds 5] [--batch 80]
 
 Why: the poster's Table 1 comes from the authors' code (ArmandNM/diverse-vit,
 diverse_vit/losses.py: per-token normalized gradients, mean over B x H x H, no residual around
@@ -15,9 +15,10 @@ lambda. This script measures, for each variant on the model it is trained with
   pushes the parameters as hard as the authors' term does with lambda 100;
 * `weight_paper_by_value = 100 * L_code / L_paper`: the same matched on the loss value.
 
-Inputs are N(0, 1) images of the MNIST-CIFAR shape (64 x 32 x 3, i.e. normalized pixels),
-so the figures are a starting point for a validation sweep (`configs/mnist_cifar.py:
-reg=div,div=paper,weight=W`, choose W on val_id / val_ood), not a tuned value.
+Inputs are N(0, 1) images of the data's shape (normalized pixels; MNIST-CIFAR 64 x 32 x 3,
+the embedded dominoes 32 x 16 x 3): the scale depends on the number of tokens, so each dataset
+has its own. `weight_paper_by_grad` is the `MATCHED_SCALE` of `configs/mnist_cifar.py`; the
+factor applied to it was chosen on validation (its `get_sweep`).
 """
 
 import argparse
@@ -42,9 +43,12 @@ def _mnist_cifar_config(arg):
   return module.get_config(arg)
 
 
-def measure(div: str, seeds, batch: int):
+IMAGE_SHAPES = {'mnist_cifar': (64, 32, 3), 'dominoes': (32, 16, 3)}
+
+
+def measure(div: str, seeds, batch: int, data: str = 'mnist_cifar'):
   """[(unweighted DIV term, global norm of its parameter gradient)] at init, one per seed."""
-  config = _mnist_cifar_config(f'reg=div,div={div}')
+  config = _mnist_cifar_config(f'reg=div,div={div},data={data},weight=1')
   model = models.create('vit', 2, **config.model)
   entry = dict(config.regularizers[0], weight=1.0)
   reg = regularizers.build([entry], model)
@@ -57,7 +61,7 @@ def measure(div: str, seeds, batch: int):
 
   rows = []
   for seed in seeds:  # one compilation, then one call per seed
-    images = jax.random.normal(jax.random.key(1000 + seed), (batch, 64, 32, 3))
+    images = jax.random.normal(jax.random.key(1000 + seed), (batch, *IMAGE_SHAPES[data]))
     params = model.init(jax.random.key(seed), images[:1])['params']
     value, norm = value_and_grad_norm(params, images)
     rows.append((float(value), float(norm)))
@@ -66,12 +70,14 @@ def measure(div: str, seeds, batch: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data', choices=sorted(IMAGE_SHAPES), default='mnist_cifar')
   parser.add_argument('--seeds', type=int, default=5)
   parser.add_argument('--batch', type=int, default=80)
   args = parser.parse_args()
-  rows = {div: measure(div, range(args.seeds), args.batch) for div in ('code', 'paper')}
+  rows = {div: measure(div, range(args.seeds), args.batch, args.data)
+          for div in ('code', 'paper')}
   med = lambda div, i: statistics.median(r[i] for r in rows[div])
-  result = dict(seeds=args.seeds, batch=args.batch,
+  result = dict(data=args.data, seeds=args.seeds, batch=args.batch,
                 L_code=med('code', 0), L_paper=med('paper', 0),
                 grad_code=med('code', 1), grad_paper=med('paper', 1))
   result['weight_paper_by_value'] = 100 * result['L_code'] / result['L_paper']

@@ -256,9 +256,33 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
   np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-5)
   paper = get("mnist_cifar", "reg=div,div=paper")
   (entry,) = paper.regularizers
-  assert entry["weight"] == config_lib.DIV_WEIGHTS["paper"] and "normalize" not in entry
-  assert paper.model.get("last_attn_residual", True)
+  module = load("mnist_cifar")
+  assert entry["weight"] == pytest.approx(
+      module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["mnist_cifar"])
+  assert "normalize" not in entry and paper.model.get("last_attn_residual", True)
   assert get("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
+
+
+def test_mnist_cifar_on_the_embedded_data_and_its_lambda_sweep():
+  config = get("mnist_cifar", "reg=div,div=paper,data=dominoes,steps=300")
+  assert config.data.name == "dominoes" and image_shape(config) == (32, 16, 3)
+  assert config.total_steps == 300 and tuple(config.schedule.boundaries) == (210, 240)
+  module = load("mnist_cifar")
+  assert config.regularizers[0]["weight"] == pytest.approx(
+      module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["dominoes"])
+  model = config.model.to_dict()  # the authors' model, unchanged (with_defaults adds fields)
+  assert {k: model[k] for k in module.AUTHORS_MODEL} == module.AUTHORS_MODEL
+  points = module.get_sweep("data=dominoes,seeds=2")
+  assert len(points) == 12 and {p["seed"] for p in points} == {0, 1}
+  paper = [p for p in points if p.get("div") == "paper"]
+  weights = sorted({float(p["weight"]) for p in paper})
+  np.testing.assert_allclose(np.array(weights) / module.MATCHED_SCALE["dominoes"],
+                             [1, 10, 100, 1000], rtol=0.05)
+  for point in points:  # every point is a valid config of this file
+    arg = ",".join(f"{k}={v}" for k, v in point.items())
+    assert get("mnist_cifar", arg).data.name == "dominoes"
+  with pytest.raises(ValueError, match="data must be one of"):
+    get("mnist_cifar", "data=cifar")
 
 
 def test_mnist_cifar_uses_the_authors_model():
@@ -286,7 +310,12 @@ def test_waterbirds_div_and_pretrained_init():
   assert config.model.variant == "B/16" and image_shape(config) == (224, 224, 3)
   assert dict(config.init_from) == {"path": "/ckpt/ViT-B_16.npz", "kind": "npz"}
   assert config.regularizers[0]["weight"] == 100.0
+  assert config.regularizers[0]["normalize"]  # the authors' recipe by default (docstring)
   assert get("waterbirds").init_from is None
+  with pytest.raises(ValueError, match=r"div=paper on Waterbirds needs an explicit lambda"):
+    get("waterbirds", "reg=div,div=paper")
+  paper = get("waterbirds", "reg=div,div=paper,weight=5e9").regularizers[0]
+  assert paper["weight"] == 5e9 and "normalize" not in paper
 
 
 def test_optimizer_study_and_msa_buildup_points():
