@@ -7,6 +7,7 @@ checkpoint, so the interruption point is deterministic.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,21 +134,51 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(reference, tmp_path):
+def _run_two(workdir, actions=(None, None), *args, timeout=240):
+  """Runs the worker as two JAX processes on localhost; returns [(returncode, stdout, stderr)]."""
   coordinator = f"localhost:{_free_port()}"
   procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(tmp_path), json.dumps(TINY),
-       f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+      [sys.executable, WORKER, str(workdir), json.dumps(TINY),
+       f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}",
+       *([actions[i]] if actions[i] else []), *args],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu")) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    outs = [p.communicate() for p in procs]
+    pytest.fail(f"the two processes hung:\n{outs[0][1][-2000:]}\n---\n{outs[1][1][-2000:]}")
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def test_two_processes_match_one_process(reference, tmp_path):
+  runs = _run_two(tmp_path)
+  for rc, _, err in runs:
+    assert rc == 0, err[-3000:]
   # Each process fed half of every global batch; the result equals one process feeding all.
   _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1], atol=1e-5)
-  results = json.loads(outs[0][0].split("RESULTS ", 1)[1])
+  results = json.loads(runs[0][1].split("RESULTS ", 1)[1])
   np.testing.assert_allclose(results["val_id"]["accuracy"],
                              reference[1]["val_id"]["accuracy"], atol=1e-6)
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(reference, tmp_path):
+  # Only process 1 gets SIGTERM (right after its step-4 save); JAX's preemption sync point
+  # makes both save the same later step and exit cleanly, without a hang. Steps are paced
+  # (0.3 s) as a real model's would be: the sync protocol runs beside them.
+  runs = _run_two(tmp_path, (None, "term:4"), "--step_seconds=0.3")
+  saved = []
+  for rc, _, err in runs:
+    assert rc == 0, err[-3000:]
+    saved.append(int(re.search(r"Preempted: saved step (\d+)", err).group(1)))
+  assert saved[0] == saved[1] and 4 < saved[0] < 12, saved
+  assert _final_params(tmp_path)[0] == saved[0]
+  resumed = _run(tmp_path)  # One process resumes it (cheaper; any topology restores).
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from step {saved[0]}" in resumed.stderr
+  _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -222,3 +253,35 @@ def test_resume_with_changed_config_is_refused_naming_fields(reference, tmp_path
   accepted = rundir.check_resume_config(
       config_lib.with_defaults(train_worker.load_config(changed)), str(tmp_path), accept=True)
   assert {"seed", "optimizer.lr", "total_steps"} <= set(accepted)
+
+
+def test_truncated_newest_checkpoint_is_skipped_and_set_aside(reference, tmp_path, caplog):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+  # Truncate the biggest file of the newest checkpoint (step 12), as a full disk would.
+  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "12")
+           for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  caplog.set_level("INFO")
+  train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
+  assert re.search(r"Skipping the checkpoint of step 12 .*cannot be read \(\w+", caplog.text)
+  assert "Resumed from step 8" in caplog.text
+  assert os.path.isdir(tmp_path / "checkpoints.skipped" / "12")
+  # Resumed from step 8: the same parameters as the uninterrupted run.
+  _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1])
+
+
+def test_kill_during_async_save_resumes_from_previous_step(reference, tmp_path, caplog):
+  killed = _run(tmp_path, None, "killsave:8")
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  names = os.listdir(tmp_path / "checkpoints")
+  assert "8" not in names and any(n.startswith("8.orbax-checkpoint-tmp") for n in names), names
+  caplog.set_level("INFO")
+  train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
+  assert re.search(r"Removing the unfinished checkpoint save \S*/8\.orbax-checkpoint-tmp",
+                   caplog.text)
+  assert "Resumed from step 4" in caplog.text
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+  _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1])

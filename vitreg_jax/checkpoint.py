@@ -6,8 +6,13 @@ position and a fingerprint of the model config. Before restoring, the saved tree
 with the one the current config builds, so a checkpoint of another model fails with a message
 naming the mismatching parameters instead of an opaque orbax error.
 
-Saves are asynchronous; SIGTERM (a preemption on SLURM / GKE / TPU VMs) sets a flag that the
-training loop polls, so it saves the current step and exits cleanly.
+Saves are asynchronous and atomic (orbax writes `<step>.orbax-checkpoint-tmp*` and renames it
+when complete). Resuming removes unfinished saves (a process killed during a save) and skips a
+checkpoint that cannot be read (a truncated file, missing metadata), falling back to the newest
+readable one; each is logged with the reason.
+
+Preemption (SIGTERM on SLURM / GKE / TPU VMs): every process saves the same step, then the
+loop exits cleanly (`Preemption`).
 """
 
 import json
@@ -24,12 +29,17 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir was written for a different model or optimizer."""
 
 
+class CorruptCheckpointError(IOError):
+  """A checkpoint's files are missing or unreadable."""
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the training state."""
 
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000,
                async_save: bool = True):
     self.directory = directory
+    _log_unfinished_saves(directory)
     # Registering the handlers lets a fresh process read the saved tree's metadata
     # (for the mismatch check) before anything is restored.
     self.manager = ocp.CheckpointManager(
@@ -38,6 +48,7 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(int(save_every), 1), create=True,
+            cleanup_tmp_directories=True,  # Unfinished saves (_log_unfinished_saves).
             enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
@@ -55,28 +66,59 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores `(state, meta)` at `step` (default: latest) into `abstract_state`'s layout.
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+    """Restores `(state, meta)` at `step` (default: newest readable) into `abstract_state`.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings (or concrete
-    arrays); the result has the same structure and shardings.
+    arrays); the result has the same structure and shardings. Without `step`, a checkpoint
+    that cannot be read (truncated files, missing metadata, a save killed half-way) is
+    skipped with a warning saying why, moved to `<directory>.skipped/<step>`, and the next
+    older one is tried; None when no checkpoint is readable.
 
     Raises:
-      CheckpointMismatchError: when the saved tree's keys or shapes differ.
+      CheckpointMismatchError: when the saved tree's keys or shapes differ (another model:
+        a config error, not a damaged file, so no fallback).
     """
-    step = self.latest_step() if step is None else step
+    if step is not None:
+      return self._restore(step, abstract_state)
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Skipping the checkpoint of step %d in %s: it cannot be read (%s: "
+                        "%s). Falling back to an older one.", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        self._set_aside(step)
+    return None
+
+  def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     self._check_matches(step, abstract_state)
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
 
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of the manager's folder, so it is never listed again."""
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      source = epath.Path(self.directory) / str(step)
+      target = epath.Path(str(self.directory).rstrip("/") + ".skipped")
+      target.mkdir(parents=True, exist_ok=True)
+      if (target / str(step)).exists():
+        (target / str(step)).rmtree()
+      source.rename(target / str(step))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"vitreg_jax_skip_checkpoint_{step}")
+    self.manager.reload()
+
   def _check_matches(self, step: int, abstract_state: Any) -> None:
     saved = self.manager.item_metadata(step)["state"]
     if saved is None:
-      raise CheckpointMismatchError(
-          f"Checkpoint step {step} in {self.directory} has no readable state metadata; it "
-          "may be truncated. Delete that step's folder to resume from an earlier one.")
+      raise CorruptCheckpointError(f"checkpoint step {step} has no readable state metadata")
     want = _shapes_by_path(abstract_state)
     have = _shapes_by_path(saved)
     missing = sorted(set(want) - set(have))
@@ -129,19 +171,57 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
   return out
 
 
-class PreemptionFlag:
-  """Turns SIGTERM into a flag the training loop polls (save, then exit)."""
+def _log_unfinished_saves(directory: str) -> None:
+  """Names the saves a killed process left unfinished; orbax removes them (cleanup_tmp_directories).
 
-  def __init__(self):
+  orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it only once complete, so
+  an unfinished save is never listed as a step: resuming starts from the newest complete one.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = epath.Path(directory)
+  if jax.process_index() != 0 or not root.exists():
+    return
+  for path in sorted(root.glob("*.orbax-checkpoint-tmp*")):
+    logging.warning("Removing the unfinished checkpoint save %s: the process stopped before "
+                    "this save completed (killed during an asynchronous save). Resuming from "
+                    "the newest complete checkpoint.", path)
+
+
+class Preemption:
+  """SIGTERM (a preemption notice) -> every process saves the same step, then stops.
+
+  One process: a Python SIGTERM handler sets a flag that `reached(step)` returns.
+  Several processes (`jax.distributed.initialize` was called): JAX's preemption sync manager
+  catches SIGTERM itself (its handler is installed by `jax.distributed.initialize`), tells the
+  other processes through the coordination service, and `reached(step)` (orbax's
+  `reached_preemption`, i.e. `multihost_utils.reached_preemption_sync_point`) becomes True on
+  every process at the same step, one past the largest step any process had reached. No
+  Python handler is installed then: it would replace JAX's, so the other processes would never
+  hear of the signal and the process acting alone would hang the collectives of the others.
+  `reached(step)` must be called at every step, on every process.
+  """
+
+  def __init__(self, checkpointer: "Checkpointer"):
+    self.checkpointer = checkpointer
     self.requested = False
     self._previous = None
+    self._multiprocess = False
 
   def install(self):
+    self._multiprocess = jax.process_count() > 1
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # Not in the main thread (e.g. some test runners): polling still works.
       logging.warning("Could not install the SIGTERM handler outside the main thread.")
     return self
+
+  def reached(self, step: int) -> bool:
+    """Whether to save at `step` and stop (the same answer on every process)."""
+    if self._multiprocess:
+      return self.checkpointer.reached_preemption(step)
+    return self.requested
 
   def _handler(self, signum, frame):
     del signum, frame

@@ -87,14 +87,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       data.make_train_iterator(config.data, global_batch_size=config.batch_size,
                                seed=config.seed, start_step=start_step), mesh, size=2)
 
-  with ckpt_lib.PreemptionFlag() as preemption, checkpointer:
+  with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, measured = train_fn(state, next(train_iter))
       report.train(step, measured)
       if step % config.eval_every_steps == 0 and step < total_steps:
         report.eval(step, evaluate_all(state))
-      preempted = preemption.requested or checkpointer.reached_preemption(step)
+      preempted = preemption.reached(step)  # The same step on every process.
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         report.check_finite()  # Never save a state whose step was not finite.
         checkpointer.save(step, state, ckpt_lib.run_meta(config, step), force=True)
@@ -131,10 +131,17 @@ def make_mesh(config):
 
 def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, image_hw):
   """The newest checkpoint's state if there is one, else `state` (from `init_from` if set)."""
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
+  had_checkpoints = checkpointer.latest_step() is not None
+  # Unreadable checkpoints are skipped (each logged with its reason); None: none was readable.
+  restored = checkpointer.restore(state) if had_checkpoints else None
+  if restored is not None:
+    state, meta = restored
     logging.info("Resumed from step %d (data position %s).", int(state.step), meta)
-  elif config.init_from:
+    return state
+  if had_checkpoints:
+    logging.warning("No readable checkpoint in %s (the unreadable ones were moved to %s.skipped):"
+                    " starting from step 0.", checkpointer.directory, checkpointer.directory)
+  if config.init_from:
     state = pretrained.init_state_from(config.init_from, state, shardings, tx=tx, model=model,
                                        image_hw=image_hw)
   return state

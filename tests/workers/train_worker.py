@@ -1,10 +1,13 @@
 """Worker: runs `train_and_evaluate` on the quickstart config with JSON overrides.
 
-  python train_worker.py WORKDIR '{"total_steps": 12, ...}' [kill:N | term:N]
-      [--process_id=I --num_processes=P --coordinator=host:port]
+  python train_worker.py WORKDIR '{"total_steps": 12, ...}' [kill:N | term:N | killsave:N]
+      [--process_id=I --num_processes=P --coordinator=host:port] [--step_seconds=S]
 
 `kill:N` SIGKILLs this process right after the checkpoint of step N is on disk (a crash);
-`term:N` sends it SIGTERM at that point (a preemption). Prints the final metrics as JSON.
+`term:N` sends it SIGTERM at that point (a preemption); `killsave:N` SIGKILLs it while the
+asynchronous save of step N is in flight (its files written, not yet committed).
+`--step_seconds` paces each step like a real model's (the preemption sync protocol runs in
+the background while steps go on). Prints the final metrics as JSON.
 """
 
 import importlib.util
@@ -43,7 +46,11 @@ def main():
   if "coordinator" in opts:
     sharding.maybe_initialize_distributed(opts["coordinator"], int(opts["num_processes"]),
                                           int(opts["process_id"]))
-  if action:
+  if "step_seconds" in opts:
+    _pace_steps(float(opts["step_seconds"]))
+  if action and action.startswith("killsave:"):
+    _kill_during_save(int(action.split(":")[1]))
+  elif action:
     kind, at = action.split(":")
     original = checkpoint.Checkpointer.save
 
@@ -56,6 +63,31 @@ def main():
     checkpoint.Checkpointer.save = save
   results = train.train_and_evaluate(load_config(overrides), workdir)
   print("RESULTS " + json.dumps(results))
+
+
+def _pace_steps(seconds):
+  import time  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  make = data.make_train_iterator
+
+  def paced(*args, **kwargs):
+    for batch in make(*args, **kwargs):
+      time.sleep(seconds)
+      yield batch
+  data.make_train_iterator = paced
+
+
+def _kill_during_save(at):
+  # orbax writes a step into a temporary folder and renames it when complete (finalize):
+  # dying just before the rename is a kill with the save in flight and every file written.
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self, *args, **kwargs):
+    if self.get_final().name == str(at):
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await original(self, *args, **kwargs)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
 if __name__ == "__main__":
