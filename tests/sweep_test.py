@@ -4,8 +4,11 @@ tiny local run (two points of a 2-step ViT) that a rerun skips and a lost marker
 import json
 import os
 import shlex
+import signal
 import stat
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -119,3 +122,25 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
   new = [json.loads(l) for l in after[len(before):]]
   assert new and all(l["split"] != "train" and l["step"] == 2 for l in new)
   assert sweep.status(workdir) == "done"
+
+
+def test_sigterm_is_passed_on_and_the_point_left_resumable(tmp_path):
+  # A stand-in point that, like the trainer, saves on SIGTERM and exits 0.
+  point = ("import pathlib, signal, sys, time\n"
+           f"w = pathlib.Path({str(tmp_path)!r})\n"
+           "signal.signal(signal.SIGTERM, lambda *a: ((w / 'saved').touch(), sys.exit(0)))\n"
+           "(w / 'started').touch()\n"
+           "time.sleep(60)\n")
+  runner = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from vitreg_jax import sweep; "
+       f"print('RC', sweep.run_point([sys.executable, '-c', {point!r}], {str(tmp_path)!r}))"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "started").exists():
+    assert runner.poll() is None and time.time() < deadline, runner.communicate()
+    time.sleep(0.05)
+  runner.send_signal(signal.SIGTERM)  # To the sweep, as srun or a local kill would.
+  out, err = runner.communicate(timeout=60)
+  assert runner.returncode == 0 and "RC None" in out, (runner.returncode, out, err[-2000:])
+  assert (tmp_path / "saved").exists()  # The point got the signal and saved.
+  assert not (tmp_path / sweep.DONE_FILE).exists() and not (tmp_path / sweep.FAILED_FILE).exists()

@@ -14,7 +14,8 @@ overrides of that file's `get_config`. A plain key (`model`, `lr`, `seed`) is a 
 Each point trains with `python -m vitreg_jax.main` into its own workdir `ROOT/<name>`, the
 name made of its overrides (`model=vit,opt=sgd,seed=0`). A point whose run exited cleanly gets
 a `sweep_done.json` (command, wall time) and is skipped by later invocations; an interrupted
-point resumes from its newest checkpoint (the trainer does that by itself); a point whose run
+point resumes from its newest checkpoint (the trainer does that by itself; SIGTERM to the
+sweep is passed on to the running point, which saves and is left to resume, not marked done); a point whose run
 failed (e.g. diverged) gets `sweep_failed.json` and is skipped unless `--retry_failed`.
 `--slurm` submits one array job over the unfinished points through `launch/slurm_array.sh`,
 whose tasks call this module back with `--index`. `--dry-run` prints every command and runs
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -105,15 +107,33 @@ def status(workdir: str) -> str:
   return "partial" if os.path.exists(os.path.join(workdir, "config.json")) else "new"
 
 
-def run_point(command: list[str], workdir: str) -> int:
-  """Runs one point (output to workdir/sweep.log); records done / failed; returns its rc."""
+def run_point(command: list[str], workdir: str) -> int | None:
+  """Runs one point (output to workdir/sweep.log); records done / failed; returns its rc.
+
+  SIGTERM (a preemption, or the time limit in launch/slurm_array.sh) is passed on to the
+  point, which saves and stops; the point is then left resumable (neither done nor failed)
+  and None is returned.
+  """
   os.makedirs(workdir, exist_ok=True)
   for stale in (DONE_FILE, FAILED_FILE):
     if os.path.exists(os.path.join(workdir, stale)):
       os.remove(os.path.join(workdir, stale))
   start = time.time()
   with open(os.path.join(workdir, "sweep.log"), "a") as log:
-    rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    terminated = []
+
+    def forward(signum, frame):
+      del frame
+      terminated.append(signum)
+      child.send_signal(signum)
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+      rc = child.wait()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+  if terminated:
+    return None
   record = {"command": shlex.join(command), "rc": rc, "wall_time_s": time.time() - start}
   if rc != 0:
     with open(os.path.join(workdir, "sweep.log")) as log:
@@ -147,6 +167,10 @@ def run_local(rows, indices=None) -> list[str]:
       continue
     print(f"[{i}] {name}: {'resuming' if st == 'partial' else 'running'} ...", flush=True)
     rc = run_point(command, workdir)
+    if rc is None:
+      print(f"[{i}] {name}: stopped by SIGTERM (saved; resumes on the next run)", flush=True)
+      failed.append(name)
+      break
     print(f"[{i}] {name}: {'done' if rc == 0 else f'FAILED (rc={rc}), see {workdir}/sweep.log'}",
           flush=True)
     if rc:
