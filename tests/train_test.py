@@ -30,6 +30,7 @@ TINY = {
     "data.num_train": 256, "data.num_val": 64, "data.num_test": 64,
     "batch_size": 32, "eval_batch_size": 64, "total_steps": 12,
     "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_every_steps": 1000,
+    "keep_checkpoints": 3,  # Steps 4, 8, 12: room to fall back past two damaged ones.
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "schedule": {"name": "cosine", "warmup_steps": 2},
 }
@@ -255,21 +256,25 @@ def test_resume_with_changed_config_is_refused_naming_fields(reference, tmp_path
   assert {"seed", "optimizer.lr", "total_steps"} <= set(accepted)
 
 
-def test_truncated_newest_checkpoint_is_skipped_and_set_aside(reference, tmp_path, caplog):
+def test_unreadable_newest_checkpoints_are_skipped_and_set_aside(reference, tmp_path, caplog):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-  # Truncate the biggest file of the newest checkpoint (step 12), as a full disk would.
+  # Step 12: the biggest file truncated, as a full disk would leave it. Step 8: the state's
+  # metadata missing.
   files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "12")
            for f in fs]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
+  os.remove(tmp_path / "checkpoints" / "8" / "state" / "_METADATA")
   caplog.set_level("INFO")
   train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
-  assert re.search(r"Skipping the checkpoint of step 12 .*cannot be read \(\w+", caplog.text)
-  assert "Resumed from step 8" in caplog.text
-  assert os.path.isdir(tmp_path / "checkpoints.skipped" / "12")
-  # Resumed from step 8: the same parameters as the uninterrupted run.
+  for step in (12, 8):
+    assert re.search(rf"Skipping the checkpoint of step {step} .*cannot be read \(\w+",
+                     caplog.text), step
+    assert os.path.isdir(tmp_path / "checkpoints.skipped" / str(step))
+  assert "Resumed from step 4" in caplog.text
+  # The same parameters as the uninterrupted run.
   _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1])
 
 
