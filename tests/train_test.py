@@ -168,8 +168,8 @@ def test_two_processes_match_one_process(reference, tmp_path):
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(reference, tmp_path):
   # Only process 1 gets SIGTERM (right after its step-4 save); JAX's preemption sync point
   # makes both save the same later step and exit cleanly, without a hang. Steps are paced
-  # (0.3 s) as a real model's would be: the sync protocol runs beside them.
-  runs = _run_two(tmp_path, (None, "term:4"), "--step_seconds=0.3")
+  # (0.5 s) as a real model's would be: the sync protocol runs beside them.
+  runs = _run_two(tmp_path, (None, "term:4"), "--step_seconds=0.5")
   saved = []
   for rc, _, err in runs:
     assert rc == 0, err[-3000:]
