@@ -84,9 +84,9 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self._restore(step, abstract_state)
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
+      except (CheckpointMismatchError, jax.errors.JaxRuntimeError, MemoryError):
+        raise  # Another model, or the device failing (e.g. out of memory): not the files.
+      except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, OS errors.
         logging.warning("Skipping the checkpoint of step %d in %s: it cannot be read (%s: "
                         "%s). Falling back to an older one.", step, self.directory,
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
@@ -172,7 +172,7 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
 
 
 def _log_unfinished_saves(directory: str) -> None:
-  """Names the saves a killed process left unfinished; orbax removes them (cleanup_tmp_directories).
+  """Names the unfinished saves of a killed process (orbax's cleanup_tmp_directories removes them).
 
   orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it only once complete, so
   an unfinished save is never listed as a step: resuming starts from the newest complete one.

@@ -15,8 +15,8 @@ Each point trains with `python -m vitreg_jax.main` into its own workdir `ROOT/<n
 name made of its overrides (`model=vit,opt=sgd,seed=0`). A point whose run exited cleanly gets
 a `sweep_done.json` (command, wall time) and is skipped by later invocations; an interrupted
 point resumes from its newest checkpoint (the trainer does that by itself; SIGTERM to the
-sweep is passed on to the running point, which saves and is left to resume, not marked done); a point whose run
-failed (e.g. diverged) gets `sweep_failed.json` and is skipped unless `--retry_failed`.
+sweep is passed on to the running point, which saves and is left to resume, not marked done);
+a point whose run failed (e.g. diverged) gets `sweep_failed.json` and is skipped unless `--retry_failed`.
 `--slurm` submits one array job over the unfinished points through `launch/slurm_array.sh`,
 whose tasks call this module back with `--index`. `--dry-run` prints every command and runs
 nothing. Read the results with `python -m vitreg_jax.report ROOT`.
