@@ -1,11 +1,15 @@
-"""Tests of the SLURM launchers with stand-in `srun` and `scontrol` first on the PATH.
+"""Tests of the launchers.
 
-The time-limit signal (USR1 to the batch script, `--signal=B:USR1@120`) makes the trainer save
-and stop, and the script requeue the job; the requeued run resumes from that checkpoint.
+SLURM, with stand-in `srun` and `scontrol` first on the PATH: the time-limit signal (USR1 to
+the batch script, `--signal=B:USR1@120`) makes the trainer save and stop, and the script
+requeue the job; the requeued run resumes from that checkpoint. TPU VMs: launch/tpu_vm.sh's
+assembled remote command keeps every override one argument (DRY_RUN=1).
 """
 
+import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -66,3 +70,49 @@ def test_slurm_time_limit_signal_saves_requeues_and_resumes(tmp_path):
   assert f"Resumed from step {saved}" in err
   assert os.path.isdir(workdir / "checkpoints" / "400")
   assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # Not requeued again.
+
+
+TPU_VM = os.path.join(ROOT, "launch", "tpu_vm.sh")
+OVERRIDES = ["--config.init_from.path=/runs/a b", "--config.seed=1; touch PWNED",
+             "--config.data.name=it's", "--config.x=$HOME `id` \"q\""]
+CONFIG = "configs/quickstart.py:runlocal,reg=div"
+
+
+def _dry_run():
+  res = subprocess.run(["bash", TPU_VM, "my-tpu", "us-central2-b", CONFIG, "gs://b/run 1",
+                        *OVERRIDES], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, DRY_RUN="1"))
+  assert res.returncode == 0, res.stderr
+  return [shlex.split(line) for line in res.stdout.splitlines()]
+
+
+def test_tpu_vm_dry_run_prints_the_commands_with_each_override_one_argument():
+  scp, ssh = _dry_run()
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+  assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+  remote = next(a for a in ssh if a.startswith("--command="))[len("--command="):]
+  words = shlex.split(remote)  # What the workers' shell will run.
+  train = words[len(words) - 1 - words[::-1].index("&&") + 1:]
+  assert train == ["python", "-m", "vitreg_jax.main", f"--config={CONFIG}",
+                   "--workdir=gs://b/run 1", *OVERRIDES]
+
+
+def test_tpu_vm_remote_shell_runs_exactly_those_arguments(tmp_path):
+  # The remote command, run by a real POSIX shell with a stand-in `python` and `pip`.
+  _, ssh = _dry_run()
+  remote = next(a for a in ssh if a.startswith("--command="))[len("--command="):]
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python").write_text(
+      f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+  (bin_dir / "pip").write_text("#!/bin/sh\nexit 0\n")
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  (tmp_path / "vitreg_jax").mkdir()
+  res = subprocess.run(["sh", "-c", remote], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path),
+                                              PATH=f"{bin_dir}:{os.environ['PATH']}"))
+  assert res.returncode == 0, res.stderr
+  assert json.loads(res.stdout) == ["-m", "vitreg_jax.main", f"--config={CONFIG}",
+                                    "--workdir=gs://b/run 1", *OVERRIDES]
+  assert not (tmp_path / "vitreg_jax" / "PWNED").exists()
