@@ -553,27 +553,29 @@ class TrainingHeadEval:
   the layers `config.head_eval` names, on every split but the training one.
   """
 
-  def __init__(self, config, model, info, workdir: str):
+  def __init__(self, config, model, info, workdir: str, start_step: int = 0):
+    from vitreg_jax import reporting  # pylint: disable=g-import-not-at-top
     depth, num_heads = model_shape(model)
     self.layers = parse_layers(config.head_eval, depth)
     alone, self.index = head_masks(depth, num_heads, self.layers, "alone")
     self.masks = np.concatenate([np.ones((1, depth, num_heads), np.float32), alone])
     self.run_eval = _RunEval(model, None, config, info, eval_splits_of(config, info))
-    self.path = os.path.join(workdir, HEAD_EVAL_FILE)
+    # Lines past `start_step` (written after the checkpoint a resumed run restarts from) go.
+    self.out = reporting.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
 
   def __call__(self, step: int, state) -> None:
     """Evaluates the train state's (`params`, `model_state`) masks and appends the lines."""
     self.run_eval.variables = {"params": state.params, **state.model_state}
     results = self.run_eval(self.masks)
     keys = [("full", None, None)] + [("alone", l, h) for l, h in self.index]
-    with open(self.path, "a") as f:
-      for split, metrics in results.items():
-        for (kind, layer, head), m in zip(keys, metrics):
-          f.write(json.dumps({"step": int(step), "split": split, "kind": kind,
-                              "layer": layer, "head": head, **m}) + "\n")
+    self.out.write_records([{"step": int(step), "split": split, "kind": kind, "layer": layer,
+                             "head": head, **m}
+                            for split, metrics in results.items()
+                            for (kind, layer, head), m in zip(keys, metrics)])
 
 
-def training_hook(config, model, info, workdir: str) -> TrainingHeadEval | None:
+def training_hook(config, model, info, workdir: str,
+                  start_step: int = 0) -> TrainingHeadEval | None:
   """The training loop's per-eval head evaluation, or None when `config.head_eval` is off.
 
   `config.head_eval`: '' / None (off), or the layers to evaluate: '-1' (last), 'all', '0,3'.
@@ -585,7 +587,7 @@ def training_hook(config, model, info, workdir: str) -> TrainingHeadEval | None:
   if jax.process_count() > 1:
     raise ValueError("config.head_eval runs in single-process training only; evaluate the "
                      "checkpoints with `python -m vitreg_jax.heads` instead.")
-  return TrainingHeadEval(config, model, info, workdir)
+  return TrainingHeadEval(config, model, info, workdir, start_step)
 
 
 def read_head_eval(workdir: str) -> list[dict]:

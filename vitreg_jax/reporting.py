@@ -11,10 +11,10 @@ checkpoint time, so several steps stay in flight; a non-finite step stops the ru
 """
 
 import json
-import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -22,6 +22,7 @@ from vitreg_jax import inflight
 
 # Steps the host may dispatch ahead of the device (each queued step holds a batch).
 STEPS_IN_FLIGHT = 3
+METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -29,17 +30,90 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class JsonlWriter:
-  """Appends `{"step", "split", **metrics}` lines to workdir/metrics.jsonl (process 0)."""
+  """Writes `{"step", "split", **metrics}` lines to workdir/metrics.jsonl (process 0).
 
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  (`name` picks another file of the same kind, e.g. the heads' `heads_eval.jsonl`.)
+
+  A run that resumes at `start_step` first drops the lines past that step: they were written
+  after the checkpoint it resumes from and will be written again, so each (step, split)
+  appears once. A last line cut short by a crash is dropped too.
+
+  The workdir may be any `etils.epath` path (`gs://...`). A local file is appended to; object
+  stores cannot append, so there the file is rewritten whole (from the lines kept in memory)
+  at each write, through a temporary file and a rename.
+  """
+
+  def __init__(self, workdir, start_step: int = 0, name: str = METRICS_FILE):
+    self.path = epath.Path(workdir) / name
     self.enabled = jax.process_index() == 0
+    self._append = "://" not in str(self.path)
+    self._lines = []
+    if self.enabled and self.path.exists():
+      text = self.path.read_text()
+      self._lines = _lines_up_to(text.splitlines(keepends=True), start_step)
+      if "".join(self._lines) != text:
+        logging.info("%s: kept the %d lines up to the restored step %d, dropped the rest.",
+                     self.path, len(self._lines), start_step)
+        self._rewrite()
 
   def write(self, step: int, split: str, metrics: dict):
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": int(step), "split": split,
-                            **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    self.write_records([{"step": int(step), "split": split,
+                         **{k: float(v) for k, v in metrics.items()}}])
+
+  def write_records(self, records: list[dict]):
+    """Writes one JSON line per record (each holds its "step")."""
+    if not self.enabled:
+      return
+    lines = [json.dumps(r) + "\n" for r in records]
+    self._lines += lines
+    if self._append:
+      with self.path.open("a") as f:
+        f.writelines(lines)
+    else:
+      self._rewrite()
+
+  def _rewrite(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text("".join(self._lines))
+    tmp.replace(self.path)  # Never leave a half-written file behind.
+
+
+def _lines_up_to(lines: list[str], step: int) -> list[str]:
+  """The complete JSON lines of `lines` whose step is at most `step`."""
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # Cut short by a crash (or blank).
+    if int(record["step"]) <= step:
+      kept.append(line.rstrip("\n") + "\n")
+  return kept
+
+
+def event_logdir(workdir) -> str | None:
+  """`workdir` if TensorBoard's writer can write there, else None (with a warning).
+
+  clu's summary writer writes through TensorFlow's file system, which knows local paths and
+  `gs://` but not every scheme `etils.epath` does (`s3://` needs tensorflow-io; a scheme
+  registered with `epath.register_path_cls` is unknown to it). Rather than fail, or write the
+  events somewhere else, such a run writes no events: metrics.jsonl holds the same figures.
+  """
+  workdir = str(workdir)
+  if "://" not in workdir:
+    return workdir
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.io.gfile.exists(workdir)
+  except tf.errors.UnimplementedError:
+    logging.warning(
+        "No TensorBoard events for %s: TensorFlow's file system cannot write %s:// paths. "
+        "metrics.jsonl, config.json and the checkpoints are written there as usual; for "
+        "events, use a local or gs:// workdir (or install tensorflow-io for s3://).",
+        workdir, workdir.split("://")[0])
+    return None
+  return workdir
 
 
 class Reporter:
@@ -57,11 +131,11 @@ class Reporter:
   def __init__(self, workdir, config, *, total_steps, start_step, schedule, checkpointer):
     from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
     self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+        event_logdir(workdir), just_logging=jax.process_index() > 0, asynchronous=False)
     if start_step == 0:
       self.writer.write_hparams({k: v for k, v in config.to_dict().items()
                                  if isinstance(v, (int, float, str, bool))})
-    self.jsonl = JsonlWriter(workdir)
+    self.jsonl = JsonlWriter(workdir, start_step)
     self.hooks = [periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=self.writer, every_steps=config.log_every_steps)]
     if config.profile and jax.process_index() == 0:

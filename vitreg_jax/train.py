@@ -72,7 +72,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   label_smoothing=config.label_smoothing)
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
-  head_eval = heads.training_hook(config, model, info, workdir)  # config.head_eval (heads.py)
+  head_eval = heads.training_hook(config, model, info, workdir,  # config.head_eval
+                                   start_step)
 
   def evaluate_all(s):
     results = evaluation.evaluate_splits(s, config, info, mesh=mesh, eval_fn=eval_fn,

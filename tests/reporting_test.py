@@ -1,0 +1,68 @@
+"""metrics.jsonl after a resume: each (step, split) once, and the report reads it back."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from vitreg_jax import report
+from vitreg_jax import reporting
+from vitreg_jax import train
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, os.path.join(HERE, "workers"))
+import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TINY = {
+    "model.width": 16, "model.depth": 1, "model.mlp_dim": 32, "model.num_heads": 2,
+    "data.num_train": 128, "data.num_val": 32, "data.num_test": 32,
+    "batch_size": 16, "eval_batch_size": 32, "total_steps": 12,
+    "checkpoint_every_steps": 4, "log_every_steps": 2, "eval_every_steps": 4,
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "schedule": {"name": "cosine", "warmup_steps": 2},
+}
+
+
+def _keys(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(r["step"], r["split"]) for r in map(json.loads, f)]
+
+
+def test_jsonl_writer_drops_lines_past_the_restored_step(tmp_path):
+  lines = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (2, 4, 6, 8)]
+  text = "".join(json.dumps(l) + "\n" for l in lines) + '{"step": 10, "spl'  # Cut by a kill.
+  (tmp_path / "metrics.jsonl").write_text(text)
+  writer = reporting.JsonlWriter(str(tmp_path), start_step=4)
+  assert _keys(tmp_path) == [(2, "train"), (4, "train")]
+  writer.write(6, "train", {"loss": 0.5})
+  writer.write(6, "val", {"accuracy": 0.75})
+  assert _keys(tmp_path) == [(2, "train"), (4, "train"), (6, "train"), (6, "val")]
+  evals, trained = report.read_metrics(str(tmp_path))
+  assert trained[6] == {"loss": 0.5} and evals == {"val": {6: {"accuracy": 0.75}}}
+
+
+def test_crashed_then_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+  config = train_worker.load_config(TINY)
+  original = reporting.Reporter.train
+
+  def crash_at_step_7(self, step, measured):
+    if step == 7:  # After step 6 was logged, past the checkpoint of step 4.
+      raise RuntimeError("simulated crash")
+    original(self, step, measured)
+  monkeypatch.setattr(reporting.Reporter, "train", crash_at_step_7)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert (6, "train") in _keys(tmp_path)
+  monkeypatch.setattr(reporting.Reporter, "train", original)
+  results = train.train_and_evaluate(config, str(tmp_path))
+
+  keys = _keys(tmp_path)
+  assert len(keys) == len(set(keys)), sorted(keys)
+  assert {(s, "train") for s in range(2, 13, 2)} <= set(keys)
+  for split in results:  # The evaluation of step 4 (before its checkpoint) kept once; the
+    assert {(4, split), (8, split), (12, split)} <= set(keys)  # final one present.
+  run = report.load(str(tmp_path))
+  assert run.problems == [] and run.last_step() == 12
+  assert {s: run.evals[s][12]["accuracy"] for s in results} == pytest.approx(
+      {s: m["accuracy"] for s, m in results.items()})
