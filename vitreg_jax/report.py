@@ -37,6 +37,7 @@ import os
 import sys
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 # rundir.CONFIG_FILE, read here with json: importing rundir imports jax, which on a busy
@@ -104,10 +105,11 @@ def find_runs(paths) -> list[str]:
   """Run directories (holding config.json) given directly or found under `paths`, sorted."""
   found = []
   for path in paths:
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
       raise FileNotFoundError(f"{path!r} is not a directory: give run workdirs or a folder "
                               "holding them.")
-    hits = sorted(root for root, _, files in os.walk(path) if CONFIG_FILE in files)
+    hits = sorted(str(root) for root, _, files in epath.Path(path).walk()
+                  if CONFIG_FILE in files)
     if not hits:
       raise FileNotFoundError(f"No run under {path!r}: a run directory holds {CONFIG_FILE}"
                               " (written when training starts).")
@@ -118,10 +120,10 @@ def find_runs(paths) -> list[str]:
 def read_metrics(workdir: str) -> tuple[dict, dict]:
   """`(evals, train)` from metrics.jsonl: a later line for a (step, split) supersedes."""
   evals, train = {}, {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return evals, train
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       if not line.strip():
         continue
@@ -148,18 +150,16 @@ def _total_steps(config: dict) -> int | None:
 
 def load(workdir: str) -> Run:
   """Reads one run and lists its problems (unfinished, diverged, missing splits)."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    config = json.load(f)
+  config = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
   evals, train = read_metrics(workdir)
   run = Run(workdir, config, evals, train, _total_steps(config), [])
   if not evals and not train:
     run.problems.append("no metrics")
   if any(not all(math.isfinite(v) for v in m.values()) for m in train.values()):
     run.problems.append("diverged")
-  failed = os.path.join(workdir, "sweep_failed.json")
-  if os.path.exists(failed) and "diverged" not in run.problems:
-    with open(failed) as f:
-      tail = json.load(f).get("log_tail", "")
+  failed = epath.Path(workdir) / "sweep_failed.json"
+  if failed.exists() and "diverged" not in run.problems:
+    tail = json.loads(failed.read_text()).get("log_tail", "")
     run.problems.append("diverged" if "Non-finite" in tail else "failed")
   if run.total_steps is not None and run.last_step() < run.total_steps:
     run.problems.append(f"unfinished ({run.last_step()}/{run.total_steps})")
@@ -167,10 +167,9 @@ def load(workdir: str) -> Run:
   missing = [s for s in expected if s not in evals]
   if missing and evals:
     run.problems.append("missing " + ",".join(missing))
-  heads = os.path.join(workdir, "heads.json")
-  if os.path.exists(heads):
-    with open(heads) as f:
-      run.heads = json.load(f)
+  heads = epath.Path(workdir) / "heads.json"
+  if heads.exists():
+    run.heads = json.loads(heads.read_text())
   return run
 
 
@@ -287,8 +286,8 @@ class Table:
     header = []
     for j, h in enumerate(self.header):
       header += [f"{h} mean", f"{h} std", f"{h} n"] if j in stat_cols else [h]
-    with open(path, "w", newline="") as f:
-      writer = csv.writer(f)
+    with epath.Path(path).open("w") as f:
+      writer = csv.writer(f, lineterminator="\n")
       writer.writerow(header)
       for row in self.rows:
         out = []
@@ -565,9 +564,18 @@ def plot_curves(runs: list[Run], labels: dict, path: str, title: str = "") -> st
   fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
   fig.suptitle(title, fontsize=11)
   fig.tight_layout(rect=(0, 0, 1 - 2.5 / (4.2 * cols + 2.5), 0.97))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, path, dpi=110)
   return path
+
+
+def save_figure(fig, path, **kwargs) -> None:
+  """Saves and closes a matplotlib figure at any `etils.epath` path (PNG by its suffix)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()  # matplotlib writes local files or file objects; epath's may not seek.
+  fig.savefig(buffer, format=os.path.splitext(str(path))[1][1:] or "png", **kwargs)
+  plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------ main
@@ -584,22 +592,25 @@ def write_report(paths, out: str, target=None, target_split=None) -> tuple[str, 
   runs = [load(w) for w in find_runs(paths)]
   groups = group_runs(runs)
   tables = build_tables(groups, target, target_split)
-  os.makedirs(out, exist_ok=True)
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
   labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")
             for g in groups for r in g.runs}
   parts = [f"# Report: {len(runs)} runs in {len(groups)} groups\n",
-           "Runs: " + ", ".join(f"`{os.path.relpath(r.workdir)}`" for r in runs) + "\n"]
+           "Runs: " + ", ".join(f"`{_shown(r.workdir)}`" for r in runs) + "\n"]
   for table in tables:
-    table.write_csv(os.path.join(out, f"{table.name}.csv"))
+    table.write_csv(out / f"{table.name}.csv")
     parts.append(table.markdown())
-    png = plot_curves(table.runs, labels, os.path.join(out, f"curves_{table.name}.png"),
-                      table.title)
+    png = plot_curves(table.runs, labels, out / f"curves_{table.name}.png", table.title)
     if png:
-      parts.append(f"![{table.title} curves]({os.path.basename(png)})\n")
+      parts.append(f"![{table.title} curves]({png.name})\n")
   text = "\n".join(parts)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(text)
+  (out / "report.md").write_text(text)
   return text, tables
+
+
+def _shown(workdir: str) -> str:
+  return workdir if "://" in workdir else os.path.relpath(workdir)
 
 
 def main(argv=None) -> int:
