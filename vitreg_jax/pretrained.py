@@ -7,31 +7,29 @@ public big_vision / AugReg ViT file (`models/convert.py`). Only a fresh run read
 that resumes from its own checkpoint ignores `init_from`.
 """
 
-import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax.traverse_util
 import jax
 import numpy as np
 
 
 def _checkpoint_params(path: str, step: int | None) -> dict:
-  """Params of another run (its workdir or its `checkpoints/` folder) as flat NumPy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Params of another run (its workdir or its `checkpoints/` folder, any `etils.epath`
+  path) as flat NumPy arrays (every process reads the whole tree)."""
+  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
+  directory = epath.Path(path)
+  if (directory / rundir.CHECKPOINT_DIR).is_dir():
+    directory = directory / rundir.CHECKPOINT_DIR
+  steps = rundir.step_dirs(directory)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"config.init_from: no checkpoint {step or ''} under {directory} "
                             f"(found steps {steps}).")
-  item = os.path.join(directory, str(step if step is not None else steps[-1]), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(item).item_metadata.tree)
-  return convert.flatten(checkpointer.restore(item, restore_args=as_numpy)["params"])
+  item = directory / str(step if step is not None else steps[-1]) / "state"
+  return convert.flatten(rundir.read_state(item)["params"])
 
 
 # config.init_from.kind of public ViT weights -> the layout `convert.load_vit` insists on.
@@ -59,7 +57,7 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
                      f"unknown {unknown}.")
   kind, reset_head = cfg.get("kind", "checkpoint"), cfg.get("reset_head")
   if kind in PUBLIC_WEIGHT_KINDS:
-    if not os.path.isfile(cfg["path"]):
+    if not epath.Path(cfg["path"]).is_file():
       raise FileNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
                               f"{kind!r} reads a .npz or .safetensors file).")
     loaded = convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
@@ -70,12 +68,13 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
   if kind != "checkpoint":
     raise ValueError(f"config.init_from.kind must be one of "
                      f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")
-  source, target = _checkpoint_params(cfg["path"], cfg.get("step")), convert.flatten(params)
+  source = _checkpoint_params(cfg["path"], cfg.get("step"))
+  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   merged, problems = {}, []
   for key, fresh in target.items():
     have = source.get(key)
     if key.startswith("head/") and (reset_head or have is None or have.shape != fresh.shape):
-      merged[key] = np.asarray(fresh)
+      merged[key] = fresh
     elif have is None:
       problems.append(f"{key}: missing in the source")
     elif (have.shape != fresh.shape and key == convert.POSEMB_KEY
@@ -95,9 +94,29 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
 
 
 def init_state_from(init_from, state, shardings, *, tx, model, image_hw):
-  """`state` with its params from `init_from` and a fresh optimizer state for them."""
-  params = init_params_from(init_from, jax.device_get(state.params), model=model,
+  """`state` with its params from `init_from` and a fresh optimizer state for them.
+
+  Works when the params are split across processes (`sharding.fsdp` on several hosts): the
+  fresh params are gathered to every host (`process_allgather`, not `device_get`, which
+  cannot read other processes' shards), merged with the source on the host, and each
+  process then places only its own shards (`make_array_from_callback`).
+  """
+  params = init_params_from(init_from, host_copy(state.params), model=model,
                             image_hw=image_hw)
-  params = jax.device_put(params, shardings.params)
+  params = jax.tree.map(place, params, shardings.params)
   return state.replace(params=params, opt_state=jax.jit(
       tx.init, out_shardings=shardings.opt_state)(params))
+
+
+def host_copy(tree):
+  """A full NumPy copy of a pytree of (possibly multi-process) arrays on every process."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def place(value, sharding) -> jax.Array:
+  """A global array with `sharding` from a host value that every process holds whole."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

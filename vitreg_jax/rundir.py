@@ -13,9 +13,9 @@ read with flax, orbax and ml_collections only (the dataset info is read lazily b
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -25,7 +25,17 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def config_path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG_FILE)
+  return str(epath.Path(workdir) / CONFIG_FILE)
+
+
+def write_text(path, text: str) -> None:
+  """Writes `text` to `path` (any `etils.epath` path) through a temporary file and a rename,
+  so a reader never sees a half-written file."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def _to_json(value):
@@ -51,11 +61,7 @@ def save_config(config, workdir: str) -> str:
   """Writes the resolved `config` to `workdir/config.json` (process 0 only); returns the path."""
   path = config_path(workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config_to_json(config) + "\n")
-    os.replace(tmp, path)  # Never leave a half-written config behind.
+    write_text(path, config_to_json(config) + "\n")
   return path
 
 
@@ -65,21 +71,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     FileNotFoundError: naming the expected file, when `workdir` holds no saved config.
   """
-  path = config_path(workdir)
-  if not os.path.exists(path):
+  path = epath.Path(config_path(workdir))
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a vitreg_jax run directory (runs write their "
         "config there at start). Pass the --workdir of a training run.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Steps of the checkpoints saved under `workdir/checkpoints` (sorted, may be empty)."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  return step_dirs(epath.Path(workdir) / CHECKPOINT_DIR)
+
+
+def step_dirs(directory) -> list[int]:
+  """Steps of the orbax step folders (`<step>/`) in `directory` (sorted, may be empty)."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
@@ -88,18 +98,23 @@ def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
   Returns:
     `(tree, step)`, `tree` with keys `step, params, opt_state, model_state, rng`.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   steps = checkpoint_steps(workdir)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(
         f"No checkpoint {'' if step is None else step} under "
-        f"{os.path.join(workdir, CHECKPOINT_DIR)} (found steps {steps}).")
+        f"{epath.Path(workdir) / CHECKPOINT_DIR} (found steps {steps}).")
   step = steps[-1] if step is None else step
-  item = os.path.join(workdir, CHECKPOINT_DIR, str(step), "state")
+  return read_state(epath.Path(workdir) / CHECKPOINT_DIR / str(step) / "state"), step
+
+
+def read_state(item) -> dict:
+  """The orbax pytree saved at `item` (a step's `state` folder) as NumPy arrays, whatever
+  topology and sharding wrote it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           checkpointer.metadata(item).item_metadata.tree)
-  return checkpointer.restore(item, restore_args=as_numpy), step
+  return checkpointer.restore(item, restore_args=as_numpy)
 
 
 @dataclasses.dataclass
@@ -199,7 +214,7 @@ def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(config_path(workdir)):
+  if not epath.Path(config_path(workdir)).exists():
     return {}
   changes = config_changes(config_lib.with_defaults(load_config(workdir)), config)
   breaking = {k: v for k, v in changes.items() if not is_harmless(k)}

@@ -26,10 +26,12 @@ A timm model: `models.create('vit', 1000, variant='S/16', gelu_approximate=False
 timm's logits; `num_heads` must match the timm model, its file does not record it).
 """
 
+import io
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -48,10 +50,12 @@ def flatten(params) -> Dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def save_npz(path: str, params) -> None:
-  """Writes params in the public checkpoints' layout (one '/'-joined key per array)."""
-  with open(path, 'wb') as f:
-    np.savez(f, **flatten(params))
+def save_npz(path, params) -> None:
+  """Writes params in the public checkpoints' layout (one '/'-joined key per array), to any
+  `etils.epath` path."""
+  buffer = io.BytesIO()  # np.savez seeks, which object stores' writers cannot.
+  np.savez(buffer, **flatten(params))
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def load_npz(path: str) -> Dict[str, np.ndarray]:

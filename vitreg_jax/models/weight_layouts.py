@@ -34,6 +34,7 @@ import re
 import sys
 from typing import Dict, Optional, Sequence
 
+from etils import epath
 import numpy as np
 
 LAYOUTS = ('augreg', 'big_vision', 'timm')
@@ -54,17 +55,21 @@ _TIMM_UNSUPPORTED = (
 )
 
 
-def read(path: str) -> Dict[str, np.ndarray]:
-  """Reads `.npz` or `.safetensors` into {key: float32 array} (strips 'params/', 'opt/target/')."""
-  if path.endswith('.safetensors'):
+def read(path) -> Dict[str, np.ndarray]:
+  """Reads `.npz` or `.safetensors` into {key: float32 array} (strips 'params/', 'opt/target/').
+
+  `path` may be any `etils.epath` path (`gs://...`).
+  """
+  path = epath.Path(path)
+  if path.name.endswith('.safetensors'):
     try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(f'Reading {path} needs the `safetensors` package: pip install '
                         'safetensors (or save the state_dict as .npz).') from e
-    flat = load_file(path)
-  elif path.endswith('.npz'):
-    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
+    flat = load(path.read_bytes())
+  elif path.name.endswith('.npz'):
+    with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
   else:
     raise ValueError(f'Unknown weight file type {path!r}: expected .npz or .safetensors.')
