@@ -44,6 +44,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,17 +130,17 @@ def load_head_mask(value, shape: tuple[int, int] | None = None) -> np.ndarray:
     FileNotFoundError / ValueError: naming the file or the expected shape.
   """
   if isinstance(value, (str, os.PathLike)):
-    path = os.fspath(value)
-    if os.path.isdir(path):
-      path = os.path.join(path, MASK_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(value)  # Local or remote (gs://...).
+    if path.is_dir():
+      path = path / MASK_FILE
+    if not path.exists():
       raise FileNotFoundError(f"Head mask file {path} not found; write one with "
                               "`python -m vitreg_jax.heads --workdir=RUN`.")
-    if path.endswith(".npy"):
-      value = np.load(path)
+    if path.name.endswith(".npy"):
+      with path.open("rb") as f:
+        value = np.load(f)
     else:
-      with open(path) as f:
-        loaded = json.load(f)
+      loaded = json.loads(path.read_text())
       value = loaded["mask"] if isinstance(loaded, dict) else loaded
   mask = np.asarray(value, np.float32)
   if shape is not None and mask.shape != tuple(shape):
@@ -153,11 +154,14 @@ def load_head_mask(value, shape: tuple[int, int] | None = None) -> np.ndarray:
 
 def save_head_mask(mask, directory: str, **info) -> str:
   """Writes `directory/head_mask.json` (`mask` plus `info`, e.g. the rule); returns the path."""
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, MASK_FILE)
-  with open(path, "w") as f:
-    json.dump({"mask": np.asarray(mask).tolist(), **info}, f, indent=1)
+  path = str(epath.Path(directory) / MASK_FILE)
+  _write(path, json.dumps({"mask": np.asarray(mask).tolist(), **info}, indent=1))
   return path
+
+
+def _write(path, text: str) -> None:
+  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  rundir.write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------
@@ -526,7 +530,7 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
                             topk_score=topk_score)
   selected = run_eval(mask[None], desc="selected")
   result = {
-      "workdir": os.path.abspath(workdir), "step": run.step, "dataset": run.config.data.name,
+      "workdir": workdir if "://" in str(workdir) else os.path.abspath(workdir), "step": run.step, "dataset": run.config.data.name,
       "layers": list(layers), "rule": rule, "selection": selection,
       "roles": dataclasses.asdict(roles), "splits": list(splits),
       "full": {s: results[s][0] for s in splits},
@@ -593,11 +597,11 @@ def training_hook(config, model, info, workdir: str,
 def read_head_eval(workdir: str) -> list[dict]:
   """The lines of `WORKDIR/heads_eval.jsonl` (empty if the run did not log them); a line
   repeated by a resumed run replaces the earlier one."""
-  path = os.path.join(workdir, HEAD_EVAL_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / HEAD_EVAL_FILE
+  if not path.exists():
     return []
   latest = {}
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       r = json.loads(line)
       latest[(r["step"], r["split"], r["kind"], r["layer"], r["head"])] = r
@@ -701,19 +705,16 @@ def plot(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7, loc="best")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  from vitreg_jax import report  # pylint: disable=g-import-not-at-top
+  report.save_figure(fig, path, dpi=120)
   return path
 
 
 def write_outputs(result: dict, out: str) -> dict[str, str]:
   """Writes heads.json, heads.md, heads.png and head_mask.json into `out`; returns the paths."""
-  os.makedirs(out, exist_ok=True)
-  paths = {name: os.path.join(out, name) for name in ("heads.json", "heads.md", "heads.png")}
-  with open(paths["heads.json"], "w") as f:
-    json.dump(result, f, indent=1)
-  with open(paths["heads.md"], "w") as f:
-    f.write(markdown(result))
+  paths = {name: str(epath.Path(out) / name) for name in ("heads.json", "heads.md", "heads.png")}
+  _write(paths["heads.json"], json.dumps(result, indent=1))
+  _write(paths["heads.md"], markdown(result))
   plot(result, paths["heads.png"])
   paths[MASK_FILE] = save_head_mask(result["mask"], out, rule=result["rule"],
                                     workdir=result["workdir"], step=result["step"])
@@ -746,10 +747,9 @@ def is_div(config) -> bool:
 
 def load_result(workdir: str, *, compute_missing: bool = False, **analyze_kwargs) -> dict:
   """A run's `heads.json`; computed (and written) first when missing and `compute_missing`."""
-  path = os.path.join(workdir, "heads.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = epath.Path(workdir) / "heads.json"
+  if path.exists():
+    return json.loads(path.read_text())
   if not compute_missing:
     raise FileNotFoundError(f"{path} not found: run `python -m vitreg_jax.heads "
                             f"--workdir={workdir}` first.")
@@ -852,9 +852,7 @@ def main(argv=None) -> int:
     table = poster_table(args.table, compute_missing=True, **kwargs)
     print(table)
     if args.out:
-      os.makedirs(args.out, exist_ok=True)
-      with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table)
+      _write(epath.Path(args.out) / "table.md", table)
     return 0
   result = analyze(args.workdir, step=args.step, **kwargs)
   paths = write_outputs(result, args.out or args.workdir)

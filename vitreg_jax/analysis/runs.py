@@ -18,6 +18,7 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 from absl import flags
+from etils import epath
 import jax
 import numpy as np
 
@@ -57,7 +58,7 @@ def output_dir(out: Optional[str], workdirs: Sequence[str]) -> str:
       raise ValueError("Several --workdir values are overlaid in one plot: pass --out=DIR "
                        "for the combined JSON and PNG.")
     out = workdirs[0]
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)  # `gs://` outputs work too.
   return out
 
 
@@ -112,16 +113,14 @@ def replicate(tree, mesh):
 
 
 def write_json(path: str, obj) -> str:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
+  rundir.write_text(path, json.dumps(obj, indent=1))
   return path
 
 
 def save_figure(fig, path: str) -> str:
-  fig.savefig(path, dpi=90, bbox_inches="tight")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  plt.close(fig)
+  """Saves (to any `etils.epath` path) and closes `fig`."""
+  from vitreg_jax import report  # pylint: disable=g-import-not-at-top
+  report.save_figure(fig, path, dpi=90, bbox_inches="tight")
   return path
 
 
