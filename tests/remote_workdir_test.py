@@ -106,3 +106,11 @@ def test_analysis_and_head_outputs_on_a_remote_path(remote):
   mask = np.array([[1, 0], [1, 1]], np.float32)
   heads.save_head_mask(mask, "fake://bucket/run", rule="test")
   np.testing.assert_array_equal(heads.load_head_mask("fake://bucket/run", (2, 2)), mask)
+
+
+def test_sweep_refuses_a_remote_root_instead_of_writing_locally(remote, capsys):
+  from vitreg_jax import sweep  # pylint: disable=g-import-not-at-top
+  spec = os.path.join(HERE, "..", "configs", "optimizer_study.py") + ":data=dominoes"
+  with pytest.raises(SystemExit):
+    sweep.main([spec, "--workdir=fake://bucket/sweep", "--local"])
+  assert "give a local or mounted folder" in capsys.readouterr().err

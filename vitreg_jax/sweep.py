@@ -201,6 +201,10 @@ def main(argv=None) -> int:
   parser.add_argument("--retry_failed", action="store_true", help="rerun failed points")
   parser.add_argument("--sbatch_args", default="", help="extra sbatch options, one string")
   args = parser.parse_args(argv)
+  if "://" in args.workdir and not args.dry_run:  # Rather than a local `gs:` folder.
+    parser.error(f"--workdir={args.workdir}: a sweep writes each point's log and status "
+                 "files with local file calls; give a local or mounted folder (a single "
+                 "training run takes gs:// workdirs, docs/workdirs.md).")
 
   rows = plan(args.sweep, args.workdir, args.retry_failed)
   if args.index:
