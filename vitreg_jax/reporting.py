@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from vitreg_jax import inflight
+from vitreg_jax import rundir
 
 # Steps the host may dispatch ahead of the device (each queued step holds a batch).
 STEPS_IN_FLIGHT = 3
@@ -73,10 +74,7 @@ class JsonlWriter:
       self._rewrite()
 
   def _rewrite(self):
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text("".join(self._lines))
-    tmp.replace(self.path)  # Never leave a half-written file behind.
+    rundir.write_text(self.path, "".join(self._lines))  # Atomic: never half-written.
 
 
 def _lines_up_to(lines: list[str], step: int) -> list[str]:
