@@ -40,7 +40,8 @@ def _state(model, tx, shape):
 def test_device_normalization_equals_host_normalization():
   norm = device_normalization.Normalization(preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
   x = np.random.default_rng(0).integers(0, 256, (2, 5, 3, 3)).astype(np.uint8)
-  expected = (x / 255.0 - np.asarray(preprocess.IMAGENET_MEAN)) / np.asarray(preprocess.IMAGENET_STD)
+  mean, std = np.asarray(preprocess.IMAGENET_MEAN), np.asarray(preprocess.IMAGENET_STD)
+  expected = (x / 255.0 - mean) / std
   np.testing.assert_allclose(jax.jit(norm)(x), expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(norm.host(x), expected, rtol=1e-5, atol=1e-5)
   f = np.ones((1, 2, 2, 3), np.float32)

@@ -204,7 +204,8 @@ def test_prepare_option_parsing_and_rotation_transform():
   out = t({'image': img, 'label': 7, 'rotation': 1})
   np.testing.assert_array_equal(out['image'], np.rot90(img, 1))
   assert out['image'].dtype == np.uint8
-  assert device_normalization.of_transform(t) == device_normalization.Normalization((0, 0, 0), (1, 1, 1))
+  assert device_normalization.of_transform(t) == device_normalization.Normalization(
+      (0, 0, 0), (1, 1, 1))
   assert out['label'] == 1 and out['object_label'] == 7
 
 

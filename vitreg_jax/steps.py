@@ -9,8 +9,8 @@ Loss: `L = CE(logits, y) + sum_k weight_k * R_k` where the regularizer terms `R_
 `vitreg_jax.regularizers.build(config.regularizers, model)`.
 
 Input: the pipeline's batches carry uint8 images; both steps normalize them first, on the
-device, with `normalize` (`data.normalization(config.data)`, data/device_normalization.py), so only
-uint8 crosses from the host. Float images (synthetic benchmark data, tests) are taken as
+device, with `normalize` (`data.normalization(config.data)`, data/device_normalization.py), so
+only uint8 crosses from the host. Float images (synthetic benchmark data, tests) are taken as
 already normalized.
 """
 

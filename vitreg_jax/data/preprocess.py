@@ -1,9 +1,10 @@
 """Per-example image preprocessing in NumPy + PIL (no TensorFlow), run inside grain workers.
 
 Conventions: images are uint8 `[H, W, C]` on input and on output: the transforms hand uint8 to
-the device, where the jitted step normalizes it (`data/device_normalization.py`) with the transform's
-`mean` / `std`; `normalize` here is the same map in NumPy (float32 `(x / 255 - mean) / std`). Random ops take a `np.random.Generator` that the pipeline
-seeds per (seed, epoch, example index), so augmentation is reproducible on resume.
+the device, where the jitted step normalizes it (`data/device_normalization.py`) with the
+transform's `mean` / `std`; `normalize` here is the same map in NumPy (float32
+`(x / 255 - mean) / std`). Random ops take a `np.random.Generator` that the pipeline seeds per
+(seed, epoch, example index), so augmentation is reproducible on resume.
 
 Standard recipes:
 - train (`train_crop_flip`): Inception-style random-resized crop (area fraction drawn
