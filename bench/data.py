@@ -5,8 +5,10 @@
 Measures, on JPEGs it generates (ImageNet-like sizes, 300-500 px a side, smooth content):
 - `preprocess_images_per_s_per_core`: one thread doing what the ImageNet-style train
   transform of `vitreg_jax.data` does per example: JPEG decode (PIL) + random-resized crop to
-  224 + flip + normalize. `..._no_decode_...`: the same on already decoded arrays.
-  `cifar32_...`: the CIFAR fine-tuning transform (32x32 arrays, crop + flip + normalize).
+  224 + flip (uint8 out: since issue 10 the step normalizes on the device; figures in
+  docs/data.md measured before that include a host-side normalize). `..._no_decode_...`: the
+  same on already decoded arrays. `cifar32_...`: the CIFAR fine-tuning transform (32x32
+  arrays, crop + flip).
 - `grain_images_per_s`: the full grain pipeline (`vitreg_jax.data.pipeline.train_iterator`,
   one reader thread per core, batches of `--batch`), and per core.
 - `tfdata_images_per_s` (unless --no_tf or TF is missing): the tf.data equivalent

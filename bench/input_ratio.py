@@ -6,9 +6,10 @@
 `real`: the training loop's own input path: the grain pipeline
 (`vitreg_jax.data.pipeline.train_iterator`, one thread per core) over in-memory JPEGs
 (`bench/data.py`'s generator, 300-500 px a side), the ImageNet-style train transform (decode,
-random-resized crop to the model size, flip, normalize), batches moved to the device by
-`inflight.prefetch_to_device` and the step monitored by `inflight.StepMonitor`, exactly as
-`train.train_and_evaluate` does. `synthetic`: the same loop on one batch already on the device.
+random-resized crop to the model size, flip; uint8 out), batches moved to the device as uint8
+by `inflight.prefetch_to_device`, normalized inside the step, and the step monitored by
+`inflight.StepMonitor`, exactly as `train.train_and_evaluate` does. `synthetic`: the same loop
+(same step, normalization included) on one uint8 batch already on the device.
 `real_over_synthetic` = median real step time / median synthetic step time (target <= 1.05 on
 the GPU at ViT-B/16 224 px). Also reported: the pipeline's own images/s without a model.
 """
@@ -31,15 +32,14 @@ import train_step as bench_step  # pylint: disable=g-import-not-at-top,wrong-imp
 from vitreg_jax import inflight  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax import sharding as shd  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitreg_jax.data import device_normalization  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitreg_jax.data import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def host_batches(args, cores):
-  from vitreg_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+def host_batches(args, cores, transform):
+  from vitreg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   jpegs = bench_data.make_jpegs(args.jpegs)
   source = [{'image': b, 'label': i % 1000} for i, b in enumerate(jpegs)]
-  transform = preprocess.ImageTransform(size=args.image, train=True, augment=True,
-                                        mean=preprocess.IMAGENET_MEAN,
-                                        std=preprocess.IMAGENET_STD)
   return pipeline.train_iterator(source, transform, global_batch_size=args.batch, seed=0,
                                  num_threads=cores, prefetch_batches=2 * cores)
 
@@ -88,18 +88,22 @@ def main():
   model_name, kwargs, num_classes = bench_step.MODELS[args.model]
   model = models.create(model_name, num_classes, dtype=args.dtype, **kwargs)
   tx = optax.adamw(1e-3, weight_decay=0.05)
-  step = bench_step.make_step(model, tx, num_classes)
+  transform = preprocess.ImageTransform(size=args.image, train=True, augment=True,
+                                        mean=preprocess.IMAGENET_MEAN,
+                                        std=preprocess.IMAGENET_STD)
+  step = bench_step.make_step(model, tx, num_classes,
+                              normalize=device_normalization.of_transform(transform))
   init = jax.jit(functools.partial(bench_step.new_state, model, tx, args.image))
   mesh = shd.make_mesh()
 
-  pipe = host_batches(args, cores)
+  pipe = host_batches(args, cores, transform)
   next(pipe)
   start, count = time.perf_counter(), max(4, args.steps // 3)
   for _ in range(count):
     next(pipe)
   pipeline_ips = count * args.batch / (time.perf_counter() - start)
 
-  synthetic = bench_step.synthetic_batch(args.batch, args.image, num_classes)
+  synthetic = bench_step.synthetic_batch(args.batch, args.image, num_classes, uint8=True)
   forever = iter(lambda: synthetic, None)
   synthetic_s = run_loop(step, init(), forever, args.steps, args.warmup, args.window)
   real = inflight.prefetch_to_device(

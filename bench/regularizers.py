@@ -2,6 +2,7 @@
 
     python bench/regularizers.py [--batch 64] [--paper_batch 80] [--dtype bfloat16]
     python bench/regularizers.py --quick          # CPU smoke run: batch 4, 3 rounds
+    python bench/regularizers.py --arvit_batch 8 --repeats 5   # this CPU: DIV at 64 / 80
 
 Each figure is a ratio of median step times measured in this run, a step being
 `jax.value_and_grad` of (cross-entropy + regularizer) plus an optax Adam update, jitted,
@@ -15,7 +16,8 @@ dtype is bf16 on a GPU/TPU and fp32 on a CPU unless `--dtype` says otherwise.
   `div_step_ratio_quickstart`: the quickstart model (32 x 16 px, width 64, depth 4, 4 heads)
   at `--batch`.
 * `distance_step_ratio`, `similarity_step_ratio`: ARViT (paper variant: width 516, 6 blocks,
-  12 heads, patch 16) at 224 x 224 px and `--paper_batch` (80, Section 4.3), the paper's
+  12 heads, patch 16) at 224 x 224 px and `--arvit_batch` (default `--paper_batch`, 80,
+  Section 4.3; a CPU takes minutes per step there, so it runs a smaller one), the paper's
   penalty (configs/arvit.py: distance 0.01, similarity 0.005) on block 0 / no penalty.
 * `div_loop_over_vectorized` (4 heads) and `div_loop_over_vectorized_12_heads`: at
   `--loop_batch` (8), a width-192 ViT on 64 x 32 px, the DIV step with the per-head loop
@@ -154,6 +156,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=64, help='headline batch (DIV, ARViT: 80)')
   parser.add_argument('--paper_batch', type=int, default=80)
+  parser.add_argument('--arvit_batch', type=int, default=None,
+                      help='ARViT penalties batch (default: --paper_batch)')
   parser.add_argument('--loop_batch', type=int, default=8)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--dtype', default=None, help='default: bfloat16 on GPU/TPU, else float32')
@@ -163,12 +167,14 @@ def main():
   args = parser.parse_args()
   if args.quick:
     args.batch, args.paper_batch, args.loop_batch, args.repeats = 4, 4, 2, 3
+    args.arvit_batch = 4
   dtype = args.dtype or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
   b, pb, r = args.batch, args.paper_batch, args.repeats
   mc = bench_div('mnist_cifar', b, r, dtype)
   mc_paper = bench_div('mnist_cifar', pb, r, dtype)
   qs = bench_div('quickstart', b, r, dtype)
-  arvit = bench_arvit(pb, r, dtype)
+  arvit_batch = args.arvit_batch or pb
+  arvit = bench_arvit(arvit_batch, r, dtype)
   div4 = bench_div('small_4_heads', args.loop_batch, r, dtype, loop=True, erm=False)
   div12 = bench_div('small_12_heads', args.loop_batch, r, dtype, loop=True, erm=False)
   result = {
@@ -182,7 +188,8 @@ def main():
       'step_seconds': {'mnist_cifar': mc, 'mnist_cifar_paper_batch': mc_paper,
                        'quickstart': qs, 'arvit_224': arvit, 'loop_4_heads': div4,
                        'loop_12_heads': div12},
-      'batch_size': b, 'paper_batch_size': pb, 'loop_batch_size': args.loop_batch,
+      'batch_size': b, 'paper_batch_size': pb, 'arvit_batch_size': arvit_batch,
+      'loop_batch_size': args.loop_batch,
       'repeats': r, 'dtype': dtype, 'quick': args.quick,
       'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
       'devices': jax.device_count(),

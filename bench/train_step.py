@@ -67,9 +67,10 @@ def model_flops_per_image(model, image: int, num_classes: int) -> float:
   return 3 * 2 * float(forward)
 
 
-def make_step(model, tx, num_classes):
+def make_step(model, tx, num_classes, normalize=None):
+  """The library's train step, jitted; `normalize` for uint8 batches (the loop's input)."""
   step = functools.partial(train.train_step, forward=train.make_forward(model, []), tx=tx,
-                           num_classes=num_classes)
+                           num_classes=num_classes, normalize=normalize)
   return jax.jit(step, donate_argnums=0)
 
 
@@ -82,9 +83,14 @@ def new_state(model, tx, image):
                           rng=jax.random.key(1))
 
 
-def synthetic_batch(batch, image, num_classes):
+def synthetic_batch(batch, image, num_classes, uint8=False):
+  """Random images on the device: normalized float32, or uint8 as the input pipeline gives."""
   keys = jax.random.split(jax.random.key(2))
-  return {'image': jax.random.normal(keys[0], (batch, image, image, 3), jnp.float32),
+  if uint8:
+    images = jax.random.randint(keys[0], (batch, image, image, 3), 0, 256).astype(jnp.uint8)
+  else:
+    images = jax.random.normal(keys[0], (batch, image, image, 3), jnp.float32)
+  return {'image': images,
           'label': jax.random.randint(keys[1], (batch,), 0, num_classes)}
 
 

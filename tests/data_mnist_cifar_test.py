@@ -113,8 +113,9 @@ def test_tfds_build_and_pipeline(tmp_path, monkeypatch):
   np.testing.assert_array_equal(got['group'], 2 * got['label'] + got['spurious'])
   b = next(data.make_train_iterator(config, global_batch_size=4, seed=0, process_index=0,
                                     process_count=1))
-  assert b['image'].shape == (4, 64, 32, 3) and b['image'].dtype == np.float32
-  assert -1.0 <= b['image'].min() and b['image'].max() <= 1.0
+  assert b['image'].shape == (4, 64, 32, 3) and b['image'].dtype == np.uint8
+  normalized = data.normalization(config).host(b['image'])
+  assert -1.0 <= normalized.min() and normalized.max() <= 1.0
 
 
 def test_load_inputs_reads_tfds_sources():

@@ -128,7 +128,7 @@ def test_recipe_options_through_the_pipeline_are_resumable(tmp_path):
   full, resumed = stream(0, 6), stream(2, 4)
   for a, b in zip(full[2:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
-  assert full[0]['image'].shape == (4, 32, 32, 3) and full[0]['image'].dtype == np.float32
+  assert full[0]['image'].shape == (4, 32, 32, 3) and full[0]['image'].dtype == np.uint8
   plain = dict(config, randaugment=None, crop_padding=None, augment=False)
   clean = next(data.make_train_iterator(plain, global_batch_size=4, seed=3, process_index=0,
                                         process_count=1))

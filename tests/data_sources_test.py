@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vitreg_jax import data
-from vitreg_jax.data import corrupted, imagenet, prepare, preprocess
+from vitreg_jax.data import corrupted, device_normalization, imagenet, prepare, preprocess
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_cifar100_corrupted_reads_npy_severity_blocks(mock_tfds, tmp_path):
   for severity in (1, 5):
     ev = eval_all(config, f'fog_{severity}')
     assert len(ev['label']) == 3
-    np.testing.assert_allclose(ev['image'] * 255, 40 * severity, atol=1e-3)
+    np.testing.assert_array_equal(ev['image'], 40 * severity)
     np.testing.assert_array_equal(ev['label'], np.arange(3 * (severity - 1), 3 * severity))
   assert first(config)['image'].shape == (2, 32, 32, 3)   # clean train from TFDS
   with pytest.raises(ValueError, match='Unknown corruption'):
@@ -147,8 +147,7 @@ def test_image_folder(tmp_path):
   assert info.num_classes == 2 and info.splits == ('test', 'train')
   assert info.num_examples == {'test': 4, 'train': 6}
   ev = eval_all(config, 'test')
-  np.testing.assert_allclose(ev['image'][:, 0, 0, 0] * 255, np.where(ev['label'] == 1, 200, 10),
-                             atol=1e-3)
+  np.testing.assert_array_equal(ev['image'][:, 0, 0, 0], np.where(ev['label'] == 1, 200, 10))
   assert first(config)['image'].shape == (2, 8, 8, 3)
   (tmp_path / 'test' / 'dog' / '1.png').write_bytes(b'\x89PNG broken')
   with pytest.raises(data.CorruptDataError, match=r'test/dog/1\.png'):
@@ -203,7 +202,10 @@ def test_prepare_option_parsing_and_rotation_transform():
       size=4, train=False, crop_fraction=1.0, mean=(0, 0, 0), std=(1, 1, 1)))
   img = np.arange(16 * 3, dtype=np.uint8).reshape(4, 4, 3)
   out = t({'image': img, 'label': 7, 'rotation': 1})
-  np.testing.assert_allclose(out['image'] * 255, np.rot90(img, 1), atol=1e-3)
+  np.testing.assert_array_equal(out['image'], np.rot90(img, 1))
+  assert out['image'].dtype == np.uint8
+  assert device_normalization.of_transform(t) == device_normalization.Normalization(
+      (0, 0, 0), (1, 1, 1))
   assert out['label'] == 1 and out['object_label'] == 7
 
 

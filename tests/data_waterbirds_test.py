@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vitreg_jax import data
-from vitreg_jax.data import preprocess, waterbirds
+from vitreg_jax.data import device_normalization, preprocess, waterbirds
 
 # (y, place, split): every group in train, val and test, with distinct counts per group.
 ROWS = ([(0, 0, 0)] * 3 + [(0, 1, 0)] + [(1, 0, 0)] + [(1, 1, 0)] * 2 +
@@ -70,8 +70,10 @@ def test_info_splits_and_groups(prepared):
     np.testing.assert_array_equal(got['group'], 2 * got['label'] + got['place'])
     # Decoded pixels match the group the metadata gave (JPEG: approximately).
     images = np.concatenate([b['image'] for b in batches])[mask]
-    pixel = images[:, 8, 8, 0] * preprocess.IMAGENET_STD[0] + preprocess.IMAGENET_MEAN[0]
-    np.testing.assert_allclose(pixel * 255, 40 + 50 * got['group'], atol=3)
+    assert images.dtype == np.uint8  # normalized on the device, with the ImageNet statistics
+    assert data.normalization(prepared) == device_normalization.Normalization(
+        preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
+    np.testing.assert_allclose(images[:, 8, 8, 0].astype(float), 40 + 50 * got['group'], atol=3)
 
 
 def test_train_augmentation_and_group_metrics(prepared):

@@ -118,8 +118,8 @@ def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, m
 
   def poisoned(*args, start_step=0, **kwargs):
     for step, batch in enumerate(make(*args, start_step=start_step, **kwargs), start_step):
-      if step == 6:  # The 7th step sees a NaN image.
-        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      if step == 6:  # The 7th step sees a NaN image (float: uint8 cannot hold a NaN).
+        batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
       yield batch
   monkeypatch.setattr(data, "make_train_iterator", poisoned)
   with pytest.raises(train.NonFiniteLossError, match=r"step 7.*last good checkpoint \(step 4\)"):

@@ -185,10 +185,12 @@ class MaskEvaluator:
     self.masks_per_pass = masks_per_pass
     self.examples_per_pass = examples_per_pass
     self.traces = 0
-    self._fn = jax.jit(self._predict)
+    self._fn = jax.jit(self._predict, static_argnums=4)
 
-  def _predict(self, variables, images, labels, masks):
+  def _predict(self, variables, images, labels, masks, normalize):
+    from vitreg_jax import steps  # pylint: disable=g-import-not-at-top
     self.traces += 1  # Runs only while tracing: counts compilations.
+    images = steps.model_images(images, normalize)  # uint8 batches: normalized here.
     c, b = masks.shape[0], images.shape[0]
     tiled = jnp.tile(images, (c,) + (1,) * (images.ndim - 1))  # Mask-major: [c * b, ...].
     per_example = jnp.repeat(masks, b, axis=0)
@@ -207,8 +209,12 @@ class MaskEvaluator:
   def num_chunks(self, batch_size: int, num_masks: int) -> int:
     return math.ceil(num_masks / self.chunk_size(batch_size, num_masks))
 
-  def __call__(self, variables, images, labels, masks, chunk: int | None = None):
-    """Returns `(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]`."""
+  def __call__(self, variables, images, labels, masks, chunk: int | None = None,
+               normalize=None):
+    """Returns `(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]`.
+
+    `normalize` (`data.normalization(...)`) maps uint8 images to the model's input on the
+    device; float images are used as given."""
     masks = np.asarray(masks, np.float32)
     m = masks.shape[0]
     chunk = chunk or self.chunk_size(images.shape[0], m)
@@ -216,7 +222,7 @@ class MaskEvaluator:
     masks = np.concatenate([masks, np.ones((padded - m,) + masks.shape[1:], np.float32)])
     preds, losses = [], []
     for start in range(0, padded, chunk):
-      p, l = self._fn(variables, images, labels, masks[start:start + chunk])
+      p, l = self._fn(variables, images, labels, masks[start:start + chunk], normalize)
       preds.append(np.asarray(p))
       losses.append(np.asarray(l))
     return np.concatenate(preds)[:m], np.concatenate(losses)[:m]
@@ -263,8 +269,9 @@ def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str,
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   masks = np.asarray(masks, np.float32)
   preds, losses, arrays = [], [], {}
+  normalize = data.normalization(data_config)
   for batch in data.make_eval_iterator(data_config, split, global_batch_size=batch_size):
-    p, l = evaluator(variables, batch["image"], batch["label"], masks)
+    p, l = evaluator(variables, batch["image"], batch["label"], masks, normalize=normalize)
     preds.append(p)
     losses.append(l)
     for k, v in batch.items():

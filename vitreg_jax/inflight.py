@@ -32,21 +32,26 @@ import jax
 import jax.numpy as jnp
 
 from vitreg_jax import sharding as shd
+from vitreg_jax.data import mixing
+
+# What the train step reads: the (uint8) images, the labels and the Mixup/CutMix recipe.
+TRAIN_KEYS = ("image", "label", *mixing.BATCH_KEYS)
 
 
 def prefetch_to_device(batches: Iterable[dict], mesh, size: int = 2,
-                       keys=("image", "label")) -> Iterator[dict]:
+                       keys=TRAIN_KEYS) -> Iterator[dict]:
   """Yields global (sharded) device batches, keeping the next `size` already transferred.
 
   `jax.make_array_from_process_local_data` starts the host-to-device copy and returns at
   once, so converting batch k+1..k+size before step k's result is needed overlaps transfer
-  and compute. Only `keys` cross to the device (attributes stay on the host).
+  and compute. Only those of `keys` the batch has cross to the device (attributes stay on the
+  host); images cross as the pipeline's uint8.
   """
   if size < 1:
     raise ValueError(f"prefetch size must be >= 1, got {size}.")
   queue = collections.deque()
   for batch in batches:
-    queue.append(shd.to_global({k: batch[k] for k in keys}, mesh))
+    queue.append(shd.to_global({k: batch[k] for k in keys if k in batch}, mesh))
     if len(queue) > size:
       yield queue.popleft()
   while queue:

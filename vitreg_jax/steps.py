@@ -7,6 +7,11 @@ state's shardings.
 
 Loss: `L = CE(logits, y) + sum_k weight_k * R_k` where the regularizer terms `R_k` come from
 `vitreg_jax.regularizers.build(config.regularizers, model)`.
+
+Input: the pipeline's batches carry uint8 images; both steps normalize them first, on the
+device, with `normalize` (`data.normalization(config.data)`, data/device_normalization.py), so
+only uint8 crosses from the host. Float images (synthetic benchmark data, tests) are taken as
+already normalized.
 """
 
 import functools
@@ -94,9 +99,24 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
   return soft_cross_entropy(logits, jax.nn.one_hot(labels, num_classes), label_smoothing)
 
 
+def model_images(images, normalize=None):
+  """The model's float input: `normalize(images)`; without `normalize`, float images as given
+  and a clear error for uint8 ones (they need the dataset's mean / std)."""
+  if normalize is not None:
+    return normalize(images)
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f"The batch holds {images.dtype} images (the input pipeline's uint8): pass "
+                    "the step normalize=data.normalization(config.data) to normalize them.")
+  return images
+
+
 def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
-               label_smoothing: float = 0.0, head_mask=None):
+               label_smoothing: float = 0.0, head_mask=None, normalize=None):
   """One optimization step.
+
+  `normalize` maps the batch's uint8 images to the model's input (see `model_images`); it runs
+  before Mixup/CutMix, which mix normalized images (the map is affine and the mixture
+  weights sum to 1, so mixing before or after normalizing is the same in exact arithmetic).
 
   Returns:
     `(new_state, measurements)`; measurements hold the total loss, the cross-entropy, every
@@ -110,6 +130,7 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
   mutable = list(state.model_state) or False
 
   # Mixup/CutMix when the batch carries a recipe (config.data.mixup), else one-hot targets.
+  batch = {**batch, "image": model_images(batch["image"], normalize)}
   images, targets = mixing.apply(batch, num_classes)
 
   def loss_fn(params):
@@ -148,10 +169,12 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
   return new_state, measurements
 
 
-def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int):
+def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int,
+              normalize=None):
   """Per-example predictions and losses (masked examples are dropped later on the host)."""
   variables = {"params": state.params, **state.model_state}
-  logits, _ = model.apply(variables, batch["image"], head_mask=head_mask, train=False)
+  images = model_images(batch["image"], normalize)
+  logits, _ = model.apply(variables, images, head_mask=head_mask, train=False)
   logits = logits.astype(jnp.float32)
   loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
   return {"pred": jnp.argmax(logits, -1), "loss": loss}
@@ -194,8 +217,9 @@ def jit_train_step(state_sharding, mesh, **step_kwargs):
                  out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(state_sharding, mesh, *, model, num_classes: int):
+def jit_eval_step(state_sharding, mesh, *, model, num_classes: int, normalize=None):
   """`eval_fn(state, batch, head_mask) -> {'pred', 'loss'}` per example, jitted on `mesh`."""
-  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
+                                   normalize=normalize),
                  in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
                  out_shardings=shd.batch_sharding(mesh))

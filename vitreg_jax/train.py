@@ -67,10 +67,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = restore_or_initialize(state, shardings, checkpointer, config, tx=tx, model=model,
                                 image_hw=info.image_shape[:2])
   start_step = int(state.step)
+  normalize = data.normalization(config.data)  # Batches arrive as uint8; steps normalize.
   train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx,
                                   num_classes=info.num_classes, head_mask=train_mask,
-                                  label_smoothing=config.label_smoothing)
-  eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes)
+                                  label_smoothing=config.label_smoothing, normalize=normalize)
+  eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
+                                normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
   head_eval = heads.training_hook(config, model, info, workdir,  # config.head_eval
                                    start_step)
@@ -150,5 +152,5 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
 
 def device_batch(batch: dict, mesh) -> dict:
   """The global on-device training batch from this process's host batch."""
-  keys = ("image", "label", *mixing.BATCH_KEYS)  # + the Mixup/CutMix recipe, if any.
-  return shd.to_global({k: batch[k] for k in keys if k in batch}, mesh)
+  # uint8 images (normalized in the step), labels, the Mixup/CutMix recipe if any.
+  return shd.to_global({k: batch[k] for k in inflight.TRAIN_KEYS if k in batch}, mesh)

@@ -69,20 +69,26 @@ def progress(iterable: Iterable, total: Optional[int], desc: str) -> Iterator:
 
 
 def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator[dict]:
-  """`num_batches` training batches of the run's data, with its training augmentation."""
+  """`num_batches` training batches of the run's data, with its training augmentation.
+
+  Images are normalized here (the pipeline yields uint8): the analyses are pure functions of
+  the model's float input (the noise analysis adds its noise in those units)."""
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   it = data.make_train_iterator(run.config.data, global_batch_size=batch_size,
                                 seed=seed, process_index=0, process_count=1)
+  normalize = data.normalization(run.config.data).host
   for _ in range(num_batches):
     batch = next(it)
-    yield {"image": batch["image"], "label": batch["label"]}
+    yield {"image": normalize(batch["image"]), "label": batch["label"]}
 
 
 def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] = None,
                  data_config=None) -> Iterator[dict]:
-  """Batches of `split` (eval preprocessing), padding dropped, at most `max_examples`."""
+  """Batches of `split` (eval preprocessing, normalized images), padding dropped, at most
+  `max_examples`."""
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   seen = 0
+  normalize = data.normalization(data_config or run.config.data).host
   for batch in data.make_eval_iterator(data_config or run.config.data, split,
                                        global_batch_size=batch_size, process_index=0,
                                        process_count=1):
@@ -91,7 +97,7 @@ def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] =
       keep &= np.cumsum(keep) + seen <= max_examples
     if keep.any():
       seen += int(keep.sum())
-      yield {"image": batch["image"][keep], "label": batch["label"][keep]}
+      yield {"image": normalize(batch["image"][keep]), "label": batch["label"][keep]}
     if max_examples is not None and seen >= max_examples:
       return
 

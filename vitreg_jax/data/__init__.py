@@ -5,9 +5,11 @@ info = data.get_info(config.data)     # num_classes, image_shape, splits, attrib
 it = data.make_train_iterator(config.data, global_batch_size=..., seed=..., start_step=...)
 for batch in data.make_eval_iterator(config.data, 'test', global_batch_size=...): ...
 ```
-Batches are dicts of NumPy arrays: `image` float32 `[b, H, W, C]` normalized, `label` int32
-`[b]`, attribute arrays int32 `[b]` (`info.attributes`), and, in eval batches, `mask` float32
-`[b]` (1 real, 0 padding). `b = global_batch_size / process_count`.
+Batches are dicts of NumPy arrays: `image` uint8 `[b, H, W, C]` (not normalized: the jitted
+step normalizes it on the device with `data.normalization(config.data)`, see
+`data/device_normalization.py`), `label` int32 `[b]`, attribute arrays int32 `[b]`
+(`info.attributes`), and, in eval batches, `mask` float32 `[b]` (1 real, 0 padding).
+`b = global_batch_size / process_count`.
 
 `DATASETS` maps each config name to a `base.DatasetSpec`; `'dominoes'` is the no-setup
 default. Importing this package imports neither TensorFlow nor TFDS; TFDS-backed datasets
@@ -31,6 +33,7 @@ from vitreg_jax.data import finetune
 from vitreg_jax.data import imagenet
 from vitreg_jax.data import mixing
 from vitreg_jax.data import mnist_cifar
+from vitreg_jax.data import device_normalization
 from vitreg_jax.data import pipeline
 from vitreg_jax.data import splits as splits_lib
 from vitreg_jax.data import waterbirds
@@ -168,6 +171,14 @@ def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,
       num_workers=cfg['num_workers'])
 
 
+def normalization(data_config: Any) -> device_normalization.Normalization:
+  """How the dataset's uint8 batches are normalized (its `mean` / `std`), for the jitted steps."""
+  spec, cfg = get_spec(data_config)
+  unsliced = _unsliced(cfg)
+  return device_normalization.of_transform(
+      spec.transform(unsliced, splits_lib.base_name(cfg['train_split']), train=False))
+
+
 def num_examples(data_config: Any, split: str) -> int:
   """Number of examples `make_eval_iterator` covers in `split` (opens the source)."""
   spec, cfg = get_spec(data_config)
@@ -177,6 +188,6 @@ def num_examples(data_config: Any, split: str) -> int:
 __all__ = [
     'DATASETS', 'DatasetInfo', 'DatasetSpec', 'DatasetNotPreparedError', 'CorruptDataError',
     'get_info', 'get_spec', 'eval_splits', 'make_train_iterator', 'make_eval_iterator',
-    'num_examples', 'group_counts', 'group_metrics', 'group_metrics_from_counts',
+    'normalization', 'num_examples', 'group_counts', 'group_metrics', 'group_metrics_from_counts',
     'mean_corruption_accuracy',
 ]

@@ -3,9 +3,10 @@
 A dataset is registered in `vitreg_jax.data.DATASETS` as a `DatasetSpec`. A spec knows its
 own options (with defaults), describes itself (`info`), opens a random-access source of raw
 examples per split (`source`) and makes the per-example transform (`transform`) that turns a
-raw example into the batch format of docs/design.md (`image` float32 normalized, `label`
-int32, attributes int32). `vitreg_jax.data.pipeline` turns a source and a transform into
-sharded, deterministic grain iterators.
+raw example into the batch format of docs/design.md (`image` uint8, normalized later on the
+device with the transform's `mean` / `std`, `label` int32, attributes int32).
+`vitreg_jax.data.pipeline` turns a source and a transform into sharded, deterministic grain
+iterators.
 
 Nothing here imports TensorFlow or TFDS; TFDS-backed specs import it inside their methods.
 """

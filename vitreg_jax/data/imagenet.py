@@ -45,7 +45,8 @@ class RotatedSource:
 
 
 class RotationTransform:
-  """Crop/resize with `image_transform`, rotate by k (from the example or drawn), normalize."""
+  """Crop/resize with `image_transform`, rotate by k (from the example or drawn); uint8 out
+  (normalized on the device with `image_transform`'s mean / std)."""
 
   def __init__(self, image_transform: preprocess.ImageTransform):
     self.image_transform = image_transform
@@ -55,7 +56,7 @@ class RotationTransform:
     img = t.image(example, rng)
     k = example['rotation'] if 'rotation' in example else int(rng.integers(NUM_ROTATIONS))
     img = preprocess.rotate90(img, k)
-    return {'image': preprocess.normalize(img, t.mean, t.std), 'label': np.int32(k),
+    return {'image': np.ascontiguousarray(img, np.uint8), 'label': np.int32(k),
             'object_label': np.int32(example['label'])}
 
 

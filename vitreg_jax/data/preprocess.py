@@ -1,8 +1,10 @@
 """Per-example image preprocessing in NumPy + PIL (no TensorFlow), run inside grain workers.
 
-Conventions: images are uint8 `[H, W, C]` on input; the last step (`normalize`) returns
-float32 `(x / 255 - mean) / std`. Random ops take a `np.random.Generator` that the pipeline
-seeds per (seed, epoch, example index), so augmentation is reproducible on resume.
+Conventions: images are uint8 `[H, W, C]` on input and on output: the transforms hand uint8 to
+the device, where the jitted step normalizes it (`data/device_normalization.py`) with the
+transform's `mean` / `std`; `normalize` here is the same map in NumPy (float32
+`(x / 255 - mean) / std`). Random ops take a `np.random.Generator` that the pipeline seeds per
+(seed, epoch, example index), so augmentation is reproducible on resume.
 
 Standard recipes:
 - train (`train_crop_flip`): Inception-style random-resized crop (area fraction drawn
@@ -209,8 +211,9 @@ class ImageTransform:
   train and augment: `train_crop_flip` to `size` (None: the image's own size), or with
   `padding` the CIFAR pad-and-crop plus flip; then `randaugment(image, rng)` if given;
   otherwise `eval_resize_crop` (size None: unchanged), or `resize_square_center_crop` with
-  `square_resize`. Then `normalize(mean, std)`.
-  Output: `image` float32, `label` int32 (from `label_key`), each attribute as int32.
+  `square_resize`. `mean` / `std` are not applied here: they say how the device normalizes
+  the uint8 output (`data.normalization`).
+  Output: `image` uint8, `label` int32 (from `label_key`), each attribute as int32.
   Encoded images (bytes) are decoded first; `name_key` names the file in decode errors.
   """
 
@@ -293,7 +296,7 @@ class ImageTransform:
     image = self.image(example, rng)
     if self.randaugment is not None and self.train and self.augment:
       image = self.randaugment(image, rng)
-    out = {'image': normalize(image, self.mean, self.std),
+    out = {'image': np.ascontiguousarray(image, np.uint8),
            'label': np.int32(example[self.label_key])}
     for key in self.attributes:
       out[key] = np.int32(example[key])

@@ -1,0 +1,79 @@
+"""The analysis commands overlay several runs: two `--workdir`s give one JSON holding both runs
+and one PNG, in `--out`; several workdirs without `--out` fail first.
+
+Two tiny ViTs of different widths keep this fast (a ResNet's Hessian-vector product alone
+compiles for a minute on the shared CPU); the ViT-vs-ResNet overlay is the same code path and
+is run on the quickstart models in docs/analysis.md."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vitreg_jax import config_lib
+from vitreg_jax import models
+from vitreg_jax import rundir
+
+DATA = dict(name="dominoes", num_train=64, num_val=32, num_test=32, eval_splits=("val_id",))
+MODELS = {
+    "vit_a": dict(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=8),
+    "vit_b": dict(width=16, depth=1, num_heads=2, mlp_dim=16, patch_size=8),
+}
+# Tiny settings: the point is the plumbing (both runs in one JSON and one PNG), not the figures.
+ARGS = {
+    "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
+    "fourier": ["--num_examples=16", "--batch_size=8"],
+    "noise": ["--noise_examples=16", "--num_freqs=2", "--batch_size=8", "--corruption=none"],
+}
+FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep"}
+
+
+def _make_run(workdir, name):
+  """A run directory with a saved config and a step-1 checkpoint of a tiny ViT."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
+      model_name="vit", model=MODELS[name], data=DATA, batch_size=8, eval_batch_size=16,
+      total_steps=1)))
+  rundir.save_config(config, str(workdir))
+  model = models.create("vit", 2, **MODELS[name])
+  variables = dict(model.init(jax.random.key(0), np.zeros((1, 32, 16, 3), np.float32)))
+  params = jax.tree.map(lambda p: p + 0.01, variables.pop("params"))  # non-zero head
+  tree = {"step": np.int32(1), "params": params, "opt_state": {}, "model_state": variables,
+          "rng": np.zeros(2, np.uint32)}
+  ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / "1" / "state"), tree)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  return [_make_run(root / name, name) for name in MODELS]
+
+
+def _command(analysis, workdirs, out=None):
+  argv = [sys.executable, "-m", f"vitreg_jax.analysis.{analysis}", *ARGS[analysis],
+          *[f"--workdir={w}" for w in workdirs], *([f"--out={out}"] if out else [])]
+  return subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("analysis", sorted(ARGS))
+def test_two_workdirs_give_one_json_and_one_png(analysis, two_runs, tmp_path):
+  res = _command(analysis, two_runs, out=tmp_path)
+  assert res.returncode == 0, res.stderr[-3000:]
+  result = json.load(open(tmp_path / f"{analysis}.json"))
+  assert [r["label"] for r in result["runs"]] == list(MODELS)
+  for run in result["runs"]:
+    assert run[FIGURES[analysis]], run  # each run has its own figures
+  png = (tmp_path / f"{analysis}.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_several_workdirs_need_out(two_runs):
+  res = _command("fourier", two_runs)
+  assert res.returncode != 0 and "pass --out=DIR" in res.stderr
