@@ -134,7 +134,8 @@ def read_metrics(workdir: str) -> tuple[dict, dict]:
   return evals, train
 
 
-def _total_steps(config: dict) -> int | None:
+def total_steps(config: dict) -> int | None:
+  """The run's length from its saved config (None if epoch-based and the data is not here)."""
   if config.get("total_steps"):
     return int(config["total_steps"])
   try:  # Epoch-based: needs the train split's size (the dataset may not be prepared here).
@@ -151,7 +152,7 @@ def load(workdir: str) -> Run:
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)
   evals, train = read_metrics(workdir)
-  run = Run(workdir, config, evals, train, _total_steps(config), [])
+  run = Run(workdir, config, evals, train, total_steps(config), [])
   if not evals and not train:
     run.problems.append("no metrics")
   if any(not all(math.isfinite(v) for v in m.values()) for m in train.values()):
