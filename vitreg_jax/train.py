@@ -7,6 +7,7 @@ preemption), `reporting` (TensorBoard, metrics.jsonl, the non-finite check) and 
 (the saved config.json).
 """
 
+import itertools
 import math
 import os
 
@@ -82,10 +83,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return results
   report = reporting.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
-  # The next batches are transferred while a step runs (vitreg_jax/inflight.py).
-  train_iter = inflight.prefetch_to_device(
+  train_iter = device_batches(
       data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                               seed=config.seed, start_step=start_step), mesh, size=2)
+                               seed=config.seed, start_step=start_step), mesh)
 
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
@@ -151,3 +151,14 @@ def device_batch(batch: dict, mesh) -> dict:
   """The global on-device training batch from this process's host batch."""
   keys = ("image", "label", *mixing.BATCH_KEYS)  # + the Mixup/CutMix recipe, if any.
   return shd.to_global({k: batch[k] for k in keys if k in batch}, mesh)
+
+
+def device_batches(host_batches, mesh, size: int = 2):
+  """The global on-device training batches, the next `size` transferred while a step runs
+  (vitreg_jax/inflight.py): image, label and, with `data.mixup`, the batch's Mixup/CutMix
+  recipe, which the train step applies (without it the recipe would be silently dropped)."""
+  host_batches = iter(host_batches)
+  first = next(host_batches)
+  keys = tuple(k for k in ("image", "label", *mixing.BATCH_KEYS) if k in first)
+  yield from inflight.prefetch_to_device(itertools.chain([first], host_batches), mesh,
+                                        size=size, keys=keys)
