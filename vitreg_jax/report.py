@@ -528,15 +528,23 @@ def plot_curves(runs: list[Run], labels: dict, path: str, title: str = "") -> st
       [(s, "accuracy", f"{s} accuracy") for s in splits]
   cols = min(3, len(panels))
   nrows = math.ceil(len(panels) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 2.5, 3.2 * nrows), squeeze=False)
+  width = 4.2 * cols
+  # The legend goes below the panels, in as many columns as its longest label allows, so
+  # long labels (a sweep's overrides) and many runs stay readable.
+  longest = max(len(labels[r.workdir]) for r in runs)
+  ncol = max(1, min(len(runs), int(width // (0.055 * longest + 0.6))))
+  legend_h = 0.17 * math.ceil(len(runs) / ncol) + 0.2
+  fig, axes = plt.subplots(nrows, cols, figsize=(width, 3.2 * nrows + legend_h),
+                           squeeze=False)
   colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
   for ax, (split, key, name) in zip(axes.flat, panels):
     for i, run in enumerate(runs):
       series = run.train if split == "train" else run.evals.get(split, {})
       steps = sorted(s for s in series if key in series[s])
-      if steps:
+      if steps:  # Past the palette, the colours repeat with a dashed line.
         ax.plot(steps, [series[s][key] for s in steps], color=colors(i % colors.N),
-                marker="." if split != "train" else None, lw=1.2, label=labels[run.workdir])
+                ls="-" if i < colors.N else "--", marker="." if split != "train" else None,
+                lw=1.2, label=labels[run.workdir])
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
@@ -549,9 +557,9 @@ def plot_curves(runs: list[Run], labels: dict, path: str, title: str = "") -> st
     h, n = ax.get_legend_handles_labels()
     if len(n) > len(names):
       handles, names = h, n
-  fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
+  fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
   fig.suptitle(title, fontsize=11)
-  fig.tight_layout(rect=(0, 0, 1 - 2.5 / (4.2 * cols + 2.5), 0.97))
+  fig.tight_layout(rect=(0, legend_h / (3.2 * nrows + legend_h), 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
