@@ -122,7 +122,8 @@ def test_two_step_cases_cover_every_choice():
   for name in ("mnist_cifar", "waterbirds"):
     assert set(load(name).DIV_VARIANTS) <= choices(name, "div")
   assert set(load("how_vits_work").MODELS) <= choices("how_vits_work", "model")
-  assert set(load("how_vits_work").CLASSIFIERS) - {"token"} <= choices("how_vits_work", "classifier")
+  assert (set(load("how_vits_work").CLASSIFIERS) - {"token"}
+          <= choices("how_vits_work", "classifier"))
   study = load("optimizer_study")
   assert set(study.OPTIMIZERS) <= choices("optimizer_study", "opt")
   assert set(study.MODELS) <= choices("optimizer_study", "model")

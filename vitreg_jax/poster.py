@@ -91,7 +91,8 @@ def main() -> int:
   for dataset, rows in POSTER.items():
     print(f"{dataset}:")
     for name in rows:
-      print(f"  {name:12s} ID {paper_text(dataset, name)[0]:14s} OOD {paper_text(dataset, name)[1]}")
+      id_text, ood_text = paper_text(dataset, name)
+      print(f"  {name:12s} ID {id_text:14s} OOD {ood_text}")
   return 0
 
 
