@@ -8,8 +8,8 @@ the parameters. A renamed or removed field, a model that no longer builds at tha
 regularizer that no longer traces fails here. No dataset is read (shapes and class counts:
 configs_test.DATASETS).
 
-Budget: one case per config file runs in the default suite (~2.5 min on the loaded 2-core machine); the other
-variants (every model, penalty, DIV flavour and optimizer the configs offer) are `slow`:
+Budget: one case per config file runs in the default suite (~2.5 min on the loaded 2-core
+machine, 10-30 s a case); the other variants (every model, penalty, DIV flavour and optimizer the configs offer) are `slow`:
 `python -m pytest -q -n 0 -m slow tests/configs_train_test.py` (~10 CPU-minutes).
 """
 
