@@ -9,8 +9,9 @@ target accuracy and the training-loss curves. Two datasets:
 
   data=cifar100  the paper's CIFAR-100 models of configs/how_vits_work.py (ViT-Ti/4, ResNet-50),
                  300 epochs, its augmentation and label smoothing; only the optimizer changes.
-  data=dominoes  the embedded data, a 2-block ViT and a ResNet-18 of width 8,
-                 150 steps: small enough to sweep on a CPU (README.md shows its report).
+  data=dominoes  the embedded data, a 2-block ViT and a ResNet-18 of width 8, 150 steps,
+                 3 learning rates per optimizer, one seed: 24 runs, small enough to sweep on
+                 a CPU (README.md shows its report).
 
   python -m vitreg_jax.sweep configs/optimizer_study.py:data=dominoes --workdir=/runs/opt_dom
   python -m vitreg_jax.sweep configs/optimizer_study.py:data=cifar100 --workdir=/runs/opt_c100 \
@@ -105,24 +106,27 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """The grid: models x optimizers x lr (x wd and seeds on CIFAR-100).
+  """The grid: models x optimizers x learning rates (x wd on CIFAR-100) x seeds.
 
-  dominoes (8 runs, ~10 CPU-minutes): 2 models x 4 optimizers at each optimizer's default lr
-  and weight decay, one seed (`lrs=3` adds the lr axis, LR_GRID). cifar100: 2 models x 4
-  optimizers x 3 learning rates (LR_GRID) x weight decay (the default and 0) x 3 seeds.
+  dominoes (24 runs, ~15 CPU-minutes on 2 cores): 2 models x 4 optimizers x 3 learning rates
+  around each optimizer's default (LR_GRID) at its default weight decay, one seed (`lrs=1`:
+  the default lr only; `seeds=2` adds seed 1 without renaming the seed-0 points). cifar100:
+  2 models x 4 optimizers x 3 learning rates x weight decay (the default and 0) x 3 seeds.
   """
-  arg = config_lib.parse_arg(arg, data="dominoes", lrs=0)
-  lrs = arg.lrs or (1 if arg.data == "dominoes" else 3)
+  arg = config_lib.parse_arg(arg, data="dominoes", lrs=3, seeds=0)
   if arg.data not in DATASETS:
     raise ValueError(f"data must be one of {DATASETS}, got {arg.data!r}.")
+  if not 1 <= arg.lrs <= 3:
+    raise ValueError(f"lrs must be 1, 2 or 3 (learning rates per optimizer), got {arg.lrs}.")
+  seeds = tuple(range(arg.seeds or (1 if arg.data == "dominoes" else 3)))
   points = []
   for opt in OPTIMIZERS:
     lr, wd = DEFAULTS[opt]
+    lr_axis = (lr,) if arg.lrs == 1 else LR_GRID[opt][:arg.lrs]
     if arg.data == "dominoes":
-      lr_axis = (lr,) if lrs == 1 else LR_GRID[opt][:lrs]
-      grid = sweep.product(model=MODELS, opt=(opt,), lr=lr_axis)
+      grid = sweep.product(model=MODELS, opt=(opt,), lr=lr_axis, seed=seeds)
     else:
-      grid = sweep.product(model=MODELS, opt=(opt,), lr=LR_GRID[opt][:lrs],
-                           wd=tuple(sorted({wd, 0.0}, reverse=True)), seed=(0, 1, 2))
+      grid = sweep.product(model=MODELS, opt=(opt,), lr=lr_axis,
+                           wd=tuple(sorted({wd, 0.0}, reverse=True)), seed=seeds)
     points += [dict(p, data=arg.data) for p in grid]
   return points

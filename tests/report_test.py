@@ -182,3 +182,39 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
   assert set(hvw) == {"ViT (CLS)", "ViT (GAP)"}
   np.testing.assert_allclose(hvw["ViT (GAP)"][5][0], 39.0)        # mean of 44 and 34
   assert hvw["ViT (GAP)"][6:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
+
+
+def test_sel_rows_agree_with_the_heads_table(tmp_path):
+  # One implementation (vitreg_jax/poster.py) behind the report's poster rows and
+  # `python -m vitreg_jax.heads --table`: the same runs give the same methods and figures.
+  from vitreg_jax import heads   # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  roles = {"test_id": "test", "test_ood": "test", "id_metric": "accuracy",
+           "ood_metric": "mean_group_accuracy"}
+  waterbirds = lambda seed, reg: dict(mnist_cifar(seed, reg), data={
+      "name": "waterbirds", "eval_splits": ["val", "test"]})
+  test = lambda acc, wg: {"accuracy": acc, "mean_group_accuracy": acc - 0.05,
+                          "worst_group_accuracy": wg}
+  workdirs = []
+  for seed, (acc, wg) in enumerate(((0.96, 0.80), (0.94, 0.70))):
+    config = waterbirds(seed, "div")
+    config["regularizers"][0]["weight"] = 0.0   # DIV switched off: this is an ERM run
+    workdirs.append(make_run(root, f"wb{seed}", config,
+                             [train(100, 0.3), (100, "test", test(acc, wg))],
+                             heads={"dataset": "waterbirds", "rule": "oracle", "roles": roles,
+                                    "full": {"test": test(acc, wg)},
+                                    "selected": {"test": test(acc + 0.01, wg + 0.1)}}))
+  groups = report.group_runs([report.load(w) for w in workdirs])
+  rows = {r[1]: r for r in report.poster_table(groups).rows}
+  assert set(rows) == {"ViT+ERM", "ViT+ERM+SEL"}
+  data = heads.poster_table_data(workdirs)["rows"]
+  for method in ("ViT+ERM", "ViT+ERM+SEL"):
+    np.testing.assert_allclose(rows[method][4][:2], (np.mean(data[method]["id"]),
+                                                     np.std(data[method]["id"], ddof=1)))
+    # The report's Waterbirds OOD column is the worst group, the heads table's own column.
+    np.testing.assert_allclose(rows[method][7][:2], (np.mean(data[method]["worst_group"]),
+                                                     np.std(data[method]["worst_group"], ddof=1)))
+  np.testing.assert_allclose(rows["ViT+ERM+SEL"][7][0], 85.0)
+  assert rows["ViT+ERM+SEL"][8] == "85.70 ± 1.60"
+  assert "| ViT+ERM+SEL | 96.00 ± 1.41 | 91.00 ± 1.41 | 85.00 ± 7.07 | 2 | 96.50 ± 0.5 / 85.70 ± 1.6 |" \
+      in heads.poster_table(workdirs)

@@ -1,5 +1,6 @@
-"""Tests of vitreg_jax.sweep: the grid, the commands, the dry run, SLURM submission and a
-tiny local run (two points of a 2-step ViT) that a rerun skips and a lost marker resumes."""
+"""Tests of vitreg_jax.sweep: the grid, the commands, the dry run, SLURM submission, when a
+point is done, and a tiny local run (two points of a 2-step ViT), one of them preempted by a
+SIGTERM and resumed by the next invocation, which a third invocation skips."""
 
 import json
 import os
@@ -65,7 +66,7 @@ def test_bad_sweep_files_are_named(tmp_path):
 
 
 def test_dry_run_prints_every_command_of_the_real_sweeps(capsys, tmp_path):
-  for spec, n in (("configs/optimizer_study.py", 8), ("configs/optimizer_study.py:data=cifar100", 126),
+  for spec, n in (("configs/optimizer_study.py", 24), ("configs/optimizer_study.py:lrs=1,seeds=2", 16), ("configs/optimizer_study.py:data=cifar100", 126),
                   ("configs/msa_buildup.py", 7), ("configs/msa_buildup.py:runlocal", 4)):
     assert sweep.main([os.path.join(ROOT, spec), f"--workdir={tmp_path}", "--dry-run"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if "vitreg_jax.main" in l]
@@ -82,8 +83,7 @@ def test_slurm_submits_only_unfinished_points(sweep_file, tmp_path, monkeypatch,
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
   rows = sweep.plan(sweep_file, str(root))
-  os.makedirs(rows[0][2])
-  open(os.path.join(rows[0][2], sweep.DONE_FILE), "w").close()
+  _fake_run(rows[0][2], total=2, evals_at=(2,), checkpoints=(2,), done_marker=True)
   assert sweep.main([sweep_file, f"--workdir={root}", "--slurm",
                      "--sbatch_args=--partition=gpu --gpus=1"]) == 0
   args = (tmp_path / "sbatch_args").read_text().split()
@@ -92,11 +92,82 @@ def test_slurm_submits_only_unfinished_points(sweep_file, tmp_path, monkeypatch,
   assert os.access(sweep.LAUNCHER, os.X_OK)
 
 
-def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_path, capsys):
+def _fake_run(workdir, *, total, evals_at=(), checkpoints=(), done_marker=False,
+              eval_splits=("val_id",)):
+  """A workdir as the trainer leaves it: config.json, metrics.jsonl, checkpoint folders."""
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"total_steps": total, "data": {"name": "dominoes",
+                                              "eval_splits": list(eval_splits)}}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step in evals_at:
+      f.write(json.dumps({"step": step, "split": "val_id", "accuracy": 0.5}) + "\n")
+  for step in checkpoints:
+    os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+  if done_marker:
+    open(os.path.join(workdir, sweep.DONE_FILE), "w").close()
+  return workdir
+
+
+def test_done_needs_the_final_evaluation_at_total_steps(tmp_path):
+  # A preempted run: a checkpoint below the total (and a marker an older version wrote).
+  preempted = _fake_run(tmp_path / "a", total=150, evals_at=(25,), checkpoints=(25,),
+                        done_marker=True)
+  assert sweep.progress(preempted) == (25, 150, False)
+  assert sweep.status(preempted) == "partial"
+  # Preempted on its last step: the checkpoint is at the total, the final evaluation missing.
+  last = _fake_run(tmp_path / "b", total=150, evals_at=(100,), checkpoints=(150,),
+                   done_marker=True)
+  assert sweep.progress(last) == (150, 150, False) and sweep.status(last) == "partial"
+  # Finished, checkpoints deleted afterwards to save disk: the final metrics suffice.
+  pruned = _fake_run(tmp_path / "c", total=150, evals_at=(100, 150), done_marker=True)
+  assert sweep.progress(pruned) == (0, 150, True) and sweep.status(pruned) == "done"
+  # No eval splits: the newest checkpoint decides.
+  no_eval = _fake_run(tmp_path / "d", total=10, checkpoints=(10,), eval_splits=(),
+                      done_marker=True)
+  assert sweep.status(no_eval) == "done"
+
+
+# Runs vitreg_jax.main, sending the trainer a real SIGTERM after its first step (as a
+# preemption would): the trainer saves that step and exits 0.
+PREEMPT_AFTER_FIRST_STEP = """
+import os, runpy, signal, sys
+from vitreg_jax import reporting
+train = reporting.Reporter.train
+def train_then_sigterm(self, step, measured):
+  train(self, step, measured)
+  if step == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+reporting.Reporter.train = train_then_sigterm
+sys.argv = ["vitreg_jax.main"] + sys.argv[1:]
+runpy.run_module("vitreg_jax.main", run_name="__main__")
+"""
+
+
+def test_local_run_resumes_a_preempted_point_and_skips_done_ones(sweep_file, tmp_path, capsys):
   root = str(tmp_path / "root")
-  assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
   rows = sweep.plan(sweep_file, root)
   assert [r[1] for r in rows] == ["reg=erm,steps=2,optimizer.lr=0.002", "reg=div,steps=2,optimizer.lr=0.002"]
+  i, name, workdir, command, st, todo = rows[0]
+  wrapper = tmp_path / "preempt.py"
+  wrapper.write_text(PREEMPT_AFTER_FIRST_STEP)
+  preempted = [command[0], str(wrapper)] + command[3:]   # replaces `-m vitreg_jax.main`
+  # Exit code 0 after a SIGTERM is not "done": no marker, the point stays resumable.
+  assert sweep.run_local([(i, name, workdir, preempted, st, todo)]) == ([], [name])
+  assert "stopped at step 1/2" in capsys.readouterr().out
+  with open(os.path.join(workdir, "sweep.log")) as f:
+    assert "SIGTERM received" in f.read()
+  assert not os.path.exists(os.path.join(workdir, sweep.DONE_FILE))
+  assert not os.path.exists(os.path.join(workdir, sweep.FAILED_FILE))
+  assert sweep.status(workdir) == "partial"
+
+  # The next invocation resumes it from step 1 and runs the other point.
+  assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
+  out = capsys.readouterr().out
+  assert f"[0] {name}: resuming" in out and "[1] reg=div,steps=2,optimizer.lr=0.002: running" in out
+  with open(os.path.join(workdir, "sweep.log")) as f:
+    assert "Resumed from step 1" in f.read()
+  rows = sweep.plan(sweep_file, root)
   assert [r[4] for r in rows] == ["done", "done"]
   for _, _, workdir, *_ in rows:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -107,21 +178,10 @@ def test_local_run_skips_done_points_and_resumes_a_partial_one(sweep_file, tmp_p
     assert config["total_steps"] == 2 and config["model"]["width"] == 16
     assert config["data"]["num_val"] == 32 and config["optimizer"]["lr"] == 0.002
   assert json.load(open(os.path.join(rows[1][2], "config.json")))["regularizers"][0]["name"] == "div"
-  capsys.readouterr()
 
-  # A point that lost its marker (as after a crash) resumes from its checkpoint: the trainer
-  # starts at the saved final step, so only the final evaluation is written again.
-  workdir = rows[0][2]
-  os.remove(os.path.join(workdir, sweep.DONE_FILE))
-  before = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  # A third invocation has nothing to do.
   assert sweep.main([sweep_file, f"--workdir={root}", "--local"]) == 0
-  out = capsys.readouterr().out
-  assert "reg=erm,steps=2,optimizer.lr=0.002: resuming" in out
-  assert "reg=div,steps=2,optimizer.lr=0.002: done, skipped" in out
-  after = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
-  new = [json.loads(l) for l in after[len(before):]]
-  assert new and all(l["split"] != "train" and l["step"] == 2 for l in new)
-  assert sweep.status(workdir) == "done"
+  assert capsys.readouterr().out.count(": done, skipped") == 2
 
 
 def test_sigterm_is_passed_on_and_the_point_left_resumable(tmp_path):

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitreg_jax import poster as poster_lib
+
 RULES = ("oracle", "greedy", "topk", "id_conflict")
 TOPK_SCORES = ("ood", "id_conflict")
 MASK_FILE = "head_mask.json"
@@ -732,24 +734,13 @@ def write_outputs(result: dict, out: str) -> dict[str, str]:
 # The poster's table across runs.
 # --------------------------------------------------------------------------------------
 
-METHODS = ("ViT+ERM", "ViT+DIV", "ViT+ERM+SEL", "ViT+DIV+SEL")
-# The poster's Tables 1 and 2 (ID Acc., OOD Acc.; mean +- std as printed).
-POSTER = {
-    "mnist_cifar": {"ViT+ERM": ("88.80 ± 0.1", "56.87 ± 4.3"),
-                    "ViT+DIV": ("88.40 ± 0.1", "62.26 ± 1.8"),
-                    "ViT+ERM+SEL": ("90.33 ± 0.1", "64.40 ± 2.8"),
-                    "ViT+DIV+SEL": ("89.86 ± 1.1", "70.08 ± 3.1")},
-    "waterbirds": {"ViT+ERM": ("96.55 ± 0.2", "83.37 ± 0.4"),
-                   "ViT+DIV": ("96.99 ± 0.1", "83.87 ± 0.7"),
-                   "ViT+ERM+SEL": ("96.50 ± 0.5", "85.70 ± 1.6"),
-                   "ViT+DIV+SEL": ("96.99 ± 0.1", "87.96 ± 0.1")},
-}
+# One implementation with the report's poster table (vitreg_jax/poster.py).
+METHODS = poster_lib.METHODS
 
 
 def is_div(config) -> bool:
   """Whether a run's config trains with the DIV regularizer (weight > 0)."""
-  return any(dict(r).get("name") == "div" and float(dict(r).get("weight", 0)) > 0
-             for r in (config.get("regularizers") or []))
+  return "DIV" in poster_lib.method(config).split("+")[1:]
 
 
 def load_result(workdir: str, *, compute_missing: bool = False, **analyze_kwargs) -> dict:
@@ -771,20 +762,18 @@ def poster_table_data(workdirs: Sequence[str], **load_kwargs) -> dict:
   from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   if not workdirs:
     raise ValueError("poster_table needs at least one workdir.")
-  rows = {m: {"id": [], "ood": [], "worst_group": [], "workdirs": []} for m in METHODS}
+  new_row = lambda: {"id": [], "ood": [], "worst_group": [], "workdirs": []}
+  rows = {m: new_row() for m in METHODS}
   datasets, rules = set(), set()
   for workdir in workdirs:
     result = load_result(workdir, **load_kwargs)
-    base = "ViT+DIV" if is_div(rundir.load_config(workdir)) else "ViT+ERM"
-    roles = result["roles"]
+    base = poster_lib.method(rundir.load_config(workdir))
     datasets.add(result["dataset"])
     rules.add(result["rule"])
     for method, which in ((base, "full"), (base + "+SEL", "selected")):
-      row, figures = rows[method], result[which]
-      row["id"].append(100 * figures[roles["test_id"]][roles["id_metric"]])
-      row["ood"].append(100 * figures[roles["test_ood"]][roles["ood_metric"]])
-      row["worst_group"].append(100 * figures[roles["test_ood"]].get(
-          "worst_group_accuracy", float("nan")))
+      row = rows.setdefault(method, new_row())
+      for key, value in poster_lib.result_figures(result, which).items():
+        row[key].append(float("nan") if value is None else value)
       row["workdirs"].append(workdir)
   if len(datasets) > 1:
     raise ValueError(f"The runs use different datasets {sorted(datasets)}; one table per "
@@ -811,15 +800,15 @@ def poster_table(workdirs: Sequence[str], **load_kwargs) -> str:
   """
   data = poster_table_data(workdirs, **load_kwargs)
   dataset, rows = data["dataset"], data["rows"]
-  waterbirds, poster = dataset == "waterbirds", POSTER.get(dataset)
+  waterbirds, poster = dataset == "waterbirds", dataset in poster_lib.POSTER
   header = ["Method", "ID Acc.", "OOD Acc."] + (["Worst-group Acc."] if waterbirds else []) \
       + ["Runs"] + (["Poster ID / OOD"] if poster else [])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for method in METHODS:
-    row = rows[method]
+  for method, row in rows.items():
     cells = [method, _mean_std(row["id"]), _mean_std(row["ood"])]
     cells += [_mean_std(row["worst_group"])] if waterbirds else []
-    cells += [str(len(row["id"]))] + ([" / ".join(poster[method])] if poster else [])
+    paper = poster_lib.paper_text(dataset, method)
+    cells += [str(len(row["id"]))] + ([" / ".join(paper) if paper else "-"] if poster else [])
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append(f"{dataset}, test splits, mean ± std over runs; SEL: rule "

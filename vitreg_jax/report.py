@@ -40,19 +40,12 @@ from typing import Any
 from etils import epath
 import numpy as np
 
+from vitreg_jax import poster
+
 # rundir.CONFIG_FILE, read here with json: importing rundir imports jax, which on a busy
 # machine takes longer than the whole report.
 CONFIG_FILE = "config.json"
 
-# The poster (papers/diverse-vit-heads-poster.txt), Tables 1-2: (mean, std) in percent.
-POSTER = {
-    "mnist_cifar": {"ViT+ERM": ((88.80, 0.1), (56.87, 4.3)), "ViT+DIV": ((88.40, 0.1), (62.26, 1.8)),
-                    "ViT+ERM+SEL": ((90.33, 0.1), (64.40, 2.8)),
-                    "ViT+DIV+SEL": ((89.86, 1.1), (70.08, 3.1))},
-    "waterbirds": {"ViT+ERM": ((96.55, 0.2), (83.37, 0.4)), "ViT+DIV": ((96.99, 0.1), (83.87, 0.7)),
-                   "ViT+ERM+SEL": ((96.50, 0.5), (85.70, 1.6)),
-                   "ViT+DIV+SEL": ((96.99, 0.1), (87.96, 0.1))},
-}
 # ARViT Table 1 (papers/arvit-attention-regularization.txt), top-1 in percent.
 ARVIT_DATASETS = ("cifar10", "cifar100", "oxford_flowers102", "imagenette", "imagewoof")
 ARVIT = {
@@ -136,7 +129,8 @@ def read_metrics(workdir: str) -> tuple[dict, dict]:
   return evals, train
 
 
-def _total_steps(config: dict) -> int | None:
+def total_steps(config: dict) -> int | None:
+  """The run's length from its saved config (None if epoch-based and the data is not here)."""
   if config.get("total_steps"):
     return int(config["total_steps"])
   try:  # Epoch-based: needs the train split's size (the dataset may not be prepared here).
@@ -152,7 +146,7 @@ def load(workdir: str) -> Run:
   """Reads one run and lists its problems (unfinished, diverged, missing splits)."""
   config = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
   evals, train = read_metrics(workdir)
-  run = Run(workdir, config, evals, train, _total_steps(config), [])
+  run = Run(workdir, config, evals, train, total_steps(config), [])
   if not evals and not train:
     run.problems.append("no metrics")
   if any(not all(math.isfinite(v) for v in m.values()) for m in train.values()):
@@ -303,10 +297,6 @@ def _metric(split: str, key: str = "accuracy"):
   return lambda run: run.final(split).get(key)
 
 
-def _sel_metric(split: str, key: str = "accuracy"):
-  return lambda run: ((run.heads or {}).get("selected") or {}).get(split, {}).get(key)
-
-
 # ---------------------------------------------------------------------------------- tables
 
 
@@ -363,20 +353,14 @@ def runs_table(groups, target: float | None = None, target_split: str | None = N
   return Table("runs", "All runs", header, rows, [r for g in groups for r in g.runs], note)
 
 
-def _method(config: dict) -> str:
-  names = sorted({r["name"] for r in config.get("regularizers") or []})
-  return "ViT+" + ("+".join(n.upper() for n in names) if names else "ERM")
-
-
-def _poster_splits(name: str, splits) -> tuple:
-  """(ID split, ID metric, OOD split, OOD metric) of the poster's columns for a dataset."""
-  if name == "waterbirds":
-    split = "test" if "test" in splits else "val"
-    return split, "accuracy", split, "worst_group_accuracy"
-  for prefix in ("test", "val"):
-    if f"{prefix}_id" in splits and f"{prefix}_ood" in splits:
-      return f"{prefix}_id", "accuracy", f"{prefix}_ood", "accuracy"
-  return "test_id", "accuracy", "test_ood", "accuracy"
+def _poster_figures(run: Run, which: str, roles: dict):
+  """A run's poster figures (`poster.figures`, percent): 'full' from its final evaluations in
+  metrics.jsonl at `roles` (the group's), 'selected' (the +SEL rows) from its heads.json,
+  None without one."""
+  if which == "selected":
+    return (poster.result_figures(run.heads, "selected", run.config["data"]["name"])
+            if run.heads else None)
+  return poster.figures({s: run.final(s) for s in run.evals}, roles)
 
 
 def poster_table(groups) -> Table | None:
@@ -388,22 +372,25 @@ def poster_table(groups) -> Table | None:
   header = ["dataset", "method", "seeds", "status", "ID acc.", "paper ID", "diff",
             "OOD acc.", "paper OOD", "diff"]
   rows = []
+  methods = {(x.config["data"]["name"], poster.method(x.config)) for x in groups}
   for g in groups:
     name = g.config["data"]["name"]
-    splits = {s for r in g.runs for s in r.evals}
-    id_s, id_m, ood_s, ood_m = _poster_splits(name, splits)
-    method = _method(g.config)
-    label = method if len(groups) == len({(x.config['data']['name'], _method(x.config))
-                                          for x in groups}) else f"{method} [{g.label}]"
-    variants = [(label, method, _metric, g.problems())]
+    ood_key = "worst_group" if name == "waterbirds" else "ood"   # Waterbirds: worst group
+    # Splits chosen per group: a seed that lost a split shows as missing, not as another split.
+    roles = poster.roles_from_splits(name, {s for r in g.runs for s in r.evals})
+    method = poster.method(g.config)
+    label = method if len(groups) == len(methods) else f"{method} [{g.label}]"
+    variants = [(label, method, "full", g.problems())]
     if any(r.heads for r in g.runs):
       have = sum(bool(r.heads) for r in g.runs)
-      variants.append((label.replace(method, method + "+SEL"), method + "+SEL", _sel_metric,
+      variants.append((label.replace(method, method + "+SEL"), method + "+SEL", "selected",
                        "ok" if have == len(g.runs) else f"heads.json in {have}/{len(g.runs)}"))
-    for row_label, key, metric, status in variants:
-      ours_id = mean_std(g.values(metric(id_s, id_m)))
-      ours_ood = mean_std(g.values(metric(ood_s, ood_m)))
-      paper = POSTER.get(name, {}).get(key)
+    for row_label, key, which, status in variants:
+      per_run = [_poster_figures(r, which, roles) for r in g.runs]
+      ours_id = mean_std([f["id"] for f in per_run if f and f["id"] is not None], scale=1.0)
+      ours_ood = mean_std([f[ood_key] for f in per_run if f and f[ood_key] is not None],
+                          scale=1.0)
+      paper = poster.POSTER.get(name, {}).get(key)
       pid, pood = (paper[0], paper[1]) if paper else ((None, None), (None, None))
       rows.append([name, row_label, len(g.runs), status, ours_id, fmt(*pid), diff(ours_id[0], pid[0]),
                    ours_ood, fmt(*pood), diff(ours_ood[0], pood[0])])
@@ -540,15 +527,23 @@ def plot_curves(runs: list[Run], labels: dict, path: str, title: str = "") -> st
       [(s, "accuracy", f"{s} accuracy") for s in splits]
   cols = min(3, len(panels))
   nrows = math.ceil(len(panels) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 2.5, 3.2 * nrows), squeeze=False)
+  width = 4.2 * cols
+  # The legend goes below the panels, in as many columns as its longest label allows, so
+  # long labels (a sweep's overrides) and many runs stay readable.
+  longest = max(len(labels[r.workdir]) for r in runs)
+  ncol = max(1, min(len(runs), int(width // (0.055 * longest + 0.6))))
+  legend_h = 0.17 * math.ceil(len(runs) / ncol) + 0.2
+  fig, axes = plt.subplots(nrows, cols, figsize=(width, 3.2 * nrows + legend_h),
+                           squeeze=False)
   colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
   for ax, (split, key, name) in zip(axes.flat, panels):
     for i, run in enumerate(runs):
       series = run.train if split == "train" else run.evals.get(split, {})
       steps = sorted(s for s in series if key in series[s])
-      if steps:
+      if steps:  # Past the palette, the colours repeat with a dashed line.
         ax.plot(steps, [series[s][key] for s in steps], color=colors(i % colors.N),
-                marker="." if split != "train" else None, lw=1.2, label=labels[run.workdir])
+                ls="-" if i < colors.N else "--", marker="." if split != "train" else None,
+                lw=1.2, label=labels[run.workdir])
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
@@ -561,9 +556,9 @@ def plot_curves(runs: list[Run], labels: dict, path: str, title: str = "") -> st
     h, n = ax.get_legend_handles_labels()
     if len(n) > len(names):
       handles, names = h, n
-  fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
+  fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
   fig.suptitle(title, fontsize=11)
-  fig.tight_layout(rect=(0, 0, 1 - 2.5 / (4.2 * cols + 2.5), 0.97))
+  fig.tight_layout(rect=(0, legend_h / (3.2 * nrows + legend_h), 1, 0.97))
   save_figure(fig, path, dpi=110)
   return path
 

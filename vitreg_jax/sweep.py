@@ -12,11 +12,14 @@ overrides of that file's `get_config`. A plain key (`model`, `lr`, `seed`) is a 
       [--local | --slurm | --dry-run] [--sbatch_args='--partition=gpu --gpus=1']
 
 Each point trains with `python -m vitreg_jax.main` into its own workdir `ROOT/<name>`, the
-name made of its overrides (`model=vit,opt=sgd,seed=0`). A point whose run exited cleanly gets
-a `sweep_done.json` (command, wall time) and is skipped by later invocations; an interrupted
-point resumes from its newest checkpoint (the trainer does that by itself; SIGTERM to the
-sweep is passed on to the running point, which saves and is left to resume, not marked done);
-a point whose run failed (e.g. diverged) gets `sweep_failed.json` and is skipped unless `--retry_failed`.
+name made of its overrides (`model=vit,opt=sgd,seed=0`). A point whose run reached the
+config's total steps (its final evaluation is in metrics.jsonl; see `progress`) gets a
+`sweep_done.json` (command, wall time) and is skipped by later invocations; an interrupted
+point, including one stopped by SIGTERM (a preemption, which saves and exits cleanly), resumes
+from its newest checkpoint on the next invocation (the trainer does that by itself). SIGTERM
+to the sweep itself is passed on to the running point, which saves and is left to resume; the
+sweep then stops. A point whose run failed (e.g. diverged) gets `sweep_failed.json` and is
+skipped unless `--retry_failed`.
 `--slurm` submits one array job over the unfinished points through `launch/slurm_array.sh`,
 whose tasks call this module back with `--index`. `--dry-run` prints every command and runs
 nothing. Read the results with `python -m vitreg_jax.report ROOT`.
@@ -98,21 +101,57 @@ def point_command(path: str, arg: str, point: dict, workdir: str) -> list[str]:
            f"--workdir={workdir}"] + flags)
 
 
+def progress(workdir: str) -> tuple[int, int | None, bool]:
+  """`(step, total, finished)` of the run in `workdir`, read from what it saved.
+
+  A run is finished when its final evaluation (the last thing the trainer writes, after the
+  last checkpoint) is in metrics.jsonl at `total` steps, or, for a config without eval
+  splits, when its newest checkpoint is at `total`. An exit code of 0 is not enough: a run
+  stopped by SIGTERM (a preemption) saves a checkpoint and exits cleanly. `step` is the newest
+  checkpoint's step (0 if none); `total` is None when it cannot be known here (an epoch-based
+  config whose dataset is not prepared on this machine).
+  """
+  from vitreg_jax import report  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  step = max(rundir.checkpoint_steps(workdir), default=0)
+  try:
+    with open(os.path.join(workdir, rundir.CONFIG_FILE)) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return step, None, False
+  total = report.total_steps(config)
+  if total is None:
+    return step, None, False
+  evals, _ = report.read_metrics(workdir)
+  if (config.get("data") or {}).get("eval_splits") in ([], ()):
+    return step, total, step >= total
+  return step, total, any(s >= total for split in evals.values() for s in split)
+
+
 def status(workdir: str) -> str:
-  """'done', 'failed', 'partial' (started, resumable) or 'new'."""
+  """'done', 'failed', 'partial' (started, resumable) or 'new'.
+
+  'done' needs the marker and a finished run (`progress`): a marker left over from a run that
+  had not reached its total steps (a preempted run, recorded by an older version) is ignored.
+  Where the total cannot be known here (see `progress`), the marker is trusted.
+  """
   if os.path.exists(os.path.join(workdir, DONE_FILE)):
-    return "done"
+    _, total, finished = progress(workdir)
+    if finished or total is None:
+      return "done"
   if os.path.exists(os.path.join(workdir, FAILED_FILE)):
     return "failed"
   return "partial" if os.path.exists(os.path.join(workdir, "config.json")) else "new"
 
 
-def run_point(command: list[str], workdir: str) -> int | None:
-  """Runs one point (output to workdir/sweep.log); records done / failed; returns its rc.
+def run_point(command: list[str], workdir: str) -> str | None:
+  """Runs one point (output to workdir/sweep.log); returns and records its outcome.
 
-  SIGTERM (a preemption, or the time limit in launch/slurm_array.sh) is passed on to the
-  point, which saves and stops; the point is then left resumable (neither done nor failed)
-  and None is returned.
+  Returns 'done' (finished: `sweep_done.json`), 'failed' (non-zero exit: `sweep_failed.json`
+  with the log's tail) or 'stopped' (exited cleanly before its total steps, e.g. preempted:
+  nothing recorded, so the next invocation resumes it). SIGTERM to the sweep (a preemption,
+  or the time limit in launch/slurm_array.sh) is passed on to the point, which saves and
+  stops; nothing is recorded and None is returned (the caller stops the sweep).
   """
   os.makedirs(workdir, exist_ok=True)
   for stale in (DONE_FILE, FAILED_FILE):
@@ -135,12 +174,18 @@ def run_point(command: list[str], workdir: str) -> int | None:
   if terminated:
     return None
   record = {"command": shlex.join(command), "rc": rc, "wall_time_s": time.time() - start}
-  if rc != 0:
+  if rc == 0:
+    step, total, finished = progress(workdir)
+    if not finished and total is not None:
+      return "stopped"
+    outcome = "done"
+  else:
     with open(os.path.join(workdir, "sweep.log")) as log:
       record["log_tail"] = log.read()[-2000:]
-  with open(os.path.join(workdir, DONE_FILE if rc == 0 else FAILED_FILE), "w") as f:
+    outcome = "failed"
+  with open(os.path.join(workdir, DONE_FILE if outcome == "done" else FAILED_FILE), "w") as f:
     json.dump(record, f, indent=2)
-  return rc
+  return outcome
 
 
 def plan(spec: str, root: str, retry_failed: bool = False):
@@ -156,9 +201,14 @@ def plan(spec: str, root: str, retry_failed: bool = False):
   return rows
 
 
-def run_local(rows, indices=None) -> list[str]:
-  """Runs the points still to do, one after another; returns the names that failed."""
-  failed = []
+def run_local(rows, indices=None) -> tuple[list[str], list[str]]:
+  """Runs the points still to do, one after another.
+
+  Returns:
+    `(failed, stopped)`: the names of points that failed, and of points that exited before
+    their total steps (preempted; the next invocation resumes them).
+  """
+  failed, stopped = [], []
   for i, name, workdir, command, st, todo in rows:
     if indices is not None and i not in indices:
       continue
@@ -166,16 +216,22 @@ def run_local(rows, indices=None) -> list[str]:
       print(f"[{i}] {name}: {st}, skipped", flush=True)
       continue
     print(f"[{i}] {name}: {'resuming' if st == 'partial' else 'running'} ...", flush=True)
-    rc = run_point(command, workdir)
-    if rc is None:
+    outcome = run_point(command, workdir)
+    if outcome is None:
       print(f"[{i}] {name}: stopped by SIGTERM (saved; resumes on the next run)", flush=True)
-      failed.append(name)
+      stopped.append(name)
       break
-    print(f"[{i}] {name}: {'done' if rc == 0 else f'FAILED (rc={rc}), see {workdir}/sweep.log'}",
-          flush=True)
-    if rc:
+    if outcome == "stopped":
+      step, total, _ = progress(workdir)
+      print(f"[{i}] {name}: stopped at step {step}/{total} (preempted?); rerun to resume",
+            flush=True)
+      stopped.append(name)
+    elif outcome == "failed":
+      print(f"[{i}] {name}: FAILED, see {workdir}/sweep.log", flush=True)
       failed.append(name)
-  return failed
+    else:
+      print(f"[{i}] {name}: done", flush=True)
+  return failed, stopped
 
 
 def sbatch_command(spec: str, root: str, indices: list[int], sbatch_args: str = "") -> list[str]:
@@ -227,10 +283,10 @@ def main(argv=None) -> int:
     command = sbatch_command(args.sweep, args.workdir, todo, args.sbatch_args)
     print(shlex.join(command), flush=True)
     return subprocess.call(command)
-  failed = run_local(rows, set(args.index) if args.index else None)
-  print(f"{len(rows)} points; failed: {failed or 'none'}. Report: "
-        f"python -m vitreg_jax.report {args.workdir}")
-  return 1 if failed else 0
+  failed, stopped = run_local(rows, set(args.index) if args.index else None)
+  print(f"{len(rows)} points; failed: {failed or 'none'}; stopped before the end (rerun to "
+        f"resume): {stopped or 'none'}. Report: python -m vitreg_jax.report {args.workdir}")
+  return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from vitreg_jax import reporting
 from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
 from vitreg_jax import steps
-from vitreg_jax.data import mixing
 
 # The pieces under their historical names (tests, analyses and forks import them from here).
 from vitreg_jax.evaluation import classification_metrics, evaluate  # pylint: disable=unused-import
@@ -85,10 +84,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return results
   report = reporting.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
-  # The next batches are transferred while a step runs (vitreg_jax/inflight.py).
-  train_iter = inflight.prefetch_to_device(
+  train_iter = device_batches(
       data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                               seed=config.seed, start_step=start_step), mesh, size=2)
+                               seed=config.seed, start_step=start_step), mesh)
 
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
@@ -154,3 +152,10 @@ def device_batch(batch: dict, mesh) -> dict:
   """The global on-device training batch from this process's host batch."""
   # uint8 images (normalized in the step), labels, the Mixup/CutMix recipe if any.
   return shd.to_global({k: batch[k] for k in inflight.TRAIN_KEYS if k in batch}, mesh)
+
+
+def device_batches(host_batches, mesh, size: int = 2):
+  """The global on-device training batches, the next `size` transferred while a step runs
+  (vitreg_jax/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
+  Mixup/CutMix recipe, which the train step applies."""
+  return inflight.prefetch_to_device(host_batches, mesh, size=size)
