@@ -46,7 +46,7 @@ FAST_CASES = [
 SLOW_CASES = (
     [("quickstart", "reg=div,runlocal"), ("quickstart", "model=resnet,runlocal")]
     + [("mnist_cifar", a + ",runlocal") for a in ("reg=erm", "reg=div,div=paper")]
-    + [("waterbirds", a + ",runlocal") for a in ("reg=div,div=paper", "reg=div,div=code")]
+    + [("waterbirds", a + ",runlocal") for a in ("reg=div,div=paper,weight=1e9", "reg=div,div=code")]
     + [("arvit", a + ",runlocal") for a in (
         "variant=base", "variant=L6", "variant=vit_tiny",
         "variant=L3,impl=code,dataset=imagenet_rotation",
