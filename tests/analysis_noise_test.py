@@ -1,5 +1,6 @@
 """Frequency-band noise: its spectrum, its norm, and the sweep on a tiny model."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +55,35 @@ def test_corruption_choice():
   assert noise.corruption_dataset(Run, "none") is None
   with pytest.raises(ValueError, match="corruption"):
     noise.corruption_dataset(Run, "imagenet_c")
+
+
+class _SeverityReader(nn.Module):
+  """Predicts the first label of each severity block of the generated CIFAR-100-C (the images
+  of severity s are all 40 s / 255 after normalization with mean 0, std 1), so it is right on
+  exactly 1 of the 3 examples of every corrupted split, and on none if splits were mixed up."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    severity = jnp.round(images.mean((1, 2, 3)) * 255 / 40)
+    first_label = 3 * (severity - 1)
+    logits = -jnp.abs(jnp.arange(100)[None] - first_label[:, None])
+    return logits + 0 * self.param("unused", nn.initializers.zeros, ()), {}
+
+
+def test_corruption_accuracy_reads_every_severity_split(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_sources_test import _write_c100c  # pylint: disable=g-import-not-at-top
+  _write_c100c(tmp_path / "CIFAR-100-C")
+  model = _SeverityReader()
+  run = type("Run", (), dict(
+      model=model, variables=model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))),
+      config=ml_collections.ConfigDict(dict(data=dict(
+          name="cifar100", manual_dir=str(tmp_path), corruptions=("fog", "snow"),
+          num_threads=1, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))))))
+  with tfds.testing.mock_data(num_examples=6):
+    result = noise.corruption_accuracy(run, "cifar100_corrupted", batch_size=2)
+  assert sorted(result["accuracy"]) == [f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)]
+  np.testing.assert_allclose(list(result["accuracy"].values()), 1 / 3)
+  assert result["mean_corruption_accuracy"] == pytest.approx(1 / 3)

@@ -101,7 +101,7 @@ def corruption_accuracy(run, name: str, batch_size: int) -> dict:
   cfg = run.config.data.to_dict()
   cfg.update(name=name, eval_splits=None)
   info = data.get_info(cfg)  # fails here, with the preparation command, if files are missing
-  splits = [s for s in info.splits if s.rpartition("_")[2] in "12345" and "_" in s]
+  splits = [s for s in info.splits if s.rpartition("_")[2] in {"1", "2", "3", "4", "5"}]
   correct = make_accuracy(run.model, run.variables)
   accuracy = {}
   for split in runs.progress(splits, len(splits), f"{name} splits"):
