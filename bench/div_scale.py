@@ -22,7 +22,6 @@ factor applied to it was chosen on validation (its `get_sweep`).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
+from vitreg_jax import config_lib
 from vitreg_jax import models
 from vitreg_jax import regularizers
 
@@ -37,10 +37,7 @@ from vitreg_jax import regularizers
 def _mnist_cifar_config(arg):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs',
                       'mnist_cifar.py')
-  spec = importlib.util.spec_from_file_location('mnist_cifar_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.import_config(path).get_config(arg)
 
 
 IMAGE_SHAPES = {'mnist_cifar': (64, 32, 3), 'dominoes': (32, 16, 3)}

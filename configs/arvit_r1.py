@@ -12,16 +12,14 @@ Without `init=` it trains from scratch on CIFAR-10; the paper fine-tunes from th
 pretraining (`configs/arvit.py:variant=R1-1,dataset=imagenet_rotation`), see configs/arvit.py.
 """
 
-import importlib.util
 import os
+
+from vitreg_jax import config_lib
 
 
 def _arvit():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arvit.py")
-  spec = importlib.util.spec_from_file_location("vitreg_configs_arvit", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.import_config(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "arvit.py"))
 
 
 def get_config(arg=None):

@@ -22,7 +22,6 @@ blocks (1, 2, 2, 2), so at most one MSA per stage from c2 on). get_sweep takes `
 many) and `runlocal`.
 """
 
-import importlib.util
 import os
 
 from vitreg_jax import config_lib
@@ -31,11 +30,8 @@ BUILDUP = ("0000", "0001", "0002", "0012", "0022", "0032", "0132")
 
 
 def _how_vits_work():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "how_vits_work.py")
-  spec = importlib.util.spec_from_file_location("vitreg_configs_how_vits_work", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.import_config(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "how_vits_work.py"))
 
 
 def _blocks(config):

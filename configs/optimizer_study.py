@@ -30,7 +30,6 @@ on dominoes only (a 2-block ViT at lr 0.3 otherwise diverges within a few steps,
 a finding about the lr, not a useful data point).
 """
 
-import importlib.util
 import os
 
 from vitreg_jax import config_lib
@@ -48,11 +47,8 @@ LR_GRID = {"sgd": (0.03, 0.1, 0.3), "adam": (3e-4, 1e-3, 3e-3), "adamw": (3e-4, 
 
 
 def _how_vits_work():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "how_vits_work.py")
-  spec = importlib.util.spec_from_file_location("vitreg_configs_how_vits_work", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.import_config(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "how_vits_work.py"))
 
 
 def _dominoes(arg):

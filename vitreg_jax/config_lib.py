@@ -250,6 +250,15 @@ def _typed(value, kind):
   return config_dict.placeholder(kind) if value is None else value
 
 
+def import_config(path: str):
+  """The module of a config file, imported by path as ml_collections' config_flags does."""
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
   """Loads `configs/x.py[:arg]` as the command line does, ready for overrides.
 
@@ -266,10 +275,7 @@ def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
   common = [i for i in items if i.partition("=")[0].strip() in COMMON_ARGS]
   rest = ",".join(i for i in items if i not in common) or None
   common = parse_arg(",".join(common), **COMMON_ARGS)
-  spec = importlib.util.spec_from_file_location(
-      "config_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = import_config(path)
   config = module.get_config(rest) if rest is not None else module.get_config()
   if common.dtype:
     if common.dtype not in DTYPES:

@@ -25,7 +25,6 @@ whose tasks call this module back with `--index`. `--dry-run` prints every comma
 nothing. Read the results with `python -m vitreg_jax.report ROOT`.
 """
 
-import importlib.util
 import itertools
 import json
 import os
@@ -35,6 +34,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from vitreg_jax import config_lib
 
 DONE_FILE = "sweep_done.json"
 FAILED_FILE = "sweep_failed.json"
@@ -57,9 +58,7 @@ def load_sweep(spec: str) -> tuple[str, str, list[dict]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Sweep file {path!r} not found (give a config file that defines "
                             "get_sweep, e.g. configs/optimizer_study.py:data=dominoes).")
-  module_spec = importlib.util.spec_from_file_location("vitreg_sweep_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_lib.import_config(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path} defines no get_sweep(arg): it is a config, not a sweep. Add "
                      "get_sweep returning a list of override dicts (see vitreg_jax.sweep).")
