@@ -148,12 +148,6 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
   return state
 
 
-def device_batch(batch: dict, mesh) -> dict:
-  """The global on-device training batch from this process's host batch."""
-  # uint8 images (normalized in the step), labels, the Mixup/CutMix recipe if any.
-  return shd.to_global({k: batch[k] for k in inflight.TRAIN_KEYS if k in batch}, mesh)
-
-
 def device_batches(host_batches, mesh, size: int = 2):
   """The global on-device training batches, the next `size` transferred while a step runs
   (vitreg_jax/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
