@@ -36,9 +36,10 @@ Arguments (`:key=value,...`):
   runlocal  20 steps at 64 px with a 2-block ViT, batch 8, from scratch (`init` ignored: the
             tiny model cannot take the pretrained weights).
 
-Why `div=code` by default: the poster's numbers come from the authors' implementation (their
-public code, ArmandNM/diverse-vit, holds only MNIST-CIFAR; its DIV is the normalized recipe),
-and that recipe's term is scale-free (squared cosines), so its lambda 100 carries over.
+Why `div=code` by default: the authors' only public DIV implementation (ArmandNM/diverse-vit,
+which holds MNIST-CIFAR only) is the normalized recipe; we assume, without a statement from
+the poster or the code, that Table 2 used it too. Its term is scale-free (squared cosines), so
+its lambda 100 carries over.
 
 Recipe: the poster gives no hyper-parameters for Waterbirds. We use a standard fine-tuning
 recipe: SGD with momentum 0.9, batch 64, lr 1e-3 with cosine decay and 2 warmup epochs,
