@@ -43,7 +43,8 @@ PAIRS = [("mnist_cifar", "reg=erm", "reg=div"), ("mnist_cifar", "reg=erm", "reg=
 
 def _sweep_rows(name):
   module = configs_test.load(name)
-  return [",".join(f"{k}={v}" for k, v in point.items()) for point in module.get_sweep()]
+  return [",".join(f"{k}={v}" for k, v in point.items() if not k.startswith("config."))
+          for point in module.get_sweep()]
 
 
 def _all_rows():
@@ -126,6 +127,7 @@ def test_quickstart_sweep_is_erm_and_div_over_seeds():
   assert [(p["reg"], p["seed"]) for p in points] == [
       (r, s) for s in range(3) for r in ("erm", "div")]
   assert {p["steps"] for p in points} == {300}
+  assert {p["config.eval_every_steps"] for p in points} == {100}
   assert configs_test.get("quickstart", "seed=2").seed == 2
 
 
