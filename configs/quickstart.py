@@ -9,7 +9,8 @@ is far lower. Runs in a few minutes on a 2-core CPU:
 
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
-`seed`, `runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
+`seed`, `eval_examples` (examples per validation and test split; 0 = the dataset's 2000),
+`runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
 pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analysis.md;
 `reg=div` needs the ViT), `residual` (keep the residual around the last block's attention).
 
@@ -38,7 +39,7 @@ from vitreg_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=100.0, runlocal=False,
-                             model="vit", residual=False, seed=0)
+                             model="vit", residual=False, seed=0, eval_examples=0)
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed
   config.model_name = arg.model
@@ -54,6 +55,8 @@ def get_config(arg=None):
   config.data = dict(name="dominoes", train_split="train",
                      eval_splits=("val_id", "val_ood"), spurious_agreement=0.9,
                      num_train=10000)
+  if arg.eval_examples > 0:  # smaller evaluation splits (default 2000 each), for slow CPUs
+    config.data.update(num_val=arg.eval_examples, num_test=arg.eval_examples)
   config.batch_size = 64
   config.eval_batch_size = 500
   config.total_steps = 30 if arg.runlocal else arg.steps
@@ -79,8 +82,10 @@ def get_sweep(arg=None):
     python -m vitreg_jax.sweep configs/quickstart.py --workdir=runs/qs --local
     python -m vitreg_jax.heads --table runs/qs/*
   """
-  arg = config_lib.parse_arg(arg, steps=600, seeds=3)
+  # The sweep's argument also reaches get_config (vitreg_jax.sweep), so it takes get_config's
+  # `steps` and `eval_examples`; `seeds` only from Python.
+  arg = config_lib.parse_arg(arg, steps=600, eval_examples=0, seeds=3)
   # Three evaluations (the authors' statistics choose among them), as at the default 600 steps.
-  return [{"reg": reg, "seed": seed, "steps": arg.steps,
+  return [{"reg": reg, "seed": seed, "steps": arg.steps, "eval_examples": arg.eval_examples,
            "config.eval_every_steps": max(arg.steps // 3, 1)}
           for seed in range(arg.seeds) for reg in ("erm", "div")]

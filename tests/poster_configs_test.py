@@ -128,6 +128,8 @@ def test_quickstart_sweep_is_erm_and_div_over_seeds():
       (r, s) for s in range(3) for r in ("erm", "div")]
   assert {p["steps"] for p in points} == {300}
   assert {p["config.eval_every_steps"] for p in points} == {100}
+  small = configs_test.get("quickstart", "eval_examples=1000")
+  assert small.data.num_val == small.data.num_test == 1000
   assert configs_test.get("quickstart", "seed=2").seed == 2
 
 
