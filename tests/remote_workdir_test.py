@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import remote_fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reporting_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train_log_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORKDIR = "fake://bucket/run"
 

@@ -120,7 +120,7 @@ def eval_splits_of(config, info) -> tuple[str, ...]:
 class RunEval:
   """Scores masks on a run's splits; holds the compiled evaluator and the data config."""
 
-  def __init__(self, model, variables, config, info, splits, *, progress: bool = False):
+  def __init__(self, model, variables, config, splits, *, progress: bool = False):
     from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     self.evaluator = MaskEvaluator(model)
     self.variables = jax.device_put(variables)
