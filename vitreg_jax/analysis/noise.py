@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
 flags.DEFINE_enum("variant", "code", ["code", "equal_energy"], "code: the authors' ring-masked "
@@ -198,7 +199,7 @@ def corruption_dataset(run, choice: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- plot
 def plot(results, path: str) -> str:
   """Error increase vs noise frequency, one line per run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for r in results:
     s = r["sweep"]
@@ -212,7 +213,7 @@ def plot(results, path: str) -> str:
   ax.set(xlabel="noise frequency (x pi)", ylabel="error increase (%)",
          title=f"Robustness for noise frequency ({what})")
   ax.legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main
