@@ -58,8 +58,9 @@ def test_figures_equal_separate_gradients():
   assert got["div_grad_ratio"] > loss_balance.NEGLIGIBLE
 
 
-def test_bare_div_at_the_authors_weight_is_refused():
-  config, model, state, batch = _setup([dict(name="div", weight=100.0, layers=(-1,))])
+def test_a_negligible_term_is_refused_naming_the_fix():
+  # On this tiny random model the raw-gradient term is large; at weight 1e-6 it is not.
+  config, model, state, batch = _setup([dict(name="div", weight=1e-6, layers=(-1,))])
   balance = loss_balance.make_balance_fn(model, config, num_classes=2)
   check = loss_balance.BalanceCheck(balance.weights)
   measured = jax.device_get(balance(state, batch))
@@ -83,15 +84,27 @@ def test_no_regularizer_no_balance():
 
 
 def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
+  # The poster's raw-gradient DIV (the regularizer's defaults) at the authors' lambda 100 on
+  # the quickstart ViT. Its zero-initialized head makes the term exactly 0 on the first batch,
+  # so the verdict comes at the first log step.
+  config = tmp_path / "bare_div.py"
+  config.write_text(
+      "from vitreg_jax import config_lib\n"
+      "def get_config(arg=None):\n"
+      f"  config = config_lib.import_config({ROOT + '/configs/quickstart.py'!r})"
+      ".get_config('runlocal')\n"
+      "  config.regularizers = [dict(name='div', weight=100.0, layers=(-1,))]\n"
+      "  config.log_every_steps = 5\n"
+      "  return config\n")
   env = dict(os.environ, PYTHONPATH=ROOT)
-  cmd = [sys.executable, "-m", "vitreg_jax.main", "--config=configs/quickstart.py:runlocal",
-         f"--workdir={tmp_path}", "--config.regularizers=({'name': 'div', 'weight': 100.0},)",
-         "--config.model.head_zeroinit=False"]
+  cmd = [sys.executable, "-m", "vitreg_jax.main", f"--config={config}",
+         f"--workdir={tmp_path / 'run'}"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   fatal = [l for l in proc.stderr.splitlines() if l.startswith("FATAL")]
   assert len(fatal) == 1 and "negligible" in fatal[0] and "normalize=True" in fatal[0]
+  assert "at step 5" in fatal[0]
 
 
 def test_logged_beside_cross_entropy(tmp_path):
