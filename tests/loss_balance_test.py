@@ -62,7 +62,7 @@ def test_a_negligible_term_is_refused_naming_the_fix():
   # On this tiny random model the raw-gradient term is large; at weight 1e-6 it is not.
   config, model, state, batch = _setup([dict(name="div", weight=1e-6, layers=(-1,))])
   balance = loss_balance.make_balance_fn(model, config, num_classes=2)
-  check = loss_balance.BalanceCheck(balance.weights)
+  check = loss_balance.BalanceCheck(balance.checked)
   measured = jax.device_get(balance(state, batch))
   assert 0 < measured["div_grad_ratio"] < loss_balance.NEGLIGIBLE
   with pytest.raises(loss_balance.NegligibleTermError, match="normalize=True"):
@@ -76,6 +76,14 @@ def test_an_exactly_zero_term_is_judged_later():
   check(50, {"div_grad_ratio": 0.3})
   assert not check.pending
   check(100, {"div_grad_ratio": 1e-12})  # judged once: no second verdict
+
+
+def test_other_regularizers_are_logged_not_refused():
+  regs = [dict(name="distance", weight=1e-9, layers=(0,))]
+  config, model, state, batch = _setup(regs)
+  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  assert balance.checked == {} and set(balance.weights) == {"distance"}
+  assert jax.device_get(balance(state, batch))["distance_grad_ratio"] < loss_balance.NEGLIGIBLE
 
 
 def test_no_regularizer_no_balance():

@@ -14,8 +14,8 @@ it is about to train on, with the training loss's own pieces (`steps.model_image
   cross-entropy's, `balance/<k>_grad_ratio`,
 written to metrics.jsonl (split `train`) and TensorBoard beside `train/ce`.
 
-Refusal: a term whose gradient ratio is below `NEGLIGIBLE` (1e-3) the first time it is
-non-zero stops training with `NegligibleTermError`, one message naming the fix. Measured on
+Refusal: a DIV term whose gradient ratio is below `NEGLIGIBLE` (1e-3) the first time it is
+non-zero stops training (other terms are logged only) with `NegligibleTermError`, one message naming the fix. Measured on
 the quickstart ViT (batch 64): a bare `dict(name='div', weight=100)` pushes 5e-5 (at
 initialization) to 8e-5 (after 600 ERM steps) as hard as cross-entropy, the authors'
 normalized form at the same weight 7.7 to 13.6 times as hard; under Adam's per-parameter
@@ -74,6 +74,9 @@ def make_balance_fn(model, config, *, num_classes: int, normalize=None, head_mas
       out[f"{k}_grad_ratio"] = norms[k] / jnp.maximum(norms["ce"], 1e-30)
     return out
   balance.weights = weights
+  # Refused when negligible: DIV terms (the known silent no-op). Other terms (ARViT's maps
+  # penalties) are logged only: a paper's small weight there is the paper's choice.
+  balance.checked = {t.name: float(t.weight) for t in reg.terms_config if t.regularizer == "div"}
   return balance
 
 

@@ -67,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Each weighted regularizer term against cross-entropy, logged and checked (loss_balance).
   balance_fn = loss_balance.make_balance_fn(model, config, num_classes=info.num_classes,
                                             normalize=normalize, head_mask=train_mask)
-  balance_check = loss_balance.BalanceCheck(balance_fn.weights) if balance_fn else None
+  balance_check = loss_balance.BalanceCheck(balance_fn.checked) if balance_fn else None
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
                                 normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       extra = None
       if balance_fn and report.is_log_step(step):
         extra = jax.device_get(balance_fn(state, batch))
-        if balance_check.pending:
+        if balance_check.pending:  # until every DIV term has had its verdict
           balance_check(step, extra)
       report.train(step, measured, extra)
       if step % config.eval_every_steps == 0 and step < total_steps:
