@@ -14,7 +14,7 @@ import collections
 
 import numpy as np
 
-from vitreg_jax.analysis import runs
+from vitreg_jax import plotting
 
 MARKERS = {"msa": "o", "mlp": "s", "conv": "^"}
 
@@ -50,7 +50,7 @@ def _colors(results) -> dict:
 
 def plot(results: list, path: str) -> str:
   """`hessian.png`: eigenvalue histograms (and SLQ densities) of every run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   has_density = any("density" in r for r in results)
   fig, axes = plt.subplots(1, 3 if has_density else 2, figsize=(13 if has_density else 9, 3.6))
   colors = _colors(results)
@@ -66,12 +66,12 @@ def plot(results: list, path: str) -> str:
   over = " (dashed: over the dataset)" if any("dataset" in r for r in results) else ""
   fig.suptitle(f"{r0['operator'].upper()} top-{r0['top_k']} eigenvalues per mini-batch "
                f"({r0['method']}){over}", fontsize=10)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_steps(results: list, path: str) -> str:
   """`hessian_steps.png`: one column of negative / positive histograms per step."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   by_step = collections.defaultdict(list)
   for r in results:
     by_step[r["step"]].append(r)
@@ -85,7 +85,7 @@ def plot_steps(results: list, path: str) -> str:
     axes[1, j].set_title(f"step {step}: positive")
   fig.suptitle("Hessian max eigenvalue spectra through training", fontsize=10)
   fig.tight_layout()
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def _block_values(block: dict, key: str) -> np.ndarray:
@@ -99,7 +99,7 @@ def _block_values(block: dict, key: str) -> np.ndarray:
 
 def plot_blocks(results: list, path: str) -> str:
   """`hessian_blocks.png`: top eigenvalue and trace per block against normalized depth."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   colors = _colors(results)
   for r in (r for r in results if r.get("blocks")):
@@ -117,7 +117,7 @@ def plot_blocks(results: list, path: str) -> str:
   axes[1].set(title="trace per block (Hutchinson)", yscale="symlog",
               xlabel="normalized depth", ylabel="trace")
   axes[0].legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_all(results: list, out: str) -> list:
