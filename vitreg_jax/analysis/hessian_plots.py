@@ -17,6 +17,7 @@ import numpy as np
 from vitreg_jax import plotting
 
 MARKERS = {"msa": "o", "mlp": "s", "conv": "^"}
+OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton"}
 
 
 def _eigenvalues(r) -> np.ndarray:
@@ -64,7 +65,7 @@ def plot(results: list, path: str) -> str:
     axes[2].legend(fontsize=7)
   r0 = results[0]
   over = " (dashed: over the dataset)" if any("dataset" in r for r in results) else ""
-  fig.suptitle(f"{r0['operator'].upper()} top-{r0['top_k']} eigenvalues per mini-batch "
+  fig.suptitle(f"{OPERATOR_NAMES[r0['operator']]} top-{r0['top_k']} eigenvalues per mini-batch "
                f"({r0['method']}){over}", fontsize=10)
   return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
@@ -83,7 +84,8 @@ def plot_steps(results: list, path: str) -> str:
     _histograms(axes[:, j], by_step[step], colors)
     axes[0, j].set_title(f"step {step}: negative")
     axes[1, j].set_title(f"step {step}: positive")
-  fig.suptitle("Hessian max eigenvalue spectra through training", fontsize=10)
+  fig.suptitle(f"{OPERATOR_NAMES[results[0]['operator']]} max eigenvalue spectra through "
+               "training", fontsize=10)
   fig.tight_layout()
   return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
