@@ -34,6 +34,7 @@ from flax import traverse_util
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
+import numpy as np
 
 from vitreg_jax import steps
 from vitreg_jax.data import mixing
@@ -95,8 +96,11 @@ class Objective:
   def mask(self, regex: str):
     """A 0/1 vector like `theta`: 1 on the selected parameters whose path matches `regex`."""
     pattern = re.compile(regex)
-    mask, _ = ravel_pytree({k: jnp.full(self._unravel(self.theta)[k].shape,
-                                        float(bool(pattern.search(k)))) for k in self.names})
+    shapes = {k: v.shape for k, v in self._unravel(self.theta).items()}
+    # NumPy float32 leaves: a strong dtype, as the whole model's `ones`, so every block and
+    # the whole model share one compilation (a weakly typed mask would recompile).
+    mask, _ = ravel_pytree({k: np.full(shapes[k], float(bool(pattern.search(k))), np.float32)
+                            for k in self.names})
     return mask
 
   def params(self, theta):
