@@ -10,9 +10,11 @@ is far lower. Runs in a few minutes on a 2-core CPU:
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
 `seed`, `eval_examples` (examples per validation and test split; 0 = the dataset's 2000),
-`runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
-pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analysis.md;
-`reg=div` needs the ViT), `residual` (keep the residual around the last block's attention).
+`runlocal` (a 30-step smoke run), `model` ('vit', default, 'resnet': a narrow
+pre-activation ResNet-18, or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
+of width 16 whose stages 2-4 end in an MSA block, 2 x 2 windows, which tile the 16 x 8 ... 4 x 2
+maps), to contrast with the ViT in the analyses of docs/analysis.md; `reg=div` needs the ViT),
+`residual` (keep the residual around the last block's attention).
 
 The ViT is the head-diversity authors' architecture: no residual around the last block's
 attention, in ERM and DIV alike (ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py,
@@ -48,8 +50,11 @@ def get_config(arg=None):
                         classifier="token", posemb="learn", last_attn_residual=arg.residual)
   elif arg.model == "resnet":
     config.model = dict(depth=18, width=16, stem="cifar")
+  elif arg.model == "alternet":
+    config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),
+                        msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=2)
   else:
-    raise ValueError(f"model must be 'vit' or 'resnet', got {arg.model!r}.")
+    raise ValueError(f"model must be 'vit', 'resnet' or 'alternet', got {arg.model!r}.")
   # Dataset options listed here can be overridden on the command line, e.g.
   # --config.data.spurious_agreement=0.5 (see the README's dominoes options).
   config.data = dict(name="dominoes", train_split="train",

@@ -32,6 +32,8 @@ for runs on those datasets and skips others; see docs/data.md).
       [--bandwidth=0.1] [--noise_examples=1000] [--noise_split=val_id] [--corruption=auto]
 """
 
+import dataclasses
+import functools
 from typing import Optional
 
 from absl import app
@@ -68,11 +70,20 @@ def band_mask(h: int, w: int, freq: float, bandwidth: float) -> np.ndarray:
 
 def band_noise(key, shape, freq: float, bandwidth: float, eps: float) -> jax.Array:
   """Noise `[B, H, W, C]` whose spectrum lies in the band, L2 norm `eps sqrt(HWC)` per image."""
-  b, h, w, c = shape
-  mask = band_mask(h, w, freq, bandwidth)
+  return _noise_in(key, shape, _checked_band(shape, freq, bandwidth), eps)
+
+
+def _checked_band(shape, freq: float, bandwidth: float) -> np.ndarray:
+  mask = band_mask(shape[1], shape[2], freq, bandwidth)
   if not mask.any():
-    raise ValueError(f"No frequency of a {h}x{w} image lies in the band {freq} +- "
-                     f"{bandwidth / 2} (x pi): widen --bandwidth.")
+    raise ValueError(f"No frequency of a {shape[1]}x{shape[2]} image lies in the band {freq} "
+                     f"+- {bandwidth / 2} (x pi): widen --bandwidth.")
+  return mask
+
+
+def _noise_in(key, shape, mask, eps):
+  """Band noise for a band given as a `[H, W]` mask (traceable: the mask may be an argument)."""
+  _, h, w, c = shape
   white = jax.random.normal(key, shape)
   spec = jnp.fft.fft2(white, axes=(1, 2)) * jnp.asarray(mask)[None, :, :, None]
   noise = jnp.real(jnp.fft.ifft2(spec, axes=(1, 2)))  # the band is symmetric: real already
@@ -107,11 +118,14 @@ def ring_mask(h: int, w: int, freq: float, halfwidth: float = 0.2) -> np.ndarray
 def ring_noise(key, shape, freq: float, halfwidth: float, eps: float) -> jax.Array:
   """The authors' `FreqAttack(Random(eps), f=freq * pi, s=halfwidth)` perturbation `[B, H, W,
   C]`: ring-masked sign noise, not renormalized (module docstring). `freq` in units of pi."""
-  _, h, w, _ = shape
-  mask = jnp.asarray(ring_mask(h, w, freq * np.pi, halfwidth))[None, :, :, None]
+  return _ring_noise_in(key, shape, ring_mask(shape[1], shape[2], freq * np.pi, halfwidth), eps)
+
+
+def _ring_noise_in(key, shape, mask, eps):
+  """Ring noise for a ring given as a `[H, W]` mask in the shifted layout (traceable)."""
   sign = eps * jnp.sign(jax.random.normal(key, shape))
-  spec = _shift(jnp.fft.fft2(sign, axes=(1, 2))) * mask  # |X| masked, phase kept: X * mask
-  return jnp.real(jnp.fft.ifft2(_shift(spec), axes=(1, 2)))
+  spec = _shift(jnp.fft.fft2(sign, axes=(1, 2))) * jnp.asarray(mask)[None, :, :, None]
+  return jnp.real(jnp.fft.ifft2(_shift(spec), axes=(1, 2)))  # |X| masked, phase kept
 
 
 def _warn_empty_rings(size, freqs, halfwidth: float) -> None:
@@ -124,45 +138,84 @@ def _warn_empty_rings(size, freqs, halfwidth: float) -> None:
           "those points add no noise (the authors' rule; larger images fill them).")
 
 
-def make_noise(variant: str, *, eps: float, bandwidth: float = 0.1, halfwidth: float = 0.2):
-  """`noise(key, shape, freq)` of `variant` ('code' or 'equal_energy'); `freq` in units of pi."""
-  if variant == "code":
-    return lambda key, shape, freq: ring_noise(key, shape, freq, halfwidth, eps)
-  if variant == "equal_energy":
-    return lambda key, shape, freq: band_noise(key, shape, freq, bandwidth, eps)
-  raise ValueError(f"--variant must be 'code' or 'equal_energy', got {variant!r}.")
+@dataclasses.dataclass(frozen=True)
+class Noise:
+  """A noise variant (module docstring): `mask(shape, freq)` on the host, `draw(key, shape,
+  mask)` traceable, so one compilation serves every frequency; `noise(key, shape, freq)`
+  draws directly. `freq` in units of pi."""
+  variant: str
+  eps: float
+  bandwidth: float = 0.1
+  halfwidth: float = 0.2
+
+  def mask(self, shape, freq: float) -> np.ndarray:
+    if self.variant == "code":
+      return ring_mask(shape[1], shape[2], freq * np.pi, self.halfwidth)
+    return _checked_band(shape, freq, self.bandwidth)
+
+  def draw(self, key, shape, mask):
+    draw = _ring_noise_in if self.variant == "code" else _noise_in
+    return draw(key, shape, mask, self.eps)
+
+  def __call__(self, key, shape, freq: float):
+    return self.draw(key, shape, self.mask(shape, freq))
+
+
+def make_noise(variant: str, *, eps: float, bandwidth: float = 0.1, halfwidth: float = 0.2
+               ) -> Noise:
+  """The `Noise` of `variant` ('code' or 'equal_energy')."""
+  if variant not in ("code", "equal_energy"):
+    raise ValueError(f"--variant must be 'code' or 'equal_energy', got {variant!r}.")
+  return Noise(variant, eps, bandwidth, halfwidth)
 
 
 def make_accuracy(model, variables):
-  """A jitted `f(images, labels) -> number correct`."""
+  """A jitted `f(images, labels) -> number correct` (a device scalar: add them up there)."""
   @jax.jit
-  def correct(images, labels):
+  def correct(variables, images, labels):
     logits, _ = model.apply(variables, images, train=False)
     return jnp.sum(jnp.argmax(logits, -1) == labels)
-  return correct
+  return functools.partial(correct, variables)
 
 
-def frequency_sweep(model, variables, batches, freqs, *, noise_fn, key) -> dict:
-  """Clean error and error under frequency noise at each frequency.
+def _make_noisy_accuracy(model, variables, noise_fn: Noise):
+  """Jitted `f(images, labels, key, mask) -> number correct` on `images + noise`: the noise is
+  drawn on the device, and its frequency mask is an argument, so every frequency shares one
+  compilation."""
+  @jax.jit
+  def correct(variables, images, labels, key, mask):
+    noisy = images + noise_fn.draw(key, images.shape, mask)
+    logits, _ = model.apply(variables, noisy, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+  return functools.partial(correct, variables)
+
+
+def frequency_sweep(model, variables, batches, freqs, *, noise_fn: Noise, key) -> dict:
+  """Clean error and error under frequency noise (`noise_fn`, `make_noise`) at each frequency.
+
+  Every batch's count stays on the device; the host reads them once, at the end.
 
   Args:
     batches: a list of `{'image', 'label'}` (reused for every frequency).
     freqs: band centres in units of pi.
-    noise_fn: `noise(key, shape, freq)` (`make_noise`).
   Returns:
     dict `freq`, `clean_error`, `error` (per freq), `error_increase` (per freq).
   """
+  variables = jax.device_put(variables)
+  batches = [jax.device_put({"image": b["image"], "label": b["label"]}) for b in batches]
   correct = make_accuracy(model, variables)
+  noisy = _make_noisy_accuracy(model, variables, noise_fn)
   n = sum(len(b["label"]) for b in batches)
-  clean = sum(int(correct(b["image"], b["label"])) for b in batches) / n
-  errors = []
+  clean = sum(correct(b["image"], b["label"]) for b in batches)
+  hits = []
   for fi, freq in enumerate(freqs):
-    hits = 0
-    for bi, b in enumerate(batches):
-      k = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
-      noise = noise_fn(k, b["image"].shape, float(freq))
-      hits += int(correct(b["image"] + noise, b["label"]))
-    errors.append(1 - hits / n)
+    band = noise_fn.mask(batches[0]["image"].shape, float(freq))
+    hits.append(sum(noisy(b["image"], b["label"],
+                          jax.random.fold_in(jax.random.fold_in(key, fi), bi), band)
+                    for bi, b in enumerate(batches)))
+  clean, hits = jax.device_get((clean, hits))
+  clean = float(clean) / n
+  errors = [1 - float(h) / n for h in hits]
   return dict(freq=[float(f) for f in freqs], clean_error=1 - clean, error=errors,
               error_increase=[e - (1 - clean) for e in errors], num_examples=n)
 
@@ -179,9 +232,9 @@ def corruption_accuracy(run, name: str, batch_size: int) -> dict:
   for split in runs.progress(splits, len(splits), f"{name} splits"):
     hits = total = 0
     for b in runs.eval_batches(run, split, batch_size, data_config=cfg):
-      hits += int(correct(b["image"], b["label"]))
+      hits += correct(b["image"], b["label"])  # Summed on the device: one read per split.
       total += len(b["label"])
-    accuracy[split] = hits / total
+    accuracy[split] = float(hits) / total
   return {"dataset": name, "accuracy": accuracy, **data.mean_corruption_accuracy(accuracy)}
 
 
