@@ -234,3 +234,53 @@ def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_greedy_search_compiles_the_mask_evaluator_once(tiny):
+  """Greedy's rounds (candidate counts that change, one-mask scores) reuse one compilation."""
+  model, variables, _, _ = tiny
+  x = np.random.RandomState(1).normal(size=(48, 8, 8, 3)).astype(np.float32)
+  labels = np.arange(48, dtype=np.int32) % 3
+  evaluator = evaluate_lib.MaskEvaluator(model, layers=(1,), masks_per_pass=3,
+                                         images_per_pass=20)
+  full = np.ones((2, 4), np.float32)
+  target = full.copy()
+  target[1, 2] = 0.0  # Greedy's score peaks (at 0) at this mask, one flip from the start.
+  target_loss = evaluator(variables, x, labels, target[None])[1][0]
+  calls = []
+
+  def score_fn(masks):
+    calls.append(len(masks))
+    _, loss = evaluator(variables, x, labels, masks)
+    return -np.abs(loss - target_loss).mean(axis=1)
+
+  mask, score, path = select_lib.greedy_search(score_fn, full, (1,))
+  np.testing.assert_array_equal(mask, target)
+  assert len(path) == 2 and score == pytest.approx(0.0, abs=1e-6) and path[0][1] < -1e-3
+  assert calls[0] == 1 and len(calls) == 3  # Start, a round that moves, one that stops.
+  assert evaluator.traces == 1 and evaluator.expand_at == 1
+
+
+def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(monkeypatch):
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  config = _quickstart_config()
+  reads = []
+  make = data.make_eval_iterator
+  monkeypatch.setattr(data, "make_eval_iterator",
+                      lambda *a, **k: reads.append(a[1]) or make(*a, **k))
+  model = models.create("vit", 2, **config.model.to_dict())
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 16, 3), np.float32))
+  run_eval = evaluate_lib.RunEval(model, variables, config, ("val_id", "val_ood"), layers=(1,))
+  fn, passes = run_eval.evaluator._fn, []
+  run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
+  masks = np.concatenate([np.ones((1, 2, 2), np.float32),
+                          masks_lib.head_masks(2, 2, (1,), "alone")[0]])
+  first = run_eval(masks)
+  assert passes and first["val_id"][0]["num_examples"] == 100
+  scored = len(passes)
+  again = run_eval(masks[::-1], ["val_ood"])  # Already scored: no pass.
+  assert again["val_ood"] == first["val_ood"][::-1] and len(passes) == scored
+  run_eval.variables = variables  # New weights: scored again, from the data read before.
+  assert run_eval(masks[:1], ["val_ood"])["val_ood"][0] == first["val_ood"][0]
+  assert len(passes) > scored and reads == ["val_id", "val_ood"]
+  assert run_eval.evaluator.traces == 1

@@ -42,6 +42,11 @@ def first_difference(masks: np.ndarray) -> int:
   return int(np.argmax(differs)) if differs.any() else masks.shape[1]
 
 
+def _even_block(total: int, most: int) -> int:
+  """The block size <= `most` that splits `total` into as few, equal-as-can-be blocks."""
+  return max(1, math.ceil(total / math.ceil(total / max(1, most)))) if total else max(1, most)
+
+
 class MaskEvaluator:
   """Predictions of one model under many head masks, with one compilation per image pool.
 
@@ -83,11 +88,11 @@ class MaskEvaluator:
   def plan(self, num_images: int, masks) -> int:
     """Fixes the pass shapes at the first call; returns the passes this call takes."""
     masks = np.asarray(masks, np.float32)
-    if not self._planned:
+    if not self._planned:  # Even blocks: the first call pads as little as possible.
       self._planned = True
-      self.images_per_pass = max(1, min(self.images_per_pass, num_images))
-      self.masks_per_pass = self.masks_per_pass or max(1, min(
-          len(masks), self.examples_per_pass // self.images_per_pass))
+      self.images_per_pass = _even_block(num_images, self.images_per_pass)
+      self.masks_per_pass = self.masks_per_pass or _even_block(
+          len(masks), max(1, self.examples_per_pass // self.images_per_pass))
     differs_at = first_difference(masks)
     if self.expand_at is None or differs_at < self.expand_at:
       self.expand_at = differs_at  # Earlier than before: one more compilation.
@@ -207,6 +212,12 @@ class RunEval:
   def pool(self) -> SplitPool:
     if self._pool is None:
       self._pool = SplitPool(self.config.data, self.splits, self.batch_size)
+      # Image blocks that divide the smallest split evenly: one-split calls (greedy's
+      # rounds on the OOD validation split) pad as little as calls on every split.
+      smallest = min(len(r) for r in self._pool.rows.values())
+      evaluator = self.evaluator
+      if not evaluator._planned:  # pylint: disable=protected-access
+        evaluator.images_per_pass = _even_block(smallest, evaluator.images_per_pass)
     return self._pool
 
   def __call__(self, masks, splits=None, desc="masks") -> dict[str, list[dict]]:
