@@ -9,9 +9,10 @@ is far lower. Runs in a few minutes on a 2-core CPU:
 
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
-`runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
-pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analysis.md;
-`reg=div` needs the ViT).
+`runlocal` (a 30-step smoke run), `model` ('vit', default, 'resnet': a narrow
+pre-activation ResNet-18, or 'alternet': a small AlterNet, to contrast with the ViT in the
+analyses of docs/analysis.md; `reg=div` needs the ViT), `smoothing` (resnet / alternet: the
+authors' spatial-smoothing block after every stage, models/resnet.py).
 
 DIV here is the authors' code's normalized variant (per-token cosine of the head input
 gradients, squared, mean over batch x heads x heads: a term in [0, 1]), with the model and
@@ -30,7 +31,7 @@ from vitreg_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=100.0, runlocal=False,
-                             model="vit")
+                             model="vit", smoothing=False)
   config = config_lib.ml_collections.ConfigDict()
   config.seed = 0
   config.model_name = arg.model
@@ -39,8 +40,18 @@ def get_config(arg=None):
                         classifier="token", posemb="learn")
   elif arg.model == "resnet":
     config.model = dict(depth=18, width=16, stem="cifar")
+  elif arg.model == "alternet":
+    # Stage maps 32x16, 16x8, 8x4, 4x2 on the dominoes: windows of 2 tile all of them.
+    config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),
+                        msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=2)
   else:
-    raise ValueError(f"model must be 'vit' or 'resnet', got {arg.model!r}.")
+    raise ValueError(f"model must be 'vit', 'resnet' or 'alternet', got {arg.model!r}.")
+  if arg.smoothing:
+    if arg.model == "vit":
+      raise ValueError("smoothing applies to model=resnet or model=alternet, not the ViT.")
+    # AlterNet's windows must tile the maps: keep their size ('same'; models/alternet.py).
+    config.model = dict(config.model, smoothing=True,
+                        smoothing_padding="same" if arg.model == "alternet" else "authors")
   # Dataset options listed here can be overridden on the command line, e.g.
   # --config.data.spurious_agreement=0.5 (see the README's dominoes options).
   config.data = dict(name="dominoes", train_split="train",

@@ -46,8 +46,8 @@ def feature_maps(model, variables, images) -> List[dict]:
   """The model's feature maps as spatial grids, in depth order.
 
   Returns:
-    list of `{'name', 'kind', 'map' [B, h, w, C]}`; kind is 'embed', 'msa', 'mlp', 'stem' or
-    'conv'.
+    list of `{'name', 'kind', 'map' [B, h, w, C]}`; kind is 'embed', 'msa', 'mlp', 'stem',
+    'conv' or 'smooth' (a CNN's stage-end spatial smoothing, `smoothing=True`).
   """
   _, out = model.apply(variables, images, train=False)
   if hasattr(model, "token_layout"):  # ViT-like: tokens on a patch grid
@@ -63,8 +63,10 @@ def feature_maps(model, variables, images) -> List[dict]:
   maps = [dict(name="stem", kind="stem", map=out["stem"])]
   i = 0
   while f"block{i}" in out:
-    maps.append(dict(name=f"block{i}", kind=kinds[i] if kinds else "conv",
-                     map=out[f"block{i}"]["output"]))
+    block = out[f"block{i}"]
+    maps.append(dict(name=f"block{i}", kind=kinds[i] if kinds else "conv", map=block["output"]))
+    if "smoothed" in block:  # the stage-end spatial smoothing (models/resnet.py)
+      maps.append(dict(name=f"block{i}/smooth", kind="smooth", map=block["smoothed"]))
     i += 1
   return maps
 
