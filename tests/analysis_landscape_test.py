@@ -38,7 +38,7 @@ def _direct(model, params, batch):
   leaves = [np.asarray(p, np.float64) for p in jax.tree.leaves(params)]
   l2 = 0.5 * WD * sum(np.sum(p**2) for p in leaves if p.ndim >= 2)
   acc = np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"]))
-  return nll + l2, acc, np.sqrt(sum(np.sum(p**2) for p in leaves))
+  return nll + l2, nll, acc, np.sqrt(sum(np.sum(p**2) for p in leaves))
 
 
 def test_grid_point_equals_loss_of_perturbed_parameters():
@@ -46,7 +46,7 @@ def test_grid_point_equals_loss_of_perturbed_parameters():
   d1, d2 = landscape.random_directions(variables["params"], jax.random.PRNGKey(3))
   loss, theta0 = hessian.make_objective(model, variables, weight_decay=WD)
   flat = jnp.stack([jax.flatten_util.ravel_pytree(d)[0] for d in (d1, d2)])
-  evaluate = landscape.make_evaluator(loss, landscape.make_accuracy(model, variables), theta0,
+  evaluate = landscape.make_evaluator(loss, landscape.make_metrics(model, variables, WD), theta0,
                                       flat)
   coords = np.array([[0.0, 0.0], [0.3, -0.7], [-1.0, 0.5]], np.float32)
   batches = [_batch(1), _batch(2)]
@@ -56,8 +56,9 @@ def test_grid_point_equals_loss_of_perturbed_parameters():
     params = jax.tree.map(lambda p, u, v: p + a * u + b * v, variables["params"], d1, d2)
     want = np.mean([_direct(model, params, batch) for batch in batches], axis=0)
     np.testing.assert_allclose(got["loss"][i], want[0], rtol=1e-5)
-    np.testing.assert_allclose(got["accuracy"][i], want[1])
-    np.testing.assert_allclose(got["l2_norm"][i], want[2], rtol=1e-5)
+    np.testing.assert_allclose(got["data_loss"][i], want[1], rtol=1e-4)
+    np.testing.assert_allclose(got["accuracy"][i], want[2])
+    np.testing.assert_allclose(got["l2_norm"][i], want[3], rtol=1e-5)
   assert got["loss"][1] != got["loss"][0]  # the directions do move the loss
 
 

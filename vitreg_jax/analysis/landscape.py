@@ -19,6 +19,7 @@ losslandscape.ipynb):
      `make_objective`: the authors' "loss landscapes with L2 regularization on augmented
      datasets"), on the same `--landscape_batches` training batches with the training
      augmentation at every point, BatchNorm with its frozen running statistics;
+   * `data_loss`: the same without its L2 term (the NLL);
    * `accuracy` of the perturbed model on those batches;
    * `l2_norm`: `||theta||_2` over all parameters (the authors record the sum of per-tensor
      norms, `ops/norm.py`).
@@ -128,33 +129,38 @@ def excluded_names(params, exclude: Sequence[str]) -> list:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def make_accuracy(model, variables) -> Callable:
-  """`accuracy(theta, batch)` of the model at the flat fp32 parameter vector `theta`."""
+def make_metrics(model, variables, weight_decay: float = 0.0, decay_1d: bool = False):
+  """`metrics(theta, batch) -> {'accuracy', 'l2_penalty'}` at the flat fp32 parameters `theta`
+  (the penalty is the objective's L2 term, `hessian.l2_penalty`)."""
   params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), variables["params"])
   state = {k: v for k, v in variables.items() if k != "params"}
   unravel = ravel_pytree(params)[1]
 
-  def accuracy(theta, batch):
-    logits, _ = model.apply({"params": unravel(theta), **state}, batch["image"], train=False)
-    return jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  def metrics(theta, batch):
+    p = unravel(theta)
+    logits, _ = model.apply({"params": p, **state}, batch["image"], train=False)
+    return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "l2_penalty": hessian.l2_penalty(p, weight_decay, decay_1d)}
 
-  return accuracy
+  return metrics
 
 
-def make_evaluator(loss: Callable, accuracy: Callable, theta0, directions):
-  """A jitted `f(coords [P, k], batch) -> {'loss', 'accuracy', 'l2_norm'}` (each `[P]`) at
-  the points `theta0 + coords @ directions`, one point after another (a scan: the memory of
-  one forward pass).
+def make_evaluator(loss: Callable, metrics: Callable, theta0, directions):
+  """A jitted `f(coords [P, k], batch) -> {'loss', 'data_loss', 'accuracy', 'l2_norm'}` (each
+  `[P]`) at the points `theta0 + coords @ directions`, one point after another (a scan: the
+  memory of one forward pass). `data_loss` is the loss without its L2 term.
 
   Args:
-    loss, accuracy: `f(theta, batch) -> scalar` of the flat parameter vector.
+    loss: `loss(theta, batch) -> scalar` of the flat parameter vector.
+    metrics: `metrics(theta, batch) -> {'accuracy', 'l2_penalty'}` (`make_metrics`).
     theta0: `[n]`; directions: `[k, n]`.
   """
   @jax.jit
   def evaluate(coords, batch, theta0, directions):
     def one(c):
       theta = theta0 + c @ directions
-      return {"loss": loss(theta, batch), "accuracy": accuracy(theta, batch),
+      value, m = loss(theta, batch), metrics(theta, batch)
+      return {"loss": value, "data_loss": value - m["l2_penalty"], "accuracy": m["accuracy"],
               "l2_norm": jnp.linalg.norm(theta)}
     return jax.lax.map(one, coords)
 
@@ -185,11 +191,12 @@ def evaluate_points(evaluate: Callable, coords: np.ndarray, batches: list, *,
 
 # ----------------------------------------------------------------------------- one run
 def training_objective(run):
-  """`(loss(theta, batch), theta0, weight_decay)`: the run's training loss with its L2 term."""
+  """`(loss(theta, batch), metrics, theta0, weight_decay)`: the run's training loss with its
+  L2 term, and `make_metrics` with the same penalty."""
   opt = run.config.get("optimizer", {}) or {}
   wd, d1 = float(opt.get("weight_decay", 0.0)), bool(opt.get("decay_1d_params", False))
   loss, theta0 = hessian.make_objective(run.model, run.variables, weight_decay=wd, decay_1d=d1)
-  return loss, theta0, wd
+  return loss, make_metrics(run.model, run.variables, wd, d1), theta0, wd
 
 
 def coordinates(grid_points: int, line_points: int, extent: float) -> dict:
@@ -214,12 +221,12 @@ def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_po
     `num_moved` (entries the directions move), `excluded`, `weight_decay`, `seconds`,
     `points_per_s` (forward passes of one batch per second, compilation included).
   """
-  loss, theta0, wd = training_objective(run)
+  loss, metrics, theta0, wd = training_objective(run)
   directions = random_directions(run.variables["params"], key, 2, exclude=exclude,
                                  normalization=normalization)
   flat = jnp.stack([ravel_pytree(d)[0] for d in directions])
-  evaluate = make_evaluator(loss, make_accuracy(run.model, run.variables),
-                            runs.replicate(theta0, mesh), runs.replicate(flat, mesh))
+  evaluate = make_evaluator(loss, metrics, runs.replicate(theta0, mesh),
+                            runs.replicate(flat, mesh))
   batches = [runs.shard_batch(b, mesh) for b in batches]
   parts = coordinates(grid_points, line_points, extent)
   coords = np.concatenate(list(parts.values()))
@@ -282,11 +289,12 @@ def plot_contours(results: list, path: str) -> str:
   if lined:
     for r in lined:
       line = r["line"]
-      axes[0, -1].plot(line["alpha"], line["loss"], label=r["label"])
+      l, = axes[0, -1].plot(line["alpha"], line["loss"], label=r["label"])
+      axes[0, -1].plot(line["alpha"], line["data_loss"], "--", color=l.get_color())
       axes[1, -1].plot(line["alpha"], line["accuracy"], label=r["label"])
-    if min(min(r["line"]["loss"]) for r in lined) > 0:
+    if min(min(r["line"]["data_loss"]) for r in lined) > 0:
       axes[0, -1].set_yscale("log")
-    axes[0, -1].set(title="loss along direction 1", xlabel="alpha")
+    axes[0, -1].set(title="loss (dashed: without L2) along d1", xlabel="alpha")
     axes[1, -1].set(title="accuracy along direction 1", xlabel="alpha", ylim=(0, 1))
     axes[0, -1].legend(fontsize=7)
   r0 = results[0]
@@ -359,7 +367,8 @@ def main(argv):
   for r in results:
     c = r["center"]
     span = r.get("grid") or r["line"]
-    print(f"{r['label']}: centre loss {c['loss']:.4g}, accuracy {c['accuracy']:.3f}, "
+    print(f"{r['label']}: centre loss {c['loss']:.4g} (without L2 {c['data_loss']:.4g}), "
+          f"accuracy {c['accuracy']:.3f}, "
           f"|theta| {c['l2_norm']:.4g}; loss over the points {np.min(span['loss']):.4g} .. "
           f"{np.max(span['loss']):.4g}; {r['points_per_s']:.3g} point-batches/s")
 
