@@ -12,7 +12,8 @@ the variance of the feature-map points over space, with Bessel's correction (`dd
 `latent.var(dim=[-1, -2]).mean(dim=[0, 1])`). They use one test batch; here the mean runs over
 `--num_examples` evaluation examples (exact: the mean is linear, batches are weighted by size).
 The figure is the variance against normalized depth, MSA outputs on grey bands and subsampling
-blocks (the map shrinks) on blue ones, as their plot.
+blocks (the map shrinks) as dotted lines (their plot shades them blue; lines keep overlaid runs
+apart).
 
   python -m vitreg_jax.analysis.variance --workdir=DIR [--workdir=DIR2 --out=OUT]
       [--num_examples=500] [--split=val_id] [--log_scale]
@@ -82,7 +83,7 @@ def variances(model, variables, batches, mesh=None) -> List[dict]:
 # ----------------------------------------------------------------------------- plot
 def plot(results: List[dict], path: str, log_scale: bool = False) -> str:
   """Feature-map variance vs normalized depth, one line per run; MSA blocks on grey bands,
-  subsampling blocks on blue ones, smoothing outputs as triangles."""
+  subsampling blocks as dotted lines, smoothing outputs as triangles."""
   plt = runs.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   markers = {"msa": "o", "smooth": "v"}
@@ -98,11 +99,13 @@ def plot(results: List[dict], path: str, log_scale: bool = False) -> str:
                 mfc="white" if kind == "msa" else line.get_color(), ls="none")
     step = 1 / max(len(blocks) - 1, 1)
     for b in blocks:
-      if b["kind"] in fourier.ATTENTION_KINDS or b["subsampling"]:
-        color = "0.6" if b["kind"] in fourier.ATTENTION_KINDS else "tab:blue"
-        ax.axvspan(b["depth"] - step, b["depth"], color=color, alpha=0.15, lw=0, zorder=0)
+      if b["kind"] in fourier.ATTENTION_KINDS:
+        ax.axvspan(b["depth"] - step, b["depth"], color="0.6", alpha=0.15, lw=0, zorder=0)
+      if b["subsampling"]:  # a line in the run's colour: bands of overlaid runs would overlap
+        ax.axvline(b["depth"], color=line.get_color(), ls=":", lw=1, zorder=0)
   ax.set(xlabel="normalized depth", ylabel="feature map variance", xlim=(0, 1),
-         title="Feature-map variance (o: after MSA, v: smoothing; grey: MSA, blue: subsampling)")
+         title="Feature-map variance (o / grey: after MSA, v: after smoothing, "
+               "dotted: subsampling block)")
   ax.title.set_fontsize(8)
   if log_scale:
     ax.set_yscale("log")
