@@ -170,13 +170,10 @@ def plot_spectra(results: List[dict], path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv):
-  del argv
+def per_block_over_examples(loaded, analyse) -> List[dict]:
+  """Per run, `analyse(run, batches) -> blocks` over `--num_examples` examples of `--split`
+  (the Fourier and the feature-map variance analyses)."""
   f = runs.FLAGS
-  if f.num_examples < 1:
-    raise app.UsageError("--num_examples must be >= 1.")
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
   results = []
   for run in loaded:
     split = f.split or runs.default_eval_split(run)
@@ -184,9 +181,19 @@ def main(argv):
     name = runs.label(run, loaded)
     batches = runs.progress(runs.eval_batches(run, split, batch_size, f.num_examples),
                             -(-f.num_examples // batch_size), name)
-    blocks = spectra(run.model, run.variables, batches)
     results.append(dict(label=name, workdir=run.workdir, step=run.step, split=split,
-                        model_name=run.config.model_name, blocks=blocks))
+                        model_name=run.config.model_name, blocks=analyse(run, batches)))
+  return results
+
+
+def main(argv):
+  del argv
+  f = runs.FLAGS
+  if f.num_examples < 1:
+    raise app.UsageError("--num_examples must be >= 1.")
+  out = runs.output_dir(f.out, f.workdir)
+  results = per_block_over_examples(runs.load_runs(f.workdir, f.step),
+                                    lambda run, batches: spectra(run.model, run.variables, batches))
   summary = {"runs": results}
   if len(results) == 1:
     summary.update(results[0])

@@ -122,18 +122,10 @@ def main(argv):
   if f.num_examples < 1:
     raise app.UsageError("--num_examples must be >= 1.")
   out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
   mesh = sharding.make_mesh()
-  results = []
-  for run in loaded:
-    split = f.split or runs.default_eval_split(run)
-    batch_size = f.batch_size or min(int(run.config.eval_batch_size), f.num_examples)
-    name = runs.label(run, loaded)
-    batches = runs.progress(runs.eval_batches(run, split, batch_size, f.num_examples),
-                            -(-f.num_examples // batch_size), name)
-    blocks = variances(run.model, run.variables, batches, mesh)
-    results.append(dict(label=name, workdir=run.workdir, step=run.step, split=split,
-                        model_name=run.config.model_name, blocks=blocks))
+  results = fourier.per_block_over_examples(
+      runs.load_runs(f.workdir, f.step),
+      lambda run, batches: variances(run.model, run.variables, batches, mesh))
   summary = {"runs": results}
   if len(results) == 1:
     summary.update(results[0])
