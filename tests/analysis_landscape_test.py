@@ -8,7 +8,7 @@ import pytest
 import scipy.special
 
 from vitreg_jax import models
-from vitreg_jax.analysis import hessian
+from vitreg_jax.analysis import objective
 from vitreg_jax.analysis import landscape
 
 VIT = dict(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4)
@@ -44,10 +44,9 @@ def _direct(model, params, batch):
 def test_grid_point_equals_loss_of_perturbed_parameters():
   model, variables = _vit()
   d1, d2 = landscape.random_directions(variables["params"], jax.random.PRNGKey(3))
-  loss, theta0 = hessian.make_objective(model, variables, weight_decay=WD)
-  flat = jnp.stack([jax.flatten_util.ravel_pytree(d)[0] for d in (d1, d2)])
-  evaluate = landscape.make_evaluator(loss, landscape.make_metrics(model, variables, WD), theta0,
-                                      flat)
+  obj = objective.Objective(model, variables, num_classes=3, weight_decay=WD)
+  # Flattened in the objective's order: a wrong order would move the wrong parameters.
+  evaluate = landscape.make_evaluator(obj, obj.theta, landscape.flat_directions(obj, [d1, d2]))
   coords = np.array([[0.0, 0.0], [0.3, -0.7], [-1.0, 0.5]], np.float32)
   batches = [_batch(1), _batch(2)]
   # 3 points in chunks of 2: the padded last chunk is evaluated by the same compiled function.
@@ -56,7 +55,7 @@ def test_grid_point_equals_loss_of_perturbed_parameters():
     params = jax.tree.map(lambda p, u, v: p + a * u + b * v, variables["params"], d1, d2)
     want = np.mean([_direct(model, params, batch) for batch in batches], axis=0)
     np.testing.assert_allclose(got["loss"][i], want[0], rtol=1e-5)
-    np.testing.assert_allclose(got["data_loss"][i], want[1], rtol=1e-4)
+    np.testing.assert_allclose(got["ce"][i], want[1], rtol=1e-4)
     np.testing.assert_allclose(got["accuracy"][i], want[2])
     np.testing.assert_allclose(got["l2_norm"][i], want[3], rtol=1e-5)
   assert got["loss"][1] != got["loss"][0]  # the directions do move the loss

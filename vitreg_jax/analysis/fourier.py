@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
 flags.DEFINE_integer("num_examples", 500, "Evaluation examples averaged over.")
@@ -111,14 +112,16 @@ def spectra(model, variables, batches) -> List[dict]:
   Returns:
     list of `{'name', 'kind', 'depth' (normalized 0..1), 'freq' (x pi), 'rel_log_amp'}`.
   """
+  # The weights are an argument, not constants baked into the compiled function.
   batch_logamp = jax.jit(
-      lambda images: [log_amplitude(m["map"]) for m in feature_maps(model, variables, images)])
+      lambda v, images: [log_amplitude(m["map"]) for m in feature_maps(model, v, images)])
+  variables = jax.device_put(variables)
   total, count, image_shape = None, 0, None
   for batch in batches:
     images = batch["image"]
     image_shape = images.shape[1:]
     # Log amplitudes average linearly over examples: weight each batch by its size.
-    amps = [a * images.shape[0] for a in batch_logamp(images)]
+    amps = [a * images.shape[0] for a in batch_logamp(variables, images)]
     total = amps if total is None else [t + a for t, a in zip(total, amps)]
     count += images.shape[0]
   if total is None:
@@ -135,7 +138,7 @@ def spectra(model, variables, batches) -> List[dict]:
 # ----------------------------------------------------------------------------- plots
 def plot_high_frequency(results: List[dict], path: str) -> str:
   """Relative log amplitude at frequency pi vs normalized depth; MSA points shaded."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for r in results:
     depth = np.array([b["depth"] for b in r["blocks"]])
@@ -151,12 +154,12 @@ def plot_high_frequency(results: List[dict], path: str) -> str:
   ax.set(xlabel="normalized depth", ylabel="delta log amplitude at pi",
          title="High-frequency log amplitude of feature maps")
   ax.legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_spectra(results: List[dict], path: str) -> str:
   """Relative log amplitude vs frequency for every block (colour = depth), one panel per run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
   cmap = plt.get_cmap("plasma")
   for ax, r in zip(axes[0], results):
@@ -166,7 +169,7 @@ def plot_spectra(results: List[dict], path: str) -> str:
     ax.set(title=r["label"], xlabel="frequency (x pi)", ylabel="delta log amplitude")
   sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
   fig.colorbar(sm, ax=axes[0].tolist(), label="normalized depth (dashed: after MSA)")
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main

@@ -15,11 +15,12 @@ losslandscape.ipynb):
    (theirs: `pos_embed`, `relative_position`; here `pos_embedding`, `relative_position`).
 4. Evaluate, at `theta0 + a d1 + b d2` for (a, b) on a `grid_points` x `grid_points` grid over
    `[-extent, extent]^2` (theirs: 21 x 21 over [-1, 1]) and on the 1-D line (a, 0):
-   * `loss`: the run's training objective (NLL + L2 weight penalty, the Hessian analysis's
-     `make_objective`: the authors' "loss landscapes with L2 regularization on augmented
-     datasets"), on the same `--landscape_batches` training batches with the training
-     augmentation at every point, BatchNorm with its frozen running statistics;
-   * `data_loss`: the same without its L2 term (the NLL);
+   * `loss`: the run's training loss with its L2 weight penalty (`objective.py`, the one
+     objective of the analyses: the authors' "loss landscapes with L2 regularization on
+     augmented datasets"), on the same `--landscape_batches` training batches with the
+     training augmentation (and Mixup/CutMix, label smoothing: `--augment_loss`) at every
+     point, BatchNorm with its frozen running statistics;
+   * `ce`: the same without its L2 term;
    * `accuracy` of the perturbed model on those batches;
    * `l2_norm`: `||theta||_2` over all parameters (the authors record the sum of per-tensor
      norms, `ops/norm.py`).
@@ -40,12 +41,14 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 import jax
+from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax import sharding
-from vitreg_jax.analysis import hessian
+from vitreg_jax.analysis import objective
 from vitreg_jax.analysis import runs
 
 NORMALIZATIONS = ("filter", "authors")
@@ -129,38 +132,27 @@ def excluded_names(params, exclude: Sequence[str]) -> list:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def make_metrics(model, variables, weight_decay: float = 0.0, decay_1d: bool = False):
-  """`metrics(theta, batch) -> {'accuracy', 'l2_penalty'}` at the flat fp32 parameters `theta`
-  (the penalty is the objective's L2 term, `hessian.l2_penalty`)."""
-  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), variables["params"])
-  state = {k: v for k, v in variables.items() if k != "params"}
-  unravel = ravel_pytree(params)[1]
-
-  def metrics(theta, batch):
-    p = unravel(theta)
-    logits, _ = model.apply({"params": p, **state}, batch["image"], train=False)
-    return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "l2_penalty": hessian.l2_penalty(p, weight_decay, decay_1d)}
-
-  return metrics
+def flat_directions(obj, directions: Sequence) -> jax.Array:
+  """`[k, n]`: the direction trees flattened in the order of `obj.theta`."""
+  return jnp.stack([ravel_pytree({k: traverse_util.flatten_dict(d, sep="/")[k]
+                                  for k in obj.names})[0] for d in directions])
 
 
-def make_evaluator(loss: Callable, metrics: Callable, theta0, directions):
-  """A jitted `f(coords [P, k], batch) -> {'loss', 'data_loss', 'accuracy', 'l2_norm'}` (each
-  `[P]`) at the points `theta0 + coords @ directions`, one point after another (a scan: the
-  memory of one forward pass). `data_loss` is the loss without its L2 term.
+def make_evaluator(obj, theta0, directions):
+  """A jitted `f(coords [P, k], batch) -> {'loss', 'ce', 'accuracy', 'l2_norm'}` (each `[P]`)
+  at the points `theta0 + coords @ directions`, one point after another (a scan: the memory
+  of one forward pass; one forward pass a point).
 
   Args:
-    loss: `loss(theta, batch) -> scalar` of the flat parameter vector.
-    metrics: `metrics(theta, batch) -> {'accuracy', 'l2_penalty'}` (`make_metrics`).
-    theta0: `[n]`; directions: `[k, n]`.
+    obj: the `objective.Objective` (its `measure`: loss, ce and accuracy of one batch).
+    theta0: `[n]`; directions: `[k, n]` (`flat_directions`).
   """
   @jax.jit
   def evaluate(coords, batch, theta0, directions):
     def one(c):
       theta = theta0 + c @ directions
-      value, m = loss(theta, batch), metrics(theta, batch)
-      return {"loss": value, "data_loss": value - m["l2_penalty"], "accuracy": m["accuracy"],
+      m = obj.measure(theta, batch)
+      return {"loss": m["loss"], "ce": m["ce"], "accuracy": m["accuracy"],
               "l2_norm": jnp.linalg.norm(theta)}
     return jax.lax.map(one, coords)
 
@@ -190,15 +182,6 @@ def evaluate_points(evaluate: Callable, coords: np.ndarray, batches: list, *,
 
 
 # ----------------------------------------------------------------------------- one run
-def training_objective(run):
-  """`(loss(theta, batch), metrics, theta0, weight_decay)`: the run's training loss with its
-  L2 term, and `make_metrics` with the same penalty."""
-  opt = run.config.get("optimizer", {}) or {}
-  wd, d1 = float(opt.get("weight_decay", 0.0)), bool(opt.get("decay_1d_params", False))
-  loss, theta0 = hessian.make_objective(run.model, run.variables, weight_decay=wd, decay_1d=d1)
-  return loss, make_metrics(run.model, run.variables, wd, d1), theta0, wd
-
-
 def coordinates(grid_points: int, line_points: int, extent: float) -> dict:
   """The evaluated points: 'grid' (`[grid_points^2, 2]`, row j = y_j, column i = x_i),
   'line' (`[line_points, 2]`, along the first direction) and 'center' (`[1, 2]`)."""
@@ -212,7 +195,7 @@ def coordinates(grid_points: int, line_points: int, extent: float) -> dict:
 def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_points: int = 41,
                 extent: float = 1.0, exclude: Sequence[str] = DEFAULT_EXCLUDE,
                 normalization: str = "filter", points_per_call: int = 21,
-                progress_desc: str = "landscape") -> dict:
+                augment: bool = True, progress_desc: str = "landscape") -> dict:
   """The landscape of `run` on `batches` (training batches, sharded over `mesh`'s data axis).
 
   Returns:
@@ -221,12 +204,11 @@ def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_po
     `num_moved` (entries the directions move), `excluded`, `weight_decay`, `seconds`,
     `points_per_s` (forward passes of one batch per second, compilation included).
   """
-  loss, metrics, theta0, wd = training_objective(run)
+  obj = objective.from_run(run, augment=augment)
   directions = random_directions(run.variables["params"], key, 2, exclude=exclude,
                                  normalization=normalization)
-  flat = jnp.stack([ravel_pytree(d)[0] for d in directions])
-  evaluate = make_evaluator(loss, metrics, runs.replicate(theta0, mesh),
-                            runs.replicate(flat, mesh))
+  flat = flat_directions(obj, directions)
+  evaluate = make_evaluator(obj, runs.replicate(obj.theta, mesh), runs.replicate(flat, mesh))
   batches = [runs.shard_batch(b, mesh) for b in batches]
   parts = coordinates(grid_points, line_points, extent)
   coords = np.concatenate(list(parts.values()))
@@ -234,9 +216,10 @@ def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_po
   values = evaluate_points(evaluate, coords, batches, points_per_call=points_per_call,
                            progress_desc=progress_desc)
   seconds = time.perf_counter() - start
-  result = {"num_params": int(theta0.size), "num_moved": int(jnp.sum(flat[0] != 0)),
+  result = {"num_params": int(obj.theta.size), "num_moved": int(jnp.sum(flat[0] != 0)),
             "excluded": excluded_names(run.variables["params"], exclude),
-            "weight_decay": wd, "normalization": normalization, "extent": extent,
+            "weight_decay": obj.weight_decay, "label_smoothing": obj.label_smoothing,
+            "augment_loss": obj.augment, "normalization": normalization, "extent": extent,
             "num_batches": len(batches), "seconds": seconds,
             "points_per_s": len(coords) * len(batches) / seconds}
   offset = 0
@@ -267,7 +250,7 @@ def _levels(z: np.ndarray, n: int = 24):
 def plot_contours(results: list, path: str) -> str:
   """Per run, contours of the loss (top) and accuracy (bottom) over the grid; the last column
   overlays every run's 1-D line."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   from matplotlib import colors  # pylint: disable=g-import-not-at-top
   gridded = [r for r in results if "grid" in r]
   lined = [r for r in results if "line" in r]
@@ -290,23 +273,23 @@ def plot_contours(results: list, path: str) -> str:
     for r in lined:
       line = r["line"]
       l, = axes[0, -1].plot(line["alpha"], line["loss"], label=r["label"])
-      axes[0, -1].plot(line["alpha"], line["data_loss"], "--", color=l.get_color())
+      axes[0, -1].plot(line["alpha"], line["ce"], "--", color=l.get_color())
       axes[1, -1].plot(line["alpha"], line["accuracy"], label=r["label"])
-    if min(min(r["line"]["data_loss"]) for r in lined) > 0:
+    if min(min(r["line"]["ce"]) for r in lined) > 0:
       axes[0, -1].set_yscale("log")
     axes[0, -1].set(title="loss (dashed: without L2) along d1", xlabel="alpha")
     axes[1, -1].set(title="accuracy along direction 1", xlabel="alpha", ylim=(0, 1))
     axes[0, -1].legend(fontsize=7)
   r0 = results[0]
-  fig.suptitle(f"Training loss (NLL + L2) around the trained parameters, {r0['normalization']}"
+  fig.suptitle(f"Training loss (CE + L2) around the trained parameters, {r0['normalization']}"
                f"-normalized random directions", fontsize=10)
   fig.tight_layout()
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_surfaces(results: list, path: str) -> str:
   """3-D surfaces of the loss minus its minimum, one panel per run (as the authors' Fig. 1a)."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   gridded = [r for r in results if "grid" in r]
   fig = plt.figure(figsize=(4.2 * len(gridded), 4))
   for i, r in enumerate(gridded, start=1):
@@ -317,7 +300,7 @@ def plot_surfaces(results: list, path: str) -> str:
     ax.plot_surface(x, y, z - z.min(), cmap="plasma", linewidth=0, antialiased=True)
     ax.view_init(elev=25, azim=35)
     ax.set(title=r["label"], xlabel="d1", ylabel="d2", zlabel="loss - min")
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main
@@ -353,7 +336,8 @@ def main(argv):
     res = analyse_run(run, batches, mesh=mesh, key=jax.random.PRNGKey(f.seed),
                       grid_points=f.grid_points, line_points=f.line_points, extent=f.extent,
                       exclude=exclude, normalization=f.normalization,
-                      points_per_call=f.points_per_call, progress_desc=name)
+                      points_per_call=f.points_per_call, augment=f.augment_loss,
+                      progress_desc=name)
     res.update(label=name, workdir=run.workdir, step=run.step, batch_size=batch_size,
                model_name=run.config.model_name)
     results.append(res)
@@ -367,7 +351,7 @@ def main(argv):
   for r in results:
     c = r["center"]
     span = r.get("grid") or r["line"]
-    print(f"{r['label']}: centre loss {c['loss']:.4g} (without L2 {c['data_loss']:.4g}), "
+    print(f"{r['label']}: centre loss {c['loss']:.4g} (without L2 {c['ce']:.4g}), "
           f"accuracy {c['accuracy']:.3f}, "
           f"|theta| {c['l2_norm']:.4g}; loss over the points {np.min(span['loss']):.4g} .. "
           f"{np.max(span['loss']):.4g}; {r['points_per_s']:.3g} point-batches/s")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax import sharding
 from vitreg_jax.analysis import fourier
 from vitreg_jax.analysis import runs
@@ -84,7 +85,7 @@ def variances(model, variables, batches, mesh=None) -> List[dict]:
 def plot(results: List[dict], path: str, log_scale: bool = False) -> str:
   """Feature-map variance vs normalized depth, one line per run; MSA blocks on grey bands,
   subsampling blocks as dotted lines, smoothing outputs as triangles."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   markers = {"msa": "o", "smooth": "v"}
   for r in results:
@@ -112,7 +113,7 @@ def plot(results: List[dict], path: str, log_scale: bool = False) -> str:
   else:
     ax.set_ylim(bottom=0)
   ax.legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main

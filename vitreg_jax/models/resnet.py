@@ -38,6 +38,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 
 STEMS = ('cifar', 'imagenet')
@@ -213,10 +214,8 @@ class ResNet(nn.Module):
   smoothing_padding: str = 'authors'
 
   def __post_init__(self):
-    if self.depth not in DEPTHS:
-      raise ValueError(f'ResNet depth must be one of {sorted(DEPTHS)}, got {self.depth}')
-    if self.stem not in STEMS:
-      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
+    check_choice('ResNet depth', self.depth, sorted(DEPTHS))
+    check_choice('stem', self.stem, STEMS)
     attention.resolve_dtype(self.dtype)
     check_smoothing(self)
     super().__post_init__()
