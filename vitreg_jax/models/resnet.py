@@ -149,7 +149,7 @@ def smooth(x, temperature: float = 10.0, padding: str = 'authors'):
 
 def check_smoothing(module):
   """Validates a model's `smoothing_*` fields (clear errors at construction)."""
-  attention.check_choice('smoothing_padding', module.smoothing_padding, SMOOTHING_PADDINGS)
+  check_choice('smoothing_padding', module.smoothing_padding, SMOOTHING_PADDINGS)
   if not module.smoothing_temperature > 0:
     raise ValueError('smoothing_temperature must be > 0 (the scaled tanh divides by it), got '
                      f'{module.smoothing_temperature}')
