@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
-import jax
 from flax import traverse_util
+import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
