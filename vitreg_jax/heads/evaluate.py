@@ -2,8 +2,8 @@
 
 Every head alone (the other heads of its layer masked, the layer rescaled by `heads / kept`,
 as the models do) and every head removed, scored on every eval split with
-`metrics.classification_metrics` (accuracy, spurious and conflict accuracies, group
-accuracies). The batch is tiled over a chunk of masks and each copy gets its own per-example
+`metrics.classification_metrics` (accuracy, NLL and ECE, spurious and conflict accuracies,
+group accuracies). The batch is tiled over a chunk of masks and each copy gets its own per-example
 `[depth, heads]` mask, so scoring all heads of a layer costs about `(1 + 2 H)` evaluations and
 one compilation.
 """
@@ -16,7 +16,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import auto as tqdm
 
 from vitreg_jax import metrics
@@ -49,10 +48,8 @@ class MaskEvaluator:
     tiled = jnp.tile(images, (c,) + (1,) * (images.ndim - 1))  # Mask-major: [c * b, ...].
     per_example = jnp.repeat(masks, b, axis=0)
     logits, _ = self.model.apply(variables, tiled, head_mask=per_example, train=False)
-    logits = logits.astype(jnp.float32).reshape(c, b, -1)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.broadcast_to(labels, (c, b)))
-    return jnp.argmax(logits, -1), loss
+    out = steps.predictions(logits.reshape(c, b, -1), jnp.broadcast_to(labels, (c, b)))
+    return out["pred"], out["loss"], out["confidence"]
 
   def chunk_size(self, batch_size: int, num_masks: int) -> int:
     """Masks per call: `masks_per_pass` when set (fixed shapes), else what fits."""
@@ -65,7 +62,8 @@ class MaskEvaluator:
 
   def __call__(self, variables, images, labels, masks, chunk: int | None = None,
                normalize=None):
-    """Returns `(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]`.
+    """Returns `(pred int [M, B], loss float [M, B], confidence float [M, B])` (see
+    `steps.predictions`) for masks `[M, depth, heads]`.
 
     `normalize` (`data.normalization(...)`) maps uint8 images to the model's input on the
     device; float images are used as given."""
@@ -74,12 +72,9 @@ class MaskEvaluator:
     chunk = chunk or self.chunk_size(images.shape[0], m)
     padded = math.ceil(m / chunk) * chunk
     masks = np.concatenate([masks, np.ones((padded - m,) + masks.shape[1:], np.float32)])
-    preds, losses = [], []
-    for start in range(0, padded, chunk):
-      p, l = self._fn(variables, images, labels, masks[start:start + chunk], normalize)
-      preds.append(np.asarray(p))
-      losses.append(np.asarray(l))
-    return np.concatenate(preds)[:m], np.concatenate(losses)[:m]
+    outs = [self._fn(variables, images, labels, masks[start:start + chunk], normalize)
+            for start in range(0, padded, chunk)]
+    return tuple(np.concatenate([np.asarray(o[i]) for o in outs])[:m] for i in range(3))
 
 
 def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str, masks, *,
@@ -87,22 +82,22 @@ def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str,
   """Metrics of every mask `[M, depth, heads]` on `split` (one dict per mask)."""
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   masks = np.asarray(masks, np.float32)
-  preds, losses, arrays = [], [], {}
+  outs, arrays = [], {}
   normalize = data.normalization(data_config)
   for batch in data.make_eval_iterator(data_config, split, global_batch_size=batch_size):
-    p, l = evaluator(variables, batch["image"], batch["label"], masks, normalize=normalize)
-    preds.append(p)
-    losses.append(l)
+    outs.append(evaluator(variables, batch["image"], batch["label"], masks,
+                          normalize=normalize))
     for k, v in batch.items():
       if k != "image":
         arrays.setdefault(k, []).append(np.asarray(v))
     if progress is not None:
       progress.update(evaluator.num_chunks(len(batch["label"]), len(masks)))
-  if not preds:
+  if not outs:
     raise ValueError(f"Eval split {split!r} is empty.")
-  pred, loss = np.concatenate(preds, axis=1), np.concatenate(losses, axis=1)
+  pred, loss, conf = (np.concatenate([o[i] for o in outs], axis=1) for i in range(3))
   arrays = {k: np.concatenate(v) for k, v in arrays.items()}
-  return [metrics.classification_metrics(pred[i], loss[i], arrays) for i in range(len(masks))]
+  return [metrics.classification_metrics(pred[i], loss[i], arrays, confidence=conf[i])
+          for i in range(len(masks))]
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
