@@ -29,8 +29,10 @@ ARGS = {
     "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
     "fourier": ["--num_examples=16", "--batch_size=8"],
     "noise": ["--noise_examples=16", "--num_freqs=2", "--batch_size=8", "--corruption=none"],
+    "calibration": ["--bins=5", "--batch_size=8"],
 }
-FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep"}
+FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep",
+           "calibration": "calibration"}
 
 
 def _make_run(workdir, name):
