@@ -18,6 +18,7 @@ confidence histogram below). The corruption sets' NLL / ECE come from
 `split_metrics` here).
 """
 
+import functools
 from typing import Iterable, Optional
 
 from absl import app
@@ -37,12 +38,14 @@ flags.DEFINE_integer("calibration_examples", None, "Examples at most (default: t
 
 
 def make_predict(model, variables):
-  """A jitted `f(images, labels) -> steps.predictions` (pred, loss, confidence per example)."""
+  """A jitted `f(images, labels) -> steps.predictions` (pred, loss, confidence per example).
+
+  The weights are an argument of the compiled function, not constants baked into it."""
   @jax.jit
-  def predict(images, labels):
+  def predict(variables, images, labels):
     logits, _ = model.apply(variables, images, train=False)
     return steps.predictions(logits, labels)
-  return predict
+  return functools.partial(predict, jax.device_put(variables))
 
 
 def batch_metrics(predict, batches: Iterable[dict], num_bins: int) -> dict:
