@@ -27,9 +27,10 @@ ARGS = {
     "landscape": ["--grid_points=3", "--line_points=3", "--landscape_batches=1",
                   "--batch_size=8", "--points_per_call=5"],
     "variance": ["--num_examples=16", "--batch_size=8"],
+    "calibration": ["--bins=5", "--batch_size=8"],
 }
 FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep", "landscape": "grid",
-           "variance": "blocks"}
+           "variance": "blocks", "calibration": "calibration"}
 
 
 def _make_run(workdir, name):

@@ -71,13 +71,14 @@ def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
   removed, _ = masks_lib.head_masks(2, 4, (1,), "removed")
   masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])  # 13 masks
   evaluator = evaluate_lib.MaskEvaluator(model, masks_per_pass=5)
-  pred, loss = evaluator(variables, x, labels, masks)
-  assert pred.shape == loss.shape == (13, 6)
+  pred, loss, confidence = evaluator(variables, x, labels, masks)
+  assert pred.shape == loss.shape == confidence.shape == (13, 6)
   for i, m in enumerate(masks):
     logits, _ = apply(variables, x, m)
     np.testing.assert_array_equal(pred[i], np.argmax(logits, -1))
     ref = -jax.nn.log_softmax(logits)[np.arange(6), labels]
     np.testing.assert_allclose(loss[i], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(confidence[i], jax.nn.softmax(logits).max(-1), rtol=1e-5)
   evaluator(variables, x + 1.0, labels, masks[:1])  # Fewer masks, new data: same shapes.
   assert evaluator.traces == 1
 
