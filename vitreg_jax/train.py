@@ -19,6 +19,7 @@ from vitreg_jax import config_lib
 from vitreg_jax import evaluation
 from vitreg_jax import heads
 from vitreg_jax import inflight
+from vitreg_jax import jtt
 from vitreg_jax import losses
 from vitreg_jax import optim
 from vitreg_jax import pretrained
@@ -49,6 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   # Everything that can be wrong with the config fails here, before any compute.
   config = config_lib.with_defaults(config)
+  jtt.ensure_error_set(config)  # JTT's stage 2 reads the identification run's errors.
   info = data.get_info(config.data)
   model = steps.create_model(config, info.num_classes)
   forward = steps.make_forward(model, config.regularizers)
