@@ -32,6 +32,10 @@ Arguments (`:key=value,...`):
   identification  JTT stage 'upweight': the workdir of stage 'identify'. Its error set is
                   written there (`jtt_error_set.json`, `python -m vitreg_jax.jtt`) when
                   missing.
+  id_step         JTT stage 'upweight': identify with this checkpoint of the
+                  `identification` run instead of its last (e.g. an ERM run of this config
+                  at step T: no separate stage 'identify' run; its error set is
+                  `jtt_error_set_step<T>.json`). 0: the last checkpoint.
   lambda_up       JTT's upsampling factor (dominoes 6, our choice; Waterbirds 100, Liu et al.
                   2021, App. B).
   id_steps        JTT's identification length T on dominoes (150 steps, ~1 epoch; our choice).
@@ -60,8 +64,9 @@ def _base(arg):
     config = config_lib.import_config(os.path.join(here, "quickstart.py")).get_config(
         f"reg={reg},steps={arg.steps},runlocal={arg.runlocal}")
     config.data.eval_splits = ("val_id", "val_ood", "test_id", "test_ood")
-    config.eval_every_steps = 100
-    config.checkpoint_every_steps = 100
+    config.eval_every_steps = max(config.total_steps // 3, 1)  # checkpoint selection points
+    config.checkpoint_every_steps = config.eval_every_steps
+    config.keep_checkpoints = 10  # JTT may identify with an earlier checkpoint (id_step)
     return config
   if arg.data == "waterbirds":
     return config_lib.import_config(os.path.join(here, "waterbirds.py")).get_config(
@@ -73,7 +78,7 @@ def _base(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(
       arg, method="erm", data="dominoes", seed=0, step_size=0.01, adjustment=0.0,
-      stage="", identification="", lambda_up=-1, id_steps=150, steps=600, id_epochs=2.0, init="",
+      stage="", identification="", id_step=0, lambda_up=-1, id_steps=150, steps=600, id_epochs=2.0, init="",
       variant="B/16", epochs=30, lr=1e-3, runlocal=False)
   if arg.method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {arg.method!r}.")
@@ -108,5 +113,8 @@ def _jtt(config, arg):
     raise ValueError("JTT stage=upweight needs identification=WORKDIR (the stage=identify run).")
   lambda_up = arg.lambda_up if arg.lambda_up > 0 else (6 if arg.data == "dominoes" else 100)
   config.data.sampler = "upsample"
-  config.data.upsample = dict(file=os.path.join(arg.identification, ERROR_SET_FILE),
-                              factor=lambda_up)
+  name = ERROR_SET_FILE.replace(".json", f"_step{arg.id_step}.json") if arg.id_step \
+      else ERROR_SET_FILE
+  config.data.upsample = dict(file=os.path.join(arg.identification, name), factor=lambda_up)
+  if arg.id_step:
+    config.data.upsample["step"] = arg.id_step

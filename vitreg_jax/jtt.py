@@ -46,11 +46,13 @@ def error_set(workdir: str, step: int | None = None) -> dict:
   return record
 
 
-def write(workdir: str, step: int | None = None) -> str:
-  """Computes the error set of `workdir` and writes `workdir/jtt_error_set.json`."""
+def write(workdir: str, step: int | None = None, path: str | None = None) -> str:
+  """Computes the error set of `workdir` (checkpoint `step`, default the newest) and writes it
+  to `path` (default `workdir/jtt_error_set.json`, `..._step<N>.json` for a given step)."""
   from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   record = error_set(workdir, step)
-  path = os.path.join(workdir, ERROR_SET_FILE)
+  name = ERROR_SET_FILE.replace(".json", f"_step{step}.json") if step else ERROR_SET_FILE
+  path = path or os.path.join(workdir, name)
   rundir.write_text(path, json.dumps(record, indent=1))
   return path
 
@@ -58,19 +60,23 @@ def write(workdir: str, step: int | None = None) -> str:
 def ensure_error_set(config) -> None:
   """Before training: with `data.sampler='upsample'`, writes the identification run's error
   set where `data.upsample.file` expects it if it is missing (and that folder is a run), and
-  checks it indexes the same train split."""
+  checks it indexes the same train split (and, with `data.upsample.step`, that checkpoint)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if config.data.get("sampler") != "upsample" or not config.data.get("upsample"):
     return
-  path = epath.Path(config.data.upsample["file"])
+  upsample = dict(config.data.upsample)
+  path = epath.Path(upsample["file"])
   if not path.exists() and (path.parent / "config.json").exists():
-    write(str(path.parent))
+    write(str(path.parent), upsample.get("step"), str(path))
   if path.exists():
-    saved = json.loads(path.read_text()).get("train_split")
+    saved = json.loads(path.read_text())
     want = config.data.get("train_split", "train")
-    if saved is not None and saved != want:
-      raise ValueError(f"{path} indexes train split {saved!r}, but this run trains on "
-                       f"{want!r}: the error set must come from the same split.")
+    if saved.get("train_split", want) != want:
+      raise ValueError(f"{path} indexes train split {saved['train_split']!r}, but this run "
+                       f"trains on {want!r}: the error set must come from the same split.")
+    if upsample.get("step") and saved.get("step") != upsample["step"]:
+      raise ValueError(f"{path} holds the errors of step {saved.get('step')}, not of "
+                       f"data.upsample.step={upsample['step']}.")
 
 
 def main(argv=None) -> int:
