@@ -37,6 +37,7 @@ import optax
 
 from vitreg_jax import models
 from vitreg_jax import regularizers
+from vitreg_jax.regularizers import div as reg_div
 
 
 def cross_entropy(logits, labels):
@@ -67,8 +68,8 @@ def loop_div_loss(model, layer, weight):
 
   def loss_fn(params, images, labels):
     variables = {'params': params}
-    shapes = regularizers._perturbation_shapes(model, variables, images, (layer,), {})
-    ((path, leaf),) = regularizers._head_input_leaves(shapes)
+    shapes = reg_div._perturbation_shapes(model, variables, images, (layer,), {})
+    ((path, leaf),) = reg_div._head_input_leaves(shapes)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def p_star(delta, head):

@@ -4,7 +4,7 @@
     python bench/train_step.py --cpu_small          # this CPU: fp32, batch 4, 64 px, few steps
 
 For ViT-Ti/16, S/16, B/16 (1000 classes) and ARViT (paper variant, 10 classes), a full step of
-the library's own `vitreg_jax.train.train_step` (forward, backward, AdamW, finite check, the
+the library's own `vitreg_jax.steps.train_step` (forward, backward, AdamW, finite check, the
 parameters and optimizer state donated) on synthetic data already on the device:
 
 * `images_per_s`: batch / median step time, timed in `--windows` windows of `--window` steps
@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from vitreg_jax import models
-from vitreg_jax import train
+from vitreg_jax import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # name -> (model_name, kwargs, num_classes)
@@ -69,7 +69,7 @@ def model_flops_per_image(model, image: int, num_classes: int) -> float:
 
 def make_step(model, tx, num_classes, normalize=None):
   """The library's train step, jitted; `normalize` for uint8 batches (the loop's input)."""
-  step = functools.partial(train.train_step, forward=train.make_forward(model, []), tx=tx,
+  step = functools.partial(steps.train_step, forward=steps.make_forward(model, []), tx=tx,
                            num_classes=num_classes, normalize=normalize)
   return jax.jit(step, donate_argnums=0)
 
@@ -78,7 +78,7 @@ def new_state(model, tx, image):
   """A fresh train state (call under `jax.jit` or `jax.eval_shape`)."""
   variables = dict(model.init(jax.random.key(0), jnp.zeros((1, image, image, 3))))
   params = variables.pop('params')
-  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), model_state=variables,
                           rng=jax.random.key(1))
 

@@ -10,6 +10,7 @@ import pytest
 
 from testutil import np_init
 from vitreg_jax.models import attention
+from vitreg_jax.models import encoder
 from vitreg_jax.models.vit import ViT
 
 B, N, D, H = 2, 7, 24, 4
@@ -378,7 +379,7 @@ def test_post_norm_block_matches_reference():
   """`norm='post'`, ReLU FFN, position on q/k/v inputs: LN(x + Attn), then LN(x + FFN)."""
   x = _normal((B, N, D))
   pos = _normal((N, D), 9)
-  block = attention.EncoderBlock(H, 16, norm='post', activation='relu')
+  block = encoder.EncoderBlock(H, 16, norm='post', activation='relu')
   params = np_init(block, x, 4, pos=pos, pos_to_values=True)['params']
   y, out = block.apply({'params': params}, x, pos=pos, pos_to_values=True)
 

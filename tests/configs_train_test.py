@@ -24,6 +24,7 @@ import pytest
 from configs_test import CONFIGS, get, image_shape, load, num_classes, steps_per_epoch  # pylint: disable=g-bad-import-order
 from vitreg_jax import optim
 from vitreg_jax import steps
+from vitreg_jax.heads import masks as head_masks
 from vitreg_jax import train
 from vitreg_jax.data import mixing
 
@@ -86,7 +87,7 @@ def train_two_steps(config):
   mesh = train.make_mesh(config)
   state, shardings = steps.create_train_state(config, model, tx, shape, mesh)
   train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx, num_classes=classes,
-                                  head_mask=steps.train_head_mask(config, model),
+                                  head_mask=head_masks.train_head_mask(config, model),
                                   label_smoothing=config.label_smoothing)
   before = jax.device_get(state.params)
   batches = train.device_batches(generated_batches(config, shape, classes), mesh)

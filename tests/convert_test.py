@@ -207,17 +207,17 @@ def test_wrong_kind_and_unsupported_weights_are_named(tmp_path):
 
 
 def test_init_from_kinds():
-  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import pretrained  # pylint: disable=g-import-not-at-top
   path, image, expected, config = _fixture('timm_vit', 'token', 'safetensors')
   model = models.create('vit', 5, **config['vit'])
-  params = train.init_params_from(dict(path=path, kind='timm', reset_head=False),
+  params = pretrained.init_params_from(dict(path=path, kind='timm', reset_head=False),
                                   _random_params(model, (32, 32)), model=model,
                                   image_hw=(32, 32))
   np.testing.assert_allclose(model.apply({'params': params}, image)[0], expected, atol=1e-5,
                              rtol=1e-5)
   with pytest.raises(ValueError, match=r"kind must be one of \['checkpoint', 'npz', "
                                        r"'big_vision', 'timm'\]"):
-    train.init_params_from(dict(path=path, kind='torch'), {}, model=model, image_hw=(32, 32))
+    pretrained.init_params_from(dict(path=path, kind='torch'), {}, model=model, image_hw=(32, 32))
   with pytest.raises(FileNotFoundError, match='is not a file'):
-    train.init_params_from(dict(path=FIXTURES, kind='big_vision'), {}, model=model,
+    pretrained.init_params_from(dict(path=FIXTURES, kind='big_vision'), {}, model=model,
                            image_hw=(32, 32))

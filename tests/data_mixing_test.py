@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax import data
-from vitreg_jax import train
+from vitreg_jax import steps
 from vitreg_jax.data import mixing
 
 B, H, W, C, K = 6, 8, 10, 3, 5
@@ -89,7 +89,7 @@ def test_without_recipe_targets_are_one_hot_and_loss_takes_soft_targets():
   soft = np.random.default_rng(1).dirichlet(np.ones(K), B).astype(np.float32)
   log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   smoothed = 0.9 * soft + 0.1 / K
-  np.testing.assert_allclose(train.soft_cross_entropy(logits, soft, 0.1),
+  np.testing.assert_allclose(steps.soft_cross_entropy(logits, soft, 0.1),
                              -(smoothed * log_p).sum(1).mean(), rtol=1e-5)
 
 

@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 
 from vitreg_jax import config_lib
-from vitreg_jax import heads
 from vitreg_jax import models
+from vitreg_jax import roles as roles_lib
 from vitreg_jax import rundir
+from vitreg_jax.heads import __main__ as heads_main
+from vitreg_jax.heads import evaluate as evaluate_lib
+from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.heads import select as select_lib
+from vitreg_jax.heads import training as training_lib
+from vitreg_jax.reports import tables as tables_lib
 
 import testutil
 
@@ -29,23 +35,23 @@ def tiny():
 
 
 def test_head_masks_and_parse_layers():
-  alone, index = heads.head_masks(3, 4, (2,), "alone")
+  alone, index = masks_lib.head_masks(3, 4, (2,), "alone")
   assert alone.shape == (4, 3, 4) and index == [(2, h) for h in range(4)]
   np.testing.assert_array_equal(alone[1][2], [0, 1, 0, 0])
   np.testing.assert_array_equal(alone[1][:2], np.ones((2, 4)))
-  removed, _ = heads.head_masks(3, 4, (0, 2), "removed")
+  removed, _ = masks_lib.head_masks(3, 4, (0, 2), "removed")
   assert removed.shape == (8, 3, 4) and removed[5].sum() == 11 and removed[5][2, 1] == 0
-  assert heads.parse_layers("-1", 4) == (3,) and heads.parse_layers("all", 3) == (0, 1, 2)
-  assert heads.parse_layers("0,-1", 4) == (0, 3)
+  assert masks_lib.parse_layers("-1", 4) == (3,) and masks_lib.parse_layers("all", 3) == (0, 1, 2)
+  assert masks_lib.parse_layers("0,-1", 4) == (0, 3)
   with pytest.raises(ValueError, match="outside the model's 4 blocks"):
-    heads.parse_layers(4, 4)
+    masks_lib.parse_layers(4, 4)
 
 
 def test_head_alone_is_the_layer_with_the_others_masked_and_rescaled(tiny):
   model, variables, x, apply = tiny
   _, full = apply(variables, x, np.ones((2, 4), np.float32))
   for layer in range(2):
-    alone, index = heads.head_masks(2, 4, (layer,), "alone")
+    alone, index = masks_lib.head_masks(2, 4, (layer,), "alone")
     for mask, (_, h) in zip(alone, index):
       _, out = apply(variables, x, mask)
       z_full = np.asarray(full[f"block{layer}"]["head_out"])
@@ -61,10 +67,10 @@ def test_head_alone_is_the_layer_with_the_others_masked_and_rescaled(tiny):
 def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
   model, variables, x, apply = tiny
   labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
-  alone, _ = heads.head_masks(2, 4, (0, 1), "alone")
-  removed, _ = heads.head_masks(2, 4, (1,), "removed")
+  alone, _ = masks_lib.head_masks(2, 4, (0, 1), "alone")
+  removed, _ = masks_lib.head_masks(2, 4, (1,), "removed")
   masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])  # 13 masks
-  evaluator = heads.MaskEvaluator(model, masks_per_pass=5)
+  evaluator = evaluate_lib.MaskEvaluator(model, masks_per_pass=5)
   pred, loss = evaluator(variables, x, labels, masks)
   assert pred.shape == loss.shape == (13, 6)
   for i, m in enumerate(masks):
@@ -83,7 +89,7 @@ def _additive_score(weights):
 def test_greedy_search_finds_the_known_subset():
   weights = np.zeros((2, 4))
   weights[1] = [0.3, -0.2, 0.5, -0.1]  # Heads 0 and 2 of layer 1 help, 1 and 3 hurt.
-  mask, score, path = heads.greedy_search(_additive_score(weights), np.ones((2, 4)), (1,))
+  mask, score, path = select_lib.greedy_search(_additive_score(weights), np.ones((2, 4)), (1,))
   np.testing.assert_array_equal(mask[1], [1, 0, 1, 0])
   np.testing.assert_array_equal(mask[0], np.ones(4))
   assert score == pytest.approx(0.8) and len(path) == 3  # Removes 1 then 3.
@@ -91,7 +97,7 @@ def test_greedy_search_finds_the_known_subset():
   target = np.array([[1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
   score_fn = lambda masks: -np.abs(masks - target).sum(axis=(1, 2))
   start = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
-  mask, score, _ = heads.greedy_search(score_fn, start, (1,))
+  mask, score, _ = select_lib.greedy_search(score_fn, start, (1,))
   np.testing.assert_array_equal(mask, target)
   assert score == 0
 
@@ -106,37 +112,37 @@ def _fake_heads(ood, conflict):
 
 
 def test_selection_rules_on_known_heads():
-  roles = heads.split_roles(("train", "val_id", "val_ood", "test_id", "test_ood"))
+  roles = roles_lib.split_roles(("train", "val_id", "val_ood", "test_id", "test_ood"))
   rows = _fake_heads(ood=[0.6, 0.8, 0.7, 0.5], conflict=[0.3, 0.7, 0.6, 0.2])
   full = np.ones((2, 4), np.float32)
-  mask, info = heads.select_oracle(rows, roles, full)
+  mask, info = select_lib.select_oracle(rows, roles, full)
   np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 1, 0, 0]])
   assert info["head"] == 1 and info["score"] == 0.8
-  mask, info = heads.select_topk(rows, roles, full, k=2)
+  mask, info = select_lib.select_topk(rows, roles, full, k=2)
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])
-  mask, _ = heads.select_topk(rows, roles, full, k=1, score="id_conflict")
+  mask, _ = select_lib.select_topk(rows, roles, full, k=1, score="id_conflict")
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
-  mask, info = heads.select_id_conflict(rows, roles, full)
+  mask, info = select_lib.select_id_conflict(rows, roles, full)
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])  # Conflict accuracy above 0.5.
-  mask, _ = heads.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles, full)
+  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles, full)
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])  # None good: keep the best one.
-  assert heads.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
+  assert roles_lib.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
       "mean_group_accuracy"
   with pytest.raises(ValueError, match="Cannot tell"):
-    heads.split_roles(("train", "test"))
+    roles_lib.split_roles(("train", "test"))
 
 
 def test_load_head_mask_from_array_file_and_run_dir(tmp_path):
   mask = np.array([[1, 1], [0, 1]], np.float32)
-  path = heads.save_head_mask(mask, str(tmp_path), rule="oracle")
+  path = masks_lib.save_head_mask(mask, str(tmp_path), rule="oracle")
   for value in (mask.tolist(), path, str(tmp_path)):
-    np.testing.assert_array_equal(heads.load_head_mask(value, (2, 2)), mask)
+    np.testing.assert_array_equal(masks_lib.load_head_mask(value, (2, 2)), mask)
   with pytest.raises(ValueError, match=r"expects \[depth, heads\] = \(3, 2\)"):
-    heads.load_head_mask(path, (3, 2))
+    masks_lib.load_head_mask(path, (3, 2))
   with pytest.raises(ValueError, match="masks every head of layer"):
-    heads.load_head_mask([[1, 1], [0, 0]], (2, 2))
+    masks_lib.load_head_mask([[1, 1], [0, 0]], (2, 2))
   with pytest.raises(FileNotFoundError, match="vitreg_jax.heads"):
-    heads.load_head_mask(str(tmp_path / "none.json"), (2, 2))
+    masks_lib.load_head_mask(str(tmp_path / "none.json"), (2, 2))
 
 
 def _fake_run(root, name, div, test_id, test_ood, wg=None):
@@ -148,7 +154,7 @@ def _fake_run(root, name, div, test_id, test_ood, wg=None):
   figures = lambda i, o: {"test_id": {"accuracy": i}, "test_ood": {
       "accuracy": o, "mean_group_accuracy": o, "worst_group_accuracy": wg or o}}
   result = {"dataset": "dominoes", "rule": "oracle",
-            "roles": vars(heads.split_roles(("val_id", "val_ood", "test_id", "test_ood"))),
+            "roles": vars(roles_lib.split_roles(("val_id", "val_ood", "test_id", "test_ood"))),
             "full": figures(test_id, test_ood), "selected": figures(test_id, test_ood + 0.1)}
   with open(os.path.join(workdir, "heads.json"), "w") as f:
     json.dump(result, f)
@@ -158,7 +164,7 @@ def _fake_run(root, name, div, test_id, test_ood, wg=None):
 def test_poster_table_format(tmp_path):
   runs = [_fake_run(tmp_path, "e0", False, 0.90, 0.70), _fake_run(tmp_path, "e1", False, 0.92, 0.72),
           _fake_run(tmp_path, "d0", True, 0.88, 0.75)]
-  lines = heads.poster_table(runs).splitlines()
+  lines = tables_lib.heads_poster_table(runs).splitlines()
   assert lines[0] == "| Method | ID Acc. | OOD Acc. | Runs |"
   assert lines[1] == "|---|---|---|---|"
   assert lines[2] == "| ViT+ERM | 91.00 ± 1.41 | 71.00 ± 1.41 | 2 |"
@@ -167,7 +173,7 @@ def test_poster_table_format(tmp_path):
   assert lines[5] == "| ViT+DIV+SEL | 88.00 | 85.00 | 1 |"
   assert "test splits" in lines[7] and "oracle" in lines[7]
   with pytest.raises(FileNotFoundError, match="python -m vitreg_jax.heads"):
-    heads.poster_table([str(tmp_path / "missing")])
+    tables_lib.heads_poster_table([str(tmp_path / "missing")])
 
 
 def test_poster_table_waterbirds_adds_worst_group_and_poster_column(tmp_path):
@@ -176,7 +182,7 @@ def test_poster_table_waterbirds_adds_worst_group_and_poster_column(tmp_path):
   result = json.load(open(path))
   result["dataset"] = "waterbirds"
   json.dump(result, open(path, "w"))
-  lines = heads.poster_table([run]).splitlines()
+  lines = tables_lib.heads_poster_table([run]).splitlines()
   assert lines[0] == ("| Method | ID Acc. | OOD Acc. | Worst-group Acc. | Runs | "
                       "Poster ID / OOD |")
   assert lines[2] == "| ViT+ERM | 96.00 | 84.00 | 70.00 | 1 | 96.55 ± 0.2 / 83.37 ± 0.4 |"
@@ -202,9 +208,9 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
   from vitreg_jax import train  # pylint: disable=g-import-not-at-top
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   train.train_and_evaluate(_quickstart_config(), workdir)
-  logged = heads.read_head_eval(workdir)  # 2 evals x 4 splits x (full + 4 heads alone).
+  logged = training_lib.read_head_eval(workdir)  # 2 evals x 4 splits x (full + 4 heads alone).
   assert len(logged) == 2 * 4 * 5 and {r["step"] for r in logged} == {3, 6}
-  assert heads.main([f"--workdir={workdir}", "--layer=all", "--select=greedy", "--out", out,
+  assert heads_main.main([f"--workdir={workdir}", "--layer=all", "--select=greedy", "--out", out,
                      "--no_progress"]) == 0
   result = json.load(open(os.path.join(out, "heads.json")))
   assert result["rule"] == "greedy" and np.asarray(result["mask"]).shape == (2, 2)
@@ -220,7 +226,7 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
   assert "| Layer | Head |" in open(os.path.join(out, "heads.md")).read()
   assert open(os.path.join(out, "heads.png"), "rb").read(4) == b"\x89PNG"
   # The saved mask is what config.head_mask reads.
-  np.testing.assert_array_equal(heads.load_head_mask(out, (2, 2)), result["mask"])
+  np.testing.assert_array_equal(masks_lib.load_head_mask(out, (2, 2)), result["mask"])
 
 
 def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path):

@@ -96,12 +96,12 @@ def test_sam_matches_the_papers_update_on_a_nonquadratic_loss():
 
 
 def test_sam_train_step_with_a_regularizer_matches_the_reference():
-  from vitreg_jax import models, train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import models, steps  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({
       "optimizer": {"name": "sam", "base": "sgd", "momentum": 0.0, "lr": 0.5, "rho": 0.1},
       "schedule": {"name": "constant"}})
   model = models.create("vit", 3, width=16, depth=1, mlp_dim=16, num_heads=2, patch_size=4)
-  forward = train.make_forward(model, [dict(name="div", weight=1.0, layers=(0,))])
+  forward = steps.make_forward(model, [dict(name="div", weight=1.0, layers=(0,))])
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
   labels = jnp.asarray([0, 1, 2, 1], jnp.int32)
@@ -110,7 +110,7 @@ def test_sam_train_step_with_a_regularizer_matches_the_reference():
   params["head"]["kernel"] = jnp.asarray(rng.normal(size=params["head"]["kernel"].shape),
                                          jnp.float32)
   tx, _ = optim.make_optimizer(config, 10)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), model_state={},
                            rng=jax.random.key(1))
 
@@ -118,9 +118,9 @@ def test_sam_train_step_with_a_regularizer_matches_the_reference():
     logits, _, reg, terms, _ = forward({"params": p}, images, labels=labels, train=True,
                                        rngs={"dropout": jax.random.fold_in(state.rng, 0)},
                                        head_mask=None, mutable=False)
-    return train.cross_entropy(logits, labels, 3) + reg
+    return steps.cross_entropy(logits, labels, 3) + reg
 
-  new_state, m = jax.jit(lambda s: train.train_step(
+  new_state, m = jax.jit(lambda s: steps.train_step(
       s, {"image": images, "label": labels}, forward=forward, tx=tx, num_classes=3))(state)
   # Jitted: eager double backprop dispatches (and compiles) op by op, which is slow.
   want, grad = jax.jit(lambda p: (_sam_reference_step(loss, p, 0.5, 0.1),

@@ -18,7 +18,7 @@ import pytest
 
 from vitreg_jax import models
 from vitreg_jax import regularizers
-from vitreg_jax import train
+from vitreg_jax import steps
 
 TINY = {
     'vit': ((2, 16, 16, 3), dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)),
@@ -64,7 +64,7 @@ def _state(name, dtype, concrete=False):
   def init():
     variables = dict(model.init(jax.random.key(0), images))
     params = variables.pop('params')
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=tx.init(params), model_state=variables,
                             rng=jax.random.key(1))
 
@@ -73,7 +73,7 @@ def _state(name, dtype, concrete=False):
 
 
 def _step(model, tx, regs=()):
-  return functools.partial(train.train_step, forward=train.make_forward(model, list(regs)),
+  return functools.partial(steps.train_step, forward=steps.make_forward(model, list(regs)),
                            tx=tx, num_classes=10)
 
 

@@ -20,7 +20,7 @@ HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "workers", "init_from_worker.py")
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reporting_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train_log_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _free_port():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax import regularizers as R
+from vitreg_jax.regularizers import div
 
 # --------------------------------------------------------------------------------------
 # A tiny stand-in ViT (test-only) and its hand-written reference forward pass.
@@ -567,8 +568,8 @@ def _vit(dtype='float32'):
 
 def vit_loop_head_grads(model, variables, images, layer, head_mask):
   """Reference on the real ViT: one jax.grad per head, the perturbation on that head only."""
-  shapes = R._perturbation_shapes(model, variables, images, (layer,), {})
-  ((path, leaf),) = R._head_input_leaves(shapes)
+  shapes = div._perturbation_shapes(model, variables, images, (layer,), {})
+  ((path, leaf),) = div._head_input_leaves(shapes)
   grads = []
   for h in range(leaf.shape[1]):
     def p_star(delta):

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from vitreg_jax import pretrained, report, reporting, rundir, train
+from vitreg_jax import pretrained, rundir, train, train_log
+from vitreg_jax.reports import __main__ as reports_main
+from vitreg_jax.reports import runs as report_runs
 from vitreg_jax.models import convert
 
 HERE = os.path.dirname(__file__)
@@ -22,7 +24,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import remote_fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reporting_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train_log_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORKDIR = "fake://bucket/run"
 
@@ -45,18 +47,18 @@ def _flat(tree):
 
 def test_train_crash_resume_and_read_back_on_a_remote_workdir(remote, monkeypatch, caplog):
   config = train_worker.load_config(TINY)
-  original = reporting.Reporter.train
+  original = train_log.Reporter.train
 
   def crash_at_step_7(self, step, measured):
     if step == 7:
       raise RuntimeError("simulated crash")
     original(self, step, measured)
-  monkeypatch.setattr(reporting.Reporter, "train", crash_at_step_7)
+  monkeypatch.setattr(train_log.Reporter, "train", crash_at_step_7)
   caplog.set_level(logging.WARNING)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train_and_evaluate(config, WORKDIR)
   assert "No TensorBoard events for fake://bucket/run" in caplog.text
-  monkeypatch.setattr(reporting.Reporter, "train", original)
+  monkeypatch.setattr(train_log.Reporter, "train", original)
   results = train.train_and_evaluate(config, WORKDIR)  # Resumes from step 4.
 
   local = remote / "bucket" / "run"
@@ -66,11 +68,11 @@ def test_train_crash_resume_and_read_back_on_a_remote_workdir(remote, monkeypatc
   assert rundir.load_config(WORKDIR).total_steps == 12
   keys = [(r["step"], r["split"]) for r in map(json.loads, open(local / "metrics.jsonl"))]
   assert len(keys) == len(set(keys)) and (12, "val_id") in keys
-  run = report.load(WORKDIR)
+  run = report_runs.load(WORKDIR)
   assert run.problems == [] and run.evals["val_id"][12]["accuracy"] == pytest.approx(
       results["val_id"]["accuracy"])
-  assert report.find_runs(["fake://bucket"]) == [WORKDIR]
-  report.write_report(["fake://bucket"], "fake://bucket/report")
+  assert report_runs.find_runs(["fake://bucket"]) == [WORKDIR]
+  reports_main.write_report(["fake://bucket"], "fake://bucket/report")
   assert {"report.md", "runs.csv"} <= set(os.listdir(remote / "bucket" / "report"))
 
   # init_from reads the remote run's checkpoint and a remote .npz.
@@ -95,17 +97,18 @@ def test_analysis_and_head_outputs_on_a_remote_path(remote):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import heads  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import plotting  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.heads import masks  # pylint: disable=g-import-not-at-top
   from vitreg_jax.analysis import runs  # pylint: disable=g-import-not-at-top
   out = runs.output_dir("fake://bucket/analysis", [WORKDIR])
   runs.write_json(f"{out}/fourier.json", {"a": 1})
-  runs.save_figure(plt.figure(), f"{out}/fourier.png")
+  plotting.save_figure(plt.figure(), f"{out}/fourier.png")
   local = remote / "bucket" / "analysis"
   assert json.loads((local / "fourier.json").read_text()) == {"a": 1}
   assert (local / "fourier.png").read_bytes()[:4] == b"\x89PNG"
   mask = np.array([[1, 0], [1, 1]], np.float32)
-  heads.save_head_mask(mask, "fake://bucket/run", rule="test")
-  np.testing.assert_array_equal(heads.load_head_mask("fake://bucket/run", (2, 2)), mask)
+  masks.save_head_mask(mask, "fake://bucket/run", rule="test")
+  np.testing.assert_array_equal(masks.load_head_mask("fake://bucket/run", (2, 2)), mask)
 
 
 def test_sweep_refuses_a_remote_root_instead_of_writing_locally(remote, capsys):

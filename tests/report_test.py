@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from vitreg_jax import report
+from vitreg_jax.reports import __main__ as reports_main
+from vitreg_jax.reports import runs as runs_lib
+from vitreg_jax.reports import tables as tables_lib
 
 
 def make_run(root, name, config, lines, heads=None):
@@ -71,15 +73,15 @@ def poster_runs(tmp_path):
 
 
 def test_read_metrics_later_line_supersedes(poster_runs):
-  evals_, train_ = report.read_metrics(os.path.join(poster_runs, "erm_s0"))
+  evals_, train_ = runs_lib.read_metrics(os.path.join(poster_runs, "erm_s0"))
   assert evals_["test_id"][100]["accuracy"] == 0.90 and evals_["test_ood"][50]["accuracy"] == 0.4
   assert train_[100]["loss"] == 0.4 and sorted(train_) == [50, 100]
 
 
 def test_poster_table_mean_std_paper_and_status(poster_runs):
-  groups = report.group_runs([report.load(w) for w in report.find_runs([poster_runs])])
+  groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([poster_runs])])
   assert sorted(len(g.runs) for g in groups) == [2, 2]   # grouped by everything but seed
-  table = report.poster_table(groups)
+  table = tables_lib.poster_table(groups)
   rows = {r[1]: r for r in table.rows}
   assert set(rows) == {"ViT+ERM", "ViT+DIV", "ViT+DIV+SEL"}
   erm = rows["ViT+ERM"]
@@ -101,7 +103,7 @@ def test_poster_table_mean_std_paper_and_status(poster_runs):
 
 def test_cli_writes_markdown_csv_and_curves(poster_runs, tmp_path, capsys):
   out = str(tmp_path / "out")
-  assert report.main([poster_runs, "--out", out, "--target", "0.85"]) == 0
+  assert reports_main.main([poster_runs, "--out", out, "--target", "0.85"]) == 0
   assert "Head diversity (poster Tables 1-2)" in capsys.readouterr().out
   assert {"report.md", "poster.csv", "runs.csv", "curves_poster.png",
           "curves_runs.png"} <= set(os.listdir(out))
@@ -115,9 +117,9 @@ def test_cli_writes_markdown_csv_and_curves(poster_runs, tmp_path, capsys):
 
 def test_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="No run under"):
-    report.find_runs([str(tmp_path)])
+    runs_lib.find_runs([str(tmp_path)])
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    report.find_runs([str(tmp_path / "missing")])
+    runs_lib.find_runs([str(tmp_path / "missing")])
 
 
 def test_diverged_and_failed_runs_are_marked(tmp_path):
@@ -126,7 +128,7 @@ def test_diverged_and_failed_runs_are_marked(tmp_path):
   failed = make_run(root, "failed", mnist_cifar(1, "div"), [train(10, 0.5)])
   with open(os.path.join(failed, "sweep_failed.json"), "w") as f:
     json.dump({"rc": 1, "log_tail": "NonFiniteLossError: Non-finite loss or gradient"}, f)
-  runs = {os.path.basename(w): report.load(w) for w in report.find_runs([root])}
+  runs = {os.path.basename(w): runs_lib.load(w) for w in runs_lib.find_runs([root])}
   assert runs["nan"].problems[:1] == ["diverged"]
   assert "diverged" in runs["failed"].problems
   assert any(p.startswith("unfinished (10/100)") for p in runs["failed"].problems)
@@ -139,10 +141,10 @@ def test_runs_table_steps_and_time_to_target_across_a_resume(tmp_path):
   make_run(root, "a", config, [train(25, 1.0, 10.0), train(50, 0.8, 30.0)]
            + evals(50, 0.6, 0.5) + [train(75, 0.6, 20.0)] + evals(75, 0.8, 0.5)
            + [train(100, 0.5, 35.0)] + evals(100, 0.9, 0.5))
-  run = report.load(os.path.join(root, "a"))
-  assert report._time_to(run, "test_id", 0.75) == (75, 50.0)
-  assert report._time_to(run, "test_id", 0.95) == (None, None)
-  table = report.runs_table(report.group_runs([run]), 0.75, "test_id")
+  run = runs_lib.load(os.path.join(root, "a"))
+  assert tables_lib._time_to(run, "test_id", 0.75) == (75, 50.0)
+  assert tables_lib._time_to(run, "test_id", 0.95) == (None, None)
+  table = tables_lib.runs_table(runs_lib.group_runs([run]), 0.75, "test_id")
   assert table.rows[0][-2:] == ["75", "50.0"]
 
 
@@ -153,8 +155,8 @@ def test_groups_are_labelled_by_what_differs(tmp_path):
       config = dict(mnist_cifar(0), model_name=model, model=extra,
                     optimizer={"name": opt, "lr": 0.1})
       make_run(root, f"{model}_{opt}", config, [train(100, 0.5)] + evals(100, 0.9, 0.5))
-  labels = [g.label for g in report.group_runs(
-      [report.load(w) for w in report.find_runs([root])])]
+  labels = [g.label for g in runs_lib.group_runs(
+      [runs_lib.load(w) for w in runs_lib.find_runs([root])])]
   # model.width / model.depth exist for one family only: implied by model_name.
   assert labels == ["model_name=resnet, optimizer.name=adam", "model_name=resnet, optimizer.name=sgd",
                     "model_name=vit, optimizer.name=adam", "model_name=vit, optimizer.name=sgd"]
@@ -173,21 +175,20 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
     make_run(root, clf, config, [train(10, 0.5), (10, "test", {"accuracy": acc}),
                                  (10, "fog_1", {"accuracy": acc - 0.1}),
                                  (10, "fog_2", {"accuracy": acc - 0.2})])
-  groups = report.group_runs([report.load(w) for w in report.find_runs([root])])
-  arvit = report.arvit_table(groups)
+  groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
+  arvit = tables_lib.arvit_table(groups)
   (row,) = arvit.rows
   assert row[:2] == ["ARViT-L3", "ok"] and row[2] == (85.0, None, 1)
   assert row[3] == 84.76 and row[4] == "+0.24" and row[5] == (None, None, 0)
-  hvw = {r[1]: r for r in report.how_vits_work_table(groups).rows}
+  hvw = {r[1]: r for r in tables_lib.how_vits_work_table(groups).rows}
   assert set(hvw) == {"ViT (CLS)", "ViT (GAP)"}
   np.testing.assert_allclose(hvw["ViT (GAP)"][5][0], 39.0)        # mean of 44 and 34
   assert hvw["ViT (GAP)"][6:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
 
 
 def test_sel_rows_agree_with_the_heads_table(tmp_path):
-  # One implementation (vitreg_jax/poster.py) behind the report's poster rows and
+  # One implementation (vitreg_jax/reports/papers.py, tables.py) behind the report's poster rows and
   # `python -m vitreg_jax.heads --table`: the same runs give the same methods and figures.
-  from vitreg_jax import heads   # pylint: disable=g-import-not-at-top
   root = str(tmp_path)
   roles = {"test_id": "test", "test_ood": "test", "id_metric": "accuracy",
            "ood_metric": "mean_group_accuracy"}
@@ -204,10 +205,10 @@ def test_sel_rows_agree_with_the_heads_table(tmp_path):
                              heads={"dataset": "waterbirds", "rule": "oracle", "roles": roles,
                                     "full": {"test": test(acc, wg)},
                                     "selected": {"test": test(acc + 0.01, wg + 0.1)}}))
-  groups = report.group_runs([report.load(w) for w in workdirs])
-  rows = {r[1]: r for r in report.poster_table(groups).rows}
+  groups = runs_lib.group_runs([runs_lib.load(w) for w in workdirs])
+  rows = {r[1]: r for r in tables_lib.poster_table(groups).rows}
   assert set(rows) == {"ViT+ERM", "ViT+ERM+SEL"}
-  data = heads.poster_table_data(workdirs)["rows"]
+  data = tables_lib.poster_table_data(workdirs)["rows"]
   for method in ("ViT+ERM", "ViT+ERM+SEL"):
     np.testing.assert_allclose(rows[method][4][:2], (np.mean(data[method]["id"]),
                                                      np.std(data[method]["id"], ddof=1)))
@@ -217,4 +218,4 @@ def test_sel_rows_agree_with_the_heads_table(tmp_path):
   np.testing.assert_allclose(rows["ViT+ERM+SEL"][7][0], 85.0)
   assert rows["ViT+ERM+SEL"][8] == "85.70 ± 1.60"
   assert "| ViT+ERM+SEL | 96.00 ± 1.41 | 91.00 ± 1.41 | 85.00 ± 7.07 | 2 | 96.50 ± 0.5 / 85.70 ± 1.6 |" \
-      in heads.poster_table(workdirs)
+      in tables_lib.heads_poster_table(workdirs)

@@ -132,13 +132,13 @@ def test_done_needs_the_final_evaluation_at_total_steps(tmp_path):
 # preemption would): the trainer saves that step and exits 0.
 PREEMPT_AFTER_FIRST_STEP = """
 import os, runpy, signal, sys
-from vitreg_jax import reporting
-train = reporting.Reporter.train
+from vitreg_jax import train_log
+train = train_log.Reporter.train
 def train_then_sigterm(self, step, measured):
   train(self, step, measured)
   if step == 1:
     os.kill(os.getpid(), signal.SIGTERM)
-reporting.Reporter.train = train_then_sigterm
+train_log.Reporter.train = train_then_sigterm
 sys.argv = ["vitreg_jax.main"] + sys.argv[1:]
 runpy.run_module("vitreg_jax.main", run_name="__main__")
 """

@@ -18,7 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vitreg_jax import config_lib
+from vitreg_jax import pretrained
 from vitreg_jax import train
+from vitreg_jax import train_log
 
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "workers", "train_worker.py")
@@ -122,7 +124,7 @@ def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, m
         batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
       yield batch
   monkeypatch.setattr(data, "make_train_iterator", poisoned)
-  with pytest.raises(train.NonFiniteLossError, match=r"step 7.*last good checkpoint \(step 4\)"):
+  with pytest.raises(train_log.NonFiniteLossError, match=r"step 7.*last good checkpoint \(step 4\)"):
     train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
   step, params = _final_params(tmp_path)
   assert step == 4
@@ -206,7 +208,7 @@ def test_init_from_checkpoint_reuses_backbone_and_resets_new_head(reference, tmp
   from vitreg_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create("vit", 5, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4)
   fresh = model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 16, 3), np.float32))["params"]
-  merged = train.init_params_from({"path": str(reference[0])}, jax.device_get(fresh),
+  merged = pretrained.init_params_from({"path": str(reference[0])}, jax.device_get(fresh),
                                   model=model, image_hw=(32, 16))
   _, source = _final_params(reference[0])
   merged, fresh = _flatten(merged), _flatten(jax.device_get(fresh))
@@ -218,7 +220,7 @@ def test_init_from_checkpoint_reuses_backbone_and_resets_new_head(reference, tmp
   wide = models.create("vit", 5, width=48, depth=2, mlp_dim=64, num_heads=2, patch_size=4)
   wide_params = wide.init(jax.random.PRNGKey(1), np.zeros((1, 32, 16, 3), np.float32))["params"]
   with pytest.raises(ValueError, match=r"(?s)does not fit the model.*encoder_norm/bias: source \(32,\) vs model \(48,\)"):
-    train.init_params_from({"path": str(reference[0])}, jax.device_get(wide_params),
+    pretrained.init_params_from({"path": str(reference[0])}, jax.device_get(wide_params),
                            model=wide, image_hw=(32, 16))
   # End to end: a fine-tuning run starts from the source's parameters.
   results = train.train_and_evaluate(train_worker.load_config(

@@ -127,33 +127,38 @@ def load_classifier(path: str) -> dict:
   return record
 
 
-def _metrics(logits, arrays: dict) -> dict:
-  from vitreg_jax import evaluation  # pylint: disable=g-import-not-at-top
+def _metrics(logits, arrays: dict, train_group_counts=None) -> dict:
+  from vitreg_jax import metrics  # pylint: disable=g-import-not-at-top
   logits = np.asarray(logits, np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   loss = logz - logits[np.arange(len(logits)), arrays["label"]]
   arrays = {k: v for k, v in arrays.items() if k not in ("features", "logits", "pred")}
-  return evaluation.classification_metrics(logits.argmax(-1), loss,
-                                           {**arrays, "mask": np.ones(len(loss))})
+  return metrics.classification_metrics(logits.argmax(-1), loss,
+                                        {**arrays, "mask": np.ones(len(loss))},
+                                        train_group_counts=train_group_counts)
 
 
 def _heldout_split(run) -> str:
-  from vitreg_jax import heads  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import roles  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.heads import evaluate  # pylint: disable=g-import-not-at-top
   info = run.info
-  return heads.split_roles(heads.eval_splits_of(run.config, info), info.attributes).val_id
+  return roles.split_roles(evaluate.eval_splits_of(run.config, info), info.attributes).val_id
 
 
 def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=None,
             grid=C_GRID, num_retrains: int = NUM_RETRAINS, seed: int = 0) -> tuple[dict, dict]:
   """DFR on a run: `(result dict for dfr.json, classifier dict)`."""
-  from vitreg_jax import features, heads, rundir  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import features, rundir  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.heads import evaluate, masks  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(workdir, step)
   info = run.info
   mask = None
   if head_mask is not None:
-    mask = heads.load_head_mask(head_mask, heads.model_shape(run.model))
+    mask = masks.load_head_mask(head_mask, masks.model_shape(run.model))
   heldout = heldout or _heldout_split(run)
-  splits = heads.eval_splits_of(run.config, info)
+  splits = evaluate.eval_splits_of(run.config, info)
+  counts = groups.train_group_counts(run.config.data)
   feats = {s: features.extract(run, s, head_mask=mask) for s in splits}
   if "group" not in feats[heldout]:
     raise ValueError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
@@ -170,8 +175,8 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
       "tuning_worst_group_accuracy": {str(k): v for k, v in tuning.items()},
       "num_retrains": num_retrains, "seed": seed,
       "head_mask": None if mask is None else np.asarray(mask).tolist(),
-      "original": {s: _metrics(f["logits"], f) for s, f in feats.items()},
-      "dfr": {s: _metrics(f["features"] @ classifier["kernel"] + classifier["bias"], f)
+      "original": {s: _metrics(f["logits"], f, counts) for s, f in feats.items()},
+      "dfr": {s: _metrics(f["features"] @ classifier["kernel"] + classifier["bias"], f, counts)
               for s, f in feats.items()},
   }
   classifier = {**{k: v.tolist() for k, v in classifier.items()}, "c": c,
@@ -181,7 +186,8 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
 
 
 def markdown(result: dict) -> str:
-  keys = ("accuracy", "worst_group_accuracy", "mean_group_accuracy")
+  keys = ("accuracy", "worst_group_accuracy", "mean_group_accuracy",
+          "train_weighted_mean_accuracy")
   lines = [f"# {result['method']} on {result['workdir']} (step {result['step']})", "",
            f"Refit on `{result['heldout_split']}` (group-balanced, L1 logistic regression, "
            f"C = {result['c']}, {result['num_retrains']} subsamples averaged).", "",

@@ -15,12 +15,13 @@ import flax.traverse_util
 import jax
 import numpy as np
 
+from vitreg_jax import rundir
+from vitreg_jax.models import convert
+
 
 def _checkpoint_params(path: str, step: int | None) -> dict:
   """Params of another run (its workdir or its `checkpoints/` folder, any `etils.epath`
   path) as flat NumPy arrays (every process reads the whole tree)."""
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
   directory = epath.Path(path)
   if (directory / rundir.CHECKPOINT_DIR).is_dir():
     directory = directory / rundir.CHECKPOINT_DIR
@@ -49,7 +50,6 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
   resolution) or when `reset_head=True`; a ViT's position embedding is resampled to the new
   patch grid. Anything else that does not fit is an error naming the parameters.
   """
-  from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
   cfg = dict(init_from)
   unknown = sorted(set(cfg) - {"path", "kind", "step", "reset_head"})
   if unknown or "path" not in cfg:

@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vitreg_jax import checks
+from vitreg_jax import models
+from vitreg_jax import regularizers
 from vitreg_jax import sharding as shd
 from vitreg_jax.data import mixing
 
@@ -61,29 +64,7 @@ jax.tree_util.register_pytree_with_keys(
 
 
 def create_model(config, num_classes: int) -> nn.Module:
-  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
   return models.create(config.model_name, num_classes, **dict(config.model))
-
-
-def head_mask_shape(model) -> tuple[int, int] | None:
-  """`(depth, heads)` of a model that takes head masks, else None."""
-  depth, heads = getattr(model, "depth", None), getattr(model, "num_heads", None)
-  if isinstance(depth, int) and isinstance(heads, int):
-    return depth, heads
-  return None
-
-
-def train_head_mask(config, model):
-  """`config.head_mask` (an array, or a head_mask.json / run dir path) as an array, checked
-  against the model's `[depth, heads]`."""
-  from vitreg_jax import heads  # pylint: disable=g-import-not-at-top
-  if config.head_mask is None:
-    return None
-  shape = head_mask_shape(model)
-  if shape is None:
-    raise ValueError(f"config.head_mask needs an attention model; {config.model_name!r} has "
-                     "no heads.")
-  return jnp.asarray(heads.load_head_mask(config.head_mask, shape))
 
 
 def make_forward(model, regularizer_configs):
@@ -101,7 +82,6 @@ def make_forward(model, regularizer_configs):
       (logits, out), new_state = res if mutable else (res, {})
       return logits, out, jnp.zeros((), jnp.float32), {}, dict(new_state)
     return forward
-  from vitreg_jax import regularizers  # pylint: disable=g-import-not-at-top
   reg = regularizers.build([dict(r) for r in regularizer_configs], model)
 
   def forward(variables, images, *, labels, train, rngs, head_mask, mutable):
@@ -257,7 +237,7 @@ def create_train_state(config, model, tx, image_shape, mesh,
 
 def all_heads_mask(model):
   """The all-ones `[depth, heads]` mask evaluations use (None for models without heads)."""
-  shape = head_mask_shape(model)
+  shape = checks.head_shape(model)
   return None if shape is None else jnp.ones(shape, jnp.float32)
 
 

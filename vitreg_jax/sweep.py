@@ -36,6 +36,7 @@ import sys
 import time
 
 from vitreg_jax import config_lib
+from vitreg_jax.reports import runs as report_runs
 
 DONE_FILE = "sweep_done.json"
 FAILED_FILE = "sweep_failed.json"
@@ -110,7 +111,6 @@ def progress(workdir: str) -> tuple[int, int | None, bool]:
   checkpoint's step (0 if none); `total` is None when it cannot be known here (an epoch-based
   config whose dataset is not prepared on this machine).
   """
-  from vitreg_jax import report  # pylint: disable=g-import-not-at-top
   from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   step = max(rundir.checkpoint_steps(workdir), default=0)
   try:
@@ -118,10 +118,10 @@ def progress(workdir: str) -> tuple[int, int | None, bool]:
       config = json.load(f)
   except (OSError, json.JSONDecodeError):
     return step, None, False
-  total = report.total_steps(config)
+  total = report_runs.total_steps(config)
   if total is None:
     return step, None, False
-  evals, _ = report.read_metrics(workdir)
+  evals, _ = report_runs.read_metrics(workdir)
   if (config.get("data") or {}).get("eval_splits") in ([], ()):
     return step, total, step >= total
   return step, total, any(s >= total for split in evals.values() for s in split)

@@ -3,8 +3,8 @@
 This module is the loop only; its pieces live in modules named for their job:
 `steps` (the train state, the jitted train and eval steps), `evaluation` (metrics over the
 eval splits), `pretrained` (`config.init_from`), `checkpoint` (orbax saves, resume,
-preemption), `reporting` (TensorBoard, metrics.jsonl, the non-finite check) and `rundir`
-(the saved config.json).
+preemption), `train_log` (TensorBoard, metrics.jsonl, the non-finite check), `rundir`
+(the saved config.json) and `heads` (the training head mask, the per-eval head figures).
 """
 
 import math
@@ -17,24 +17,17 @@ import ml_collections
 from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import evaluation
-from vitreg_jax import heads
 from vitreg_jax import inflight
 from vitreg_jax import jtt
 from vitreg_jax import losses
 from vitreg_jax import optim
 from vitreg_jax import pretrained
-from vitreg_jax import reporting
 from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
 from vitreg_jax import steps
-
-# The pieces under their historical names (tests, analyses and forks import them from here).
-from vitreg_jax.evaluation import classification_metrics, evaluate  # pylint: disable=unused-import
-from vitreg_jax.pretrained import init_params_from  # pylint: disable=unused-import
-from vitreg_jax.reporting import NonFiniteLossError  # pylint: disable=unused-import
-from vitreg_jax.steps import (TrainState, create_model, create_train_state,  # pylint: disable=unused-import
-                              cross_entropy, eval_step, make_forward,
-                              soft_cross_entropy, train_step)
+from vitreg_jax import train_log
+from vitreg_jax.heads import masks as head_masks
+from vitreg_jax.heads import training as head_training
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -54,7 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   info = data.get_info(config.data)
   model = steps.create_model(config, info.num_classes)
   forward = steps.make_forward(model, config.regularizers)
-  train_mask = steps.train_head_mask(config, model)
+  train_mask = head_masks.train_head_mask(config, model)  # config.head_mask
   group_dro, loss_state, batch_keys = losses.objective(config, info)  # config.loss
   total_steps, steps_per_epoch = num_train_steps(config, info)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
@@ -79,8 +72,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
                                 normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
-  head_eval = heads.training_hook(config, model, info, workdir,  # config.head_eval
-                                   start_step)
+  head_eval = head_training.training_hook(config, model, info, workdir,  # config.head_eval
+                                           start_step)
 
   def evaluate_all(s):
     results = evaluation.evaluate_splits(s, config, info, mesh=mesh, eval_fn=eval_fn,
@@ -88,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if head_eval:
       head_eval(int(s.step), s)
     return results
-  report = reporting.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
+  report = train_log.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
   train_iter = device_batches(
       data.make_train_iterator(config.data, global_batch_size=config.batch_size,

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vitreg_jax import config_lib, models, optim, sharding as shd, train
+from vitreg_jax import config_lib, models, optim, sharding as shd, steps
 
 
 def run(mesh, fsdp, batch, regularizers=()):
@@ -23,8 +23,8 @@ def run(mesh, fsdp, batch, regularizers=()):
       optimizer=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3), regularizers=list(regularizers))))
   model = models.create("vit", 3, width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
   tx, _ = optim.make_optimizer(config, 3)
-  state, sh = train.create_train_state(config, model, tx, batch["image"].shape[1:], mesh)
-  step = jax.jit(functools.partial(train.train_step, forward=train.make_forward(
+  state, sh = steps.create_train_state(config, model, tx, batch["image"].shape[1:], mesh)
+  step = jax.jit(functools.partial(steps.train_step, forward=steps.make_forward(
       model, config.regularizers), tx=tx, num_classes=3),
       in_shardings=(sh, shd.batch_sharding(mesh)), out_shardings=(sh, shd.replicated(mesh)))
   losses = []

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
 flags.DEFINE_integer("num_examples", 500, "Evaluation examples averaged over.")
@@ -133,7 +134,7 @@ def spectra(model, variables, batches) -> List[dict]:
 # ----------------------------------------------------------------------------- plots
 def plot_high_frequency(results: List[dict], path: str) -> str:
   """Relative log amplitude at frequency pi vs normalized depth; MSA points shaded."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for r in results:
     depth = np.array([b["depth"] for b in r["blocks"]])
@@ -149,12 +150,12 @@ def plot_high_frequency(results: List[dict], path: str) -> str:
   ax.set(xlabel="normalized depth", ylabel="delta log amplitude at pi",
          title="High-frequency log amplitude of feature maps")
   ax.legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def plot_spectra(results: List[dict], path: str) -> str:
   """Relative log amplitude vs frequency for every block (colour = depth), one panel per run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
   cmap = plt.get_cmap("plasma")
   for ax, r in zip(axes[0], results):
@@ -164,7 +165,7 @@ def plot_spectra(results: List[dict], path: str) -> str:
     ax.set(title=r["label"], xlabel="frequency (x pi)", ylabel="delta log amplitude")
   sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
   fig.colorbar(sm, ax=axes[0].tolist(), label="normalized depth (dashed: after MSA)")
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitreg_jax import plotting
 from vitreg_jax import sharding
 from vitreg_jax.analysis import runs
 
@@ -268,7 +269,7 @@ def analyse_run(run, batches, *, mesh, key, progress_desc: str = "hessian", num_
 # ----------------------------------------------------------------------------- plot
 def plot(results: list, path: str) -> str:
   """Histograms of negative and positive eigenvalues (and SLQ densities) per run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   has_density = any("slq_nodes" in r for r in results)
   fig, axes = plt.subplots(1, 3 if has_density else 2, figsize=(13 if has_density else 9, 3.6))
   for r in results:
@@ -292,7 +293,7 @@ def plot(results: list, path: str) -> str:
     axes[2].legend(fontsize=7)
   fig.suptitle(f"Hessian top-{results[0]['top_k']} eigenvalues per mini-batch "
                f"({results[0]['method']})", fontsize=10)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def add_density(result: dict, points: int = 400) -> None:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
 flags.DEFINE_float("eps", 0.5, "Noise RMS per pixel (normalized input units).")
@@ -127,7 +128,7 @@ def corruption_dataset(run, choice: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- plot
 def plot(results, path: str) -> str:
   """Error increase vs noise frequency, one line per run."""
-  plt = runs.pyplot()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for r in results:
     s = r["sweep"]
@@ -138,7 +139,7 @@ def plot(results, path: str) -> str:
   ax.set(xlabel="noise frequency (x pi)", ylabel="error increase (%)",
          title=f"Robustness to band-limited noise (RMS {eps}, band {bw} pi)")
   ax.legend(fontsize=7)
-  return runs.save_figure(fig, path)
+  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main

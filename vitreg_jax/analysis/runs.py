@@ -121,18 +121,3 @@ def replicate(tree, mesh):
 def write_json(path: str, obj) -> str:
   rundir.write_text(path, json.dumps(obj, indent=1))
   return path
-
-
-def save_figure(fig, path: str) -> str:
-  """Saves (to any `etils.epath` path) and closes `fig`."""
-  from vitreg_jax import report  # pylint: disable=g-import-not-at-top
-  report.save_figure(fig, path, dpi=90, bbox_inches="tight")
-  return path
-
-
-def pyplot():
-  """matplotlib.pyplot with the non-interactive backend (no display on servers)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt

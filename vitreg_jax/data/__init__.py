@@ -40,8 +40,8 @@ from vitreg_jax.data import splits as splits_lib
 from vitreg_jax.data import waterbirds
 from vitreg_jax.data.base import (CorruptDataError, DatasetInfo, DatasetNotPreparedError,
                                   DatasetSpec)
-from vitreg_jax.data.metrics import (group_counts, group_metrics, group_metrics_from_counts,
-                                     mean_corruption_accuracy)
+from vitreg_jax.metrics import (group_counts, group_metrics, group_metrics_from_counts,
+                                mean_corruption_accuracy)
 
 DATASETS: dict = {
     'dominoes': custom.EmbeddedDataset(

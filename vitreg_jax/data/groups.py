@@ -196,3 +196,23 @@ def group_counts(data_config, split: Optional[str] = None) -> np.ndarray:
   source = splits_lib.apply(spec.source(unsliced, splits_lib.base_name(split)), split)
   ids = group_ids(source, info)
   return np.bincount(ids, minlength=num_groups(info)).astype(np.float64)
+
+
+_TRAIN_COUNTS: dict = {}
+
+
+def train_group_counts(data_config) -> Optional[tuple]:
+  """Training examples per group of `data_config`'s train split, or None without groups.
+
+  Cached per data config (evaluations call it once per split): the training proportions
+  behind `train_weighted_mean_accuracy` (vitreg_jax/metrics.py).
+  """
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  spec, cfg = data.get_spec(data_config)
+  key = json.dumps(cfg, sort_keys=True, default=str)
+  if key not in _TRAIN_COUNTS:
+    from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    info = spec.info({**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])})
+    _TRAIN_COUNTS[key] = (tuple(group_counts(data_config).tolist())
+                          if num_groups(info) is not None else None)
+  return _TRAIN_COUNTS[key]

@@ -23,7 +23,7 @@ prob: 1.0`, handed to timm's `Mixup` in `ops/trains.py`) in timm's batch mode
   centred uniformly in the image (clipped at the border; half-sides rounded down) is pasted
   from the partner, and lambda is corrected to the kept area, `1 - box area / (H W)`.
 - Targets: `lambda onehot(y) + (1 - lambda) onehot(y_partner)`, rows summing to 1. Label
-  smoothing is applied by the loss afterwards (`train.soft_cross_entropy`); it is affine and the
+  smoothing is applied by the loss afterwards (`steps.soft_cross_entropy`); it is affine and the
   mixture weights sum to 1, so this equals timm's smoothing of each one-hot before mixing.
 
 Config: `config.data.mixup = dict(mixup_alpha=1.0, cutmix_alpha=0.8, prob=1.0,

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 from vitreg_jax.models import resnet
 
@@ -219,9 +220,8 @@ class AlterNet(nn.Module):
     if len(self.heads) != len(self.blocks_per_stage):
       raise ValueError(f'heads {tuple(self.heads)} needs one entry per stage '
                        f'({len(self.blocks_per_stage)} stages).')
-    if self.stem not in resnet.STEMS:
-      raise ValueError(f'stem must be one of {resnet.STEMS}, got {self.stem!r}')
-    attention.check_choice('msa_block', self.msa_block, MSA_BLOCKS)
+    check_choice('stem', self.stem, resnet.STEMS)
+    check_choice('msa_block', self.msa_block, MSA_BLOCKS)
     if self.msa_block == 'figure' and self.drop_path:
       raise ValueError("drop_path applies to msa_block='authors' only.")
     attention.resolve_dtype(self.dtype)

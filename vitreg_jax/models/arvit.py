@@ -40,7 +40,7 @@ head's rows). Their code also averages the attention map over heads (PyTorch's
 sees, so the model keeps per-head maps in `out['block{i}']['attn']` and the regularizers offer
 the averaging (the maps are the probabilities before attention dropout).
 
-ARViT shares the encoder block of ViT (`attention.Encoder`), so head masks, captured attention
+ARViT shares the encoder block of ViT (`encoder.Encoder`), so head masks, captured attention
 and per-head inputs (`div_layers`) work identically.
 """
 
@@ -49,7 +49,9 @@ from typing import Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
+from vitreg_jax.models import encoder
 from vitreg_jax.models.vit import grid_size
 
 VARIANTS = {
@@ -74,7 +76,7 @@ class ARViT(nn.Module):
     mlp_dim: 0 = single fully connected layer (paper); > 0 = two-layer feed-forward.
     norm: 'pre' or 'post' blocks; activation: 'gelu' or 'relu' (feed-forward).
     posemb: 'sincos2d' or 'sincos2d_detr' (channel layouts); posemb_scale: its multiplier;
-    posemb_at: 'input', 'qk' or 'qkv' (see `attention.Encoder`).
+    posemb_at: 'input', 'qk' or 'qkv' (see `encoder.Encoder`).
     dropout, attn_dropout: on residual branches and FFN hidden layer / on the attention
       probabilities (training only).
     pre_head_norm: LayerNorm ('encoder_norm') on the last block's output before flattening.
@@ -115,10 +117,10 @@ class ARViT(nn.Module):
     if self.head_dim is None and self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
                        'set head_dim to use heads of another size.')
-    attention.check_choice('norm', self.norm, attention.NORMS)
-    attention.check_choice('activation', self.activation, tuple(attention.ACTIVATIONS))
-    attention.check_choice('posemb', self.posemb, ('sincos2d', 'sincos2d_detr'))
-    attention.check_choice('posemb_at', self.posemb_at, attention.POSEMB_AT)
+    check_choice('norm', self.norm, encoder.NORMS)
+    check_choice('activation', self.activation, tuple(encoder.ACTIVATIONS))
+    check_choice('posemb', self.posemb, ('sincos2d', 'sincos2d_detr'))
+    check_choice('posemb_at', self.posemb_at, encoder.POSEMB_AT)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
 
@@ -132,14 +134,14 @@ class ARViT(nn.Module):
                div_layers=()):
     """Classifies `images [B, H, W, C]`; returns `(logits [B, num_classes] float32, out)`."""
     dtype = attention.resolve_dtype(self.dtype)
-    capture, div, head_mask = attention.check_call_args(
+    capture, div, head_mask = encoder.check_call_args(
         self, capture_attention, div_layers, head_mask)
     gh, gw, _ = self.token_layout(images.shape[1:3])
-    x = attention.embed_patches(images, self.width, self.patch_size, dtype, (gh, gw))
+    x = encoder.embed_patches(images, self.width, self.patch_size, dtype, (gh, gw))
     mask = None
     if self.local_window is not None:
       mask = attention.local_attention_mask((gh, gw), self.local_window, 0)
-    x, out = attention.Encoder(
+    x, out = encoder.Encoder(
         self.depth, self.num_heads, self.mlp_dim, posemb=self.posemb,
         posemb_scale=self.posemb_scale, dropout=self.dropout, drop_path=self.drop_path,
         dtype=dtype, final_norm=self.pre_head_norm, last_attn_residual=self.last_attn_residual,

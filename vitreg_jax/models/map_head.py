@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax.models import attention
+from vitreg_jax.models import encoder
 
 
 class ProbeAttention(nn.Module):
@@ -70,7 +71,7 @@ class MAPHead(nn.Module):
     y = ProbeAttention(self.num_heads, dtype=self.dtype,
                        name='MultiHeadDotProductAttention_0')(probe, x)
     z = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_0')(y)
-    y = y + attention.MlpBlock(self.mlp_dim, dtype=self.dtype,
+    y = y + encoder.MlpBlock(self.mlp_dim, dtype=self.dtype,
                                gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(z)
     return y[:, 0]
 

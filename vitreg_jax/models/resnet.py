@@ -20,6 +20,7 @@ with i counting blocks over all stages (0-based), 'stage{s}' (s = 1..4, each sta
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 
 STEMS = ('cifar', 'imagenet')
@@ -150,10 +151,8 @@ class ResNet(nn.Module):
   dtype: str = 'float32'
 
   def __post_init__(self):
-    if self.depth not in DEPTHS:
-      raise ValueError(f'ResNet depth must be one of {sorted(DEPTHS)}, got {self.depth}')
-    if self.stem not in STEMS:
-      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
+    check_choice('ResNet depth', self.depth, sorted(DEPTHS))
+    check_choice('stem', self.stem, STEMS)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
 

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
+from vitreg_jax.models import encoder
 from vitreg_jax.models import map_head
 
 # Geometry of the named sizes (width, depth, mlp_dim, num_heads), as in the ViT paper / big_vision.
@@ -159,14 +161,12 @@ class ViT(nn.Module):
     missing = [k for k in _GEOMETRY if getattr(self, k) is None]
     if missing:
       raise ValueError(f'ViT needs a variant (e.g. "Ti/16") or explicit {missing}.')
-    if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'classifier must be one of {CLASSIFIERS}, got {self.classifier!r}')
-    if self.posemb not in attention.POSEMBS:
-      raise ValueError(f'posemb must be one of {attention.POSEMBS}, got {self.posemb!r}')
+    check_choice('classifier', self.classifier, CLASSIFIERS)
+    check_choice('posemb', self.posemb, encoder.POSEMBS)
     if self.head_dim is None and self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
                        'set head_dim to use heads of another size.')
-    attention.check_choice('head_init', self.head_init, HEAD_INITS)
+    check_choice('head_init', self.head_init, HEAD_INITS)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()
 
@@ -180,10 +180,10 @@ class ViT(nn.Module):
                div_layers=()):
     """Classifies `images [B, H, W, C]`; returns `(logits [B, num_classes] float32, out)`."""
     dtype = attention.resolve_dtype(self.dtype)
-    capture, div, head_mask = attention.check_call_args(
+    capture, div, head_mask = encoder.check_call_args(
         self, capture_attention, div_layers, head_mask)
     gh, gw, num_prefix = self.token_layout(images.shape[1:3])
-    x = attention.embed_patches(images, self.width, self.patch_size, dtype, (gh, gw))
+    x = encoder.embed_patches(images, self.width, self.patch_size, dtype, (gh, gw))
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, self.width)), x],
@@ -192,7 +192,7 @@ class ViT(nn.Module):
     if self.local_window is not None:
       mask = attention.local_attention_mask((gh, gw), self.local_window, num_prefix)
 
-    x, out = attention.Encoder(
+    x, out = encoder.Encoder(
         self.depth, self.num_heads, self.mlp_dim, posemb=self.posemb, dropout=self.dropout,
         drop_path=self.drop_path, dtype=dtype, last_attn_residual=self.last_attn_residual,
         attention_impl=self.attention_impl, remat=self.remat, head_dim=self.head_dim,

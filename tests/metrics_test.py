@@ -1,8 +1,8 @@
-"""Tests of evaluation.classification_metrics against a plain Python loop."""
+"""Tests of metrics.classification_metrics against a plain Python loop."""
 
 import numpy as np
 
-from vitreg_jax import evaluation
+from vitreg_jax import metrics
 
 
 def test_classification_metrics_matches_loop_reference():
@@ -13,7 +13,7 @@ def test_classification_metrics_matches_loop_reference():
   group = rng.choice([0, 1, 3], n)  # Group 2 absent: it gets no accuracy.
   mask = (rng.random(n) < 0.9).astype(np.float32)
   spurious = rng.integers(0, 2, n)
-  m = evaluation.classification_metrics(
+  m = metrics.classification_metrics(
       pred, np.arange(n, dtype=np.float64), dict(label=label, mask=mask, group=group,
                                                  spurious=spurious))
   real = [i for i in range(n) if mask[i] > 0]

@@ -1,17 +1,25 @@
-"""Dataset-specific evaluation summaries: group accuracies (Waterbirds, MNIST-CIFAR) and mean
-accuracy over corruptions (CIFAR-10-C / CIFAR-100-C).
+"""Metrics of per-example predictions: the one `classification_metrics` (training's eval and
+head evaluation alike), group accuracies (Waterbirds, MNIST-CIFAR) and the mean accuracy over
+corruptions (CIFAR-10-C / CIFAR-100-C).
+
+`classification_metrics(pred, loss, arrays)` turns the predictions and losses of a whole split
+(with the batch's other arrays: `label`, `mask` and any attributes) into accuracy and loss,
+plus, where the dataset has them, the spurious-attribute figures (`spurious_accuracy`, and
+on the examples whose attribute disagrees with the label `conflict_accuracy` /
+`conflict_spurious_accuracy`) and the group figures.
 
 Group accuracy (Sagawa et al. 2020, "Distributionally Robust Neural Networks", Sec. 3):
 for group g, `acc_g = sum_i m_i [pred_i = y_i] [g_i = g] / sum_i m_i [g_i = g]`;
 worst-group accuracy is `min_g acc_g` over groups with at least one example; the
 "adjusted average" is the unweighted mean of `acc_g`. Counts add over batches and processes,
-so the trainer accumulates `group_counts` per eval batch and calls `group_metrics_from_counts`
-once (`group_metrics` does both for whole arrays).
+so a caller can accumulate `group_counts` per eval batch and call `group_metrics_from_counts`
+once (`group_metrics` does both for whole arrays). `vitreg_jax.data` re-exports the group
+functions under their historical names (`data.group_metrics`, ...).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -109,4 +117,79 @@ def mean_corruption_accuracy(accuracy_by_split: Mapping[str, float],
                                                     for a in v]))}
   out.update({f'corruption_{k}_accuracy': float(np.mean(v)) for k, v in by_corruption.items()})
   out.update({f'severity{k}_accuracy': float(np.mean(v)) for k, v in by_severity.items()})
+  return out
+
+
+# The batch attributes a spurious accuracy is scored on, in order of preference: `spurious`
+# (MNIST-CIFAR, dominoes), else Waterbirds' `place` (the background).
+SPURIOUS_ATTRIBUTES = ('spurious', 'place')
+
+
+def spurious_key(attributes: Iterable[str]) -> str | None:
+  """The batch attribute the spurious accuracy is scored on (`spurious`, else `place`)."""
+  attributes = tuple(attributes)
+  return next((key for key in SPURIOUS_ATTRIBUTES if key in attributes), None)
+
+
+def train_weighted_mean_accuracy(metrics: Mapping, train_group_counts) -> float | None:
+  """`sum_g p_g acc_g` with `p_g` the training split's group proportions.
+
+  The "mean accuracy" of the Waterbirds papers (GroupDRO, JTT, DFR): a test set's group
+  accuracies weighted as the groups occur in training, not the split's own example-weighted
+  `accuracy` nor the unweighted `mean_group_accuracy`. Groups without a `group{g}_accuracy`
+  in `metrics` (absent from the split) are left out and the weights renormalized; None when
+  no group is present.
+  """
+  counts = np.asarray(train_group_counts, np.float64)
+  acc = np.array([metrics.get(f'group{g}_accuracy', np.nan) for g in range(len(counts))],
+                 np.float64)
+  present = np.isfinite(acc) & (counts > 0)
+  if not present.any():
+    return None
+  return float((counts[present] * acc[present]).sum() / counts[present].sum())
+
+
+def classification_metrics(pred, loss, arrays: Mapping,
+                           train_group_counts=None) -> dict[str, float]:
+  """Accuracy and loss over the real examples (`mask > 0`), plus attribute-aware metrics.
+
+  Args:
+    pred: `[n]` predicted classes.
+    loss: `[n]` per-example losses.
+    arrays: the split's other arrays `[n]`: `label`, `mask` and any attributes.
+    train_group_counts: the training split's examples per group
+      (`data.groups.train_group_counts`); with a `group` attribute it adds
+      `train_weighted_mean_accuracy`.
+  Returns:
+    `accuracy`, `loss`, `num_examples`; with a spurious attribute (`spurious_key`):
+    `spurious_accuracy` (how often the prediction equals the attribute: 1.0 = the model
+    follows the shortcut) and, on the examples whose attribute differs from the label,
+    `conflict_accuracy` and `conflict_spurious_accuracy`; with a `group` attribute:
+    `group{g}_accuracy` for every group present, `worst_group_accuracy`,
+    `mean_group_accuracy` (`group_metrics`: the unweighted mean over groups) and, given
+    `train_group_counts`, `train_weighted_mean_accuracy`.
+  """
+  real = np.asarray(arrays['mask']) > 0
+  pred, loss = np.asarray(pred)[real], np.asarray(loss)[real]
+  label = np.asarray(arrays['label'])[real]
+  out = {'accuracy': float(np.mean(pred == label)), 'loss': float(np.mean(loss)),
+         'num_examples': int(real.sum())}
+  spurious = spurious_key(arrays)
+  if spurious is not None:
+    attr = np.asarray(arrays[spurious])[real]
+    out['spurious_accuracy'] = float(np.mean(pred == attr))
+    conflict = attr != label
+    if conflict.any():
+      out['conflict_accuracy'] = float(np.mean(pred[conflict] == label[conflict]))
+      out['conflict_spurious_accuracy'] = float(np.mean(pred[conflict] == attr[conflict]))
+  if 'group' in arrays:
+    group = np.asarray(arrays['group'])[real]
+    by_group = group_metrics(pred, label, group, num_groups=int(group.max(initial=0)) + 1)
+    del by_group['accuracy']  # The same figure as above.
+    # Groups absent from this split have no accuracy (NaN): leave them out.
+    out.update({k: v for k, v in by_group.items() if not np.isnan(v)})
+    if train_group_counts is not None:
+      weighted = train_weighted_mean_accuracy(out, train_group_counts)
+      if weighted is not None:
+        out['train_weighted_mean_accuracy'] = weighted
   return out

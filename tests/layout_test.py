@@ -1,0 +1,120 @@
+"""The package's layout: every module imports, and the import graph has no cycle.
+
+The graph counts imports made inside functions too (an import moved into a function hides a
+cycle from the file headers, it does not remove it). Scanned here with `ast`, on its own.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "vitreg_jax")
+
+
+def _modules() -> dict[str, str]:
+  """`{module name: path}` of every module of the package."""
+  found = {}
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(folder, name)
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        found[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
+  return found
+
+
+def _imported(module: str, path: str, modules) -> set[str]:
+  """The package's modules that `module` imports, anywhere in its file."""
+  is_package = path.endswith("__init__.py")
+  package = module if is_package else module.rpartition(".")[0]
+  names = []
+  for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(parts + ([base] if base else []))
+      names += [base] + [f"{base}.{a.name}" for a in node.names]
+  out = set()
+  for name in names:
+    while name and name not in modules:
+      name = name.rpartition(".")[0]
+    # A package's __init__ imports its own submodules to re-export them: not an edge (the
+    # submodules' `from package import sibling` would otherwise always close a cycle).
+    if name and name != module and not (is_package and name.startswith(module + ".")):
+      out.add(name)
+  return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One cycle of `graph` as a path `[a, b, ..., a]`, or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_cycle_finder_finds_a_cycle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a", "c"}}) is None
+
+
+def test_import_graph_has_no_cycle():
+  modules = _modules()
+  graph = {m: _imported(m, p, modules) for m, p in modules.items()}
+  assert {"vitreg_jax.heads.select", "vitreg_jax.reports.tables", "vitreg_jax.steps"} <= set(graph)
+  assert "vitreg_jax.steps" in graph["vitreg_jax.heads.evaluate"]  # The scan sees imports.
+  cycle = _cycle(graph)
+  assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_core_does_not_import_heads_or_reports():
+  modules = _modules()
+  for core in ("vitreg_jax.steps", "vitreg_jax.models.attention", "vitreg_jax.regularizers.wrapper"):
+    bad = {m for m in _imported(core, modules[core], modules)
+           if m.startswith(("vitreg_jax.heads", "vitreg_jax.reports"))}
+    assert not bad, f"{core} imports {bad}"
+
+
+def test_every_module_imports():
+  # In a fresh interpreter: several command-line modules define the same absl flag
+  # (--workdir), so each module's flags are dropped after its import.
+  names = sorted(_modules())
+  script = textwrap.dedent(f"""
+      import importlib
+      from absl import flags
+      for name in {names!r}:
+        before = set(flags.FLAGS)
+        importlib.import_module(name)
+        for flag in set(flags.FLAGS) - before:
+          delattr(flags.FLAGS, flag)
+      print("imported", len({names!r}))
+      """)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"imported {len(names)}" in result.stdout

@@ -1,0 +1,79 @@
+"""Per-eval head figures during training (`config.head_eval`): `WORKDIR/heads_eval.jsonl`.
+
+Every evaluation appends each head's figures (the full model and each head alone of the
+layers `config.head_eval` names, on every split but the training one), so the authors' choice
+of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints
+(`select.epoch_oracle` reads them back with `read_head_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from etils import epath
+import jax
+import numpy as np
+
+from vitreg_jax import train_log
+from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import masks as masks_lib
+
+HEAD_EVAL_FILE = "heads_eval.jsonl"
+
+
+class TrainingHeadEval:
+  """Appends every head's figures, at each evaluation, to `WORKDIR/heads_eval.jsonl`.
+
+  One line per (step, split, mask): `{"step", "split", "kind": "full"|"alone", "layer",
+  "head", "accuracy", "spurious_accuracy", ...}` for the full model and each head alone of
+  the layers `config.head_eval` names, on every split but the training one.
+  """
+
+  def __init__(self, config, model, info, workdir: str, start_step: int = 0):
+    depth, num_heads = masks_lib.model_shape(model)
+    self.layers = masks_lib.parse_layers(config.head_eval, depth)
+    alone, self.index = masks_lib.head_masks(depth, num_heads, self.layers, "alone")
+    self.masks = np.concatenate([np.ones((1, depth, num_heads), np.float32), alone])
+    self.run_eval = evaluate.RunEval(model, None, config, evaluate.eval_splits_of(config, info))
+    # Lines past `start_step` (written after the checkpoint a resumed run restarts from) go.
+    self.out = train_log.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
+
+  def __call__(self, step: int, state) -> None:
+    """Evaluates the train state's (`params`, `model_state`) masks and appends the lines."""
+    self.run_eval.variables = {"params": state.params, **state.model_state}
+    results = self.run_eval(self.masks)
+    keys = [("full", None, None)] + [("alone", l, h) for l, h in self.index]
+    self.out.write_records([{"step": int(step), "split": split, "kind": kind, "layer": layer,
+                             "head": head, **m}
+                            for split, metrics in results.items()
+                            for (kind, layer, head), m in zip(keys, metrics)])
+
+
+def training_hook(config, model, info, workdir: str,
+                  start_step: int = 0) -> TrainingHeadEval | None:
+  """The training loop's per-eval head evaluation, or None when `config.head_eval` is off.
+
+  `config.head_eval`: '' / None (off), or the layers to evaluate: '-1' (last), 'all', '0,3'.
+  Raises ValueError before training for a bad layer, a model without heads or several
+  processes (the evaluation gathers nothing across hosts).
+  """
+  if config.get("head_eval") in (None, "", False):
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("config.head_eval runs in single-process training only; evaluate the "
+                     "checkpoints with `python -m vitreg_jax.heads` instead.")
+  return TrainingHeadEval(config, model, info, workdir, start_step)
+
+
+def read_head_eval(workdir: str) -> list[dict]:
+  """The lines of `WORKDIR/heads_eval.jsonl` (empty if the run did not log them); a line
+  repeated by a resumed run replaces the earlier one."""
+  path = epath.Path(workdir) / HEAD_EVAL_FILE
+  if not path.exists():
+    return []
+  latest = {}
+  with path.open() as f:
+    for line in f:
+      r = json.loads(line)
+      latest[(r["step"], r["split"], r["kind"], r["layer"], r["head"])] = r
+  return list(latest.values())

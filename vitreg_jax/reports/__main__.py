@@ -1,0 +1,92 @@
+r"""The report's command line: tables in the papers' layouts and learning curves, read back
+from run workdirs.
+
+  python -m vitreg_jax.report WORKDIR_OR_PARENT... [--out DIR] [--target 0.8]
+  python -m vitreg_jax.reports ...     (the same)
+
+Every run directory (one holding `config.json`, found recursively under the paths given) is
+read back (`reports/runs.py`). Runs whose configs differ only by `seed` form one group,
+reported as mean +- std over seeds (sample std, n-1; "n" says how many seeds). Tables, as
+Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tables.py`:
+
+- `runs`: every group, labelled by the config fields that differ between groups: its status,
+  the final value of each eval split's accuracy, the final train loss and, with `--target`,
+  the steps and wall time until the target accuracy was first reached (the optimizer study
+  and the MSA build-up sweeps read this table).
+- `poster`: the head-diversity poster's Tables 1-2 (MNIST-CIFAR, Waterbirds; dominoes in the
+  same layout): ID and OOD accuracy per method (ViT+ERM, ViT+DIV, and +SEL rows read from the
+  `heads.json` that `vitreg_jax.heads` writes), Waterbirds' OOD column is the worst-group
+  accuracy; the poster's figure beside ours with the difference.
+- `arvit`: ARViT Table 1, model x downstream task top-1, the paper's figure and difference.
+- `how_vits_work`: the CIFAR comparisons (ViT / ResNet / AlterNet, CLS vs GAP, local MSA
+  windows, accuracy under corruptions); the slides give one figure (GAP +2.7 points over CLS),
+  shown as the difference between our GAP and CLS rows.
+
+Curves (`curves_<table>.png`, `reports/curves.py`): train loss, each regularizer term
+`reg/<name>` and each eval split's accuracy against the step, every run of the table overlaid.
+
+Nothing is dropped silently: a run that is unfinished (last step below the configured total),
+diverged (non-finite loss, or a failed sweep point), missing an eval split or without
+metrics keeps its row, marked in the `status` column; its figures are still shown.
+"""
+
+import argparse
+import os
+import sys
+
+from etils import epath
+
+from vitreg_jax.reports import curves
+from vitreg_jax.reports import runs as runs_lib
+from vitreg_jax.reports import tables as tables_lib
+
+
+def write_report(paths, out: str, target=None, target_split=None) -> tuple[str, list]:
+  """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
+  runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
+  groups = runs_lib.group_runs(runs)
+  tables = tables_lib.build_tables(groups, target, target_split)
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")
+            for g in groups for r in g.runs}
+  parts = [f"# Report: {len(runs)} runs in {len(groups)} groups\n",
+           "Runs: " + ", ".join(f"`{_shown(r.workdir)}`" for r in runs) + "\n"]
+  for table in tables:
+    table.write_csv(out / f"{table.name}.csv")
+    parts.append(table.markdown())
+    png = curves.plot_curves(table.runs, labels, out / f"curves_{table.name}.png", table.title)
+    if png:
+      parts.append(f"![{table.title} curves]({png.name})\n")
+  text = "\n".join(parts)
+  (out / "report.md").write_text(text)
+  return text, tables
+
+
+def _shown(workdir: str) -> str:
+  return workdir if "://" in workdir else os.path.relpath(workdir)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m vitreg_jax.report", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("workdirs", nargs="+", help="run workdirs or folders holding them")
+  parser.add_argument("--out", default="report", help="output folder (default ./report)")
+  parser.add_argument("--target", type=float, default=None,
+                      help="target accuracy (0-1) for steps / wall time to target")
+  parser.add_argument("--target_split", default=None,
+                      help="eval split of the target (default: the first, alphabetically)")
+  args = parser.parse_args(argv)
+  if args.target is not None and not 0 < args.target <= 1:
+    parser.error(f"--target is an accuracy in (0, 1], got {args.target}.")
+  try:
+    text, _ = write_report(args.workdirs, args.out, args.target, args.target_split)
+  except FileNotFoundError as e:
+    parser.error(str(e))
+  print(text)
+  print(f"Written to {args.out}/ (report.md, *.csv, curves_*.png)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

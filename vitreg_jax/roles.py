@@ -1,0 +1,59 @@
+"""Which split and metric play the ID and the OOD role: the one `split_roles`.
+
+Head selection chooses on the validation roles and reports the test roles; the report and
+the poster's table read a run's ID / OOD figures at the test roles. One rule for all of
+them, from the split names (and the attributes, or the dataset name):
+
+* `{val,test}_{id,ood}` splits (dominoes, MNIST-CIFAR): accuracy on each; without test splits
+  the validation splits stand in for them.
+* `val` / `test` with groups (Waterbirds): both roles on the same split, ID = accuracy, OOD =
+  the mean of the group accuracies, i.e. the accuracy on a group-balanced set (our reading;
+  the poster does not define its metric).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+  """Which split and metric are ID / OOD, for validation (selection) and test (reporting)."""
+  val_id: str
+  val_ood: str
+  test_id: str
+  test_ood: str
+  id_metric: str = "accuracy"
+  ood_metric: str = "accuracy"
+
+
+def split_roles(splits: Sequence[str], attributes: Sequence[str] = (), *,
+                dataset: str | None = None, missing_ok: bool = False) -> Roles:
+  """The roles from the split names.
+
+  Args:
+    splits: the run's split names (its dataset's, or those it evaluated).
+    attributes: the dataset's example attributes; a `group` attribute (or `dataset=
+      'waterbirds'`) selects the group layout for `val` / `test` splits.
+    dataset: the dataset's name, where the attributes are not at hand (a workdir's
+      metrics.jsonl).
+    missing_ok: for reading figures back: a grouped run with only a `test` split uses it for
+      both roles, and splits that fit no layout get the standard `{val,test}_{id,ood}` names
+      (their figures then show as missing) instead of an error.
+  Raises:
+    ValueError: naming the splits, when no layout fits (and not `missing_ok`).
+  """
+  splits = tuple(splits)
+  has = lambda *names: all(n in splits for n in names)
+  grouped = "group" in attributes or dataset == "waterbirds"
+  if grouped and (has("val") or (missing_ok and has("test"))):
+    val = "val" if has("val") else "test"
+    test = "test" if has("test") else val
+    return Roles(val, val, test, test, ood_metric="mean_group_accuracy")
+  if has("val_id", "val_ood") or missing_ok:
+    test = "test" if has("test_id", "test_ood") or not has("val_id", "val_ood") else "val"
+    return Roles("val_id", "val_ood", f"{test}_id", f"{test}_ood")
+  raise ValueError(f"Cannot tell the ID and OOD validation splits apart in {list(splits)}: "
+                   "head selection needs val_id/val_ood(/test_id/test_ood) splits, or "
+                   "val/test with a `group` attribute.")
