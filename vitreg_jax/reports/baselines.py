@@ -115,7 +115,11 @@ def run_rows(run, roles) -> dict:
   for name, file in DFR_FILES.items():
     result = _read(run.workdir, file)
     if result and base == "ERM":
-      rows[(name, f"val groups (refit on {result['heldout_split']})")] = result["dfr"]
+      info = f"val groups (refit on {result['heldout_split']})"
+      if name == "DFR+SEL":  # the mask came from the run's heads.json selection
+        rule = (heads or {}).get("rule", "?")
+        info = f"val groups (refit on {result['heldout_split']}; {rule} head)"
+      rows[(name, info)] = result["dfr"]
   return rows
 
 
