@@ -7,15 +7,21 @@ Model: ViT-Ti/16 (5.7 M parameters) at `--image` px, 1000 classes, random weight
 random batch of `--batch` images (the figures do not depend on the data).
 
 * `hvp_over_grad`: median time of one Hessian-vector product (forward-over-reverse, as
-  `vitreg_jax.analysis.hessian.hvp`) / one gradient of the same objective, same batch and
+  `vitreg_jax.analysis.operators.hvp`) / one gradient of the same objective, same batch and
   model, both jitted and timed after compilation, round-robin over `--repeats` rounds so load
   drifts hit both alike. Target <= 2.5.
+* `block_hvp_over_grad`: the same ratio for one block's own Hessian (`--params=REGEX`: the
+  vector restricted to the block, `objective.Objective.restrict`) for the MSA and MLP of the
+  first and last blocks, and `per_block_hvp_over_grad` for the masked product `P H P` that
+  `--per_block` uses (one compilation for every block), both over the whole model's gradient.
 * `spectrum_seconds`: wall time of the top-`--top_k` power-iteration spectrum over
-  `--num_batches` batches (`hessian.analyse`'s jitted per-batch function; compile excluded,
-  reported apart as `spectrum_compile_seconds`), with `products` the HVPs it used.
+  `--num_batches` batches (`hessian.make_batch_analysis`'s jitted per-batch function;
+  compile excluded, reported apart as `spectrum_compile_seconds`), with `products` the HVPs
+  it used.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -25,12 +31,26 @@ import jax.numpy as jnp
 
 from vitreg_jax import models
 from vitreg_jax.analysis import hessian
+from vitreg_jax.analysis import objective
+from vitreg_jax.analysis import operators
 
 
 def timed(fn, *args):
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   return time.perf_counter() - start
+
+
+def median_times(fns: dict, repeats: int) -> dict:
+  """Median seconds of each jitted `fn(*args)` after compiling, round-robin over `repeats`
+  rounds so that load drifts hit every function alike."""
+  for fn, args in fns.values():
+    timed(fn, *args)  # compile
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, (fn, args) in fns.items():
+      times[k].append(timed(fn, *args))
+  return {k: statistics.median(t) for k, t in times.items()}
 
 
 def main():
@@ -48,24 +68,32 @@ def main():
   key = jax.random.PRNGKey(0)
   shape = (a.batch, a.image, a.image, 3)
   variables = jax.jit(model.init)(key, jnp.zeros(shape))
-  loss, theta = hessian.make_objective(model, variables, weight_decay=1e-4)
+  obj = objective.Objective(model, variables, num_classes=1000, weight_decay=1e-4)
+  loss, theta = obj.loss, obj.theta
   batch = {"image": jax.random.normal(key, shape),
            "label": jax.random.randint(key, (a.batch,), 0, 1000)}
   v = jax.random.normal(jax.random.PRNGKey(1), theta.shape)
-  grad = jax.jit(jax.grad(loss))
-  hvp = jax.jit(lambda t, b, v: hessian.hvp(loss, t, b, v))
-  timed(grad, theta, batch), timed(hvp, theta, batch, v)  # compile
-  times = {"grad": [], "hvp": []}
-  for _ in range(a.repeats):
-    times["grad"].append(timed(grad, theta, batch))
-    times["hvp"].append(timed(hvp, theta, batch, v))
-  med = {k: statistics.median(t) for k, t in times.items()}
+  fns = {"grad": (jax.jit(jax.grad(loss)), (theta, batch)),
+         "hvp": (jax.jit(functools.partial(operators.hvp, loss)), (theta, batch, v))}
+  blocks = objective.param_blocks(obj.names)
+  mask = obj.mask(blocks[0][2])
+  fns["masked"] = (jax.jit(lambda t, b, v, m: operators.masked(
+      functools.partial(operators.hvp, loss, t, b), m)(v)), (theta, batch, v, mask))
+  for label, _, regex in blocks[:2] + blocks[-2:]:
+    sub = obj.restrict(regex)
+    fns[label] = (jax.jit(functools.partial(operators.hvp, sub.loss)),
+                  (sub.theta, batch, jax.random.normal(key, sub.theta.shape)))
+  med = median_times(fns, a.repeats)
   res = dict(model="ViT-Ti/16", image=a.image, batch=a.batch, num_params=int(theta.size),
              backend=jax.default_backend(), devices=jax.device_count(),
              grad_seconds=med["grad"], hvp_seconds=med["hvp"],
-             hvp_over_grad=med["hvp"] / med["grad"])
+             hvp_over_grad=med["hvp"] / med["grad"],
+             per_block_hvp_over_grad=med["masked"] / med["grad"],
+             block_hvp_over_grad={b[0]: med[b[0]] / med["grad"]
+                                  for b in blocks[:2] + blocks[-2:]})
   if not a.skip_spectrum:
-    analyse = hessian.make_batch_analysis(loss, theta.size, top_k=a.top_k, max_iter=a.max_iter)
+    analyse = hessian.make_batch_analysis(functools.partial(operators.hvp, loss), theta.size,
+                                          top_k=a.top_k, max_iter=a.max_iter)
     res["spectrum_compile_seconds"] = timed(analyse, theta, batch, key)
     start, products = time.perf_counter(), 0
     for i in range(a.num_batches):

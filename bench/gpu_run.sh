@@ -33,9 +33,10 @@ run() {  # name, command...: JSON to $out/name.json, log to $out/name.log; go on
   if "$@" > "$out/$name.json" 2> "$out/$name.log"; then cat "$out/$name.json"; else
     echo "$name failed:"; tail -20 "$out/$name.log"; fi
 }
-want=${1:-all}  # all | train_step | regularizers | input_ratio | analysis (one per device call if 10 min is short)
+want=${1:-all}  # all | train_step | regularizers | input_ratio | analysis | heads (one per device call if 10 min is short)
 [[ $want == all || $want == train_step ]] && run train_step python3 bench/train_step.py --batch 256 --dtype bfloat16
 [[ $want == all || $want == regularizers ]] && run regularizers python3 bench/regularizers.py --batch 64 --paper_batch 80 --dtype bfloat16
 [[ $want == all || $want == input_ratio ]] && run input_ratio python3 bench/input_ratio.py --model b --batch 256 --dtype bfloat16
 [[ $want == all || $want == analysis ]] && run analysis python3 bench/analysis.py --batch 32 --num_batches 10 --top_k 5
+[[ $want == all || $want == heads ]] && run heads python3 bench/heads.py --model b16 --batch 256 --skip_command
 exit 0

@@ -18,6 +18,7 @@ after `--warmup` steps, synchronized only at window ends; the median window give
 import argparse
 import json
 import statistics
+import sys
 import time
 
 TIMM_NAMES = {'ti': 'vit_tiny_patch16_224', 's': 'vit_small_patch16_224',
@@ -40,8 +41,8 @@ def make_optimizer(model, lr=1e-3, weight_decay=0.05):
                              foreach=True), 'foreach'
 
 
-def bench_model(size, args, device):
-  """Median images/s of one timm ViT; returns a dict of figures and the settings used."""
+def make_step(size, args, device):
+  """timm's training step for one ViT size: `(step() -> loss, info dict)`."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -62,6 +63,23 @@ def bench_model(size, args, device):
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 
+  return step, {'timm_model': TIMM_NAMES[size], 'optimizer': f'AdamW ({opt_kind})',
+                'params': sum(p.numel() for p in model.parameters())}
+
+
+def timed_window(step, steps, device):
+  """Seconds per step over `steps` steps, synchronized at the end only; and the last loss."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  _sync(device)
+  return (time.perf_counter() - start) / steps, loss
+
+
+def bench_model(size, args, device):
+  """Median images/s of one timm ViT; returns a dict of figures and the settings used."""
+  import torch  # pylint: disable=g-import-not-at-top
+  step, info = make_step(size, args, device)
   start = time.perf_counter()
   for _ in range(args.warmup):
     step()
@@ -71,19 +89,36 @@ def bench_model(size, args, device):
     torch.cuda.reset_peak_memory_stats()
   windows = []
   for _ in range(args.windows):
-    start = time.perf_counter()
-    for _ in range(args.window):
-      loss = step()
-    _sync(device)
-    windows.append((time.perf_counter() - start) / args.window)
+    seconds, loss = timed_window(step, args.window, device)
+    windows.append(seconds)
   seconds = statistics.median(windows)
-  result = {'timm_model': TIMM_NAMES[size], 'images_per_s': args.batch / seconds,
-            'step_seconds': seconds, 'warmup_seconds': warmup_s,
-            'final_loss': loss.item(), 'optimizer': f'AdamW ({opt_kind})',
-            'params': sum(p.numel() for p in model.parameters())}
+  result = {**info, 'images_per_s': args.batch / seconds, 'step_seconds': seconds,
+            'warmup_seconds': warmup_s, 'final_loss': loss.item()}
   if device.type == 'cuda':
     result['peak_memory_gib'] = torch.cuda.max_memory_allocated() / 2**30
   return result
+
+
+def serve(args, device, header):
+  """Interleaved mode (`--serve`, driven by `bench/train_step.py --interleave`): one JSON line
+  per request read from stdin: `build SIZE` (model, optimizer, `--warmup` steps), `window`
+  (`--window` steps of the last built model: `{"step_seconds"}`), `quit`."""
+  print(json.dumps(header), flush=True)
+  step, info = None, {}
+  for line in sys.stdin:
+    words = line.split()
+    if not words or words[0] == 'quit':
+      break
+    if words[0] == 'build':
+      step, info = make_step(words[1], args, device)
+      start = time.perf_counter()
+      for _ in range(args.warmup):
+        step()
+      _sync(device)
+      print(json.dumps({**info, 'warmup_seconds': time.perf_counter() - start}), flush=True)
+    elif words[0] == 'window':
+      seconds, loss = timed_window(step, args.window, device)
+      print(json.dumps({'step_seconds': seconds, 'loss': loss.item()}), flush=True)
 
 
 def main():
@@ -96,6 +131,8 @@ def main():
   parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--window', type=int, default=5)
   parser.add_argument('--windows', type=int, default=5)
+  parser.add_argument('--serve', action='store_true',
+                      help='take requests on stdin (bench/train_step.py --interleave)')
   args = parser.parse_args()
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -108,7 +145,11 @@ def main():
          'dtype': args.dtype,
          'autocast_bf16': args.dtype == 'bfloat16', 'torch_compile': args.compile,
          'sdpa': 'F.scaled_dot_product_attention (timm fused_attn)',
-         'batch_size': args.batch, 'image_size': args.image, 'models': {}}
+         'batch_size': args.batch, 'image_size': args.image,
+         'threads': torch.get_num_threads(), 'models': {}}
+  if args.serve:
+    serve(args, device, out)
+    return
   for size in args.models.split(','):
     if size in TIMM_NAMES:
       out['models'][size] = bench_model(size, args, device)

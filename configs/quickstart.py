@@ -9,9 +9,10 @@ is far lower. Runs in a few minutes on a 2-core CPU:
 
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
-`runlocal` (a 30-step smoke run), `model` ('vit', default, or 'resnet': a narrow
-pre-activation ResNet-18 to contrast with the ViT in the analyses of docs/analysis.md;
-`reg=div` needs the ViT).
+`runlocal` (a 30-step smoke run), `model` ('vit', default, 'resnet': a narrow
+pre-activation ResNet-18, or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
+of width 16 whose stages 2-4 end in an MSA block, 2 x 2 windows, which tile the 16 x 8 ... 4 x 2
+maps), to contrast with the ViT in the analyses of docs/analysis.md; `reg=div` needs the ViT).
 
 DIV here is the authors' code's normalized variant (per-token cosine of the head input
 gradients, squared, mean over batch x heads x heads: a term in [0, 1]), with the model and
@@ -39,8 +40,11 @@ def get_config(arg=None):
                         classifier="token", posemb="learn")
   elif arg.model == "resnet":
     config.model = dict(depth=18, width=16, stem="cifar")
+  elif arg.model == "alternet":
+    config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),
+                        msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=2)
   else:
-    raise ValueError(f"model must be 'vit' or 'resnet', got {arg.model!r}.")
+    raise ValueError(f"model must be 'vit', 'resnet' or 'alternet', got {arg.model!r}.")
   # Dataset options listed here can be overridden on the command line, e.g.
   # --config.data.spurious_agreement=0.5 (see the README's dominoes options).
   config.data = dict(name="dominoes", train_split="train",

@@ -10,14 +10,9 @@ import os
 import subprocess
 import sys
 
-import jax
-import ml_collections
-import numpy as np
 import pytest
 
-from vitreg_jax import config_lib
-from vitreg_jax import models
-from vitreg_jax import rundir
+import testutil
 
 DATA = dict(name="dominoes", num_train=64, num_val=32, num_test=32, eval_splits=("val_id",))
 MODELS = {
@@ -35,18 +30,7 @@ FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep"}
 
 def _make_run(workdir, name):
   """A run directory with a saved config and a step-1 checkpoint of a tiny ViT."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
-      model_name="vit", model=MODELS[name], data=DATA, batch_size=8, eval_batch_size=16,
-      total_steps=1)))
-  rundir.save_config(config, str(workdir))
-  model = models.create("vit", 2, **MODELS[name])
-  variables = dict(model.init(jax.random.key(0), np.zeros((1, 32, 16, 3), np.float32)))
-  params = jax.tree.map(lambda p: p + 0.01, variables.pop("params"))  # non-zero head
-  tree = {"step": np.int32(1), "params": params, "opt_state": {}, "model_state": variables,
-          "rng": np.zeros(2, np.uint32)}
-  ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / "1" / "state"), tree)
-  return str(workdir)
+  return testutil.make_run_dir(workdir, "vit", MODELS[name], DATA)
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,33 @@ def test_vit_head_mask_per_example_and_layer():
     model.apply(variables, x, head_mask=jnp.ones((4, 2)))
 
 
+@pytest.mark.parametrize('name', ['vit', 'arvit'])
+def test_expanded_masks_equal_one_call_per_mask(name):
+  """`expand_masks_at=l`: row c * B + b is image b under mask c, for every l in [0, depth]."""
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create(name, 5, width=16, depth=3, mlp_dim=16, num_heads=4, patch_size=8)
+  x = _normal((3, 32, 32, 3))
+  variables = np_init(model, x, 1)
+  masks = np.ones((3, 3, 4), np.float32)
+  masks[1, 2] = [1, 0, 0, 0]  # Differ only in the last block.
+  masks[2, 2] = [0, 1, 1, 1]
+  expected = np.concatenate([model.apply(variables, x, head_mask=m)[0] for m in masks])
+  for at in (0, 2, 3):
+    masks_at = masks.copy()
+    masks_at[:, :at] = masks[0, :at]
+    if at < 2:  # Masks may also differ in the blocks from `at` on.
+      masks_at[1, at] = [0, 0, 1, 1]
+    want = np.concatenate([model.apply(variables, x, head_mask=m)[0] for m in masks_at])
+    got, _ = model.apply(variables, x, head_mask=masks_at, expand_masks_at=at)
+    assert got.shape == (9, 5)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+  assert not np.allclose(expected[:3], expected[3:6], atol=1e-4)
+  with pytest.raises(ValueError, match=r'expand_masks_at must be a block index in \[0, 3\]'):
+    model.apply(variables, x, head_mask=masks, expand_masks_at=4)
+  with pytest.raises(ValueError, match=r'needs head_mask of shape \[C, depth, heads\]'):
+    model.apply(variables, x, head_mask=masks[0], expand_masks_at=0)
+
+
 def test_bad_layer_indices_fail_fast():
   model = _tiny_vit()
   x = jnp.zeros((1, 32, 32, 3))

@@ -26,3 +26,26 @@ def np_init(model, x, seed=0, **kwargs):
     return value.astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def make_run_dir(workdir, model_name: str, model: dict, data: dict, steps=(1,),
+                 num_classes: int = 2, image_shape=(32, 16, 3), **config):
+  """A run directory as training leaves it: `config.json` and a checkpoint per step (the
+  initial weights plus 0.01 * step, so the head is non-zero and the steps differ)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
+      model_name=model_name, model=model, data=data, batch_size=8, eval_batch_size=16,
+      total_steps=max(steps), **config)))
+  rundir.save_config(config, str(workdir))
+  net = models.create(model_name, num_classes, **model)
+  variables = dict(net.init(jax.random.key(0), np.zeros((1, *image_shape), np.float32)))
+  params = variables.pop('params')
+  for step in steps:
+    tree = {'step': np.int32(step), 'params': jax.tree.map(lambda p: p + 0.01 * step, params),
+            'opt_state': {}, 'model_state': variables, 'rng': np.zeros(2, np.uint32)}
+    ocp.PyTreeCheckpointer().save(str(workdir / 'checkpoints' / str(step) / 'state'), tree)
+  return str(workdir)

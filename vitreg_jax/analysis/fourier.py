@@ -110,14 +110,16 @@ def spectra(model, variables, batches) -> List[dict]:
   Returns:
     list of `{'name', 'kind', 'depth' (normalized 0..1), 'freq' (x pi), 'rel_log_amp'}`.
   """
+  # The weights are an argument, not constants baked into the compiled function.
   batch_logamp = jax.jit(
-      lambda images: [log_amplitude(m["map"]) for m in feature_maps(model, variables, images)])
+      lambda v, images: [log_amplitude(m["map"]) for m in feature_maps(model, v, images)])
+  variables = jax.device_put(variables)
   total, count, image_shape = None, 0, None
   for batch in batches:
     images = batch["image"]
     image_shape = images.shape[1:]
     # Log amplitudes average linearly over examples: weight each batch by its size.
-    amps = [a * images.shape[0] for a in batch_logamp(images)]
+    amps = [a * images.shape[0] for a in batch_logamp(variables, images)]
     total = amps if total is None else [t + a for t, a in zip(total, amps)]
     count += images.shape[0]
   if total is None:

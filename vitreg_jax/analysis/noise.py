@@ -18,6 +18,7 @@ for runs on those datasets and skips others; see docs/data.md).
       [--eps=0.1] [--num_freqs=11] [--bandwidth=0.1] [--num_examples=1000]
 """
 
+import functools
 from typing import Optional
 
 from absl import app
@@ -50,11 +51,20 @@ def band_mask(h: int, w: int, freq: float, bandwidth: float) -> np.ndarray:
 
 def band_noise(key, shape, freq: float, bandwidth: float, eps: float) -> jax.Array:
   """Noise `[B, H, W, C]` whose spectrum lies in the band, L2 norm `eps sqrt(HWC)` per image."""
-  b, h, w, c = shape
-  mask = band_mask(h, w, freq, bandwidth)
+  return _noise_in(key, shape, _checked_band(shape, freq, bandwidth), eps)
+
+
+def _checked_band(shape, freq: float, bandwidth: float) -> np.ndarray:
+  mask = band_mask(shape[1], shape[2], freq, bandwidth)
   if not mask.any():
-    raise ValueError(f"No frequency of a {h}x{w} image lies in the band {freq} +- "
-                     f"{bandwidth / 2} (x pi): widen --bandwidth.")
+    raise ValueError(f"No frequency of a {shape[1]}x{shape[2]} image lies in the band {freq} "
+                     f"+- {bandwidth / 2} (x pi): widen --bandwidth.")
+  return mask
+
+
+def _noise_in(key, shape, mask, eps):
+  """Band noise for a band given as a `[H, W]` mask (traceable: the mask may be an argument)."""
+  _, h, w, c = shape
   white = jax.random.normal(key, shape)
   spec = jnp.fft.fft2(white, axes=(1, 2)) * jnp.asarray(mask)[None, :, :, None]
   noise = jnp.real(jnp.fft.ifft2(spec, axes=(1, 2)))  # the band is symmetric: real already
@@ -63,17 +73,31 @@ def band_noise(key, shape, freq: float, bandwidth: float, eps: float) -> jax.Arr
 
 
 def make_accuracy(model, variables):
-  """A jitted `f(images, labels) -> number correct`."""
+  """A jitted `f(images, labels) -> number correct` (a device scalar: add them up there)."""
   @jax.jit
-  def correct(images, labels):
+  def correct(variables, images, labels):
     logits, _ = model.apply(variables, images, train=False)
     return jnp.sum(jnp.argmax(logits, -1) == labels)
-  return correct
+  return functools.partial(correct, variables)
+
+
+def _make_noisy_accuracy(model, variables, eps: float):
+  """Jitted `f(images, labels, key, band) -> number correct` on `images + band noise`: the
+  noise is drawn on the device, and the band is an argument, so every frequency shares one
+  compilation."""
+  @jax.jit
+  def correct(variables, images, labels, key, band):
+    noisy = images + _noise_in(key, images.shape, band, eps)
+    logits, _ = model.apply(variables, noisy, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+  return functools.partial(correct, variables)
 
 
 def frequency_sweep(model, variables, batches, freqs, *, eps: float, bandwidth: float,
                     key) -> dict:
   """Clean error and error under band noise at each frequency.
+
+  Every batch's count stays on the device; the host reads them once, at the end.
 
   Args:
     batches: a list of `{'image', 'label'}` (reused for every frequency).
@@ -81,17 +105,20 @@ def frequency_sweep(model, variables, batches, freqs, *, eps: float, bandwidth: 
   Returns:
     dict `freq`, `clean_error`, `error` (per freq), `error_increase` (per freq).
   """
-  correct = make_accuracy(model, variables)
+  variables = jax.device_put(variables)
+  batches = [jax.device_put({"image": b["image"], "label": b["label"]}) for b in batches]
+  correct, noisy = make_accuracy(model, variables), _make_noisy_accuracy(model, variables, eps)
   n = sum(len(b["label"]) for b in batches)
-  clean = sum(int(correct(b["image"], b["label"])) for b in batches) / n
-  errors = []
+  clean = sum(correct(b["image"], b["label"]) for b in batches)
+  hits = []
   for fi, freq in enumerate(freqs):
-    hits = 0
-    for bi, b in enumerate(batches):
-      k = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
-      noise = band_noise(k, b["image"].shape, float(freq), bandwidth, eps)
-      hits += int(correct(b["image"] + noise, b["label"]))
-    errors.append(1 - hits / n)
+    band = _checked_band(batches[0]["image"].shape, float(freq), bandwidth)
+    hits.append(sum(noisy(b["image"], b["label"],
+                          jax.random.fold_in(jax.random.fold_in(key, fi), bi), band)
+                    for bi, b in enumerate(batches)))
+  clean, hits = jax.device_get((clean, hits))
+  clean = float(clean) / n
+  errors = [1 - float(h) / n for h in hits]
   return dict(freq=[float(f) for f in freqs], clean_error=1 - clean, error=errors,
               error_increase=[e - (1 - clean) for e in errors], num_examples=n)
 
@@ -108,9 +135,9 @@ def corruption_accuracy(run, name: str, batch_size: int) -> dict:
   for split in runs.progress(splits, len(splits), f"{name} splits"):
     hits = total = 0
     for b in runs.eval_batches(run, split, batch_size, data_config=cfg):
-      hits += int(correct(b["image"], b["label"]))
+      hits += correct(b["image"], b["label"])  # Summed on the device: one read per split.
       total += len(b["label"])
-    accuracy[split] = hits / total
+    accuracy[split] = float(hits) / total
   return {"dataset": name, "accuracy": accuracy, **data.mean_corruption_accuracy(accuracy)}
 
 

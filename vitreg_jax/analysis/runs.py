@@ -1,6 +1,7 @@
 """Command-line plumbing shared by the analyses: which runs, which batches, where outputs go.
 
-The analysis maths lives in `hessian.py`, `fourier.py` and `noise.py` as pure functions of
+The analysis maths lives in `hessian.py` (with `objective.py`, `operators.py`,
+`spectrum.py`), `fourier.py` and `noise.py` as pure functions of
 `(model, variables, batch)`; this module only turns the common flags into those arguments:
 
   --workdir=DIR (repeatable: overlay several runs in one plot)
@@ -72,14 +73,18 @@ def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator
   """`num_batches` training batches of the run's data, with its training augmentation.
 
   Images are normalized here (the pipeline yields uint8): the analyses are pure functions of
-  the model's float input (the noise analysis adds its noise in those units)."""
+  the model's float input (the noise analysis adds its noise in those units). With
+  `data.mixup` the batches keep their Mixup/CutMix recipe (`mix_*`), applied by the loss
+  (`objective.Objective.inputs`) as the train step applies it."""
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.data import mixing  # pylint: disable=g-import-not-at-top
   it = data.make_train_iterator(run.config.data, global_batch_size=batch_size,
                                 seed=seed, process_index=0, process_count=1)
   normalize = data.normalization(run.config.data).host
   for _ in range(num_batches):
     batch = next(it)
-    yield {"image": normalize(batch["image"]), "label": batch["label"]}
+    yield {"image": normalize(batch["image"]), "label": batch["label"],
+           **{k: batch[k] for k in mixing.BATCH_KEYS if k in batch}}
 
 
 def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] = None,

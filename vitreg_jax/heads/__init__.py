@@ -9,10 +9,10 @@ selection") raises OOD accuracy. This package measures that on a trained run and
   `masks.py`): every head alone (the other heads of its layer
   masked, the layer rescaled by `heads / kept`, as the models do) and every head removed,
   scored on the label (`accuracy`) and on the spurious attribute (`spurious_accuracy`, how
-  often the prediction equals it) on every eval split. Many masks run in ONE compiled
-  function: the batch is tiled over a chunk of masks and each copy gets its own per-example
-  `[depth, heads]` mask, so scoring all heads of a layer costs about
-  `(1 + 2 H)` evaluations and one compilation.
+  often the prediction equals it) on every eval split, at about the cost of one forward pass
+  per mask and image and ONE compilation: the splits are read once and kept on the device,
+  and each pass scores a chunk of masks on a block of images, running the blocks where the
+  masks agree (all but the evaluated layers) once (`Encoder(expand_masks_at=...)`).
 * **Selection rules** (`select.py`: `RULES`, `analyze`; validation splits only, test figures are reported, never used):
   `oracle` (the authors': the single head with the best OOD validation accuracy), `greedy`
   (flip one head at a time while OOD validation accuracy improves), `topk` (the k best heads

@@ -1,15 +1,27 @@
-"""Many head masks in one compiled pass: `MaskEvaluator` and `evaluate_masks`.
+"""Many head masks at forward speed: `MaskEvaluator`, `SplitPool`, `RunEval`, `evaluate_masks`.
 
 Every head alone (the other heads of its layer masked, the layer rescaled by `heads / kept`,
 as the models do) and every head removed, scored on every eval split with
 `metrics.classification_metrics` (accuracy, spurious and conflict accuracies, group
-accuracies). The batch is tiled over a chunk of masks and each copy gets its own per-example
-`[depth, heads]` mask, so scoring all heads of a layer costs about `(1 + 2 H)` evaluations and
-one compilation.
+accuracies). What makes it cost about one forward pass per mask and image, and one
+compilation for a whole analysis (greedy search included):
+
+* The eval splits are read once (`SplitPool`) and kept on the device as one uint8 array; a
+  pass gathers its images by index, so every call, whatever its splits, has the same shapes.
+* A pass scores `C` masks on `B` images in one call of the model with `expand_masks_at`
+  (models/attention.py, `Encoder`): the blocks before the first one where the masks differ
+  (all of them but the evaluated layers: the last block by default) run once on the B images,
+  the rest on the `C * B` (mask, image) pairs. Models without that argument get their images
+  tiled `C` times and per-example masks (the same result, without the shared blocks).
+* All passes of a call are dispatched before any result is read back (one host transfer per
+  pass, no host sync between passes); masks already scored on a split with the same weights
+  are not scored again (`RunEval`'s cache: the selected mask of `oracle`, greedy's start and
+  the mask it just left).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 
@@ -24,88 +36,145 @@ from vitreg_jax import steps
 from vitreg_jax.heads import masks as masks_lib
 
 
-class MaskEvaluator:
-  """Predictions of one model under many head masks, with one compilation per batch shape.
+def first_difference(masks: np.ndarray) -> int:
+  """The first block where masks `[M, depth, heads]` differ from each other (depth if none)."""
+  differs = np.any(masks != masks[:1], axis=(0, 2))
+  return int(np.argmax(differs)) if differs.any() else masks.shape[1]
 
-  The batch `[B, ...]` is tiled over a chunk of `C` masks into `[C * B, ...]` and example
-  `c * B + b` gets mask `c` (the models take per-example `[B, depth, heads]` masks), so one
-  call scores C masks. Masks are padded to a multiple of C (with all-ones masks, discarded)
-  so every call has the same shapes: `traces` counts compilations.
+
+class MaskEvaluator:
+  """Predictions of one model under many head masks, with one compilation per image pool.
+
+  A pass scores `masks_per_pass` (C) masks on `images_per_pass` (B) images of a pool; both
+  are fixed by the first call (C * B <= `examples_per_pass`), and masks and images are padded
+  to multiples of them, so later calls reuse the compiled function: `traces` counts
+  compilations. `layers` (the blocks whose heads the masks change) fixes the block from which
+  (mask, image) pairs are expanded; without it the first call's masks decide, and a later
+  call whose masks differ earlier compiles once more.
   """
 
-  def __init__(self, model, *, masks_per_pass: int | None = None,
-               examples_per_pass: int = 8192):
+  def __init__(self, model, *, layers=None, masks_per_pass: int | None = None,
+               images_per_pass: int = 512, examples_per_pass: int = 8192):
     self.model = model
     self.depth, self.num_heads = masks_lib.model_shape(model)
-    self.masks_per_pass = masks_per_pass
+    self.masks_per_pass, self.images_per_pass = masks_per_pass, images_per_pass
     self.examples_per_pass = examples_per_pass
-    self.traces = 0
-    self._fn = jax.jit(self._predict, static_argnums=4)
+    self.expand_at = min(layers) if layers else None
+    self._expands = "expand_masks_at" in inspect.signature(model.__call__).parameters
+    self.traces, self._planned = 0, False
+    self._fn = jax.jit(self._predict, static_argnums=(5, 6))
 
-  def _predict(self, variables, images, labels, masks, normalize):
+  def _predict(self, variables, pool, labels, index, masks, normalize, expand_at):
     self.traces += 1  # Runs only while tracing: counts compilations.
-    images = steps.model_images(images, normalize)  # uint8 batches: normalized here.
+    images = steps.model_images(pool[index], normalize)  # uint8 pools: normalized here.
     c, b = masks.shape[0], images.shape[0]
-    tiled = jnp.tile(images, (c,) + (1,) * (images.ndim - 1))  # Mask-major: [c * b, ...].
-    per_example = jnp.repeat(masks, b, axis=0)
-    logits, _ = self.model.apply(variables, tiled, head_mask=per_example, train=False)
+    if self._expands:
+      logits, _ = self.model.apply(variables, images, head_mask=masks,
+                                   expand_masks_at=expand_at, train=False)
+    else:  # Mask-major tiling: row c * b + i is image i under mask c.
+      tiled = jnp.tile(images, (c,) + (1,) * (images.ndim - 1))
+      logits, _ = self.model.apply(variables, tiled, head_mask=jnp.repeat(masks, b, axis=0),
+                                   train=False)
     logits = logits.astype(jnp.float32).reshape(c, b, -1)
     loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.broadcast_to(labels, (c, b)))
+        logits, jnp.broadcast_to(labels[index], (c, b)))
     return jnp.argmax(logits, -1), loss
 
-  def chunk_size(self, batch_size: int, num_masks: int) -> int:
-    """Masks per call: `masks_per_pass` when set (fixed shapes), else what fits."""
-    if self.masks_per_pass:
-      return self.masks_per_pass
-    return max(1, min(self.examples_per_pass // max(batch_size, 1), num_masks))
+  def plan(self, num_images: int, masks) -> int:
+    """Fixes the pass shapes at the first call; returns the passes this call takes."""
+    masks = np.asarray(masks, np.float32)
+    if not self._planned:
+      self._planned = True
+      self.images_per_pass = max(1, min(self.images_per_pass, num_images))
+      self.masks_per_pass = self.masks_per_pass or max(1, min(
+          len(masks), self.examples_per_pass // self.images_per_pass))
+    differs_at = first_difference(masks)
+    if self.expand_at is None or differs_at < self.expand_at:
+      self.expand_at = differs_at  # Earlier than before: one more compilation.
+    return (math.ceil(len(masks) / self.masks_per_pass)
+            * math.ceil(num_images / self.images_per_pass))
 
-  def num_chunks(self, batch_size: int, num_masks: int) -> int:
-    return math.ceil(num_masks / self.chunk_size(batch_size, num_masks))
+  def predict(self, variables, pool, labels, index, masks, normalize=None, progress=None):
+    """`(pred int [M, n], loss float [M, n])` of masks `[M, depth, heads]` on `pool[index]`.
 
-  def __call__(self, variables, images, labels, masks, chunk: int | None = None,
-               normalize=None):
-    """Returns `(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]`.
+    `pool` `[N, ...]` and `labels` `[N]` are device arrays (read once, see `SplitPool`);
+    `index` `[n]` the pool rows to score.
+    """
+    masks, index = np.asarray(masks, np.float32), np.asarray(index, np.int32)
+    self.plan(len(index), masks)
+    c, b, m, n = self.masks_per_pass, self.images_per_pass, len(masks), len(index)
+    # Padding: copies of the last mask (they agree with the others before `expand_at`) and of
+    # the first image; both are dropped below.
+    masks = np.concatenate([masks, np.repeat(masks[-1:], -m % c, axis=0)])
+    index = np.concatenate([index, np.repeat(index[:1], -n % b)])
+    pending = [self._fn(variables, pool, labels, index[i:i + b], masks[j:j + c], normalize,
+                        self.expand_at)
+               for j in range(0, len(masks), c) for i in range(0, len(index), b)]
+    per_chunk = len(index) // b
+    preds, losses = [], []
+    for p, l in pending:  # All dispatched: read back in order.
+      preds.append(np.asarray(p))
+      losses.append(np.asarray(l))
+      if progress is not None:
+        progress.update(1)
+    join = lambda xs: np.concatenate(
+        [np.concatenate(xs[j:j + per_chunk], axis=1) for j in range(0, len(xs), per_chunk)])
+    return join(preds)[:m, :n], join(losses)[:m, :n]
+
+  def __call__(self, variables, images, labels, masks, normalize=None):
+    """`(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]` on a batch.
 
     `normalize` (`data.normalization(...)`) maps uint8 images to the model's input on the
     device; float images are used as given."""
-    masks = np.asarray(masks, np.float32)
-    m = masks.shape[0]
-    chunk = chunk or self.chunk_size(images.shape[0], m)
-    padded = math.ceil(m / chunk) * chunk
-    masks = np.concatenate([masks, np.ones((padded - m,) + masks.shape[1:], np.float32)])
-    preds, losses = [], []
-    for start in range(0, padded, chunk):
-      p, l = self._fn(variables, images, labels, masks[start:start + chunk], normalize)
-      preds.append(np.asarray(p))
-      losses.append(np.asarray(l))
-    return np.concatenate(preds)[:m], np.concatenate(losses)[:m]
+    pool, labels = jax.device_put((images, np.asarray(labels, np.int32)))
+    return self.predict(variables, pool, labels, np.arange(len(labels)), masks, normalize)
 
 
 def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str, masks, *,
                    batch_size: int, progress=None) -> list[dict]:
   """Metrics of every mask `[M, depth, heads]` on `split` (one dict per mask)."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  masks = np.asarray(masks, np.float32)
-  preds, losses, arrays = [], [], {}
-  normalize = data.normalization(data_config)
-  for batch in data.make_eval_iterator(data_config, split, global_batch_size=batch_size):
-    p, l = evaluator(variables, batch["image"], batch["label"], masks, normalize=normalize)
-    preds.append(p)
-    losses.append(l)
-    for k, v in batch.items():
-      if k != "image":
-        arrays.setdefault(k, []).append(np.asarray(v))
-    if progress is not None:
-      progress.update(evaluator.num_chunks(len(batch["label"]), len(masks)))
-  if not preds:
-    raise ValueError(f"Eval split {split!r} is empty.")
-  pred, loss = np.concatenate(preds, axis=1), np.concatenate(losses, axis=1)
-  arrays = {k: np.concatenate(v) for k, v in arrays.items()}
-  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
-  counts = groups.train_group_counts(data_config) if "group" in arrays else None
-  return [metrics.classification_metrics(pred[i], loss[i], arrays, train_group_counts=counts)
-          for i in range(len(masks))]
+  pool = SplitPool(data_config, [split], batch_size)
+  pred, loss = evaluator.predict(variables, pool.images, pool.labels, pool.rows[split], masks,
+                                 pool.normalize, progress=progress)
+  return [metrics.classification_metrics(p, l, pool.arrays[split],
+                                         train_group_counts=pool.train_counts)
+          for p, l in zip(pred, loss)]
+
+
+class SplitPool:
+  """Eval splits read once: images and labels of every real example on the device (one
+  array for all splits, so every pass has the same shapes), the other arrays on the host.
+
+  Attributes:
+    images, labels: device arrays `[N, ...]`, `[N]` over the splits, in order.
+    rows: split -> its row indices in them; arrays: split -> host arrays (`label`, `mask`,
+      attributes) for `metrics.classification_metrics`; normalize: the data's normalization;
+      train_counts: the training split's examples per group (None without groups), for
+      `train_weighted_mean_accuracy`.
+  """
+
+  def __init__(self, data_config, splits, batch_size: int):
+    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+    self.normalize = data.normalization(data_config)
+    images, self.arrays, self.rows, start = [], {}, {}, 0
+    for split in splits:
+      parts = {}
+      for batch in data.make_eval_iterator(data_config, split, global_batch_size=batch_size):
+        real = np.asarray(batch["mask"]) > 0
+        for k, v in batch.items():
+          parts.setdefault(k, []).append(np.asarray(v)[real])
+      arrays = {k: np.concatenate(v) for k, v in parts.items()}
+      if not parts or not len(arrays["label"]):
+        raise ValueError(f"Eval split {split!r} is empty.")
+      images.append(arrays.pop("image"))
+      self.arrays[split] = arrays
+      self.rows[split] = np.arange(start, start + len(arrays["label"]))
+      start += len(arrays["label"])
+    labels = np.concatenate([a["label"] for a in self.arrays.values()]).astype(np.int32)
+    self.images, self.labels = jax.device_put((np.concatenate(images), labels))
+    from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
+    has_groups = any("group" in a for a in self.arrays.values())
+    self.train_counts = groups.train_group_counts(data_config) if has_groups else None
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -121,26 +190,56 @@ def eval_splits_of(config, info) -> tuple[str, ...]:
 
 
 class RunEval:
-  """Scores masks on a run's splits; holds the compiled evaluator and the data config."""
+  """Scores masks on a run's splits: the compiled evaluator, the splits read once (on the
+  first call) and the metrics of every mask already scored with the current `variables`."""
 
-  def __init__(self, model, variables, config, splits, *, progress: bool = False):
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-    self.evaluator = MaskEvaluator(model)
-    self.variables = jax.device_put(variables)
+  def __init__(self, model, variables, config, splits, *, layers=None,
+               progress: bool = False):
+    self.evaluator = MaskEvaluator(model, layers=layers)
     self.config, self.splits, self.show = config, tuple(splits), progress
     self.batch_size = int(config.get("eval_batch_size") or config.batch_size)
-    self.batches = {s: math.ceil(data.num_examples(config.data, s) / self.batch_size)
-                    for s in self.splits}
+    self.variables = variables
+    self._pool = None
+
+  @property
+  def variables(self):
+    return self._variables
+
+  @variables.setter
+  def variables(self, value):  # New weights (the training hook's evaluations): a new cache.
+    self._variables = None if value is None else jax.device_put(value)
+    self._cache = {}
+
+  @property
+  def pool(self) -> SplitPool:
+    if self._pool is None:
+      self._pool = SplitPool(self.config.data, self.splits, self.batch_size)
+    return self._pool
 
   def __call__(self, masks, splits=None, desc="masks") -> dict[str, list[dict]]:
-    splits = tuple(splits or self.splits)
-    if not self.evaluator.masks_per_pass:  # The first call fixes the shapes: one compilation.
-      self.evaluator.masks_per_pass = self.evaluator.chunk_size(self.batch_size, len(masks))
-    per_batch = self.evaluator.num_chunks(self.batch_size, len(masks))
-    bar = progress_bar(sum(self.batches[s] for s in splits) * per_batch, desc, self.show)
+    """`{split: [metrics of mask i]}` for masks `[M, depth, heads]` on `splits` (default all)."""
+    splits, masks = tuple(splits or self.splits), np.asarray(masks, np.float32)
+    keys = [m.tobytes() for m in masks]
+    todo = list({k: i for i, k in enumerate(keys)
+                 if any((s, k) not in self._cache for s in splits)}.values())
+    if todo:
+      self._score(masks[todo], [keys[i] for i in todo], splits, desc)
+    return {s: [dict(self._cache[(s, k)]) for k in keys] for s in splits}
+
+  def _score(self, masks, keys, splits, desc) -> None:
+    pool = self.pool
+    index = np.concatenate([pool.rows[s] for s in splits])
+    bar = progress_bar(self.evaluator.plan(len(index), masks), desc, self.show)
     try:
-      return {s: evaluate_masks(self.evaluator, self.variables, self.config.data, s, masks,
-                                batch_size=self.batch_size, progress=bar) for s in splits}
+      pred, loss = self.evaluator.predict(self.variables, pool.images, pool.labels, index,
+                                          masks, pool.normalize, progress=bar)
     finally:
       if bar is not None:
         bar.close()
+    start = 0
+    for s in splits:
+      end = start + len(pool.rows[s])
+      for key, p, l in zip(keys, pred[:, start:end], loss[:, start:end]):
+        self._cache[(s, key)] = metrics.classification_metrics(
+            p, l, pool.arrays[s], train_group_counts=pool.train_counts)
+      start = end

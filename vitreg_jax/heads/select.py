@@ -199,7 +199,8 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   layers = masks_lib.parse_layers(layer, depth)
   splits = evaluate.eval_splits_of(run.config, info)
   roles = split_roles(splits, info.attributes)
-  run_eval = evaluate.RunEval(run.model, run.variables, run.config, splits, progress=progress)
+  run_eval = evaluate.RunEval(run.model, run.variables, run.config, splits, layers=layers,
+                              progress=progress)
   full_mask = np.ones((depth, num_heads), np.float32)
   alone, index = masks_lib.head_masks(depth, num_heads, layers, "alone")
   removed, _ = masks_lib.head_masks(depth, num_heads, layers, "removed")

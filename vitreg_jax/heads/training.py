@@ -34,7 +34,8 @@ class TrainingHeadEval:
     self.layers = masks_lib.parse_layers(config.head_eval, depth)
     alone, self.index = masks_lib.head_masks(depth, num_heads, self.layers, "alone")
     self.masks = np.concatenate([np.ones((1, depth, num_heads), np.float32), alone])
-    self.run_eval = evaluate.RunEval(model, None, config, evaluate.eval_splits_of(config, info))
+    self.run_eval = evaluate.RunEval(model, None, config, evaluate.eval_splits_of(config, info),
+                                    layers=self.layers)
     # Lines past `start_step` (written after the checkpoint a resumed run restarts from) go.
     self.out = train_log.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
 

@@ -131,7 +131,7 @@ class ARViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, head_mask=None, train=False, capture_attention=False,
-               div_layers=()):
+               div_layers=(), expand_masks_at=None):
     """Classifies `images [B, H, W, C]`; returns `(logits [B, num_classes] float32, out)`."""
     dtype = attention.resolve_dtype(self.dtype)
     capture, div, head_mask = encoder.check_call_args(
@@ -149,7 +149,8 @@ class ARViT(nn.Module):
         qkv_bias=self.qkv_bias, norm=self.norm, activation=self.activation,
         attn_dropout=self.attn_dropout, posemb_at=self.posemb_at, name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=0, attn_mask=mask, head_mask=head_mask,
-            capture=capture, div_layers=div, train=train)
+            capture=capture, div_layers=div, train=train,
+            expand_masks_at=expand_masks_at)
     out['encoded'] = x
     x = x.reshape(x.shape[0], -1)  # the complete N x D output of the last block
     out['pre_logits'] = x

@@ -217,14 +217,22 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, grid_hw, num_prefix_tokens=0, attn_mask=None, head_mask=None,
-               capture=frozenset(), div_layers=frozenset(), train=False):
+               capture=frozenset(), div_layers=frozenset(), train=False,
+               expand_masks_at=None):
     """Runs the encoder on tokens `x [B, P + gh * gw, D]`.
 
     Args:
-      head_mask: None, `[depth, H]` or `[B, depth, H]`.
+      head_mask: None, `[depth, H]` or `[B, depth, H]`; with `expand_masks_at`, `[C, depth, H]`
+        (C masks, each applied to every example).
       capture / div_layers: sets of block indices (see `attention.parse_layers`).
+      expand_masks_at: None, or a block index l in `[0, depth]`: evaluate the B examples under
+        each of the C masks of `head_mask`. Blocks before l, where the caller guarantees that
+        all C masks agree (mask 0 is used), run once on the B examples; block l's input is
+        then tiled mask-major to `[C * B, ...]` (row `c * B + b` = example b under mask c).
+        Scoring masks that differ only in the last block thus costs one forward pass plus C
+        last blocks (head selection, `vitreg_jax.heads`).
     Returns:
-      `(encoded [B, N, D], out)` with `out['block{i}']` dicts.
+      `(encoded [B, N, D] (or [C * B, N, D] when expanding), out)` with `out['block{i}']` dicts.
     """
     check_choice('norm', self.norm, NORMS)
     check_choice('activation', self.activation, tuple(ACTIVATIONS))
@@ -237,9 +245,10 @@ class Encoder(nn.Module):
     block_cls = (nn.remat(EncoderBlock, static_argnums=(4, 5, 6, 8)) if self.remat
                  else EncoderBlock)
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
+    expand = _MaskExpansion(head_mask, expand_masks_at, self.depth)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
-      block_mask = None if head_mask is None else head_mask[..., i, :]
+      x, block_mask = expand(x, i)
       x, out[f'block{i}'] = block_cls(
           self.num_heads, self.mlp_dim, dropout=self.dropout, drop_path=rate, dtype=self.dtype,
           attn_residual=self.last_attn_residual or i < self.depth - 1,
@@ -249,9 +258,43 @@ class Encoder(nn.Module):
           name=f'encoderblock_{i}')(
               x, attn_mask, block_mask, i in capture, i in div_layers, train, pos,
               self.posemb_at == 'qkv')
+    x, _ = expand(x, self.depth)
     if self.final_norm:
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='encoder_norm')(x)
     return x, out
+
+
+class _MaskExpansion:
+  """Block i's input and head mask, for `Encoder(..., expand_masks_at=l)` (see there).
+
+  Without expansion: `x` unchanged and `head_mask[..., i, :]`. With it: before block l the
+  shared mask `head_mask[0, i]` on the B examples; at block l (or after the last block, l =
+  depth) `x` is tiled to `[C * B, ...]`; from then on each row gets its own mask's row.
+  """
+
+  def __init__(self, head_mask, at, depth: int):
+    if at is not None:
+      if head_mask is None or head_mask.ndim != 3:
+        raise ValueError('expand_masks_at needs head_mask of shape [C, depth, heads], got '
+                         f'{None if head_mask is None else head_mask.shape}.')
+      if not 0 <= int(at) <= depth:
+        raise ValueError(f'expand_masks_at must be a block index in [0, {depth}], got {at}.')
+    self.head_mask, self.at = head_mask, None if at is None else int(at)
+
+  def __call__(self, x, i: int):
+    m = self.head_mask
+    if m is None:
+      return x, None
+    if self.at is None:
+      return x, m[..., i, :] if i < m.shape[-2] else None
+    c = m.shape[0]
+    if i == self.at:
+      x = jnp.tile(x, (c,) + (1,) * (x.ndim - 1))
+    if i >= m.shape[-2]:  # After the last block.
+      return x, None
+    if i < self.at:
+      return x, m[0, i]
+    return x, jnp.repeat(m[:, i], x.shape[0] // c, axis=0)
 
 
 def check_call_args(module, capture_attention, div_layers, head_mask):

@@ -10,8 +10,9 @@ names by `convert.py`; `classifier='map'` adds big_vision's attention-pooling he
 (`map_head.py`) and `gelu_approximate=False` the exact GELU of timm's models.
 
 Call: `ViT(...).apply(variables, images, head_mask=None, train=False, capture_attention=False,
-div_layers=())` returns `(logits, out)`; see `vitreg_jax/models/attention.py` and
-docs/design.md for `out` and the arguments.
+div_layers=(), expand_masks_at=None)` returns `(logits, out)`; see `vitreg_jax/models/encoder.py`
+(`expand_masks_at`: every image under each of several head masks in one call),
+`vitreg_jax/models/attention.py` and docs/design.md for `out` and the arguments.
 """
 
 import re
@@ -177,7 +178,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, head_mask=None, train=False, capture_attention=False,
-               div_layers=()):
+               div_layers=(), expand_masks_at=None):
     """Classifies `images [B, H, W, C]`; returns `(logits [B, num_classes] float32, out)`."""
     dtype = attention.resolve_dtype(self.dtype)
     capture, div, head_mask = encoder.check_call_args(
@@ -199,7 +200,8 @@ class ViT(nn.Module):
         qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
         name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=num_prefix, attn_mask=mask,
-            head_mask=head_mask, capture=capture, div_layers=div, train=train)
+            head_mask=head_mask, capture=capture, div_layers=div, train=train,
+            expand_masks_at=expand_masks_at)
     out['encoded'] = x
     if self.classifier == 'map':
       x = map_head.MAPHead(self.num_heads, self.mlp_dim, dtype=dtype,

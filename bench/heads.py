@@ -1,0 +1,167 @@
+"""Cost of head evaluation against the plain forward pass; prints one JSON object.
+
+    python bench/heads.py                     # quickstart ViT + the `heads` command's wall time
+    python bench/heads.py --model b16 --batch 256 --skip_command     # ViT-B/16 (a GPU)
+
+* `mask_eval_over_eval`: images x masks per second of the head-mask evaluator
+  (`vitreg_jax.heads.MaskEvaluator`, all masks of one call on the same `--batch` images)
+  over images per second of the training loop's eval step (`steps.eval_step`, unmasked) on
+  the same model, batch and uint8 images, timed in alternating rounds (`--rounds`) so load
+  drifts hit both; the median round of each. The masks are those of
+  `heads --layer=all` (every head alone and removed, in every block: masks differ from the
+  first block on, so nothing is shared between masks) and, as
+  `mask_eval_over_eval_last_layer`, those of the default `--layer=-1`. Target (issue 21):
+  `mask_eval_over_eval` >= 0.8, i.e. a mask costs no more than a forward pass of its images.
+* `command`: wall time of `python -m vitreg_jax.heads --workdir=RUN` as a user runs it
+  (`--select=oracle`, `--select=greedy`, `--layer=all`), each a fresh process (imports,
+  checkpoint restore, data, compilation and evaluation), and the `compilations` each
+  reports. RUN is the issue's size: the quickstart ViT (4 blocks, width 64, 4 heads, patch 4)
+  trained `--steps` steps on the embedded dominoes data with 4 eval splits of `--num_eval`
+  images (made once under `--run_dir`, reused when present). Dominoes images are 32 x 16,
+  half the tokens of the issue's 32 x 32; the evaluator ratio uses `--image` (32 x 32).
+  Target: under 30 s for `--select=oracle` on an idle 2-core machine.
+
+The machine's load average (`os.getloadavg`) before and after is in the JSON.
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitreg_jax import heads
+from vitreg_jax import models
+from vitreg_jax import steps
+from vitreg_jax.data import device_normalization
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {  # name -> model kwargs (10 classes: the figures do not depend on the head size)
+    'quickstart': dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=4,
+                       classifier='token', posemb='learn'),
+    'b16': dict(variant='B/16'),
+}
+
+
+def command_masks(depth, num_heads, layers):
+  """The masks `heads` scores: the full model, every head of `layers` alone and removed."""
+  alone, _ = heads.head_masks(depth, num_heads, layers, 'alone')
+  removed, _ = heads.head_masks(depth, num_heads, layers, 'removed')
+  return np.concatenate([np.ones((1, depth, num_heads), np.float32), alone, removed])
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def evaluator_ratio(args) -> dict:
+  """Images x masks / s of the mask evaluator over images / s of the eval step, alternating."""
+  model = models.create('vit', 10, **MODELS[args.model])
+  h, w = (int(s) for s in args.image.split(','))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (args.batch, h, w, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (args.batch,)).astype(np.int32)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, h, w, 3)))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                           opt_state=None, model_state={}, rng=None)
+  normalize = device_normalization.Normalization((0.5,) * 3, (0.5,) * 3)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, num_classes=10,
+                                      normalize=normalize))
+  batch = jax.device_put({'image': images, 'label': labels})  # As the loop's prefetch does.
+  full = steps.all_heads_mask(model)
+  depth, num_heads = heads.model_shape(model)
+  mask_sets = {'all': command_masks(depth, num_heads, range(depth)),
+               'last_layer': command_masks(depth, num_heads, [depth - 1])}
+  evaluators = {k: heads.MaskEvaluator(model) for k in mask_sets}
+  runs = {'eval': lambda: eval_fn(state, batch, full)}
+  for k, masks in mask_sets.items():
+    runs[k] = functools.partial(evaluators[k], variables, images, labels, masks,
+                                normalize=normalize)
+  compile_s = {k: _timed(fn) for k, fn in runs.items()}  # First call: compilation.
+  times = {k: [] for k in runs}
+  for _ in range(args.rounds):
+    for k, fn in runs.items():
+      times[k].append(_timed(fn))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  eval_ips = args.batch / med['eval']
+  out = {'model': args.model, 'image': [h, w], 'batch': args.batch, 'rounds': args.rounds,
+         'eval_images_per_s': eval_ips, 'first_call_seconds': compile_s}
+  for k, masks in mask_sets.items():
+    ips = args.batch * len(masks) / med[k]
+    suffix = '' if k == 'all' else f'_{k}'
+    out[f'num_masks{suffix}'] = len(masks)
+    out[f'mask_images_per_s{suffix}'] = ips
+    out[f'mask_eval_over_eval{suffix}'] = ips / eval_ips
+    out[f'compilations{suffix}'] = evaluators[k].traces
+  return out
+
+
+def make_run(args) -> str:
+  """The issue's run: quickstart ViT, `--steps` steps, 4 eval splits of `--num_eval` images."""
+  workdir = os.path.join(args.run_dir, f'steps{args.steps}_eval{args.num_eval}')
+  if os.path.exists(os.path.join(workdir, 'config.json')) and os.path.isdir(
+      os.path.join(workdir, 'checkpoints')):
+    return workdir
+  subprocess.run(
+      [sys.executable, '-m', 'vitreg_jax.main', f'--config=configs/quickstart.py:steps={args.steps}',
+       f'--workdir={workdir}', f'--config.data.num_val={args.num_eval}',
+       f'--config.data.num_test={args.num_eval}', '--config.data.num_train=1000',
+       f'--config.eval_every_steps={args.steps}',
+       f'--config.checkpoint_every_steps={args.steps}'],
+      cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return workdir
+
+
+def command_wall(workdir: str, extra, out_dir: str) -> dict:
+  """Wall time of one `python -m vitreg_jax.heads` process and the compilations it reports."""
+  start = time.perf_counter()
+  subprocess.run([sys.executable, '-m', 'vitreg_jax.heads', f'--workdir={workdir}',
+                  f'--out={out_dir}', '--no_progress', *extra], cwd=ROOT, check=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wall = time.perf_counter() - start
+  with open(os.path.join(out_dir, 'heads.json')) as f:
+    result = json.load(f)
+  return {'wall_s': round(wall, 2), 'compilations': result.get('compilations'),
+          'load_after': os.getloadavg()}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--model', default='quickstart', choices=sorted(MODELS))
+  p.add_argument('--image', default=None, help='H,W (default: 32,32 quickstart, 224,224 b16)')
+  p.add_argument('--batch', type=int, default=500, help="the eval batch (quickstart's 500)")
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--skip_command', action='store_true')
+  p.add_argument('--commands', default='oracle,greedy,all',
+                 help='which `heads` commands to time: oracle, greedy, all (--layer=all)')
+  p.add_argument('--run_dir', default='/tmp/vitreg_bench_heads')
+  p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--num_eval', type=int, default=600)
+  args = p.parse_args()
+  args.image = args.image or ('32,32' if args.model == 'quickstart' else '224,224')
+  result = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+            'load_before': os.getloadavg(), 'evaluator': evaluator_ratio(args)}
+  result['mask_eval_over_eval'] = result['evaluator']['mask_eval_over_eval']
+  if not args.skip_command:
+    workdir = make_run(args)
+    flags = {'oracle': ['--select=oracle'], 'greedy': ['--select=greedy'],
+             'all': ['--layer=all', '--select=oracle']}
+    result['run'] = workdir
+    result['command'] = {name: command_wall(workdir, flags[name],
+                                            os.path.join(args.run_dir, f'out_{name}'))
+                         for name in args.commands.split(',')}
+  result['load_after'] = os.getloadavg()
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,194 @@
+r"""The objective the analyses study: the loss the run trained with, over a flat parameter vector.
+
+"How do ViTs work?" analyses the training loss (the authors' README: Hessians and loss
+landscapes "with L2 regularization on augmented datasets"). For a run that is
+
+  L(w; batch) = CE(f_w(mix(x)), smooth(mix(y))) + wd / 2 * sum_{decayed} w^2
+
+* `mix`: the batch's Mixup/CutMix recipe (`config.data.mixup`), applied by the train step's
+  own `data.mixing.apply`; the training iterator draws it from (seed, step) and attaches it
+  to the batch, so an analysed batch is mixed exactly as training mixed that step's batch.
+* `smooth`: `config.label_smoothing`; CE is the train step's `steps.soft_cross_entropy`.
+* The L2 penalty's gradient `wd * w` is the coupled weight decay of `optim.make_optimizer`
+  (`optimizer.weight_decay` on kernels and embeddings, every parameter with
+  `decay_1d_params`). AdamW's decoupled decay is not the gradient of a loss; the analyses
+  use this L2 form for it too, as the authors do (their `ops/loss_landscapes.py` adds
+  `weight_decay * |w|^2 / 2` to the NLL).
+* `--augment_loss=false` drops mixing and smoothing (plain NLL of the training batches, which
+  keep the pipeline's crop / flip / RandAugment); the L2 term stays.
+
+The model runs in inference mode (BatchNorm's running statistics, no dropout or stochastic
+depth), so L is a deterministic function of (w, batch). Regularizer terms (DIV, attention
+maps) are not part of it: the paper's objective is NLL + L2.
+
+`Objective.restrict(regex)` keeps the other parameters fixed and exposes only the matching
+ones as the flat vector (a parameter subset's Hessian is the exact diagonal block of the
+full one); `param_blocks` names each model's blocks (MSA, MLP, Conv) for `--per_block`.
+"""
+
+import re
+from typing import Optional, Sequence
+
+from absl import flags
+from flax import traverse_util
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+
+from vitreg_jax import steps
+from vitreg_jax.data import mixing
+
+flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
+                  "and label smoothing (false: the plain NLL of the training batches; the L2 "
+                  "weight penalty stays either way).")
+
+
+def l2_penalty(params, weight_decay: float, decay_1d: bool = False):
+  """`wd / 2 * sum w^2` over the decayed parameters (ndim >= 2 unless `decay_1d`)."""
+  leaves = [p for p in jax.tree.leaves(params) if decay_1d or p.ndim >= 2]
+  return 0.5 * weight_decay * sum(jnp.sum(jnp.square(p)) for p in leaves)
+
+
+def _flat(params) -> dict:
+  return traverse_util.flatten_dict(params, sep="/")
+
+
+class Objective:
+  """The training loss as a function of a flat fp32 vector of (a subset of) the parameters.
+
+  Attributes:
+    theta: the flat vector at the trained point (the selected parameters only).
+    names: the selected parameters' paths (`Transformer/encoderblock_0/...`).
+  """
+
+  def __init__(self, model, variables, *, num_classes: int, weight_decay: float = 0.0,
+               decay_1d: bool = False, label_smoothing: float = 0.0, augment: bool = True,
+               names: Optional[Sequence[str]] = None):
+    self.model, self.num_classes = model, num_classes
+    self.weight_decay, self.decay_1d = float(weight_decay), bool(decay_1d)
+    self.label_smoothing = float(label_smoothing) if augment else 0.0
+    self.augment = bool(augment)
+    self._variables = variables
+    self.state = {k: v for k, v in variables.items() if k != "params"}
+    flat = {k: jnp.asarray(v, jnp.float32) for k, v in _flat(variables["params"]).items()}
+    self.names = tuple(sorted(flat) if names is None else names)
+    if not self.names:
+      raise ValueError("The parameter selection is empty.")
+    self._fixed = {k: v for k, v in flat.items() if k not in self.names}
+    self.theta, self._unravel = ravel_pytree({k: flat[k] for k in self.names})
+
+  def restrict(self, regex: str) -> "Objective":
+    """The same objective over the parameters whose path matches `regex` (re.search).
+
+    Raises:
+      ValueError: no parameter matches (the message lists some paths to choose from).
+    """
+    pattern = re.compile(regex)
+    names = [n for n in self.names if pattern.search(n)]
+    if not names:
+      raise ValueError(f"--params={regex!r} matches none of the model's parameters; paths look "
+                       f"like {list(self.names[:4])} (see `param_blocks`).")
+    return Objective(self.model, self._variables, num_classes=self.num_classes,
+                     weight_decay=self.weight_decay, decay_1d=self.decay_1d,
+                     label_smoothing=self.label_smoothing, augment=self.augment, names=names)
+
+  def mask(self, regex: str):
+    """A 0/1 vector like `theta`: 1 on the selected parameters whose path matches `regex`."""
+    pattern = re.compile(regex)
+    shapes = {k: v.shape for k, v in self._unravel(self.theta).items()}
+    # NumPy float32 leaves: a strong dtype, as the whole model's `ones`, so every block and
+    # the whole model share one compilation (a weakly typed mask would recompile).
+    mask, _ = ravel_pytree({k: np.full(shapes[k], float(bool(pattern.search(k))), np.float32)
+                            for k in self.names})
+    return mask
+
+  def params(self, theta):
+    """The full parameter tree with the selected parameters set from `theta`."""
+    return traverse_util.unflatten_dict({**self._fixed, **self._unravel(theta)}, sep="/")
+
+  def inputs(self, batch: dict):
+    """`(images, soft targets)`: the batch mixed by its recipe (when augmenting), as in training."""
+    if not self.augment:
+      batch = {k: v for k, v in batch.items() if k not in mixing.BATCH_KEYS}
+    return mixing.apply(batch, self.num_classes)
+
+  def logits(self, theta, images):
+    """The model's fp32 logits in inference mode at parameters `theta`."""
+    logits, _ = self.model.apply({"params": self.params(theta), **self.state}, images,
+                                 train=False)
+    return logits.astype(jnp.float32)
+
+  def data_loss(self, logits, targets):
+    """The training cross-entropy (with label smoothing) of `logits` against soft targets."""
+    return steps.soft_cross_entropy(logits, targets, self.label_smoothing)
+
+  def penalty(self, theta):
+    """The L2 weight penalty over all parameters (fixed ones included: a constant in theta)."""
+    return l2_penalty(self.params(theta), self.weight_decay, self.decay_1d)
+
+  def loss(self, theta, batch):
+    """The training loss `CE + L2` of one batch at `theta`."""
+    images, targets = self.inputs(batch)
+    return self.data_loss(self.logits(theta, images), targets) + self.penalty(theta)
+
+  def measure(self, theta, batch) -> dict:
+    """`loss`, `ce`, `l2` and `accuracy` (argmax vs the batch's labels, as in training)."""
+    images, targets = self.inputs(batch)
+    logits = self.logits(theta, images)
+    ce, l2 = self.data_loss(logits, targets), self.penalty(theta)
+    return {"loss": ce + l2, "ce": ce, "l2": l2,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+
+def from_run(run, *, augment: bool = True, params: Optional[str] = None) -> Objective:
+  """The objective of a `rundir.Run`: its weight decay, label smoothing and mixing.
+
+  Args:
+    run: the loaded run (config, model, variables).
+    augment: Mixup/CutMix and label smoothing as configured (False: plain NLL + L2).
+    params: an optional regex restricting the vector to a parameter subset.
+  """
+  opt = run.config.get("optimizer", {}) or {}
+  obj = Objective(run.model, run.variables, num_classes=run.num_classes,
+                  weight_decay=float(opt.get("weight_decay", 0.0)),
+                  decay_1d=bool(opt.get("decay_1d_params", False)),
+                  label_smoothing=float(run.config.get("label_smoothing", 0.0) or 0.0),
+                  augment=augment)
+  return obj.restrict(params) if params else obj
+
+
+_VIT_BLOCK = re.compile(r"^(.*encoderblock_(\d+))/([^/]+)/")
+_CNN_BLOCK = re.compile(r"^stage(\d+)_block(\d+)/")
+
+
+def _vit_sub_block(module: str) -> str:
+  """The MSA sub-block holds the first LayerNorm and the attention; the MLP one the rest."""
+  return "msa" if module == "LayerNorm_0" or "Attention" in module else "mlp"
+
+
+def param_blocks(names: Sequence[str]) -> list:
+  """The model's blocks in depth order as `(label, kind, regex)`.
+
+  ViTs (`encoderblock_i`): an `msa` sub-block (pre-norm + attention) and an `mlp` one per
+  block. ResNet / AlterNet (`stage{s}_block{b}`): one entry per block, `msa` if it holds an
+  attention layer (AlterNet's MSA blocks) else `conv`. Embeddings, stems, norms and heads are
+  left out. Raises ValueError for a model with no such blocks.
+  """
+  found = {}
+  for name in names:
+    if m := _VIT_BLOCK.match(name):
+      kind = _vit_sub_block(m.group(3))
+      key = (int(m.group(2)), 0 if kind == "msa" else 1)
+      prefix = re.escape(m.group(1))
+      modules = "LayerNorm_0|[^/]*Attention[^/]*" if kind == "msa" else "LayerNorm_1|MlpBlock_0"
+      found[key] = (f"block{m.group(2)}/{kind}", kind, f"^{prefix}/({modules})/")
+    elif m := _CNN_BLOCK.match(name):
+      key = (int(m.group(1)), int(m.group(2)))
+      msa = "attention" in name or (key in found and found[key][1] == "msa")
+      found[key] = (f"stage{key[0]}_block{key[1]}", "msa" if msa else "conv",
+                    f"^stage{key[0]}_block{key[1]}/")
+  if not found:
+    raise ValueError("--per_block: no ViT encoder blocks or ResNet/AlterNet stage blocks among "
+                     f"the parameters (e.g. {list(names[:3])}); use --params=REGEX instead.")
+  return [found[k] for k in sorted(found)]
