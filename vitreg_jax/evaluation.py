@@ -3,7 +3,8 @@
 `evaluate` runs the jitted `eval_step` over one split (every example counted exactly once,
 across processes) and summarizes it with `metrics.classification_metrics`, the one metric
 function of the package (head evaluation uses it too): accuracy, loss, NLL and ECE, plus the
-spurious-attribute, conflict and group metrics when the dataset has those attributes.
+spurious-attribute, conflict and group metrics when the dataset has those attributes
+(with the training split's group proportions, `train_weighted_mean_accuracy`).
 """
 
 import numpy as np
@@ -28,6 +29,7 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
   results, arrays = [], {}
   it = data.make_eval_iterator(config.data, split,
                                global_batch_size=config.eval_batch_size or config.batch_size)
@@ -44,8 +46,9 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
   arrays = {k: np.concatenate(v) for k, v in arrays.items()}
   results = multihost_utils.process_allgather(results, tiled=True)
   per_example = {k: np.concatenate([np.asarray(r[k]) for r in results]) for k in results[0]}
-  return metrics.classification_metrics(per_example["pred"], per_example["loss"], arrays,
-                                        confidence=per_example["confidence"])
+  return metrics.classification_metrics(
+      per_example["pred"], per_example["loss"], arrays, confidence=per_example["confidence"],
+      train_group_counts=groups.train_group_counts(config.data) if "group" in arrays else None)
 
 
 def evaluate_splits(state, config, info, *, mesh, eval_fn, head_mask=None) -> dict:

@@ -205,7 +205,26 @@ def spurious_key(attributes: Iterable[str]) -> str | None:
   return next((key for key in SPURIOUS_ATTRIBUTES if key in attributes), None)
 
 
-def classification_metrics(pred, loss, arrays: Mapping, confidence=None) -> dict[str, float]:
+def train_weighted_mean_accuracy(metrics: Mapping, train_group_counts) -> float | None:
+  """`sum_g p_g acc_g` with `p_g` the training split's group proportions.
+
+  The "mean accuracy" of the Waterbirds papers (GroupDRO, JTT, DFR): a test set's group
+  accuracies weighted as the groups occur in training, not the split's own example-weighted
+  `accuracy` nor the unweighted `mean_group_accuracy`. Groups without a `group{g}_accuracy`
+  in `metrics` (absent from the split) are left out and the weights renormalized; None when
+  no group is present.
+  """
+  counts = np.asarray(train_group_counts, np.float64)
+  acc = np.array([metrics.get(f'group{g}_accuracy', np.nan) for g in range(len(counts))],
+                 np.float64)
+  present = np.isfinite(acc) & (counts > 0)
+  if not present.any():
+    return None
+  return float((counts[present] * acc[present]).sum() / counts[present].sum())
+
+
+def classification_metrics(pred, loss, arrays: Mapping,
+                           confidence=None, train_group_counts=None) -> dict[str, float]:
   """Accuracy and loss over the real examples (`mask > 0`), plus attribute-aware metrics.
 
   Args:
@@ -213,14 +232,18 @@ def classification_metrics(pred, loss, arrays: Mapping, confidence=None) -> dict
     loss: `[n]` per-example losses.
     arrays: the split's other arrays `[n]`: `label`, `mask` and any attributes.
     confidence: optional `[n]` probability of the predicted class (`steps.predictions`).
+    train_group_counts: the training split's examples per group
+      (`data.groups.train_group_counts`); with a `group` attribute it adds
+      `train_weighted_mean_accuracy`.
   Returns:
     `accuracy`, `loss`, `num_examples`; with `confidence`: `nll` and `ece`
     (`calibration_metrics`; `loss` must then be the unsmoothed cross-entropy); with a spurious attribute (`spurious_key`):
     `spurious_accuracy` (how often the prediction equals the attribute: 1.0 = the model
     follows the shortcut) and, on the examples whose attribute differs from the label,
     `conflict_accuracy` and `conflict_spurious_accuracy`; with a `group` attribute:
-    `group{g}_accuracy` for every group present, `worst_group_accuracy` and
-    `mean_group_accuracy` (`group_metrics`).
+    `group{g}_accuracy` for every group present, `worst_group_accuracy`,
+    `mean_group_accuracy` (`group_metrics`: the unweighted mean over groups) and, given
+    `train_group_counts`, `train_weighted_mean_accuracy`.
   """
   real = np.asarray(arrays['mask']) > 0
   pred, loss = np.asarray(pred)[real], np.asarray(loss)[real]
@@ -243,4 +266,8 @@ def classification_metrics(pred, loss, arrays: Mapping, confidence=None) -> dict
     del by_group['accuracy']  # The same figure as above.
     # Groups absent from this split have no accuracy (NaN): leave them out.
     out.update({k: v for k, v in by_group.items() if not np.isnan(v)})
+    if train_group_counts is not None:
+      weighted = train_weighted_mean_accuracy(out, train_group_counts)
+      if weighted is not None:
+        out['train_weighted_mean_accuracy'] = weighted
   return out

@@ -138,7 +138,8 @@ def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str,
   pool = SplitPool(data_config, [split], batch_size)
   pred, loss, conf = evaluator.predict(variables, pool.images, pool.labels, pool.rows[split],
                                        masks, pool.normalize, progress=progress)
-  return [metrics.classification_metrics(p, l, pool.arrays[split], confidence=c)
+  return [metrics.classification_metrics(p, l, pool.arrays[split], confidence=c,
+                                         train_group_counts=pool.train_counts)
           for p, l, c in zip(pred, loss, conf)]
 
 
@@ -149,7 +150,9 @@ class SplitPool:
   Attributes:
     images, labels: device arrays `[N, ...]`, `[N]` over the splits, in order.
     rows: split -> its row indices in them; arrays: split -> host arrays (`label`, `mask`,
-      attributes) for `metrics.classification_metrics`; normalize: the data's normalization.
+      attributes) for `metrics.classification_metrics`; normalize: the data's normalization;
+      train_counts: the training split's examples per group (None without groups), for
+      `train_weighted_mean_accuracy`.
   """
 
   def __init__(self, data_config, splits, batch_size: int):
@@ -171,6 +174,9 @@ class SplitPool:
       start += len(arrays["label"])
     labels = np.concatenate([a["label"] for a in self.arrays.values()]).astype(np.int32)
     self.images, self.labels = jax.device_put((np.concatenate(images), labels))
+    from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
+    has_groups = any("group" in a for a in self.arrays.values())
+    self.train_counts = groups.train_group_counts(data_config) if has_groups else None
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -243,6 +249,6 @@ class RunEval:
       end = start + len(pool.rows[s])
       for key, p, l, c in zip(keys, pred[:, start:end], loss[:, start:end],
                               conf[:, start:end]):
-        self._cache[(s, key)] = metrics.classification_metrics(p, l, pool.arrays[s],
-                                                               confidence=c)
+        self._cache[(s, key)] = metrics.classification_metrics(
+            p, l, pool.arrays[s], confidence=c, train_group_counts=pool.train_counts)
       start = end

@@ -5,7 +5,10 @@ Selection rules (`RULES`; validation splits only, test figures are reported, nev
 (flip one head at a time while OOD validation accuracy improves), `topk` (the k best heads
 by a per-head score) and `id_conflict`, which needs no OOD data: on the ID validation
 examples where the spurious attribute disagrees with the label, keep the heads that follow
-the label more often than the attribute. Which split is ID and OOD: `roles.split_roles`.
+the label more often than the attribute; `worst_group` (the head with the best worst-group
+accuracy on the ID validation split: its group labels, no OOD data) and `val_accuracy` (the
+best plain ID validation accuracy: no group labels at all). Which split is ID and OOD:
+`roles.split_roles`.
 
 `analyze(workdir)` evaluates every head of a run's checkpoint (heads/evaluate.py), applies a
 rule and returns the `heads.json` dict; `epoch_oracle` makes the authors' choice of epoch
@@ -29,7 +32,7 @@ from vitreg_jax.heads import training
 from vitreg_jax.roles import Roles
 from vitreg_jax.roles import split_roles
 
-RULES = ("oracle", "greedy", "topk", "id_conflict")
+RULES = ("oracle", "greedy", "topk", "id_conflict", "worst_group", "val_accuracy")
 TOPK_SCORES = ("ood", "id_conflict")
 
 
@@ -75,14 +78,28 @@ def _score(metrics: dict, key: str) -> float:
   return float("nan") if value is None else float(value)
 
 
-def select_oracle(heads: list[dict], roles: Roles, full_mask) -> tuple[np.ndarray, dict]:
-  """The authors' oracle: the single head (alone) with the best OOD validation score."""
-  scores = [_score(h["alone"][roles.val_ood], roles.ood_metric) for h in heads]
+def select_best_head(heads: list[dict], split: str, metric: str,
+                     full_mask) -> tuple[np.ndarray, dict]:
+  """The single head (alone; the rest of its layer masked) with the best `metric` on `split`.
+
+  Raises:
+    ValueError: when no head has `metric` on `split` (e.g. worst-group without groups).
+  """
+  scores = [_score(h["alone"].get(split, {}), metric) for h in heads]
+  if not heads or np.isnan(scores).all():
+    raise ValueError(f"No head has {metric!r} on split {split!r} (a dataset without groups "
+                     "has no worst_group_accuracy): use another --select.")
   best = heads[int(np.nanargmax(scores))]
   mask = np.array(full_mask, np.float32)
   mask[best["layer"]] = 0.0
   mask[best["layer"], best["head"]] = 1.0
-  return mask, {"layer": best["layer"], "head": best["head"], "score": float(np.nanmax(scores))}
+  return mask, {"layer": best["layer"], "head": best["head"], "score": float(np.nanmax(scores)),
+                "split": split, "metric": metric}
+
+
+def select_oracle(heads: list[dict], roles: Roles, full_mask) -> tuple[np.ndarray, dict]:
+  """The authors' oracle: the single head (alone) with the best OOD validation score."""
+  return select_best_head(heads, roles.val_ood, roles.ood_metric, full_mask)
 
 
 def select_topk(heads: list[dict], roles: Roles, full_mask, *, k: int | None = None,
@@ -143,6 +160,10 @@ def _select(rule: str, heads, roles, full_mask, layers, run_eval, *, k=None,
     return select_topk(heads, roles, full_mask, k=k, score=topk_score)
   if rule == "id_conflict":
     return select_id_conflict(heads, roles, full_mask)
+  if rule == "worst_group":  # group labels of the ID validation split, no OOD data
+    return select_best_head(heads, roles.val_id, "worst_group_accuracy", full_mask)
+  if rule == "val_accuracy":  # no group labels at all
+    return select_best_head(heads, roles.val_id, roles.id_metric, full_mask)
   if rule == "greedy":
     def score_fn(masks):
       results = run_eval(masks, [roles.val_ood], desc="greedy")[roles.val_ood]

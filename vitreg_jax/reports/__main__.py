@@ -17,6 +17,10 @@ Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tabl
   same layout): ID and OOD accuracy per method (ViT+ERM, ViT+DIV, and +SEL rows read from the
   `heads.json` that `vitreg_jax.heads` writes), Waterbirds' OOD column is the worst-group
   accuracy; the poster's figure beside ours with the difference.
+- `baselines`: head selection beside the spurious-correlation baselines on one dataset: ERM,
+  DIV, +SEL, DFR, DFR+SEL, GroupDRO and JTT, each at the level of information it uses, with
+  ID, train-weighted mean and worst-group accuracy and the published Waterbirds figures
+  (`reports/baselines.py`; shown when GroupDRO / JTT runs or a dfr.json are among the runs).
 - `arvit`: ARViT Table 1, model x downstream task top-1, the paper's figure and difference.
 - `how_vits_work`: the CIFAR comparisons (ViT / ResNet / AlterNet, CLS vs GAP, local MSA
   windows, accuracy under corruptions); the slides give one figure (GAP +2.7 points over CLS),
@@ -36,6 +40,7 @@ import sys
 
 from etils import epath
 
+from vitreg_jax.reports import baselines
 from vitreg_jax.reports import curves
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
@@ -45,7 +50,8 @@ def write_report(paths, out: str, target=None, target_split=None) -> tuple[str, 
   """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
   runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
   groups = runs_lib.group_runs(runs)
-  tables = tables_lib.build_tables(groups, target, target_split)
+  tables = [t for t in [baselines.baselines_table(groups)] if t is not None]
+  tables += tables_lib.build_tables(groups, target, target_split)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")
