@@ -261,7 +261,7 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
   module = load("mnist_cifar")
   assert entry["weight"] == pytest.approx(
       module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["mnist_cifar"])
-  assert "normalize" not in entry and paper.model.get("last_attn_residual", True)
+  assert "normalize" not in entry and paper.model.last_attn_residual is False
   assert get("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
 
 
