@@ -11,8 +11,6 @@ import numpy as np
 from vitreg_jax import plotting
 from vitreg_jax import rundir
 from vitreg_jax.heads import masks as masks_lib
-from vitreg_jax.heads import select
-from vitreg_jax.reports import runs as report_runs
 
 
 def _pct(value) -> str:
@@ -27,10 +25,12 @@ def _is_selected(result: dict, layer: int, head: int) -> bool:
 def markdown(result: dict) -> str:
   """The per-head table (head alone: accuracy / spurious accuracy per split) as Markdown."""
   splits, roles = result["splits"], result["roles"]
+  selection = result.get("selection") or {}  # single-head rules name their split and metric
+  split = selection.get("split", roles["val_ood"])
+  metric = selection.get("metric", roles["ood_metric"])
   lines = [f"# Heads of {result['workdir']} (step {result['step']})", "",
-           f"Selection rule `{result['rule']}` on `{roles['val_ood']}` "
-           f"({roles['ood_metric']}); layers {result['layers']}. Cells: accuracy / spurious "
-           "accuracy, in %.", "",
+           f"Selection rule `{result['rule']}` on `{split}` ({metric}); layers "
+           f"{result['layers']}. Cells: accuracy / spurious accuracy, in %.", "",
            "| Model | " + " | ".join(splits) + " |",
            "|---|" + "---|" * len(splits)]
   for name in ("full", "selected"):
@@ -96,13 +96,3 @@ def write_outputs(result: dict, out: str) -> dict[str, str]:
   paths[masks_lib.MASK_FILE] = masks_lib.save_head_mask(result["mask"], out, rule=result["rule"],
                                     workdir=result["workdir"], step=result["step"])
   return paths
-
-
-def load_result(workdir: str, *, compute_missing: bool = False, **analyze_kwargs) -> dict:
-  """A run's `heads.json`; computed (and written) first when missing and `compute_missing`."""
-  result = report_runs.read_heads(workdir, required=not compute_missing)
-  if result is not None:
-    return result
-  result = select.analyze(workdir, **analyze_kwargs)
-  write_outputs(result, workdir)
-  return result
