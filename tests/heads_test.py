@@ -206,7 +206,7 @@ def test_greedy_search_compiles_the_mask_evaluator_once(tiny):
 
   def score_fn(masks):
     calls.append(len(masks))
-    _, loss = evaluator(variables, x, labels, masks)
+    loss = evaluator(variables, x, labels, masks)[1]
     return -np.abs(loss - target_loss).mean(axis=1)
 
   mask, score, path = select_lib.greedy_search(score_fn, full, (1,))
@@ -224,7 +224,7 @@ def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(mo
   monkeypatch.setattr(data, "make_eval_iterator",
                       lambda *a, **k: reads.append(a[1]) or make(*a, **k))
   model = models.create("vit", 2, **config.model.to_dict())
-  variables = model.init(jax.random.key(0), np.zeros((1, 32, 16, 3), np.float32))
+  variables = testutil.np_init(model, np.zeros((1, 32, 16, 3), np.float32))
   run_eval = evaluate_lib.RunEval(model, variables, config, ("val_id", "val_ood"), layers=(1,))
   fn, passes = run_eval.evaluator._fn, []
   run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
