@@ -122,9 +122,14 @@ def test_selection_rules_on_known_heads():
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])
   mask, _ = select_lib.select_topk(rows, roles, full, k=1, score="id_conflict")
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
-  mask, info = select_lib.select_id_conflict(rows, roles, full)
+  # id_conflict also scores the kept combination (here 0.9) beside the full model (0.0) and
+  # each head alone, and keeps the best.
+  full_metrics = {"val_id": {"conflict_accuracy": 0.0}}
+  score = lambda value: (lambda masks: np.full(len(masks), value))
+  mask, info = select_lib.select_id_conflict(rows, roles, full, full_metrics, score(0.9))
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])  # Conflict accuracy above 0.5.
-  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles, full)
+  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles,
+                                          full, full_metrics, score(0.4))
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])  # None good: keep the best one.
   assert roles_lib.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
       "mean_group_accuracy"
