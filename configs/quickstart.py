@@ -14,7 +14,8 @@ Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` (
 pre-activation ResNet-18, or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
 of width 16 whose stages 2-4 end in an MSA block, 2 x 2 windows, which tile the 16 x 8 ... 4 x 2
 maps), to contrast with the ViT in the analyses of docs/analysis.md; `reg=div` needs the ViT),
-`residual` (keep the residual around the last block's attention).
+`smoothing` (resnet / alternet: the authors' spatial-smoothing block after every stage,
+models/resnet.py). `residual` (keep the residual around the last block's attention).
 
 The ViT is the head-diversity authors' architecture: no residual around the last block's
 attention, in ERM and DIV alike (ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py,
@@ -41,7 +42,8 @@ from vitreg_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=100.0, runlocal=False,
-                             model="vit", residual=False, seed=0, eval_examples=0)
+                             model="vit", smoothing=False, residual=False, seed=0,
+                             eval_examples=0)
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed
   config.model_name = arg.model
@@ -55,6 +57,12 @@ def get_config(arg=None):
                         msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=2)
   else:
     raise ValueError(f"model must be 'vit', 'resnet' or 'alternet', got {arg.model!r}.")
+  if arg.smoothing:
+    if arg.model == "vit":
+      raise ValueError("smoothing applies to model=resnet or model=alternet, not the ViT.")
+    # AlterNet's windows must tile the maps: keep their size ('same'; models/alternet.py).
+    config.model = dict(config.model, smoothing=True,
+                        smoothing_padding="same" if arg.model == "alternet" else "authors")
   # Dataset options listed here can be overridden on the command line, e.g.
   # --config.data.spurious_agreement=0.5 (see the README's dominoes options).
   config.data = dict(name="dominoes", train_split="train",

@@ -164,3 +164,9 @@ def test_corruption_accuracy_reads_every_severity_split(tmp_path):
   assert sorted(result["accuracy"]) == [f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)]
   np.testing.assert_allclose(list(result["accuracy"].values()), 1 / 3)
   assert result["mean_corruption_accuracy"] == pytest.approx(1 / 3)
+  assert sorted(result["nll"]) == sorted(result["ece"]) == sorted(result["accuracy"])
+  assert result["mean_corruption_nll"] == pytest.approx(np.mean(list(result["nll"].values())))
+  assert result["mean_corruption_ece"] == pytest.approx(np.mean(list(result["ece"].values())))
+  # Right on one of three examples with the softmax of integer-spaced logits: NLL > 0, and the
+  # confident wrong predictions leave a large calibration error.
+  assert min(result["nll"].values()) > 0 and 0 < result["mean_corruption_ece"] <= 1

@@ -179,7 +179,7 @@ def test_npz_layout_and_errors(tmp_path):
   config = {'name': 'npz', 'path': str(tmp_path / 'd_{split}.npz'), 'num_threads': 1}
   info = data.get_info(config)
   assert info.num_classes == 3 and info.image_shape == (8, 8, 3)
-  assert info.attributes == ('spurious',) and info.default_eval_splits == ('test',)
+  assert info.attributes == ('spurious', 'group') and info.default_eval_splits == ('test',)
   ev = eval_all(config, 'test')
   np.testing.assert_array_equal(ev['spurious'], (np.arange(5) + 1) % 2)
   assert ev['image'].shape == (5, 8, 8, 3)

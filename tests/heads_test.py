@@ -70,13 +70,14 @@ def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
   removed, _ = masks_lib.head_masks(2, 4, (1,), "removed")
   masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])  # 13 masks
   evaluator = evaluate_lib.MaskEvaluator(model, masks_per_pass=5)
-  pred, loss = evaluator(variables, x, labels, masks)
-  assert pred.shape == loss.shape == (13, 6)
+  pred, loss, confidence = evaluator(variables, x, labels, masks)
+  assert pred.shape == loss.shape == confidence.shape == (13, 6)
   for i, m in enumerate(masks):
     logits, _ = apply(variables, x, m)
     np.testing.assert_array_equal(pred[i], np.argmax(logits, -1))
     ref = -jax.nn.log_softmax(logits)[np.arange(6), labels]
     np.testing.assert_allclose(loss[i], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(confidence[i], jax.nn.softmax(logits).max(-1), rtol=1e-5)
   evaluator(variables, x + 1.0, labels, masks[:1])  # Fewer masks, new data: same shapes.
   assert evaluator.traces == 1
 
@@ -121,9 +122,14 @@ def test_selection_rules_on_known_heads():
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])
   mask, _ = select_lib.select_topk(rows, roles, full, k=1, score="id_conflict")
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
-  mask, info = select_lib.select_id_conflict(rows, roles, full)
+  # id_conflict also scores the kept combination (here 0.9) beside the full model (0.0) and
+  # each head alone, and keeps the best.
+  full_metrics = {"val_id": {"conflict_accuracy": 0.0}}
+  score = lambda value: (lambda masks: np.full(len(masks), value))
+  mask, info = select_lib.select_id_conflict(rows, roles, full, full_metrics, score(0.9))
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])  # Conflict accuracy above 0.5.
-  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles, full)
+  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles,
+                                          full, full_metrics, score(0.4))
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])  # None good: keep the best one.
   assert roles_lib.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
       "mean_group_accuracy"
@@ -188,3 +194,53 @@ def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_greedy_search_compiles_the_mask_evaluator_once(tiny):
+  """Greedy's rounds (candidate counts that change, one-mask scores) reuse one compilation."""
+  model, variables, _, _ = tiny
+  x = np.random.RandomState(1).normal(size=(48, 8, 8, 3)).astype(np.float32)
+  labels = np.arange(48, dtype=np.int32) % 3
+  evaluator = evaluate_lib.MaskEvaluator(model, layers=(1,), masks_per_pass=3,
+                                         images_per_pass=20)
+  full = np.ones((2, 4), np.float32)
+  target = full.copy()
+  target[1, 2] = 0.0  # Greedy's score peaks (at 0) at this mask, one flip from the start.
+  target_loss = evaluator(variables, x, labels, target[None])[1][0]
+  calls = []
+
+  def score_fn(masks):
+    calls.append(len(masks))
+    loss = evaluator(variables, x, labels, masks)[1]
+    return -np.abs(loss - target_loss).mean(axis=1)
+
+  mask, score, path = select_lib.greedy_search(score_fn, full, (1,))
+  np.testing.assert_array_equal(mask, target)
+  assert len(path) == 2 and score == pytest.approx(0.0, abs=1e-6) and path[0][1] < -1e-3
+  assert calls[0] == 1 and len(calls) == 3  # Start, a round that moves, one that stops.
+  assert evaluator.traces == 1 and evaluator.expand_at == 1
+
+
+def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(monkeypatch):
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  config = _quickstart_config()
+  reads = []
+  make = data.make_eval_iterator
+  monkeypatch.setattr(data, "make_eval_iterator",
+                      lambda *a, **k: reads.append(a[1]) or make(*a, **k))
+  model = models.create("vit", 2, **config.model.to_dict())
+  variables = testutil.np_init(model, np.zeros((1, 32, 16, 3), np.float32))
+  run_eval = evaluate_lib.RunEval(model, variables, config, ("val_id", "val_ood"), layers=(1,))
+  fn, passes = run_eval.evaluator._fn, []
+  run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
+  masks = np.concatenate([np.ones((1, 2, 2), np.float32),
+                          masks_lib.head_masks(2, 2, (1,), "alone")[0]])
+  first = run_eval(masks)
+  assert passes and first["val_id"][0]["num_examples"] == 100
+  scored = len(passes)
+  again = run_eval(masks[::-1], ["val_ood"])  # Already scored: no pass.
+  assert again["val_ood"] == first["val_ood"][::-1] and len(passes) == scored
+  run_eval.variables = variables  # New weights: scored again, from the data read before.
+  assert run_eval(masks[:1], ["val_ood"])["val_ood"][0] == first["val_ood"][0]
+  assert len(passes) > scored and reads == ["val_id", "val_ood"]
+  assert run_eval.evaluator.traces == 1

@@ -180,9 +180,10 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
   for clf, acc in (("token", 0.50), ("gap", 0.54)):
     config = dict(base, model_name="vit", model={"variant": "Ti/4", "classifier": clf},
                   data={"name": "cifar100_corrupted"})
-    make_run(root, clf, config, [train(10, 0.5), (10, "test", {"accuracy": acc}),
-                                 (10, "fog_1", {"accuracy": acc - 0.1}),
-                                 (10, "fog_2", {"accuracy": acc - 0.2})])
+    make_run(root, clf, config, [train(10, 0.5),
+                                 (10, "test", {"accuracy": acc, "nll": 2.0, "ece": 0.05}),
+                                 (10, "fog_1", {"accuracy": acc - 0.1, "nll": 3.0}),
+                                 (10, "fog_2", {"accuracy": acc - 0.2, "nll": 4.0})])
   groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
   arvit = tables_lib.arvit_table(groups)
   (row,) = arvit.rows
@@ -190,8 +191,11 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
   assert row[3] == 84.76 and row[4] == "+0.24" and row[5] == (None, None, 0)
   hvw = {r[1]: r for r in tables_lib.how_vits_work_table(groups).rows}
   assert set(hvw) == {"ViT (CLS)", "ViT (GAP)"}
-  np.testing.assert_allclose(hvw["ViT (GAP)"][5][0], 39.0)        # mean of 44 and 34
-  assert hvw["ViT (GAP)"][6:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
+  gap = hvw["ViT (GAP)"]
+  # test acc., NLL, ECE (%), then over the corrupted splits: acc. (mean of 44 and 34), NLL.
+  np.testing.assert_allclose([c[0] for c in gap[4:9]], [54.0, 2.0, 5.0, 39.0, 3.5])
+  assert gap[9] == (None, None, 0)  # no ECE logged under fog
+  assert gap[10:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
 
 
 def _head_eval(workdir, lines):

@@ -35,6 +35,8 @@ DEFAULTS = dict(
     optimizer={"name": "adam", "lr": 1e-3},
     schedule={"name": "cosine", "warmup_steps": 0},
     label_smoothing=0.0,
+    loss={"name": "ce"},      # 'ce' (ERM) | 'group_dro' (+ step_size, generalization_adjustment,
+                              # normalize_loss): vitreg_jax/losses.py
     regularizers=[],          # list of dict(name=..., weight=..., layers=..., **options)
     head_mask=None,           # optional [depth, heads] mask applied while training and
                               # evaluating: an array, or a head_mask.json / run dir path
@@ -119,6 +121,8 @@ def _merge(config) -> dict:
                      **merged["model"]}
   merged["data"] = {**_data_defaults(merged["data"]), **merged["data"]}
   merged["sharding"] = {**DEFAULTS["sharding"], **merged["sharding"]}
+  from vitreg_jax import losses  # pylint: disable=g-import-not-at-top
+  merged["loss"] = losses.resolve(merged["loss"])
   return merged
 
 

@@ -14,10 +14,10 @@ only uint8 crosses from the host. Float images (synthetic benchmark data, tests)
 already normalized.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,13 +30,37 @@ from vitreg_jax import sharding as shd
 from vitreg_jax.data import mixing
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
   model_state: Any  # Mutable collections other than params, e.g. {'batch_stats': ...}.
   rng: jax.Array
+  # The objective's own state (losses.py): None for CE, GroupDRO's {'group_weights': [G]}.
+  # Checkpointed with the rest; a None is not part of the pytree at all (`_flatten`), so CE
+  # states have exactly the layout of checkpoints written before the field existed.
+  loss_state: Any = None
+
+  def replace(self, **changes) -> "TrainState":
+    return dataclasses.replace(self, **changes)
+
+
+_STATE_FIELDS = ("step", "params", "opt_state", "model_state", "rng", "loss_state")
+
+
+def _flatten(state: TrainState):
+  names = _STATE_FIELDS if state.loss_state is not None else _STATE_FIELDS[:-1]
+  return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], len(names)
+
+
+def _unflatten(num_fields: int, children) -> TrainState:
+  return TrainState(**dict(zip(_STATE_FIELDS[:num_fields], children)))
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState, _flatten, _unflatten,
+    flatten_func=lambda s: (lambda kv, aux: ([v for _, v in kv], aux))(*_flatten(s)))
 
 
 def create_model(config, num_classes: int) -> nn.Module:
@@ -66,12 +90,14 @@ def make_forward(model, regularizer_configs):
   return forward
 
 
-def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy against soft `targets` `[B, K]` (rows summing to 1, e.g.
-  one-hot labels or Mixup/CutMix mixtures), with optional label smoothing, in fp32."""
+def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0, reduce: bool = True):
+  """Softmax cross-entropy against soft `targets` `[B, K]` (rows summing to 1, e.g. one-hot
+  labels or Mixup/CutMix mixtures), with optional label smoothing, in fp32: the mean, or the
+  `[B]` per-example losses with `reduce=False`."""
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+  per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return per_example.mean() if reduce else per_example
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -90,9 +116,30 @@ def model_images(images, normalize=None):
   return images
 
 
+def data_loss(logits, targets, batch, loss_state, *, label_smoothing, group_dro):
+  """`(loss, ce, new_loss_state, measurements)` of the objective (losses.py) on one batch.
+
+  `group_dro` is None for ERM's mean cross-entropy, else `dict(step_size, adjust,
+  normalize_loss)` for GroupDRO over `batch['group']` with the weights in `loss_state`.
+  """
+  per_example = soft_cross_entropy(logits, targets, label_smoothing, reduce=False)
+  ce = per_example.mean()
+  if group_dro is None:
+    return ce, ce, loss_state, {}
+  from vitreg_jax import losses  # pylint: disable=g-import-not-at-top
+  loss, weights, group_loss = losses.group_dro(
+      per_example, batch["group"], loss_state["group_weights"], **group_dro)
+  measured = {**{f"group_dro/weight{g}": weights[g] for g in range(weights.shape[0])},
+              **{f"group_dro/loss{g}": group_loss[g] for g in range(weights.shape[0])}}
+  return loss, ce, {"group_weights": weights}, measured
+
+
 def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
-               label_smoothing: float = 0.0, head_mask=None, normalize=None):
+               label_smoothing: float = 0.0, head_mask=None, normalize=None, group_dro=None):
   """One optimization step.
+
+  `group_dro`: None (ERM), or GroupDRO's `dict(step_size, adjust, normalize_loss)`
+  (`data_loss`, losses.py); the group weights are updated in `state.loss_state`.
 
   `normalize` maps the batch's uint8 images to the model's input (see `model_images`); it runs
   before Mixup/CutMix, which mix normalized images (the map is affine and the mixture
@@ -118,11 +165,13 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
     logits, _, reg_total, terms, new_model_state = forward(
         variables, images, labels=batch["label"], train=True,
         rngs={"dropout": rng}, head_mask=head_mask, mutable=mutable)
-    ce = soft_cross_entropy(logits, targets, label_smoothing)
-    return ce + reg_total, (ce, terms, new_model_state, logits)
+    loss, ce, loss_state, measured = data_loss(
+        logits, targets, batch, state.loss_state, label_smoothing=label_smoothing,
+        group_dro=group_dro)
+    return loss + reg_total, (ce, terms, new_model_state, logits, loss_state, measured)
 
-  (loss, (ce, terms, new_model_state, logits)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (ce, terms, new_model_state, logits, new_loss_state, loss_measured)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     # SAM (optim.py) evaluates the gradient again at its adversarial point; others ignore it.
     grad_fn = lambda params, _: jax.grad(lambda p: loss_fn(p)[0])(params)
@@ -138,30 +187,44 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
       params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state),
       model_state=keep(dict(new_model_state), state.model_state) if mutable
-      else state.model_state)
+      else state.model_state,
+      loss_state=keep(new_loss_state, state.loss_state))
   measurements = {
       "loss": loss, "ce": ce, "grad_norm": grad_norm,
       "param_norm": optax.global_norm(state.params),
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
       "finite": finite,
       **{f"reg/{k}": v for k, v in terms.items()},
+      **loss_measured,
   }
   return new_state, measurements
 
 
+def predictions(logits, labels) -> dict:
+  """Per-example `pred` (argmax), `loss` (the unsmoothed cross-entropy, i.e. the negative
+  log-likelihood of the label) and `confidence` (the predicted class's softmax probability,
+  for the ECE): what `metrics.classification_metrics` reads, for any `[..., classes]` logits."""
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"pred": jnp.argmax(logits, -1), "loss": loss,
+          "confidence": jnp.max(jax.nn.softmax(logits), -1)}
+
+
 def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int,
               normalize=None):
-  """Per-example predictions and losses (masked examples are dropped later on the host)."""
+  """Per-example `predictions` (masked examples are dropped later on the host)."""
+  del num_classes  # The logits' last axis.
   variables = {"params": state.params, **state.model_state}
   images = model_images(batch["image"], normalize)
   logits, _ = model.apply(variables, images, head_mask=head_mask, train=False)
-  logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
-  return {"pred": jnp.argmax(logits, -1), "loss": loss}
+  return predictions(logits, batch["label"])
 
 
-def create_train_state(config, model, tx, image_shape, mesh) -> tuple[TrainState, Any]:
-  """Initializes the (sharded) train state; returns it and its shardings."""
+def create_train_state(config, model, tx, image_shape, mesh,
+                       loss_state=None) -> tuple[TrainState, Any]:
+  """Initializes the (sharded) train state; returns it and its shardings.
+
+  `loss_state`: the objective's initial state (`losses.init_state`; None for CE)."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -171,7 +234,8 @@ def create_train_state(config, model, tx, image_shape, mesh) -> tuple[TrainState
     variables = dict(variables)
     params = variables.pop("params")
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), model_state=variables, rng=state_rng)
+                      opt_state=tx.init(params), model_state=variables, rng=state_rng,
+                      loss_state=loss_state)
 
   abstract = jax.eval_shape(init)  # Fails fast (no compute) on bad shapes / fields.
   shardings = shd.state_shardings(abstract, mesh, config.sharding.get("fsdp", False),
@@ -198,7 +262,8 @@ def jit_train_step(state_sharding, mesh, **step_kwargs):
 
 
 def jit_eval_step(state_sharding, mesh, *, model, num_classes: int, normalize=None):
-  """`eval_fn(state, batch, head_mask) -> {'pred', 'loss'}` per example, jitted on `mesh`."""
+  """`eval_fn(state, batch, head_mask) -> {'pred', 'loss', 'confidence'}` per example, jitted
+  on `mesh`."""
   return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
                                    normalize=normalize),
                  in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),

@@ -18,6 +18,8 @@ from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import evaluation
 from vitreg_jax import inflight
+from vitreg_jax import jtt
+from vitreg_jax import losses
 from vitreg_jax import loss_balance
 from vitreg_jax import optim
 from vitreg_jax import pretrained
@@ -42,10 +44,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   # Everything that can be wrong with the config fails here, before any compute.
   config = config_lib.with_defaults(config)
+  jtt.ensure_error_set(config)  # JTT's stage 2 reads the identification run's errors.
   info = data.get_info(config.data)
   model = steps.create_model(config, info.num_classes)
   forward = steps.make_forward(model, config.regularizers)
   train_mask = head_masks.train_head_mask(config, model)  # config.head_mask
+  group_dro, loss_state, batch_keys = losses.objective(config, info)  # config.loss
   total_steps, steps_per_epoch = num_train_steps(config, info)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   mesh = make_mesh(config)
@@ -53,7 +57,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rundir.check_resume_config(config, workdir, accept=accept_config_change)
 
   rundir.save_config(config, workdir)  # The run is self-describing (heads, analyses, report).
-  state, shardings = steps.create_train_state(config, model, tx, info.image_shape, mesh)
+  state, shardings = steps.create_train_state(config, model, tx, info.image_shape, mesh,
+                                              loss_state=loss_state)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every_steps)
@@ -63,7 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   normalize = data.normalization(config.data)  # Batches arrive as uint8; steps normalize.
   train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx,
                                   num_classes=info.num_classes, head_mask=train_mask,
-                                  label_smoothing=config.label_smoothing, normalize=normalize)
+                                  label_smoothing=config.label_smoothing, normalize=normalize,
+                                  group_dro=group_dro)
   # Each weighted regularizer term against cross-entropy, logged and checked (loss_balance).
   balance_fn = loss_balance.make_balance_fn(model, config, num_classes=info.num_classes,
                                             normalize=normalize, head_mask=train_mask)
@@ -84,7 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               schedule=schedule, checkpointer=checkpointer)
   train_iter = device_batches(
       data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                               seed=config.seed, start_step=start_step), mesh)
+                               seed=config.seed, start_step=start_step), mesh,
+      extra_keys=batch_keys)
 
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
@@ -154,8 +161,9 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
   return state
 
 
-def device_batches(host_batches, mesh, size: int = 2):
+def device_batches(host_batches, mesh, size: int = 2, extra_keys=()):
   """The global on-device training batches, the next `size` transferred while a step runs
   (vitreg_jax/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
-  Mixup/CutMix recipe, which the train step applies."""
-  return inflight.prefetch_to_device(host_batches, mesh, size=size)
+  Mixup/CutMix recipe, which the train step applies; `extra_keys` (GroupDRO's `group`)."""
+  return inflight.prefetch_to_device(host_batches, mesh, size=size,
+                                     keys=(*inflight.TRAIN_KEYS, *extra_keys))

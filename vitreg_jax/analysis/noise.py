@@ -22,10 +22,11 @@ frequency" shows ViTs hurt little by high-frequency noise and ResNets much more.
 
 eps is in the model's normalized input units (`data.normalization`).
 
-Corruptions: the mean accuracy over the `<corruption>_<severity>` splits of
-`cifar10_corrupted` / `cifar100_corrupted` (Fig. 12's robustness), when the run trained on the
-clean set of that dataset and the corrupted files are prepared (`--corruption=auto` does this
-for runs on those datasets and skips others; see docs/data.md).
+Corruptions: the mean accuracy, NLL and ECE (`analysis/calibration.py`) over the
+`<corruption>_<severity>` splits of `cifar10_corrupted` / `cifar100_corrupted` (Fig. 12's
+robustness), when the run trained on the clean set of that dataset and the corrupted files are
+prepared (`--corruption=auto` does this for runs on those datasets and skips others; see
+docs/data.md).
 
   python -m vitreg_jax.analysis.noise --workdir=DIR [--workdir=DIR2 --out=OUT]
       [--variant=code|equal_energy] [--eps=0.5] [--num_freqs=11] [--ring_halfwidth=0.2]
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import plotting
+from vitreg_jax.analysis import calibration
 from vitreg_jax.analysis import runs
 
 flags.DEFINE_enum("variant", "code", ["code", "equal_energy"], "code: the authors' ring-masked "
@@ -221,21 +223,23 @@ def frequency_sweep(model, variables, batches, freqs, *, noise_fn: Noise, key) -
 
 
 def corruption_accuracy(run, name: str, batch_size: int) -> dict:
-  """Accuracy per corrupted split of dataset `name` and their mean (`mean_corruption_accuracy`)."""
+  """Accuracy, NLL and ECE per corrupted split of dataset `name`, and their means over the
+  splits (`mean_corruption_accuracy`, `mean_corruption_nll`, `mean_corruption_ece`: the
+  authors' `robustness.ipynb` averages all three over the CIFAR-C splits)."""
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   cfg = run.config.data.to_dict()
   cfg.update(name=name, eval_splits=None)
   info = data.get_info(cfg)  # fails here, with the preparation command, if files are missing
   splits = [s for s in info.splits if s.rpartition("_")[2] in {"1", "2", "3", "4", "5"}]
-  correct = make_accuracy(run.model, run.variables)
-  accuracy = {}
-  for split in runs.progress(splits, len(splits), f"{name} splits"):
-    hits = total = 0
-    for b in runs.eval_batches(run, split, batch_size, data_config=cfg):
-      hits += correct(b["image"], b["label"])  # Summed on the device: one read per split.
-      total += len(b["label"])
-    accuracy[split] = float(hits) / total
-  return {"dataset": name, "accuracy": accuracy, **data.mean_corruption_accuracy(accuracy)}
+  predict = calibration.make_predict(run.model, run.variables)
+  per_split = {split: calibration.split_metrics(run, split, batch_size, data_config=cfg,
+                                                predict=predict)
+               for split in runs.progress(splits, len(splits), f"{name} splits")}
+  out = {"dataset": name}
+  for metric in ("accuracy", "nll", "ece"):
+    values = {split: m[metric] for split, m in per_split.items()}
+    out.update({metric: values, **data.mean_corruption_accuracy(values, metric=metric)})
+  return out
 
 
 def corruption_dataset(run, choice: str) -> Optional[str]:
@@ -309,7 +313,9 @@ def main(argv):
     inc = " ".join(f"{100 * e:+.1f}" for e in r["sweep"]["error_increase"])
     print(f"{r['label']}: clean error {100 * r['sweep']['clean_error']:.1f}%, increase (%) "
           f"over f = 0..pi: {inc}" + (f"; mean corruption accuracy "
-                                      f"{r['corruption']['mean_corruption_accuracy']:.3f}"
+                                      f"{r['corruption']['mean_corruption_accuracy']:.3f}, "
+                                      f"NLL {r['corruption']['mean_corruption_nll']:.3f}, "
+                                      f"ECE {r['corruption']['mean_corruption_ece']:.3f}"
                                       if "corruption" in r else ""))
 
 

@@ -30,6 +30,7 @@ from vitreg_jax.data import base
 from vitreg_jax.data import corrupted
 from vitreg_jax.data import custom
 from vitreg_jax.data import finetune
+from vitreg_jax.data import groups
 from vitreg_jax.data import imagenet
 from vitreg_jax.data import mixing
 from vitreg_jax.data import mnist_cifar
@@ -98,7 +99,19 @@ def get_info(data_config: Any) -> DatasetInfo:
     # Open every split the run will evaluate, so missing files fail now, not hours later.
     _eval_source(spec, cfg, info, split)
   spec.transform(_unsliced(cfg), train.name, train=True)  # Bad augmentation options fail here.
+  info = groups.with_group_attribute(info)
+  if cfg['sampler'] != 'uniform':  # A dataset without groups, a missing error set: fail now.
+    _train_order(spec, cfg, info, seed=0, global_batch=1)
   return info
+
+
+def _train_order(spec, cfg: dict, info: DatasetInfo, *, seed: int, global_batch: int):
+  """`config.data.sampler`'s order over the (sliced) train split (None: uniform)."""
+  if cfg['sampler'] == 'uniform':
+    return None
+  source = splits_lib.apply(spec.source(_unsliced(cfg), splits_lib.base_name(
+      cfg['train_split'])), cfg['train_split'])
+  return groups.make_order(cfg, source, info, seed=seed, global_batch=global_batch)
 
 
 def _unsliced(cfg: dict) -> dict:
@@ -140,16 +153,18 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   """
   spec, cfg = get_spec(data_config)
   split, unsliced = splits_lib.base_name(cfg['train_split']), _unsliced(cfg)
-  base.check_split(spec.info(unsliced), split)
+  info = groups.with_group_attribute(spec.info(unsliced))
+  base.check_split(info, split)
   pi, pc = pipeline.default_process(process_index, process_count)
   pipeline.local_batch_size(global_batch_size, pc)
   source = splits_lib.apply(spec.source(unsliced, split), cfg['train_split'])
   return pipeline.train_iterator(
-      source, spec.transform(unsliced, split, train=True),
+      source, groups.add_group(spec.transform(unsliced, split, train=True), info),
       global_batch_size=global_batch_size, seed=seed, start_step=start_step,
       process_index=pi, process_count=pc, num_threads=cfg['num_threads'],
       prefetch_batches=cfg['prefetch_batches'], num_workers=cfg['num_workers'],
-      mix=mixing.check_config(cfg['mixup']))
+      mix=mixing.check_config(cfg['mixup']),
+      order=_train_order(spec, cfg, info, seed=seed, global_batch=global_batch_size))
 
 
 def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,
@@ -162,10 +177,12 @@ def make_eval_iterator(data_config: Any, split: str, *, global_batch_size: int,
   `mask = 0` (real examples have `mask = 1`). Eval preprocessing is deterministic.
   """
   spec, cfg = get_spec(data_config)
-  source = _eval_source(spec, cfg, spec.info(_unsliced(cfg)), split)
+  info = groups.with_group_attribute(spec.info(_unsliced(cfg)))
+  source = _eval_source(spec, cfg, info, split)
   pi, pc = pipeline.default_process(process_index, process_count)
+  transform = spec.transform(_unsliced(cfg), splits_lib.base_name(split), train=False)
   return pipeline.eval_iterator(
-      source, spec.transform(_unsliced(cfg), splits_lib.base_name(split), train=False),
+      source, groups.add_group(transform, info),
       global_batch_size=global_batch_size, process_index=pi, process_count=pc,
       num_threads=cfg['num_threads'], prefetch_batches=cfg['prefetch_batches'],
       num_workers=cfg['num_workers'])

@@ -30,6 +30,8 @@ COMMON_OPTIONS = {
     'prefetch_batches': 4,    # batches buffered ahead of the training loop.
     'num_workers': 0,         # >0: grain worker processes (mp_prefetch) for heavy decoding.
     'mixup': None,            # Mixup/CutMix options (data/mixing.py), applied in the train step.
+    'sampler': 'uniform',     # training order: 'uniform' | 'group_balanced' | 'upsample' (groups.py)
+    'upsample': None,         # sampler='upsample': dict(file=JSON with `indices`, factor=lambda_up)
 }
 
 Example = Mapping[str, Any]

@@ -163,7 +163,7 @@ def _to_iterator(batches, num_threads: int, prefetch_batches: int, num_workers: 
 def train_iterator(source: Sequence[Example], transform: Transform, *, global_batch_size: int,
                    seed: int, start_step: int = 0, process_index: int = 0,
                    process_count: int = 1, num_threads: int = 4, prefetch_batches: int = 4,
-                   num_workers: int = 0, mix: Optional[dict] = None):
+                   num_workers: int = 0, mix: Optional[dict] = None, order=None):
   """Infinite iterator of this process's training batches from step `start_step` on.
 
   Args:
@@ -177,6 +177,9 @@ def train_iterator(source: Sequence[Example], transform: Transform, *, global_ba
       batches, batches buffered, optional worker processes).
     mix: Mixup/CutMix options (`data/mixing.py`); each batch then carries its recipe
       (`mix_lam`, `mix_box`, `mix_cutmix`), drawn from (seed, step), applied on the device.
+    order: `position -> epoch * n + example` replacing the per-epoch permutation (the
+      group-balanced and upsampling samplers of `data/groups.py`); must be a pure function
+      of the position so the stream stays a function of (seed, step).
   Returns:
     a grain `DatasetIterator` of dicts of NumPy arrays with leading dimension
     `global_batch_size // process_count`.
@@ -192,7 +195,8 @@ def train_iterator(source: Sequence[Example], transform: Transform, *, global_ba
   examples = grain.MapDataset.source(source).map_with_index(_Augment(transform, seed, n))
   max_step = (sys.maxsize - global_batch_size) // global_batch_size
   steps = grain.MapDataset.range(int(start_step), max_step)
-  batches = steps.map(_TrainBatch(examples, _Permutation(n, seed), global_batch_size, local,
+  order = _Permutation(n, seed) if order is None else order
+  batches = steps.map(_TrainBatch(examples, order, global_batch_size, local,
                                   process_index, mix=mix, seed=seed))
   return _to_iterator(batches, num_threads, prefetch_batches, num_workers)
 

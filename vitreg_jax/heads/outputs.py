@@ -25,10 +25,12 @@ def _is_selected(result: dict, layer: int, head: int) -> bool:
 def markdown(result: dict) -> str:
   """The per-head table (head alone: accuracy / spurious accuracy per split) as Markdown."""
   splits, roles = result["splits"], result["roles"]
+  selection = result.get("selection") or {}  # single-head rules name their split and metric
+  split = selection.get("split", roles["val_ood"])
+  metric = selection.get("metric", roles["ood_metric"])
   lines = [f"# Heads of {result['workdir']} (step {result['step']})", "",
-           f"Selection rule `{result['rule']}` on `{roles['val_ood']}` "
-           f"({roles['ood_metric']}); layers {result['layers']}. Cells: accuracy / spurious "
-           "accuracy, in %.", "",
+           f"Selection rule `{result['rule']}` on `{split}` ({metric}); layers "
+           f"{result['layers']}. Cells: accuracy / spurious accuracy, in %.", "",
            "| Model | " + " | ".join(splits) + " |",
            "|---|" + "---|" * len(splits)]
   for name in ("full", "selected"):

@@ -10,7 +10,10 @@ named by what they read:
   follow the label more often than the attribute; that combination, the full model and each
   head alone are scored there and the best is chosen) and `topk --topk_score=id_conflict`;
 * ID validation images and labels only: `id_val` (the full model or a head alone, whichever
-  has the best ID validation accuracy).
+  has the best ID validation accuracy) and `val_accuracy` (the head alone with the best ID
+  validation accuracy, never the full model: the baselines table's no-group-label rule);
+* group labels of ID validation data: `worst_group` (the head alone with the best
+  worst-group accuracy on the ID validation split).
 Which split is ID and OOD: `roles.split_roles`.
 
 `analyze(workdir)` evaluates every head of a run's checkpoint (heads/evaluate.py), applies a
@@ -35,7 +38,7 @@ from vitreg_jax.heads import summary
 from vitreg_jax.roles import Roles
 from vitreg_jax.roles import split_roles
 
-RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val")
+RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val", "worst_group", "val_accuracy")
 TOPK_SCORES = ("ood", "id_conflict")
 
 
@@ -81,14 +84,28 @@ def _score(metrics: dict, key: str) -> float:
   return float("nan") if value is None else float(value)
 
 
-def select_oracle(heads: list[dict], roles: Roles, full_mask) -> tuple[np.ndarray, dict]:
-  """The authors' oracle: the single head (alone) with the best OOD validation score."""
-  scores = [_score(h["alone"][roles.val_ood], roles.ood_metric) for h in heads]
+def select_best_head(heads: list[dict], split: str, metric: str,
+                     full_mask) -> tuple[np.ndarray, dict]:
+  """The single head (alone; the rest of its layer masked) with the best `metric` on `split`.
+
+  Raises:
+    ValueError: when no head has `metric` on `split` (e.g. worst-group without groups).
+  """
+  scores = [_score(h["alone"].get(split, {}), metric) for h in heads]
+  if not heads or np.isnan(scores).all():
+    raise ValueError(f"No head has {metric!r} on split {split!r} (a dataset without groups "
+                     "has no worst_group_accuracy): use another --select.")
   best = heads[int(np.nanargmax(scores))]
   mask = np.array(full_mask, np.float32)
   mask[best["layer"]] = 0.0
   mask[best["layer"], best["head"]] = 1.0
-  return mask, {"layer": best["layer"], "head": best["head"], "score": float(np.nanmax(scores))}
+  return mask, {"layer": best["layer"], "head": best["head"], "score": float(np.nanmax(scores)),
+                "split": split, "metric": metric}
+
+
+def select_oracle(heads: list[dict], roles: Roles, full_mask) -> tuple[np.ndarray, dict]:
+  """The authors' oracle: the single head (alone) with the best OOD validation score."""
+  return select_best_head(heads, roles.val_ood, roles.ood_metric, full_mask)
 
 
 def select_topk(heads: list[dict], roles: Roles, full_mask, *, k: int | None = None,
@@ -197,6 +214,10 @@ def _select(rule: str, heads, roles, full_mask, layers, run_eval, full, *, k=Non
     return select_id_conflict(heads, roles, full_mask, full, conflict_scores)
   if rule == "id_val":
     return select_id_val(heads, roles, full_mask, full)
+  if rule == "worst_group":  # group labels of the ID validation split, no OOD data
+    return select_best_head(heads, roles.val_id, "worst_group_accuracy", full_mask)
+  if rule == "val_accuracy":  # no group labels at all
+    return select_best_head(heads, roles.val_id, roles.id_metric, full_mask)
   if rule == "greedy":
     def score_fn(masks):
       results = run_eval(masks, [roles.val_ood], desc="greedy")[roles.val_ood]

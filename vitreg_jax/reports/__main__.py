@@ -19,6 +19,10 @@ Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tabl
   in the authors' statistics from each run's heads_eval.jsonl (`--statistic=final`: the final
   checkpoint); Waterbirds' OOD column is the mean group accuracy, the worst group in its own
   column; the poster's figure beside ours with the difference.
+- `baselines`: head selection beside the spurious-correlation baselines on one dataset: ERM,
+  DIV, +SEL, DFR, DFR+SEL, GroupDRO and JTT, each at the level of information it uses, with
+  ID, train-weighted mean and worst-group accuracy and the published Waterbirds figures
+  (`reports/baselines.py`; shown when GroupDRO / JTT runs or a dfr.json are among the runs).
 - `arvit`: ARViT Table 1, model x downstream task top-1, the paper's figure and difference.
 - `how_vits_work`: the CIFAR comparisons (ViT / ResNet / AlterNet, CLS vs GAP, local MSA
   windows, accuracy under corruptions); the slides give one figure (GAP +2.7 points over CLS),
@@ -38,6 +42,7 @@ import sys
 
 from etils import epath
 
+from vitreg_jax.reports import baselines
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import curves
 from vitreg_jax.reports import runs as runs_lib
@@ -49,7 +54,8 @@ def write_report(paths, out: str, target=None, target_split=None, statistic="aut
   """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
   runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
   groups = runs_lib.group_runs(runs)
-  tables = tables_lib.build_tables(groups, target, target_split, statistic)
+  tables = [t for t in [baselines.baselines_table(groups)] if t is not None]
+  tables += tables_lib.build_tables(groups, target, target_split, statistic)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")

@@ -82,6 +82,27 @@ def result_figures(result: dict, which: str, dataset: str | None = None) -> dict
   return figures(result[which], roles)
 
 
+# The spurious-correlation baselines table (reports/baselines.py): its rows, and the published
+# Waterbirds worst-group test accuracies (%) of ResNet-50s pretrained on ImageNet, with their
+# sources, shown beside ours for orientation (another backbone and recipe).
+SPURIOUS_METHODS = ("ERM", "DIV", "ERM+SEL", "DIV+SEL", "DFR", "DFR+SEL", "GroupDRO", "JTT")
+SPURIOUS_PUBLISHED = {
+    "waterbirds": {
+        "ERM": ("about 75", "Kirichenko et al. 2022, Table 1"),
+        "JTT": ("86.7", "Liu et al. 2021, Table 1"),
+        "GroupDRO": ("91.4 ± 1.1", "Sagawa et al. 2020, as listed by Kirichenko et al. 2022, "
+                     "Table 1"),
+        "DFR": ("92.9 ± 0.2", "Kirichenko et al. 2022, Table 1"),
+    },
+}
+
+
+def spurious_published(dataset: str, method_name: str) -> str:
+  """`"86.7 (Liu et al. 2021, Table 1)"`, or `-` where no figure is published."""
+  figure = SPURIOUS_PUBLISHED.get(dataset, {}).get(method_name)
+  return "-" if figure is None else f"{figure[0]} ({figure[1]})"
+
+
 # ARViT Table 1 (papers/arvit-attention-regularization.txt), top-1 in percent.
 ARVIT_DATASETS = ("cifar10", "cifar100", "oxford_flowers102", "imagenette", "imagewoof")
 ARVIT = {

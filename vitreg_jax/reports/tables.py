@@ -19,6 +19,7 @@ from typing import Sequence
 from etils import epath
 import numpy as np
 
+from vitreg_jax import metrics
 from vitreg_jax import roles as roles_lib
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import papers
@@ -187,37 +188,54 @@ def arvit_table(groups) -> Table | None:
   return Table("arvit", "ARViT (Table 1)", header, rows, runs, note)
 
 
-def _corruption_accuracy(run: Run):
-  accs = [run.final(s).get("accuracy") for s in run.evals if s not in ("test", "train")]
-  accs = [a for a in accs if a is not None]
-  return float(np.mean(accs)) if accs else None
+def _final_test(key: str):
+  """A run's final `key` on `test` (or its first eval split); None without one."""
+  return lambda run: run.final(_eval_split(run)).get(key) if _eval_split(run) else None
+
+
+def _corruption_mean(key: str):
+  """A run's final `key` averaged over its corrupted eval splits (all but test / train)."""
+  def mean(run: Run):
+    values = [run.final(s).get(key) for s in run.evals if s not in ("test", "train")]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+  return mean
+
+
+# "How do ViTs work?" predictive performance beside accuracy: (metric, column, scale); NLL
+# in nats, accuracy and ECE in percent. Runs logged before NLL / ECE existed show "-".
+PREDICTIVE = (("accuracy", "acc.", 100.0), ("nll", "NLL", 1.0), ("ece", "ECE", 100.0))
 
 
 def how_vits_work_table(groups) -> Table | None:
-  """The slides' CIFAR comparisons: accuracy and accuracy under corruption per model."""
+  """The slides' CIFAR comparisons: accuracy, NLL and ECE, clean and under corruption."""
   groups = [g for g in groups if g.config.get("model_name") in ("vit", "resnet", "alternet")
             and g.config.get("data", {}).get("name", "").startswith("cifar")
             and papers.arvit_row(g.config) is None]
   if not groups:
     return None
-  header = ["dataset", "model", "seeds", "status", "test acc.", "corruption acc.",
-            "slides", "ours", "diff"]
+  header = ["dataset", "model", "seeds", "status"]
+  header += [f"{where} {name}" for where in ("test", "corruption") for _, name, _ in PREDICTIVE]
+  header += ["slides", "ours", "diff"]
   rows, by_label = [], {}
   for g in groups:
     dataset = g.config["data"]["name"].replace("_corrupted", "")
     label = papers.how_vits_work_row(g.config)
     acc = mean_std(g.values(_final_accuracy))
     by_label.setdefault((dataset, label), acc[0])
-    rows.append([dataset, label, len(g.runs), g.problems(), acc,
-                 mean_std(g.values(_corruption_accuracy)), None, None, None])
+    rows.append([dataset, label, len(g.runs), g.problems()]
+                + [mean_std(g.values(read(key)), scale) for read in (_final_test,
+                                                                     _corruption_mean)
+                   for key, _, scale in PREDICTIVE] + [None, None, None])
   for row in rows:  # The one figure the slides give: GAP over CLS, +2.7 points.
     if "GAP" in row[1]:
       cls = by_label.get((row[0], row[1].replace("GAP", "CLS")))
       ours = None if cls is None or row[4][0] is None else row[4][0] - cls
-      row[6:] = ["GAP - CLS: +2.70", None if ours is None else f"{ours:+.2f}",
-                 diff(ours, papers.GAP_OVER_CLS)]
-  note = ("\"How do ViTs work?\" comparisons: final `test` accuracy and the mean accuracy "
-          "over the corrupted splits (CIFAR-C, `robustness` runs), in percent. The slides "
+      row[-3:] = ["GAP - CLS: +2.70", None if ours is None else f"{ours:+.2f}",
+                  diff(ours, papers.GAP_OVER_CLS)]
+  note = ("\"How do ViTs work?\" comparisons: final `test` accuracy, NLL (nats) and ECE "
+          f"({metrics.ECE_BINS} equal-width confidence bins, percent), and their means over "
+          "the corrupted splits (CIFAR-C, `robustness` runs); accuracy in percent. The slides "
           "give one number (GAP improves accuracy by +2.7 over CLS); the local-window and "
           "AlterNet claims are orderings (5x5 > 3x3 > 8x8; AlterNet > ResNet > ViT).")
   return Table("how_vits_work", "How do ViTs work? (CIFAR)", header, rows,

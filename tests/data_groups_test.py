@@ -1,0 +1,89 @@
+"""Groups and group-aware samplers (vitreg_jax/data/groups.py): the derived group attribute,
+group-balanced frequencies, JTT's upsampled epochs, and exact resume of both streams."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vitreg_jax import data
+from vitreg_jax.data import groups
+
+DOMINOES = dict(name='dominoes', num_train=400, num_val=40, num_test=40, num_threads=1)
+
+
+def batches(config, *, start, count, batch=32, pi=0, pc=1):
+  it = data.make_train_iterator(config, global_batch_size=batch, seed=3, start_step=start,
+                                process_index=pi, process_count=pc)
+  return [next(it) for _ in range(count)]
+
+
+def test_dominoes_gets_a_derived_group_attribute():
+  info = data.get_info(DOMINOES)
+  assert info.attributes == ('spurious', 'group') and info.attribute_classes['group'] == 4
+  ev = next(iter(data.make_eval_iterator(DOMINOES, 'val_id', global_batch_size=40)))
+  np.testing.assert_array_equal(ev['group'], 2 * ev['label'] + ev['spurious'])
+  # 90% agreement per class: 180 / 20 / 20 / 180 training examples per group.
+  np.testing.assert_array_equal(groups.group_counts(DOMINOES), [180, 20, 20, 180])
+
+
+def test_group_balanced_draws_every_group_equally_often():
+  config = dict(DOMINOES, sampler='group_balanced')
+  drawn = np.concatenate([b['group'] for b in batches(config, start=0, count=150)])
+  assert (drawn == 2 * np.concatenate(
+      [b['label'] for b in batches(config, start=0, count=150)]) + np.concatenate(
+          [b['spurious'] for b in batches(config, start=0, count=150)])).all()
+  freq = np.bincount(drawn, minlength=4) / len(drawn)
+  # 4800 draws: the standard error of each frequency is 0.006; uniform sampling gives 0.05.
+  np.testing.assert_allclose(freq, 0.25, atol=0.025)
+  uniform = np.concatenate([b['group'] for b in batches(DOMINOES, start=0, count=25)])
+  assert np.bincount(uniform, minlength=4)[1] / len(uniform) < 0.1
+
+
+@pytest.mark.parametrize('sampler', ['group_balanced', 'upsample'])
+def test_resume_and_process_split_give_the_same_stream(sampler, tmp_path):
+  config = dict(DOMINOES, sampler=sampler)
+  if sampler == 'upsample':
+    (tmp_path / 'e.json').write_text(json.dumps({'indices': [1, 5, 7]}))
+    config['upsample'] = dict(file=str(tmp_path / 'e.json'), factor=4)
+  full = batches(config, start=0, count=16)
+  resumed = batches(config, start=11, count=5)
+  for a, b in zip(full[11:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  halves = [batches(config, start=11, count=5, pi=i, pc=2) for i in range(2)]
+  for k in range(5):
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][k]['image'], halves[1][k]['image']]), full[11 + k]['image'])
+
+
+def test_upsample_repeats_the_error_set_factor_times_per_epoch():
+  order = groups.UpsampleOrder(10, [2, 7], factor=3, seed=0)
+  assert len(order) == 14
+  epoch = [order(p) % 10 for p in range(14)]
+  assert np.bincount(epoch, minlength=10).tolist() == [1, 1, 3, 1, 1, 1, 1, 3, 1, 1]
+  assert len({order(p) for p in range(14)}) == 14  # copies get their own augmentation index
+  assert [order(p) % 10 for p in range(14, 28)] != epoch  # a fresh permutation per epoch
+  with pytest.raises(ValueError, match=r'\[0, 10\)'):
+    groups.UpsampleOrder(10, [10], factor=2, seed=0)
+
+
+def test_npz_groups_and_a_dataset_without_groups(tmp_path):
+  rng = np.random.default_rng(0)
+  n = 12
+  images = rng.integers(0, 256, (n, 4, 4, 3), np.uint8)
+  np.savez(tmp_path / 'g.npz', images=images, labels=np.arange(n) % 2,
+           spurious=(np.arange(n) // 2) % 3)
+  np.savez(tmp_path / 'plain.npz', images=images, labels=np.arange(n) % 2)
+  info = data.get_info({'name': 'npz', 'path': str(tmp_path / 'g.npz')})
+  assert info.attribute_classes['group'] == 6  # 2 labels x 3 spurious values
+  ids = groups.group_counts({'name': 'npz', 'path': str(tmp_path / 'g.npz')})
+  np.testing.assert_array_equal(ids, np.bincount((np.arange(n) % 2) * 3 +
+                                                 (np.arange(n) // 2) % 3, minlength=6))
+  with pytest.raises(ValueError, match='needs a dataset with groups'):
+    data.get_info({'name': 'npz', 'path': str(tmp_path / 'plain.npz'),
+                   'sampler': 'group_balanced'})
+  with pytest.raises(ValueError, match='valid samplers'):
+    data.get_info(dict(DOMINOES, sampler='balanced'))
+  with pytest.raises(ValueError, match='vitreg_jax.jtt'):
+    data.get_info(dict(DOMINOES, sampler='upsample'))

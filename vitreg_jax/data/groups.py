@@ -1,0 +1,218 @@
+"""Groups (label x spurious attribute) and the training samplers that use them.
+
+A *group* is a (label, spurious attribute) pair, as in the spurious-correlation literature
+(Sagawa et al. 2020, "Distributionally Robust Neural Networks", Sec. 3): Waterbirds stores it
+(`group = 2 * y + place`), MNIST-CIFAR too. A dataset that has a `spurious` attribute but no
+`group` (the embedded `dominoes`, `npz` files with a `spurious` array) gets a derived one,
+`group = label * S + spurious` with `S` the number of spurious values, in its `info` and in
+every batch, so group metrics, group-balanced sampling and GroupDRO work on it unchanged.
+
+Training order (`config.data.sampler`), each a pure function of (seed, global position), so a
+resumed run sees exactly the stream of an uninterrupted one:
+
+- `'uniform'` (default): a fresh permutation of the split per epoch (`pipeline._Permutation`).
+- `'group_balanced'`: every position draws a group uniformly among the groups present in the
+  split, then an example uniformly within it (with replacement). This is the sampling of the
+  GroupDRO authors' `--reweight_groups` (kohpangwei/group_DRO, `data/dro_dataset.py`,
+  `get_loader`: a `WeightedRandomSampler` with weight `1 / n_g` per example, i.e. each group
+  drawn with probability `1 / #groups`). The draw of global step `s` comes from
+  `default_rng([seed, s, TAG])`, identical on every process; each process takes its slice.
+- `'upsample'`: JTT's upsampled training set (Liu et al. 2021, "Just Train Twice", Sec. 3):
+  the examples listed in `data.upsample['file']` (JSON with an `indices` list into the train
+  split, as `vitreg_jax.jtt` writes it) appear `data.upsample['factor']` (lambda_up) times per
+  epoch, every other example once; each epoch is a fresh permutation of that list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Sequence
+
+import numpy as np
+
+SAMPLERS = ('uniform', 'group_balanced', 'upsample')
+_BALANCED_TAG = 0x6B41  # separates the balanced draws from the permutations' streams
+_UPSAMPLE_TAG = 0x7A77
+
+
+def derived_spurious_classes(info) -> Optional[int]:
+  """Number of spurious values when `group` is derived from (label, spurious), else None."""
+  if 'group' in info.attributes or 'spurious' not in info.attributes:
+    return None
+  return int(info.attribute_classes.get('spurious', info.num_classes))
+
+
+def with_group_attribute(info):
+  """`info` with a derived `group` attribute (label x spurious) where it has none."""
+  s = derived_spurious_classes(info)
+  if s is None:
+    return info
+  return dataclasses.replace(
+      info, attributes=(*info.attributes, 'group'),
+      attribute_classes={**info.attribute_classes, 'group': info.num_classes * s})
+
+
+def num_groups(info) -> Optional[int]:
+  """Number of groups of a dataset with a (stored or derived) group attribute, else None."""
+  info = with_group_attribute(info)
+  if 'group' not in info.attributes:
+    return None
+  return int(info.attribute_classes.get('group', 4))
+
+
+class WithGroup:
+  """Wraps a transform: adds `group = label * S + spurious` to every example."""
+
+  def __init__(self, transform, spurious_classes: int):
+    self.transform, self.spurious_classes = transform, int(spurious_classes)
+
+  def __getattr__(self, name):  # `mean`, `std`, ... of the wrapped transform.
+    return getattr(self.transform, name)
+
+  def __call__(self, example, rng=None) -> dict:
+    out = self.transform(example, rng)
+    if 'group' not in out:
+      out['group'] = np.int32(out['label'] * self.spurious_classes + out['spurious'])
+    return out
+
+
+def add_group(transform, info):
+  """The transform with a derived `group` where the dataset stores none (else unchanged).
+
+  `info` may already list the derived `group` (`with_group_attribute`)."""
+  if 'spurious' not in info.attributes:
+    return transform
+  return WithGroup(transform, int(info.attribute_classes.get('spurious', info.num_classes)))
+
+
+def group_ids(source: Sequence, info) -> np.ndarray:
+  """Group id of every example of `source` (raw examples; images are not decoded).
+
+  Raises:
+    ValueError: for a dataset without a group attribute, naming what it needs.
+  """
+  if 'group' not in info.attributes and 'spurious' not in info.attributes:
+    raise ValueError(
+        f"data.sampler='group_balanced' needs a dataset with groups; {info.name!r} has "
+        f"attributes {list(info.attributes)}. Groups come from a `group` attribute "
+        "(Waterbirds, MNIST-CIFAR) or from a `spurious` one (dominoes, an npz `spurious` "
+        "array): group = label * #spurious + spurious.")
+  s = int(info.attribute_classes.get('spurious', info.num_classes))
+  rows = [source[i] for i in range(len(source))]
+  return np.array([int(r['group']) if 'group' in r else int(r['label']) * s + int(r['spurious'])
+                   for r in rows], np.int64)
+
+
+class GroupBalancedOrder:
+  """Global position -> augmentation index `p * n + example` (see the module docstring)."""
+
+  def __init__(self, groups: np.ndarray, seed: int, global_batch: int):
+    self._n, self._seed, self._global = len(groups), int(seed), int(global_batch)
+    self._members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    self._cache = (None, None)
+
+  def draw(self, step: int) -> np.ndarray:
+    """The examples of global step `step` (all processes draw the same)."""
+    if self._cache[0] != step:
+      rng = np.random.default_rng([self._seed, int(step), _BALANCED_TAG])
+      which = rng.integers(0, len(self._members), size=self._global)
+      sizes = np.array([len(m) for m in self._members])
+      within = np.floor(rng.random(self._global) * sizes[which]).astype(np.int64)
+      self._cache = (step, np.array([self._members[g][i] for g, i in zip(which, within)]))
+    return self._cache[1]
+
+  def __call__(self, position: int) -> int:
+    step, j = divmod(int(position), self._global)
+    return int(position) * self._n + int(self.draw(step)[j])
+
+
+class UpsampleOrder:
+  """JTT's upsampled epochs: position -> `(epoch * factor + copy) * n + example`."""
+
+  def __init__(self, n: int, indices: Sequence[int], factor: int, seed: int):
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+      raise ValueError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
+                       f'{indices.min()}..{indices.max()}.')
+    factor = int(factor)
+    if factor < 1:
+      raise ValueError(f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
+    extra = np.repeat(indices, factor - 1)
+    copies = np.concatenate([np.arange(1, factor)] * len(indices)) if len(indices) else []
+    self._table = np.concatenate([np.arange(n), extra]).astype(np.int64)
+    self._copy = np.concatenate([np.zeros(n, np.int64), np.asarray(copies, np.int64)])
+    self._n, self._factor, self._seed, self._perms = n, factor, int(seed), {}
+
+  def __len__(self) -> int:
+    return len(self._table)
+
+  def __call__(self, position: int) -> int:
+    epoch, k = divmod(int(position), len(self._table))
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self._seed, epoch, _UPSAMPLE_TAG]).permutation(
+          len(self._table))
+      self._perms = {epoch: perm}
+    k = perm[k]
+    return (epoch * self._factor + int(self._copy[k])) * self._n + int(self._table[k])
+
+
+def read_upsample(upsample) -> tuple[list, int]:
+  """`(indices, factor)` of `data.upsample` = dict(file=JSON with `indices`, factor=L)."""
+  if not upsample or not upsample.get('file'):
+    raise ValueError("data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): "
+                     'PATH a JSON with an `indices` list (`python -m vitreg_jax.jtt` writes '
+                     "it as WORKDIR/jtt_error_set.json).")
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(upsample['file'])
+  if not path.exists():
+    raise FileNotFoundError(f'{path} not found: write the error set of the identification run '
+                            'with `python -m vitreg_jax.jtt --workdir=RUN`.')
+  return list(json.loads(path.read_text())['indices']), int(upsample.get('factor') or 1)
+
+
+def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: int):
+  """The training order `position -> index` for `cfg['sampler']`, or None for uniform."""
+  sampler = cfg.get('sampler') or 'uniform'
+  if sampler not in SAMPLERS:
+    raise ValueError(f'Unknown data.sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.')
+  if sampler == 'group_balanced':
+    return GroupBalancedOrder(group_ids(source, info), seed, global_batch)
+  if sampler == 'upsample':
+    indices, factor = read_upsample(cfg.get('upsample'))
+    return UpsampleOrder(len(source), indices, factor, seed)
+  return None
+
+
+def group_counts(data_config, split: Optional[str] = None) -> np.ndarray:
+  """Examples per group in `split` (default: the train split), `[num_groups]` float64."""
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  spec, cfg = data.get_spec(data_config)
+  split = split or cfg['train_split']
+  unsliced = {**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])}
+  info = spec.info(unsliced)
+  source = splits_lib.apply(spec.source(unsliced, splits_lib.base_name(split)), split)
+  ids = group_ids(source, info)
+  return np.bincount(ids, minlength=num_groups(info)).astype(np.float64)
+
+
+_TRAIN_COUNTS: dict = {}
+
+
+def train_group_counts(data_config) -> Optional[tuple]:
+  """Training examples per group of `data_config`'s train split, or None without groups.
+
+  Cached per data config (evaluations call it once per split): the training proportions
+  behind `train_weighted_mean_accuracy` (vitreg_jax/metrics.py).
+  """
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  spec, cfg = data.get_spec(data_config)
+  key = json.dumps(cfg, sort_keys=True, default=str)
+  if key not in _TRAIN_COUNTS:
+    from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    info = spec.info({**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])})
+    _TRAIN_COUNTS[key] = (tuple(group_counts(data_config).tolist())
+                          if num_groups(info) is not None else None)
+  return _TRAIN_COUNTS[key]
