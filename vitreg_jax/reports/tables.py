@@ -318,7 +318,7 @@ def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
              "OOD acc.", "paper OOD", "diff"] + (["worst-group acc."] if waterbirds else [])
             + ["chosen steps"])
   order = {r: i for i, r in enumerate(("full", *rules))}
-  keys = sorted(data["rows"], key=lambda k: (order[k[1]], k[0]))
+  keys = sorted(data["rows"], key=lambda k: (order[k[1]], "+ERM" not in k[0], k[0]))
   rows = []
   for label, rule in keys:
     row = data["rows"][(label, rule)]
