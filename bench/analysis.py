@@ -1,7 +1,7 @@
-"""Cost of the Hessian analysis; prints one JSON object.
+"""Cost of the Hessian and loss-landscape analyses; prints one JSON object.
 
     python bench/analysis.py [--batch 32] [--num_batches 10] [--top_k 5] [--max_iter 100]
-        [--repeats 5] [--image 224] [--skip_spectrum]
+        [--repeats 5] [--image 224] [--skip_spectrum] [--landscape_points 8]
 
 Model: ViT-Ti/16 (5.7 M parameters) at `--image` px, 1000 classes, random weights, a
 random batch of `--batch` images (the figures do not depend on the data).
@@ -18,6 +18,10 @@ random batch of `--batch` images (the figures do not depend on the data).
   `--num_batches` batches (`hessian.make_batch_analysis`'s jitted per-batch function;
   compile excluded, reported apart as `spectrum_compile_seconds`), with `products` the HVPs
   it used.
+* `landscape_points_per_s`: loss-landscape points (training loss and accuracy of
+  `theta0 + a d1 + b d2` on the batch) per second, `analysis.landscape`'s compiled scan over
+  `--landscape_points` points, median over `--repeats` calls after compilation
+  (`landscape_compile_seconds`); 0 points skips it.
 """
 
 import argparse
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 
 from vitreg_jax import models
 from vitreg_jax.analysis import hessian
+from vitreg_jax.analysis import landscape
 from vitreg_jax.analysis import objective
 from vitreg_jax.analysis import operators
 
@@ -39,6 +44,16 @@ def timed(fn, *args):
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   return time.perf_counter() - start
+
+
+def landscape_figures(obj, batch, a) -> dict:
+  directions = jax.random.normal(jax.random.PRNGKey(2), (2, obj.theta.size))
+  evaluate = landscape.make_evaluator(obj, obj.theta, directions)
+  coords = jax.random.uniform(jax.random.PRNGKey(3), (a.landscape_points, 2), minval=-1)
+  compile_seconds = timed(evaluate, coords, batch)
+  seconds = statistics.median(timed(evaluate, coords, batch) for _ in range(a.repeats))
+  return dict(landscape_compile_seconds=compile_seconds, landscape_points=a.landscape_points,
+              landscape_points_per_s=a.landscape_points / seconds)
 
 
 def median_times(fns: dict, repeats: int) -> dict:
@@ -62,6 +77,7 @@ def main():
   p.add_argument("--top_k", type=int, default=5)
   p.add_argument("--max_iter", type=int, default=100)
   p.add_argument("--skip_spectrum", action="store_true")
+  p.add_argument("--landscape_points", type=int, default=8)
   a = p.parse_args()
 
   model = models.create("vit", 1000, variant="Ti/16", head_zeroinit=False)
@@ -91,6 +107,8 @@ def main():
              per_block_hvp_over_grad=med["masked"] / med["grad"],
              block_hvp_over_grad={b[0]: med[b[0]] / med["grad"]
                                   for b in blocks[:2] + blocks[-2:]})
+  if a.landscape_points:
+    res.update(landscape_figures(obj, batch, a))
   if not a.skip_spectrum:
     analyse = hessian.make_batch_analysis(functools.partial(operators.hvp, loss), theta.size,
                                           top_k=a.top_k, max_iter=a.max_iter)

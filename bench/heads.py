@@ -4,7 +4,7 @@
     python bench/heads.py --model b16 --batch 256 --skip_command     # ViT-B/16 (a GPU)
 
 * `mask_eval_over_eval`: images x masks per second of the head-mask evaluator
-  (`vitreg_jax.heads.MaskEvaluator`, all masks of one call on the same `--batch` images)
+  (`vitreg_jax.heads.evaluate.MaskEvaluator`, all masks of one call on the same `--batch` images)
   over images per second of the training loop's eval step (`steps.eval_step`, unmasked) on
   the same model, batch and uint8 images, timed in alternating rounds (`--rounds`) so load
   drifts hit both; the median round of each. The masks are those of
@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitreg_jax import heads
 from vitreg_jax import models
 from vitreg_jax import steps
 from vitreg_jax.data import device_normalization
+from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import masks as masks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name -> model kwargs (10 classes: the figures do not depend on the head size)
@@ -52,8 +53,8 @@ MODELS = {  # name -> model kwargs (10 classes: the figures do not depend on the
 
 def command_masks(depth, num_heads, layers):
   """The masks `heads` scores: the full model, every head of `layers` alone and removed."""
-  alone, _ = heads.head_masks(depth, num_heads, layers, 'alone')
-  removed, _ = heads.head_masks(depth, num_heads, layers, 'removed')
+  alone, _ = masks_lib.head_masks(depth, num_heads, layers, 'alone')
+  removed, _ = masks_lib.head_masks(depth, num_heads, layers, 'removed')
   return np.concatenate([np.ones((1, depth, num_heads), np.float32), alone, removed])
 
 
@@ -78,10 +79,11 @@ def evaluator_ratio(args) -> dict:
                                       normalize=normalize))
   batch = jax.device_put({'image': images, 'label': labels})  # As the loop's prefetch does.
   full = steps.all_heads_mask(model)
-  depth, num_heads = heads.model_shape(model)
+  depth, num_heads = masks_lib.model_shape(model)
   mask_sets = {'all': command_masks(depth, num_heads, range(depth)),
                'last_layer': command_masks(depth, num_heads, [depth - 1])}
-  evaluators = {k: heads.MaskEvaluator(model) for k in mask_sets}
+  layers = {'all': tuple(range(depth)), 'last_layer': (depth - 1,)}
+  evaluators = {k: evaluate.MaskEvaluator(model, layers=layers[k]) for k in mask_sets}
   runs = {'eval': lambda: eval_fn(state, batch, full)}
   for k, masks in mask_sets.items():
     runs[k] = functools.partial(evaluators[k], variables, images, labels, masks,

@@ -11,6 +11,8 @@ ViT vs ResNet vs AlterNet (Fig. 12), the GAP vs CLS classifier ("GAP improves ac
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=vit,local_window=5 \
       --workdir=/runs/vit_local5
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=resnet --workdir=/runs/r50
+  python -m vitreg_jax.main --config=configs/how_vits_work.py:model=resnet,smoothing \
+      --workdir=/runs/r50_smooth
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=alternet,robustness \
       --workdir=/runs/alternet
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=vit,train_split=train[:6%] \
@@ -33,6 +35,13 @@ Arguments (`:key=value,...`):
                 local ones) unless `patch` says otherwise.
   patch         ViT patch size; 0 (default): 2, or 4 with a local window.
   depth         ResNet depth (50 default; 18 for a quick baseline).
+  smoothing     ResNet / AlterNet: the slides' "applying spatial smoothing at the end of a stage
+                improves accuracy": the authors' blur block (models/smoothing_block.py,
+                `TanhBlurBlock`: 10 tanh(x / 10), ReLU, 2x2 average pool with stride 1) after
+                every stage, as their `num_sblocks=(1, 1, 1, 1)` (models/resnet.py). The ResNet
+                pads as theirs (each smoothed map grows by one pixel); AlterNet keeps the map
+                size (`smoothing_padding='same'`) so its 4 x 4 windows still tile the maps
+                (their AlterNet has no smoothing option).
   dataset       'cifar100' (default) | 'cifar10'.
   train_split   'train' (default) or a slice in TFDS syntax for the small-data runs, e.g.
                 `train_split=train[:6%]` (the "6% dataset" of Fig. 4; the first 6% of TFDS's
@@ -81,7 +90,8 @@ def get_config(arg=None):
   """Returns the CIFAR config of one "How do ViTs work?" comparison (argument string `arg`)."""
   arg = config_lib.parse_arg(arg, model="vit", classifier="token", local_window=0, patch=0,
                              depth=50, dataset="cifar100", train_split="train",
-                             robustness=False, epochs=300, seed=0, runlocal=False)
+                             robustness=False, epochs=300, seed=0, runlocal=False,
+                             smoothing=False)
   if arg.model not in MODELS:
     raise ValueError(f"model must be one of {MODELS}, got {arg.model!r}.")
   if arg.classifier not in CLASSIFIERS:
@@ -91,6 +101,9 @@ def get_config(arg=None):
   if arg.model != "vit" and (arg.classifier != "token" or arg.local_window or arg.patch):
     raise ValueError("classifier, local_window and patch apply to model=vit only "
                      f"(got model={arg.model!r}).")
+  if arg.smoothing and arg.model == "vit":
+    raise ValueError("smoothing applies to model=resnet or model=alternet (a blur after every "
+                     "CNN stage), not the ViT.")
   if arg.local_window < 0:
     raise ValueError(f"local_window must be 0 (global) or a window size k > 0, got "
                      f"{arg.local_window}.")
@@ -147,4 +160,7 @@ def get_config(arg=None):
     config.log_every_steps = 5
     config.eval_every_steps = 10**9 if arg.robustness else 10
     config.checkpoint_every_steps = 5
+  if arg.smoothing:
+    config.model = dict(config.model, smoothing=True,
+                        smoothing_padding="same" if arg.model == "alternet" else "authors")
   return config

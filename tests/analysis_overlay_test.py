@@ -24,8 +24,13 @@ ARGS = {
     "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
     "fourier": ["--num_examples=16", "--batch_size=8"],
     "noise": ["--noise_examples=16", "--num_freqs=2", "--batch_size=8", "--corruption=none"],
+    "landscape": ["--grid_points=3", "--line_points=3", "--landscape_batches=1",
+                  "--batch_size=8", "--points_per_call=5"],
+    "variance": ["--num_examples=16", "--batch_size=8"],
+    "calibration": ["--bins=5", "--batch_size=8"],
 }
-FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep"}
+FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep", "landscape": "grid",
+           "variance": "blocks", "calibration": "calibration"}
 
 
 def _make_run(workdir, name):
@@ -61,3 +66,12 @@ def test_two_workdirs_give_one_json_and_one_png(analysis, two_runs, tmp_path):
 def test_several_workdirs_need_out(two_runs):
   res = _command("fourier", two_runs)
   assert res.returncode != 0 and "pass --out=DIR" in res.stderr
+
+
+def test_bad_landscape_flags_fail_first_without_traceback(two_runs, tmp_path):
+  argv = [sys.executable, "-m", "vitreg_jax.analysis.landscape", f"--workdir={two_runs[0]}",
+          f"--out={tmp_path}", "--grid_points=1"]
+  res = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert res.returncode != 0 and "must be 0 (skip) or >= 2" in res.stderr
+  assert "Traceback" not in res.stderr and not os.listdir(tmp_path)

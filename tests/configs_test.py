@@ -53,7 +53,8 @@ ARVIT_DATASETS = ["imagenet_rotation", "cifar10", "cifar100", "oxford_flowers102
 
 # (config file, argument) pairs that must load, build and trace.
 CASES = (
-    [("quickstart", None), ("quickstart", "reg=div")]
+    [("quickstart", None), ("quickstart", "reg=div"), ("quickstart", "model=alternet"),
+     ("quickstart", "model=resnet,smoothing"), ("quickstart", "model=alternet,smoothing")]
     + [("mnist_cifar", a) for a in ("reg=erm", "reg=div", "reg=div,div=code", "runlocal",
                                     "reg=div,runlocal")]
     + [("waterbirds", a) for a in ("reg=erm", "reg=div,variant=S/16", "reg=div,div=code",
@@ -71,7 +72,8 @@ CASES = (
         "model=vit,local_window=5", "model=vit,local_window=8", "model=resnet",
         "model=resnet,depth=18,dataset=cifar10", "model=alternet", "model=alternet,robustness",
         "model=vit,runlocal", "model=resnet,runlocal", "model=alternet,runlocal",
-        "model=vit,train_split=train[:6%]", "model=vit,patch=4")]
+        "model=vit,train_split=train[:6%]", "model=vit,patch=4", "model=resnet,smoothing",
+        "model=alternet,smoothing", "model=alternet,smoothing,runlocal")]
     + [("optimizer_study", a) for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw,lr=3e-3,wd=0",
         "model=resnet,opt=adam,data=cifar100", "model=vit,opt=sam,data=cifar100,runlocal")]
@@ -259,7 +261,7 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
   module = load("mnist_cifar")
   assert entry["weight"] == pytest.approx(
       module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["mnist_cifar"])
-  assert "normalize" not in entry and paper.model.get("last_attn_residual", True)
+  assert "normalize" not in entry and paper.model.last_attn_residual is False
   assert get("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
 
 
@@ -362,6 +364,16 @@ def test_how_vits_work_variants():
   assert robust.data.name == "cifar100_corrupted" and len(robust.data.corruptions) == 15
   with pytest.raises(ValueError, match="model=vit only"):
     get("how_vits_work", "model=resnet,classifier=gap")
+  # The slides' "spatial smoothing at the end of a stage" row: the authors' blur block.
+  smooth = get("how_vits_work", "model=resnet,smoothing")
+  assert smooth.model.smoothing and smooth.model.smoothing_padding == "authors"
+  model, *_ = build(smooth)
+  assert model.smoothing_temperature == 10.0
+  smooth = get("how_vits_work", "model=alternet,smoothing")
+  assert smooth.model.smoothing_padding == "same"   # its 4 x 4 windows must tile the maps
+  build(smooth)
+  with pytest.raises(ValueError, match="smoothing applies to model=resnet or model=alternet"):
+    get("how_vits_work", "model=vit,smoothing")
 
 
 # ----------------------------------------------------------------------- runlocal

@@ -45,7 +45,8 @@ FAST_CASES = [
 # `test_two_step_cases_cover_every_choice` keeps the two lists complete. (Arguments that only
 # change sizes, epochs or eval splits are covered by the shape checks of configs_test.py.)
 SLOW_CASES = (
-    [("quickstart", "reg=div,runlocal"), ("quickstart", "model=resnet,runlocal")]
+    [("quickstart", "reg=div,runlocal"), ("quickstart", "model=resnet,runlocal"),
+     ("quickstart", "model=alternet,smoothing,runlocal")]
     + [("mnist_cifar", a + ",runlocal") for a in ("reg=erm", "reg=div,div=paper")]
     + [("waterbirds", a + ",runlocal") for a in ("reg=div,div=paper,weight=1e9", "reg=div,div=code")]
     + [("arvit", a + ",runlocal") for a in (
@@ -54,7 +55,8 @@ SLOW_CASES = (
         "variant=R1-5,impl=code,dataset=imagenet_rotation")]
     + [("how_vits_work", a + ",runlocal") for a in (
         "model=vit,classifier=gap", "model=vit,local_window=3", "model=resnet",
-        "model=alternet", "model=resnet,robustness,dataset=cifar10")]
+        "model=alternet", "model=resnet,robustness,dataset=cifar10",
+        "model=resnet,smoothing")]
     + [("optimizer_study", a + ",runlocal") for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw",
         "model=resnet,opt=adam", "model=vit,opt=sam,data=cifar100")]

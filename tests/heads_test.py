@@ -18,7 +18,6 @@ from vitreg_jax.heads import evaluate as evaluate_lib
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import select as select_lib
 from vitreg_jax.heads import training as training_lib
-from vitreg_jax.reports import tables as tables_lib
 
 import testutil
 
@@ -71,13 +70,14 @@ def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
   removed, _ = masks_lib.head_masks(2, 4, (1,), "removed")
   masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])  # 13 masks
   evaluator = evaluate_lib.MaskEvaluator(model, masks_per_pass=5)
-  pred, loss = evaluator(variables, x, labels, masks)
-  assert pred.shape == loss.shape == (13, 6)
+  pred, loss, confidence = evaluator(variables, x, labels, masks)
+  assert pred.shape == loss.shape == confidence.shape == (13, 6)
   for i, m in enumerate(masks):
     logits, _ = apply(variables, x, m)
     np.testing.assert_array_equal(pred[i], np.argmax(logits, -1))
     ref = -jax.nn.log_softmax(logits)[np.arange(6), labels]
     np.testing.assert_allclose(loss[i], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(confidence[i], jax.nn.softmax(logits).max(-1), rtol=1e-5)
   evaluator(variables, x + 1.0, labels, masks[:1])  # Fewer masks, new data: same shapes.
   assert evaluator.traces == 1
 
@@ -145,51 +145,6 @@ def test_load_head_mask_from_array_file_and_run_dir(tmp_path):
     masks_lib.load_head_mask(str(tmp_path / "none.json"), (2, 2))
 
 
-def _fake_run(root, name, div, test_id, test_ood, wg=None):
-  workdir = os.path.join(root, name)
-  regs = [dict(name="div", weight=10.0, layers=[-1])] if div else []
-  config = config_lib.with_defaults(ml_collections.ConfigDict(
-      dict(total_steps=1, regularizers=regs)))
-  rundir.save_config(config, workdir)
-  figures = lambda i, o: {"test_id": {"accuracy": i}, "test_ood": {
-      "accuracy": o, "mean_group_accuracy": o, "worst_group_accuracy": wg or o}}
-  result = {"dataset": "dominoes", "rule": "oracle",
-            "roles": vars(roles_lib.split_roles(("val_id", "val_ood", "test_id", "test_ood"))),
-            "full": figures(test_id, test_ood), "selected": figures(test_id, test_ood + 0.1)}
-  with open(os.path.join(workdir, "heads.json"), "w") as f:
-    json.dump(result, f)
-  return workdir
-
-
-def test_poster_table_format(tmp_path):
-  runs = [_fake_run(tmp_path, "e0", False, 0.90, 0.70), _fake_run(tmp_path, "e1", False, 0.92, 0.72),
-          _fake_run(tmp_path, "d0", True, 0.88, 0.75)]
-  lines = tables_lib.heads_poster_table(runs).splitlines()
-  assert lines[0] == "| Method | ID Acc. | OOD Acc. | Runs |"
-  assert lines[1] == "|---|---|---|---|"
-  assert lines[2] == "| ViT+ERM | 91.00 ± 1.41 | 71.00 ± 1.41 | 2 |"
-  assert lines[3] == "| ViT+DIV | 88.00 | 75.00 | 1 |"
-  assert lines[4] == "| ViT+ERM+SEL | 91.00 ± 1.41 | 81.00 ± 1.41 | 2 |"
-  assert lines[5] == "| ViT+DIV+SEL | 88.00 | 85.00 | 1 |"
-  assert "test splits" in lines[7] and "oracle" in lines[7]
-  with pytest.raises(FileNotFoundError, match="python -m vitreg_jax.heads"):
-    tables_lib.heads_poster_table([str(tmp_path / "missing")])
-
-
-def test_poster_table_waterbirds_adds_worst_group_and_poster_column(tmp_path):
-  run = _fake_run(tmp_path, "w0", False, 0.96, 0.84, wg=0.7)
-  path = os.path.join(run, "heads.json")
-  result = json.load(open(path))
-  result["dataset"] = "waterbirds"
-  json.dump(result, open(path, "w"))
-  lines = tables_lib.heads_poster_table([run]).splitlines()
-  assert lines[0] == ("| Method | ID Acc. | OOD Acc. | Worst-group Acc. | Runs | "
-                      "Poster ID / OOD |")
-  assert lines[2] == "| ViT+ERM | 96.00 | 84.00 | 70.00 | 1 | 96.55 ± 0.2 / 83.37 ± 0.4 |"
-  assert lines[4].startswith("| ViT+ERM+SEL | 96.00 | 94.00 | 70.00 | 1 |")
-  assert lines[3] == "| ViT+DIV | - | - | - | 0 | 96.99 ± 0.1 / 83.87 ± 0.7 |"
-
-
 def _quickstart_config(**overrides):
   spec = importlib.util.spec_from_file_location("quickstart",
                                                 os.path.join(ROOT, "configs", "quickstart.py"))
@@ -234,3 +189,53 @@ def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_greedy_search_compiles_the_mask_evaluator_once(tiny):
+  """Greedy's rounds (candidate counts that change, one-mask scores) reuse one compilation."""
+  model, variables, _, _ = tiny
+  x = np.random.RandomState(1).normal(size=(48, 8, 8, 3)).astype(np.float32)
+  labels = np.arange(48, dtype=np.int32) % 3
+  evaluator = evaluate_lib.MaskEvaluator(model, layers=(1,), masks_per_pass=3,
+                                         images_per_pass=20)
+  full = np.ones((2, 4), np.float32)
+  target = full.copy()
+  target[1, 2] = 0.0  # Greedy's score peaks (at 0) at this mask, one flip from the start.
+  target_loss = evaluator(variables, x, labels, target[None])[1][0]
+  calls = []
+
+  def score_fn(masks):
+    calls.append(len(masks))
+    _, loss = evaluator(variables, x, labels, masks)
+    return -np.abs(loss - target_loss).mean(axis=1)
+
+  mask, score, path = select_lib.greedy_search(score_fn, full, (1,))
+  np.testing.assert_array_equal(mask, target)
+  assert len(path) == 2 and score == pytest.approx(0.0, abs=1e-6) and path[0][1] < -1e-3
+  assert calls[0] == 1 and len(calls) == 3  # Start, a round that moves, one that stops.
+  assert evaluator.traces == 1 and evaluator.expand_at == 1
+
+
+def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(monkeypatch):
+  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
+  config = _quickstart_config()
+  reads = []
+  make = data.make_eval_iterator
+  monkeypatch.setattr(data, "make_eval_iterator",
+                      lambda *a, **k: reads.append(a[1]) or make(*a, **k))
+  model = models.create("vit", 2, **config.model.to_dict())
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 16, 3), np.float32))
+  run_eval = evaluate_lib.RunEval(model, variables, config, ("val_id", "val_ood"), layers=(1,))
+  fn, passes = run_eval.evaluator._fn, []
+  run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
+  masks = np.concatenate([np.ones((1, 2, 2), np.float32),
+                          masks_lib.head_masks(2, 2, (1,), "alone")[0]])
+  first = run_eval(masks)
+  assert passes and first["val_id"][0]["num_examples"] == 100
+  scored = len(passes)
+  again = run_eval(masks[::-1], ["val_ood"])  # Already scored: no pass.
+  assert again["val_ood"] == first["val_ood"][::-1] and len(passes) == scored
+  run_eval.variables = variables  # New weights: scored again, from the data read before.
+  assert run_eval(masks[:1], ["val_ood"])["val_ood"][0] == first["val_ood"][0]
+  assert len(passes) > scored and reads == ["val_id", "val_ood"]
+  assert run_eval.evaluator.traces == 1

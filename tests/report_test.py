@@ -78,27 +78,35 @@ def test_read_metrics_later_line_supersedes(poster_runs):
   assert train_[100]["loss"] == 0.4 and sorted(train_) == [50, 100]
 
 
-def test_poster_table_mean_std_paper_and_status(poster_runs):
+def test_poster_table_mean_std_paper_and_authors_step(poster_runs):
   groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([poster_runs])])
   assert sorted(len(g.runs) for g in groups) == [2, 2]   # grouped by everything but seed
-  table = tables_lib.poster_table(groups)
+  table = tables_lib.report_poster_table(groups)
+  # No heads_eval.jsonl in these runs: full-model rows only, from metrics.jsonl.
   rows = {r[1]: r for r in table.rows}
-  assert set(rows) == {"ViT+ERM", "ViT+DIV", "ViT+DIV+SEL"}
+  assert set(rows) == {"ViT+ERM", "ViT+DIV"} and "without heads_eval.jsonl" in table.note
   erm = rows["ViT+ERM"]
-  assert erm[3] == "ok"
+  # Seed 0 at step 100 (val_ood 0.60 beats step 50's 0.40): the authors' step.
   np.testing.assert_allclose(erm[4][:2], (85.0, math.sqrt(50.0)))   # 90, 80: std sqrt(50)
   assert erm[4][2] == 2 and erm[5] == "88.80 ± 0.10" and erm[6] == "-3.80"
   np.testing.assert_allclose(erm[7][:2], (55.0, math.sqrt(50.0)))
-  assert erm[8] == "56.87 ± 4.30" and erm[9] == "-1.87"
+  assert erm[8] == "56.87 ± 4.30" and erm[9] == "-1.87" and erm[10] == "100,100"
   div = rows["ViT+DIV"]
-  assert "seed 1: unfinished (50/100)" in div[3] and "seed 1: missing test_ood" in div[3]
   np.testing.assert_allclose(div[4][:2], (87.0, math.sqrt(2.0)))   # both seeds have test_id
   assert div[7] == (70.0, None, 1)                                 # only seed 0 has test_ood
-  sel = rows["ViT+DIV+SEL"]
-  assert sel[3] == "heads.json in 1/2" and sel[4] == (91.0, None, 1) and sel[5] == "89.86 ± 1.10"
-  assert sel[9] == "+4.92"                                         # 75 - 70.08
   md = table.markdown()
-  assert "| mnist_cifar | ViT+ERM | 2 | ok | 85.00 ± 7.07 (n=2) | 88.80 ± 0.10 | -3.80 |" in md
+  assert "| mnist_cifar | ViT+ERM | - | 2 | 85.00 ± 7.07 (n=2) | 88.80 ± 0.10 | -3.80 |" in md
+
+
+def test_final_statistic_is_one_flag_away(tmp_path):
+  # ERM: the best val_ood (0.80) at step 50, the final step 100 is worse (0.60).
+  run = make_run(str(tmp_path), "erm", mnist_cifar(0), [train(100, 0.5)] + evals(50, 0.9, 0.8)
+                 + evals(100, 0.85, 0.6))
+  authors = tables_lib.poster_table([run]).rows[0]
+  final = tables_lib.poster_table([run], statistic="final")
+  assert authors[7][0] == pytest.approx(80.0) and authors[10] == "50"
+  assert final.rows[0][7][0] == pytest.approx(60.0) and final.rows[0][10] == "100"
+  assert "FINAL CHECKPOINT" in final.note
 
 
 def test_cli_writes_markdown_csv_and_curves(poster_runs, tmp_path, capsys):
@@ -172,9 +180,10 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
   for clf, acc in (("token", 0.50), ("gap", 0.54)):
     config = dict(base, model_name="vit", model={"variant": "Ti/4", "classifier": clf},
                   data={"name": "cifar100_corrupted"})
-    make_run(root, clf, config, [train(10, 0.5), (10, "test", {"accuracy": acc}),
-                                 (10, "fog_1", {"accuracy": acc - 0.1}),
-                                 (10, "fog_2", {"accuracy": acc - 0.2})])
+    make_run(root, clf, config, [train(10, 0.5),
+                                 (10, "test", {"accuracy": acc, "nll": 2.0, "ece": 0.05}),
+                                 (10, "fog_1", {"accuracy": acc - 0.1, "nll": 3.0}),
+                                 (10, "fog_2", {"accuracy": acc - 0.2, "nll": 4.0})])
   groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
   arvit = tables_lib.arvit_table(groups)
   (row,) = arvit.rows
@@ -182,40 +191,48 @@ def test_arvit_and_how_vits_work_tables(tmp_path):
   assert row[3] == 84.76 and row[4] == "+0.24" and row[5] == (None, None, 0)
   hvw = {r[1]: r for r in tables_lib.how_vits_work_table(groups).rows}
   assert set(hvw) == {"ViT (CLS)", "ViT (GAP)"}
-  np.testing.assert_allclose(hvw["ViT (GAP)"][5][0], 39.0)        # mean of 44 and 34
-  assert hvw["ViT (GAP)"][6:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
+  gap = hvw["ViT (GAP)"]
+  # test acc., NLL, ECE (%), then over the corrupted splits: acc. (mean of 44 and 34), NLL.
+  np.testing.assert_allclose([c[0] for c in gap[4:9]], [54.0, 2.0, 5.0, 39.0, 3.5])
+  assert gap[9] == (None, None, 0)  # no ECE logged under fog
+  assert gap[10:] == ["GAP - CLS: +2.70", "+4.00", "+1.30"]
 
 
-def test_sel_rows_agree_with_the_heads_table(tmp_path):
-  # One implementation (vitreg_jax/reports/papers.py, tables.py) behind the report's poster rows and
-  # `python -m vitreg_jax.heads --table`: the same runs give the same methods and figures.
+def _head_eval(workdir, lines):
+  with open(os.path.join(workdir, "heads_eval.jsonl"), "w") as f:
+    for step, split, kind, head, metrics in lines:
+      f.write(json.dumps({"step": step, "split": split, "kind": kind,
+                          "layer": None if head is None else 1, "head": head, **metrics}) + "\n")
+
+
+def test_report_and_heads_table_are_one_table(tmp_path, capsys):
+  # One implementation (tables.poster_table) behind the report's poster rows and `python -m
+  # vitreg_jax.heads --table`; Waterbirds' OOD is the mean group accuracy, worst group beside.
+  from vitreg_jax.heads import __main__ as heads_main  # pylint: disable=g-import-not-at-top
   root = str(tmp_path)
-  roles = {"test_id": "test", "test_ood": "test", "id_metric": "accuracy",
-           "ood_metric": "mean_group_accuracy"}
-  waterbirds = lambda seed, reg: dict(mnist_cifar(seed, reg), data={
-      "name": "waterbirds", "eval_splits": ["val", "test"]})
-  test = lambda acc, wg: {"accuracy": acc, "mean_group_accuracy": acc - 0.05,
-                          "worst_group_accuracy": wg}
+  fig = lambda acc, wg: {"accuracy": acc, "mean_group_accuracy": acc - 0.05,
+                         "worst_group_accuracy": wg, "conflict_accuracy": wg}
   workdirs = []
   for seed, (acc, wg) in enumerate(((0.96, 0.80), (0.94, 0.70))):
-    config = waterbirds(seed, "div")
-    config["regularizers"][0]["weight"] = 0.0   # DIV switched off: this is an ERM run
-    workdirs.append(make_run(root, f"wb{seed}", config,
-                             [train(100, 0.3), (100, "test", test(acc, wg))],
-                             heads={"dataset": "waterbirds", "rule": "oracle", "roles": roles,
-                                    "full": {"test": test(acc, wg)},
-                                    "selected": {"test": test(acc + 0.01, wg + 0.1)}}))
+    config = dict(mnist_cifar(seed), data={"name": "waterbirds", "eval_splits": ["val", "test"]})
+    w = make_run(root, f"wb{seed}", config, [train(100, 0.3), (100, "test", fig(acc, wg))])
+    _head_eval(w, [(step, split, kind, head, fig(acc + d, wg + d))
+                   for step, d0 in ((50, 0.0), (100, 0.01)) for split in ("val", "test")
+                   for kind, head, d1 in (("full", None, 0.0), ("alone", 0, 0.02),
+                                          ("alone", 1, -0.3))
+                   for d in [d0 + d1]])
+    workdirs.append(w)
   groups = runs_lib.group_runs([runs_lib.load(w) for w in workdirs])
-  rows = {r[1]: r for r in tables_lib.poster_table(groups).rows}
-  assert set(rows) == {"ViT+ERM", "ViT+ERM+SEL"}
-  data = tables_lib.poster_table_data(workdirs)["rows"]
-  for method in ("ViT+ERM", "ViT+ERM+SEL"):
-    np.testing.assert_allclose(rows[method][4][:2], (np.mean(data[method]["id"]),
-                                                     np.std(data[method]["id"], ddof=1)))
-    # The report's Waterbirds OOD column is the worst group, the heads table's own column.
-    np.testing.assert_allclose(rows[method][7][:2], (np.mean(data[method]["worst_group"]),
-                                                     np.std(data[method]["worst_group"], ddof=1)))
-  np.testing.assert_allclose(rows["ViT+ERM+SEL"][7][0], 85.0)
-  assert rows["ViT+ERM+SEL"][8] == "85.70 ± 1.60"
-  assert "| ViT+ERM+SEL | 96.00 ± 1.41 | 91.00 ± 1.41 | 85.00 ± 7.07 | 2 | 96.50 ± 0.5 / 85.70 ± 1.6 |" \
-      in tables_lib.heads_poster_table(workdirs)
+  report_rows = tables_lib.report_poster_table(groups).rows
+  table = tables_lib.poster_table(workdirs)
+  assert report_rows == table.rows
+  rows = {(r[1], r[2].split(":")[0]): r for r in table.rows}
+  erm, sel = rows[("ViT+ERM", "-")], rows[("ViT+ERM+SEL", "oracle")]
+  # Step 100 (val mean-group 0.92 / 0.90 beats step 50's); OOD = test mean group accuracy.
+  np.testing.assert_allclose(erm[7][:2], (91.0, math.sqrt(2.0)))
+  np.testing.assert_allclose(erm[10][:2], (76.0, math.sqrt(50.0)))   # worst group, own column
+  np.testing.assert_allclose(sel[7][0], 93.0)                         # head 0 at step 100
+  assert sel[8] == "85.70 ± 1.60" and erm[8] == "83.37 ± 0.40"
+  assert rows[("ViT+ERM+SEL", "id_val")][8] == "-"                   # no poster figure
+  assert heads_main.main(["--table", *workdirs]) == 0
+  assert table.markdown() in capsys.readouterr().out

@@ -211,18 +211,27 @@ def set_div_regularizer(config, *, impl: str, weight: float, layers=(-1,)) -> No
   """Adds the head-diversity (DIV) regularizer to `config`, as the paper or its code has it.
 
   `impl='paper'`: the poster's L_IG (sum over head pairs, raw input gradients). `impl='code'`:
-  the authors' code (ArmandNM/diverse-vit, diverse_vit/losses.py and models/
-  vision_transformer.py): per-token normalized gradients (cosine), the mean over
-  batch x H x H, and no residual around the last block's attention (a model field, so it is set
-  on `config.model`). `weight` is lambda.
+  the authors' loss (ArmandNM/diverse-vit, diverse_vit/losses.py, `input_gradient_loss` with
+  `normalize_grads='per_token'`): per-token normalized gradients (cosine) and the mean over
+  batch x H x H. `weight` is lambda. The model is left alone: the authors' architecture (no
+  residual around the last block's attention, `Transformer.forward` in their
+  diverse_vit/models/vision_transformer.py) is every poster row's, ERM included, so the
+  configs set it on `config.model` themselves (`AUTHORS_ARCHITECTURE`).
   """
   if impl not in ("paper", "code"):
     raise ValueError(f"DIV impl must be 'paper' or 'code', got {impl!r}.")
   div = dict(name="div", weight=weight, layers=tuple(layers))
   if impl == "code":
     div.update(normalize=True, reduction="mean")
-    config.model["last_attn_residual"] = False
   config.regularizers = [div]
+
+
+# The authors' ViT drops the residual around the last block's attention in every run, ERM
+# included (ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py,
+# `Transformer.forward`: `x = attn(x)` in the last layer, `x = attn(x) + x` elsewhere). Masking
+# heads there then changes the whole residual stream, not one branch of it. The poster configs
+# and the quickstart merge this into `config.model`; their `residual` argument restores it.
+AUTHORS_ARCHITECTURE = dict(last_attn_residual=False)
 
 
 def overridable(config) -> ml_collections.ConfigDict:

@@ -22,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vitreg_jax import config_lib
+from vitreg_jax import loss_balance
 from vitreg_jax import sharding
 from vitreg_jax import train
 
@@ -67,8 +68,12 @@ def main(argv):
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                           accept_config_change=_ACCEPT_CHANGE.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             accept_config_change=_ACCEPT_CHANGE.value)
+  except loss_balance.NegligibleTermError as e:  # A config error: one line, no traceback.
+    sys.stderr.write(f"FATAL {e}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ corruptions (CIFAR-10-C / CIFAR-100-C).
 (with the batch's other arrays: `label`, `mask` and any attributes) into accuracy and loss,
 plus, where the dataset has them, the spurious-attribute figures (`spurious_accuracy`, and
 on the examples whose attribute disagrees with the label `conflict_accuracy` /
-`conflict_spurious_accuracy`) and the group figures.
+`conflict_spurious_accuracy`) and the group figures. Given each example's confidence (the
+predicted class's probability), it adds the predictive-performance figures "How do ViTs work?"
+reports beside accuracy: `nll` (the mean negative log-likelihood of the true label) and `ece`
+(expected calibration error over `ECE_BINS` equal-width confidence bins; `calibration_counts`
+adds over batches, `reliability` gives the reliability diagram).
 
 Group accuracy (Sagawa et al. 2020, "Distributionally Robust Neural Networks", Sec. 3):
 for group g, `acc_g = sum_i m_i [pred_i = y_i] [g_i = g] / sum_i m_i [g_i = g]`;
@@ -86,20 +90,90 @@ def group_metrics(predictions, labels, group, mask=None, num_groups: int = 4,
   return group_metrics_from_counts(*group_counts(correct, group, mask, num_groups), prefix)
 
 
-def mean_corruption_accuracy(accuracy_by_split: Mapping[str, float],
-                             corruptions: Optional[tuple] = None) -> dict:
-  """Mean accuracy over corruption splits named `<corruption>_<severity>`.
+# Equal-width confidence bins of the ECE. The authors' `ops/tests.py` (`test`) bins with
+# `np.linspace(0, 1, 11)`, i.e. 10 bins; Guo et al. (2017) used 15 (`calibration_counts`
+# and `python -m vitreg_jax.analysis.calibration --bins` take any number).
+ECE_BINS = 10
 
-  Hendrycks & Dietterich (2019) report the mean over corruptions and severities 1-5; "How do
-  ViTs work?" (Park & Kim 2022, Fig. 12) uses it as the robustness score on CIFAR-100-C.
+
+def calibration_counts(confidence, correct, mask=None, num_bins: int = ECE_BINS) -> np.ndarray:
+  """Per confidence bin: (examples, summed confidence, number correct) of one batch.
+
+  Bin b of B holds the confidences in `(b / B, (b + 1) / B]` (a confidence of 0 goes to bin
+  0). The counts add over batches and processes: sum them, then call `reliability` once.
 
   Args:
-    accuracy_by_split: split name -> accuracy; splits not of the form
+    confidence: [n] the predicted class's probability (`max softmax`), in [0, 1].
+    correct: [n] bool/0-1, whether the prediction equals the label.
+    mask: optional [n] float, 1 for real examples, 0 for padding.
+    num_bins: B.
+  Returns:
+    float64 `[3, B]`: example count, confidence sum and correct count per bin.
+  """
+  confidence = np.asarray(confidence, np.float64).reshape(-1)
+  correct = np.asarray(correct, np.float64).reshape(-1)
+  mask = np.ones_like(confidence) if mask is None else np.asarray(mask, np.float64).reshape(-1)
+  if num_bins < 1:
+    raise ValueError(f'Need at least one confidence bin, got num_bins={num_bins}.')
+  if np.any(confidence < -1e-5) or np.any(confidence > 1 + 1e-5):  # NaN passes: ECE is NaN.
+    raise ValueError('Confidences must be probabilities in [0, 1] (the max softmax), got '
+                     f'{np.nanmin(confidence)}..{np.nanmax(confidence)}: logits passed?')
+  index = np.clip(np.ceil(np.nan_to_num(confidence) * num_bins) - 1, 0, num_bins - 1)
+  index = index.astype(np.int64)
+  return np.stack([np.bincount(index, weights=w * mask, minlength=num_bins)
+                   for w in (np.ones_like(confidence), confidence, correct)])
+
+
+def reliability(counts) -> dict:
+  """The reliability diagram and the ECE of summed `calibration_counts`.
+
+  ECE (Naeini et al. 2015; Guo et al. 2017, Eq. 3) `= sum_b (n_b / N) |acc_b - conf_b|`,
+  with `acc_b` / `conf_b` the accuracy / mean confidence of the `n_b` examples of bin b.
+
+  Returns:
+    `edges` (B + 1), per bin `count`, `confidence` and `accuracy` (None for an empty bin),
+    and `ece`.
+  """
+  count, confidence, hits = np.asarray(counts, np.float64)
+  mean = lambda x: [None if n == 0 else float(v / n) for v, n in zip(x, count)]
+  # n_b |acc_b - conf_b| = |hits_b - confidence sum_b|: no division by an empty bin.
+  ece = float(np.abs(hits - confidence).sum() / max(count.sum(), 1.0))
+  return {'edges': np.linspace(0.0, 1.0, count.size + 1).tolist(), 'count': count.tolist(),
+          'confidence': mean(confidence), 'accuracy': mean(hits), 'ece': ece}
+
+
+def calibration_metrics(loss, confidence, correct, num_bins: int = ECE_BINS) -> dict:
+  """Predictive performance beside accuracy ("How do ViTs work?" reports NLL and ECE).
+
+  Args:
+    loss: [n] per-example negative log-likelihood of the true label (the unsmoothed
+      cross-entropy).
+    confidence: [n] the predicted class's probability.
+    correct: [n] whether the prediction is right.
+  Returns:
+    `nll` (mean of `loss`) and `ece` (`reliability`, `num_bins` equal-width bins).
+  """
+  counts = calibration_counts(confidence, correct, num_bins=num_bins)
+  return {'nll': float(np.mean(loss)), 'ece': reliability(counts)['ece']}
+
+
+def mean_corruption_accuracy(accuracy_by_split: Mapping[str, float],
+                             corruptions: Optional[tuple] = None,
+                             metric: str = 'accuracy') -> dict:
+  """Mean accuracy (or another metric) over corruption splits named `<corruption>_<severity>`.
+
+  Hendrycks & Dietterich (2019) report the mean over corruptions and severities 1-5; "How do
+  ViTs work?" (Park & Kim 2022, Fig. 12) uses it as the robustness score on CIFAR-100-C, and
+  the authors' `robustness.ipynb` averages NLL and ECE over the same 75 splits.
+
+  Args:
+    accuracy_by_split: split name -> accuracy (or `metric`); splits not of the form
       `<corruption>_<1..5>` (e.g. 'train', 'test') are ignored.
     corruptions: restrict to these corruption names (default: every one present).
+    metric: the name the keys carry ('accuracy', 'nll', 'ece').
   Returns:
-    dict with `mean_corruption_accuracy`, `corruption_{name}_accuracy` (mean over
-    severities) and `severity{s}_accuracy` (mean over corruptions).
+    dict with `mean_corruption_{metric}`, `corruption_{name}_{metric}` (mean over
+    severities) and `severity{s}_{metric}` (mean over corruptions).
   """
   by_corruption, by_severity = {}, {}
   for split, acc in accuracy_by_split.items():
@@ -113,10 +187,10 @@ def mean_corruption_accuracy(accuracy_by_split: Mapping[str, float],
   if not by_corruption:
     raise ValueError('No `<corruption>_<severity>` splits among '
                      f'{sorted(accuracy_by_split)}.')
-  out = {'mean_corruption_accuracy': float(np.mean([a for v in by_corruption.values()
-                                                    for a in v]))}
-  out.update({f'corruption_{k}_accuracy': float(np.mean(v)) for k, v in by_corruption.items()})
-  out.update({f'severity{k}_accuracy': float(np.mean(v)) for k, v in by_severity.items()})
+  out = {f'mean_corruption_{metric}': float(np.mean([a for v in by_corruption.values()
+                                                     for a in v]))}
+  out.update({f'corruption_{k}_{metric}': float(np.mean(v)) for k, v in by_corruption.items()})
+  out.update({f'severity{k}_{metric}': float(np.mean(v)) for k, v in by_severity.items()})
   return out
 
 
@@ -150,18 +224,20 @@ def train_weighted_mean_accuracy(metrics: Mapping, train_group_counts) -> float 
 
 
 def classification_metrics(pred, loss, arrays: Mapping,
-                           train_group_counts=None) -> dict[str, float]:
+                           confidence=None, train_group_counts=None) -> dict[str, float]:
   """Accuracy and loss over the real examples (`mask > 0`), plus attribute-aware metrics.
 
   Args:
     pred: `[n]` predicted classes.
     loss: `[n]` per-example losses.
     arrays: the split's other arrays `[n]`: `label`, `mask` and any attributes.
+    confidence: optional `[n]` probability of the predicted class (`steps.predictions`).
     train_group_counts: the training split's examples per group
       (`data.groups.train_group_counts`); with a `group` attribute it adds
       `train_weighted_mean_accuracy`.
   Returns:
-    `accuracy`, `loss`, `num_examples`; with a spurious attribute (`spurious_key`):
+    `accuracy`, `loss`, `num_examples`; with `confidence`: `nll` and `ece`
+    (`calibration_metrics`; `loss` must then be the unsmoothed cross-entropy); with a spurious attribute (`spurious_key`):
     `spurious_accuracy` (how often the prediction equals the attribute: 1.0 = the model
     follows the shortcut) and, on the examples whose attribute differs from the label,
     `conflict_accuracy` and `conflict_spurious_accuracy`; with a `group` attribute:
@@ -174,6 +250,8 @@ def classification_metrics(pred, loss, arrays: Mapping,
   label = np.asarray(arrays['label'])[real]
   out = {'accuracy': float(np.mean(pred == label)), 'loss': float(np.mean(loss)),
          'num_examples': int(real.sum())}
+  if confidence is not None:
+    out.update(calibration_metrics(loss, np.asarray(confidence)[real], pred == label))
   spurious = spurious_key(arrays)
   if spurious is not None:
     attr = np.asarray(arrays[spurious])[real]

@@ -200,15 +200,24 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
   return new_state, measurements
 
 
+def predictions(logits, labels) -> dict:
+  """Per-example `pred` (argmax), `loss` (the unsmoothed cross-entropy, i.e. the negative
+  log-likelihood of the label) and `confidence` (the predicted class's softmax probability,
+  for the ECE): what `metrics.classification_metrics` reads, for any `[..., classes]` logits."""
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"pred": jnp.argmax(logits, -1), "loss": loss,
+          "confidence": jnp.max(jax.nn.softmax(logits), -1)}
+
+
 def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int,
               normalize=None):
-  """Per-example predictions and losses (masked examples are dropped later on the host)."""
+  """Per-example `predictions` (masked examples are dropped later on the host)."""
+  del num_classes  # The logits' last axis.
   variables = {"params": state.params, **state.model_state}
   images = model_images(batch["image"], normalize)
   logits, _ = model.apply(variables, images, head_mask=head_mask, train=False)
-  logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
-  return {"pred": jnp.argmax(logits, -1), "loss": loss}
+  return predictions(logits, batch["label"])
 
 
 def create_train_state(config, model, tx, image_shape, mesh,
@@ -253,7 +262,8 @@ def jit_train_step(state_sharding, mesh, **step_kwargs):
 
 
 def jit_eval_step(state_sharding, mesh, *, model, num_classes: int, normalize=None):
-  """`eval_fn(state, batch, head_mask) -> {'pred', 'loss'}` per example, jitted on `mesh`."""
+  """`eval_fn(state, batch, head_mask) -> {'pred', 'loss', 'confidence'}` per example, jitted
+  on `mesh`."""
   return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
                                    normalize=normalize),
                  in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),

@@ -20,6 +20,7 @@ from vitreg_jax import evaluation
 from vitreg_jax import inflight
 from vitreg_jax import jtt
 from vitreg_jax import losses
+from vitreg_jax import loss_balance
 from vitreg_jax import optim
 from vitreg_jax import pretrained
 from vitreg_jax import rundir
@@ -69,6 +70,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   num_classes=info.num_classes, head_mask=train_mask,
                                   label_smoothing=config.label_smoothing, normalize=normalize,
                                   group_dro=group_dro)
+  # Each weighted regularizer term against cross-entropy, logged and checked (loss_balance).
+  balance_fn = loss_balance.make_balance_fn(model, config, num_classes=info.num_classes,
+                                            normalize=normalize, head_mask=train_mask)
+  balance_check = loss_balance.BalanceCheck(balance_fn.checked) if balance_fn else None
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
                                 normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
@@ -90,9 +95,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
+      batch = next(train_iter)
+      if balance_check and balance_check.pending and step == start_step + 1:
+        balance_check(step - 1, jax.device_get(balance_fn(state, batch)))  # the first batch
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, measured = train_fn(state, next(train_iter))
-      report.train(step, measured)
+        state, measured = train_fn(state, batch)
+      extra = None
+      if balance_fn and report.is_log_step(step):
+        extra = jax.device_get(balance_fn(state, batch))
+        if balance_check.pending:  # until every DIV term has had its verdict
+          balance_check(step, extra)
+      report.train(step, measured, extra)
       if step % config.eval_every_steps == 0 and step < total_steps:
         report.eval(step, evaluate_all(state))
       preempted = preemption.reached(step)  # The same step on every process.

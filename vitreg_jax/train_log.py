@@ -143,16 +143,24 @@ class Reporter:
     self._start = time.time()
     self._monitor = inflight.StepMonitor(max_in_flight=STEPS_IN_FLIGHT)
 
-  def train(self, step: int, measured: dict) -> None:
-    """Takes the measurements of `step` (1-based count); writes the summary on schedule."""
+  def is_log_step(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.total_steps
+
+  def train(self, step: int, measured: dict, extra: dict | None = None) -> None:
+    """Takes the measurements of `step` (1-based count); writes the summary on schedule.
+
+    `extra`: figures measured at a log step (`loss_balance`: `balance/<name>`), written in
+    the same line.
+    """
     self._monitor.record(step, measured)  # No host sync.
     for hook in self.hooks:
       hook(step)
-    if step % self.log_every == 0 or step == self.total_steps:
+    if self.is_log_step(step):
       self.check_finite()
       logged = self._monitor.take_log()
       summary = {k: float(np.mean([m[k] for m in logged])) for k in logged[0] if k != "finite"}
       summary["lr"] = float(self.schedule(step - 1))
+      summary.update({f"balance/{k}": float(v) for k, v in (extra or {}).items()})
       # Wall time of this session's loop (compilation and evals included); it restarts at 0
       # on resume, which the report accounts for when it sums time to a target accuracy.
       summary["elapsed_s"] = time.time() - self._start

@@ -47,8 +47,8 @@ def feature_maps(model, variables, images) -> List[dict]:
   """The model's feature maps as spatial grids, in depth order.
 
   Returns:
-    list of `{'name', 'kind', 'map' [B, h, w, C]}`; kind is 'embed', 'msa', 'mlp', 'stem' or
-    'conv'.
+    list of `{'name', 'kind', 'map' [B, h, w, C]}`; kind is 'embed', 'msa', 'mlp', 'stem',
+    'conv' or 'smooth' (a CNN's stage-end spatial smoothing, `smoothing=True`).
   """
   _, out = model.apply(variables, images, train=False)
   if hasattr(model, "token_layout"):  # ViT-like: tokens on a patch grid
@@ -64,8 +64,10 @@ def feature_maps(model, variables, images) -> List[dict]:
   maps = [dict(name="stem", kind="stem", map=out["stem"])]
   i = 0
   while f"block{i}" in out:
-    maps.append(dict(name=f"block{i}", kind=kinds[i] if kinds else "conv",
-                     map=out[f"block{i}"]["output"]))
+    block = out[f"block{i}"]
+    maps.append(dict(name=f"block{i}", kind=kinds[i] if kinds else "conv", map=block["output"]))
+    if "smoothed" in block:  # the stage-end spatial smoothing (models/resnet.py)
+      maps.append(dict(name=f"block{i}/smooth", kind="smooth", map=block["smoothed"]))
     i += 1
   return maps
 
@@ -171,13 +173,10 @@ def plot_spectra(results: List[dict], path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv):
-  del argv
+def per_block_over_examples(loaded, analyse) -> List[dict]:
+  """Per run, `analyse(run, batches) -> blocks` over `--num_examples` examples of `--split`
+  (the Fourier and the feature-map variance analyses)."""
   f = runs.FLAGS
-  if f.num_examples < 1:
-    raise app.UsageError("--num_examples must be >= 1.")
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
   results = []
   for run in loaded:
     split = f.split or runs.default_eval_split(run)
@@ -185,9 +184,19 @@ def main(argv):
     name = runs.label(run, loaded)
     batches = runs.progress(runs.eval_batches(run, split, batch_size, f.num_examples),
                             -(-f.num_examples // batch_size), name)
-    blocks = spectra(run.model, run.variables, batches)
     results.append(dict(label=name, workdir=run.workdir, step=run.step, split=split,
-                        model_name=run.config.model_name, blocks=blocks))
+                        model_name=run.config.model_name, blocks=analyse(run, batches)))
+  return results
+
+
+def main(argv):
+  del argv
+  f = runs.FLAGS
+  if f.num_examples < 1:
+    raise app.UsageError("--num_examples must be >= 1.")
+  out = runs.output_dir(f.out, f.workdir)
+  results = per_block_over_examples(runs.load_runs(f.workdir, f.step),
+                                    lambda run, batches: spectra(run.model, run.variables, batches))
   summary = {"runs": results}
   if len(results) == 1:
     summary.update(results[0])

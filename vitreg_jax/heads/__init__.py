@@ -13,24 +13,26 @@ selection") raises OOD accuracy. This package measures that on a trained run and
   per mask and image and ONE compilation: the splits are read once and kept on the device,
   and each pass scores a chunk of masks on a block of images, running the blocks where the
   masks agree (all but the evaluated layers) once (`Encoder(expand_masks_at=...)`).
-* **Selection rules** (`select.py`: `RULES`, `analyze`; validation splits only, test figures are reported, never used):
-  `oracle` (the authors': the single head with the best OOD validation accuracy), `greedy`
-  (flip one head at a time while OOD validation accuracy improves), `topk` (the k best heads
-  by a per-head score) and `id_conflict`, which needs no OOD data: on the ID validation
-  examples where the spurious attribute disagrees with the label, keep the heads that follow
-  the label more often than the attribute.
+* **Selection rules** (`select.py`: `RULES`, `analyze`; validation splits only, test figures
+  are reported, never used), named by what they read: OOD validation labels (`oracle`, the
+  authors' best single head, the ceiling; `greedy`; `topk`), attribute (group) labels of ID
+  validation data (`id_conflict`: the heads that follow the label more often than the
+  attribute on the ID examples where the two disagree, kept only if that combination scores
+  best there) and ID validation labels only (`id_val`).
 * **Per-eval head figures during training** (`config.head_eval`, `training.py`): every
   evaluation appends each head's figures to `WORKDIR/heads_eval.jsonl`, so the authors' choice
-  of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints
-  (`select.epoch_oracle`).
-* **Outputs** (`outputs.py`) and **the poster's table across runs** (`--table`, built by
-  `vitreg_jax.reports.tables.heads_poster_table`, the report's poster-table module).
+  of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints.
+* **The authors' statistics** (`summary.py`): ERM / DIV rows at the evaluation best on
+  `val_ood`, +SEL rows at each rule's (evaluation, head) choice (their
+  `get_experiment_summary`); **the poster's table across runs** (`--table`) is
+  `vitreg_jax.reports.tables.poster_table`, the same table the report prints.
+* **Outputs** (`outputs.py`): heads.json / heads.md / heads.png / head_mask.json.
 
 Command (`__main__.py`)::
 
   python -m vitreg_jax.heads --workdir=DIR [--layer=-1|all|0,3] \
-      [--select=oracle|greedy|topk|id_conflict|worst_group|val_accuracy] [--k=2] [--out=DIR]
-  python -m vitreg_jax.heads --table W1 W2 ... [--out=DIR]
+      [--select=oracle|greedy|topk|id_conflict|id_val|worst_group|val_accuracy] [--k=2] [--out=DIR]
+  python -m vitreg_jax.heads --table W1 W2 ... [--statistic=authors|final] [--out=DIR]
 
 writes `heads.json`, `heads.md`, `heads.png` and the selected mask `head_mask.json` (usable as
 `config.head_mask=DIR/head_mask.json`); `--table` writes `table.md`. See docs/heads.md.

@@ -4,7 +4,6 @@ poster's table over several runs (see vitreg_jax/heads/__init__.py and docs/head
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
 from etils import epath
@@ -13,6 +12,7 @@ from vitreg_jax import heads
 from vitreg_jax import rundir
 from vitreg_jax.heads import outputs
 from vitreg_jax.heads import select
+from vitreg_jax.heads import summary
 from vitreg_jax.reports import tables
 
 
@@ -27,8 +27,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--out", default=None, help="output directory (default: the workdir)")
   p.add_argument("--table", nargs="+", metavar="WORKDIR",
-                 help="print the poster's table over these runs (their heads.json, computed "
-                      "with --layer/--select where missing)")
+                 help="print the poster's table over these runs, from their per-eval head "
+                      "figures (heads_eval.jsonl), one row per selection rule")
+  p.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
+                 help="--table: 'authors' (step and head chosen on validation, as the "
+                      "authors' get_experiment_summary) or 'final' (the final checkpoint)")
   p.add_argument("--no_progress", action="store_true")
   return p
 
@@ -40,8 +43,13 @@ def main(argv=None) -> int:
   kwargs = dict(layer=args.layer, rule=args.select, k=args.k, topk_score=args.topk_score,
                 progress=not args.no_progress)
   if args.table:
-    load = functools.partial(outputs.load_result, compute_missing=True, **kwargs)
-    table = tables.heads_poster_table(args.table, load)
+    try:
+      table = tables.poster_table(args.table, statistic=args.statistic)
+    except (FileNotFoundError, ValueError) as e:
+      _parser().error(str(e))
+    if table is None:
+      _parser().error("none of these runs has evaluations to tabulate.")
+    table = table.markdown()
     print(table)
     if args.out:
       rundir.write_text(epath.Path(args.out) / "table.md", table)

@@ -2,8 +2,8 @@
 
 Every head alone (the other heads of its layer masked, the layer rescaled by `heads / kept`,
 as the models do) and every head removed, scored on every eval split with
-`metrics.classification_metrics` (accuracy, spurious and conflict accuracies, group
-accuracies). What makes it cost about one forward pass per mask and image, and one
+`metrics.classification_metrics` (accuracy, NLL and ECE, spurious and conflict accuracies,
+group accuracies). What makes it cost about one forward pass per mask and image, and one
 compilation for a whole analysis (greedy search included):
 
 * The eval splits are read once (`SplitPool`) and kept on the device as one uint8 array; a
@@ -28,7 +28,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import auto as tqdm
 
 from vitreg_jax import metrics
@@ -40,6 +39,11 @@ def first_difference(masks: np.ndarray) -> int:
   """The first block where masks `[M, depth, heads]` differ from each other (depth if none)."""
   differs = np.any(masks != masks[:1], axis=(0, 2))
   return int(np.argmax(differs)) if differs.any() else masks.shape[1]
+
+
+def _even_block(total: int, most: int) -> int:
+  """The block size <= `most` that splits `total` into as few, equal-as-can-be blocks."""
+  return max(1, math.ceil(total / math.ceil(total / max(1, most)))) if total else max(1, most)
 
 
 class MaskEvaluator:
@@ -75,19 +79,17 @@ class MaskEvaluator:
       tiled = jnp.tile(images, (c,) + (1,) * (images.ndim - 1))
       logits, _ = self.model.apply(variables, tiled, head_mask=jnp.repeat(masks, b, axis=0),
                                    train=False)
-    logits = logits.astype(jnp.float32).reshape(c, b, -1)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.broadcast_to(labels[index], (c, b)))
-    return jnp.argmax(logits, -1), loss
+    out = steps.predictions(logits.reshape(c, b, -1), jnp.broadcast_to(labels[index], (c, b)))
+    return out["pred"], out["loss"], out["confidence"]
 
   def plan(self, num_images: int, masks) -> int:
     """Fixes the pass shapes at the first call; returns the passes this call takes."""
     masks = np.asarray(masks, np.float32)
-    if not self._planned:
+    if not self._planned:  # Even blocks: the first call pads as little as possible.
       self._planned = True
-      self.images_per_pass = max(1, min(self.images_per_pass, num_images))
-      self.masks_per_pass = self.masks_per_pass or max(1, min(
-          len(masks), self.examples_per_pass // self.images_per_pass))
+      self.images_per_pass = _even_block(num_images, self.images_per_pass)
+      self.masks_per_pass = self.masks_per_pass or _even_block(
+          len(masks), max(1, self.examples_per_pass // self.images_per_pass))
     differs_at = first_difference(masks)
     if self.expand_at is None or differs_at < self.expand_at:
       self.expand_at = differs_at  # Earlier than before: one more compilation.
@@ -95,7 +97,8 @@ class MaskEvaluator:
             * math.ceil(num_images / self.images_per_pass))
 
   def predict(self, variables, pool, labels, index, masks, normalize=None, progress=None):
-    """`(pred int [M, n], loss float [M, n])` of masks `[M, depth, heads]` on `pool[index]`.
+    """`(pred int [M, n], loss float [M, n], confidence float [M, n])` (`steps.predictions`)
+    of masks `[M, depth, heads]` on `pool[index]`.
 
     `pool` `[N, ...]` and `labels` `[N]` are device arrays (read once, see `SplitPool`);
     `index` `[n]` the pool rows to score.
@@ -111,18 +114,17 @@ class MaskEvaluator:
                         self.expand_at)
                for j in range(0, len(masks), c) for i in range(0, len(index), b)]
     per_chunk = len(index) // b
-    preds, losses = [], []
-    for p, l in pending:  # All dispatched: read back in order.
-      preds.append(np.asarray(p))
-      losses.append(np.asarray(l))
+    fetched = []
+    for out in pending:  # All dispatched: read back in order.
+      fetched.append([np.asarray(x) for x in out])
       if progress is not None:
         progress.update(1)
     join = lambda xs: np.concatenate(
         [np.concatenate(xs[j:j + per_chunk], axis=1) for j in range(0, len(xs), per_chunk)])
-    return join(preds)[:m, :n], join(losses)[:m, :n]
+    return tuple(join([f[i] for f in fetched])[:m, :n] for i in range(3))
 
   def __call__(self, variables, images, labels, masks, normalize=None):
-    """`(pred int [M, B], loss float [M, B])` for masks `[M, depth, heads]` on a batch.
+    """`(pred, loss, confidence)`, each `[M, B]`, for masks `[M, depth, heads]` on a batch.
 
     `normalize` (`data.normalization(...)`) maps uint8 images to the model's input on the
     device; float images are used as given."""
@@ -134,11 +136,11 @@ def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str,
                    batch_size: int, progress=None) -> list[dict]:
   """Metrics of every mask `[M, depth, heads]` on `split` (one dict per mask)."""
   pool = SplitPool(data_config, [split], batch_size)
-  pred, loss = evaluator.predict(variables, pool.images, pool.labels, pool.rows[split], masks,
-                                 pool.normalize, progress=progress)
-  return [metrics.classification_metrics(p, l, pool.arrays[split],
+  pred, loss, conf = evaluator.predict(variables, pool.images, pool.labels, pool.rows[split],
+                                       masks, pool.normalize, progress=progress)
+  return [metrics.classification_metrics(p, l, pool.arrays[split], confidence=c,
                                          train_group_counts=pool.train_counts)
-          for p, l in zip(pred, loss)]
+          for p, l, c in zip(pred, loss, conf)]
 
 
 class SplitPool:
@@ -214,6 +216,12 @@ class RunEval:
   def pool(self) -> SplitPool:
     if self._pool is None:
       self._pool = SplitPool(self.config.data, self.splits, self.batch_size)
+      # Image blocks that divide the smallest split evenly: one-split calls (greedy's
+      # rounds on the OOD validation split) pad as little as calls on every split.
+      smallest = min(len(r) for r in self._pool.rows.values())
+      evaluator = self.evaluator
+      if not evaluator._planned:  # pylint: disable=protected-access
+        evaluator.images_per_pass = _even_block(smallest, evaluator.images_per_pass)
     return self._pool
 
   def __call__(self, masks, splits=None, desc="masks") -> dict[str, list[dict]]:
@@ -231,15 +239,16 @@ class RunEval:
     index = np.concatenate([pool.rows[s] for s in splits])
     bar = progress_bar(self.evaluator.plan(len(index), masks), desc, self.show)
     try:
-      pred, loss = self.evaluator.predict(self.variables, pool.images, pool.labels, index,
-                                          masks, pool.normalize, progress=bar)
+      pred, loss, conf = self.evaluator.predict(self.variables, pool.images, pool.labels,
+                                                index, masks, pool.normalize, progress=bar)
     finally:
       if bar is not None:
         bar.close()
     start = 0
     for s in splits:
       end = start + len(pool.rows[s])
-      for key, p, l in zip(keys, pred[:, start:end], loss[:, start:end]):
+      for key, p, l, c in zip(keys, pred[:, start:end], loss[:, start:end],
+                              conf[:, start:end]):
         self._cache[(s, key)] = metrics.classification_metrics(
-            p, l, pool.arrays[s], train_group_counts=pool.train_counts)
+            p, l, pool.arrays[s], confidence=c, train_group_counts=pool.train_counts)
       start = end

@@ -11,8 +11,6 @@ import numpy as np
 from vitreg_jax import plotting
 from vitreg_jax import rundir
 from vitreg_jax.heads import masks as masks_lib
-from vitreg_jax.heads import select
-from vitreg_jax.reports import runs as report_runs
 
 
 def _pct(value) -> str:
@@ -98,13 +96,3 @@ def write_outputs(result: dict, out: str) -> dict[str, str]:
   paths[masks_lib.MASK_FILE] = masks_lib.save_head_mask(result["mask"], out, rule=result["rule"],
                                     workdir=result["workdir"], step=result["step"])
   return paths
-
-
-def load_result(workdir: str, *, compute_missing: bool = False, **analyze_kwargs) -> dict:
-  """A run's `heads.json`; computed (and written) first when missing and `compute_missing`."""
-  result = report_runs.read_heads(workdir, required=not compute_missing)
-  if result is not None:
-    return result
-  result = select.analyze(workdir, **analyze_kwargs)
-  write_outputs(result, workdir)
-  return result

@@ -1,18 +1,24 @@
 """Head selection: the rules, the analysis of one run, and the epoch oracle.
 
-Selection rules (`RULES`; validation splits only, test figures are reported, never used):
-`oracle` (the authors': the single head with the best OOD validation accuracy), `greedy`
-(flip one head at a time while OOD validation accuracy improves), `topk` (the k best heads
-by a per-head score) and `id_conflict`, which needs no OOD data: on the ID validation
-examples where the spurious attribute disagrees with the label, keep the heads that follow
-the label more often than the attribute; `worst_group` (the head with the best worst-group
-accuracy on the ID validation split: its group labels, no OOD data) and `val_accuracy` (the
-best plain ID validation accuracy: no group labels at all). Which split is ID and OOD:
-`roles.split_roles`.
+Selection rules (`RULES`; validation splits only, test figures are reported, never used),
+named by what they read:
+* OOD validation labels: `oracle` (the authors': the single head with the best OOD validation
+  accuracy; the ceiling), `greedy` (flip one head at a time while OOD validation accuracy
+  improves), `topk` (the k best heads by a per-head score, `--topk_score=ood`);
+* attribute (group) labels of ID validation data, no OOD split: `id_conflict` (on the ID
+  validation examples whose spurious attribute disagrees with the label, keep the heads that
+  follow the label more often than the attribute; that combination, the full model and each
+  head alone are scored there and the best is chosen) and `topk --topk_score=id_conflict`;
+* ID validation images and labels only: `id_val` (the full model or a head alone, whichever
+  has the best ID validation accuracy) and `val_accuracy` (the head alone with the best ID
+  validation accuracy, never the full model: the baselines table's no-group-label rule);
+* group labels of ID validation data: `worst_group` (the head alone with the best
+  worst-group accuracy on the ID validation split).
+Which split is ID and OOD: `roles.split_roles`.
 
 `analyze(workdir)` evaluates every head of a run's checkpoint (heads/evaluate.py), applies a
 rule and returns the `heads.json` dict; `epoch_oracle` makes the authors' choice of epoch
-and head from the per-eval figures a run logged (heads/training.py).
+and head from the per-eval figures a run logged (heads/summary.py has the statistics).
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ from vitreg_jax import checks
 from vitreg_jax import rundir
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
-from vitreg_jax.heads import training
+from vitreg_jax.heads import summary
 from vitreg_jax.roles import Roles
 from vitreg_jax.roles import split_roles
 
-RULES = ("oracle", "greedy", "topk", "id_conflict", "worst_group", "val_accuracy")
+RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val", "worst_group", "val_accuracy")
 TOPK_SCORES = ("ood", "id_conflict")
 
 
@@ -127,39 +133,87 @@ def select_topk(heads: list[dict], roles: Roles, full_mask, *, k: int | None = N
   return mask, {"k": k, "score": score, "kept": kept}
 
 
-def select_id_conflict(heads: list[dict], roles: Roles, full_mask) -> tuple[np.ndarray, dict]:
-  """A rule without OOD data: drop the heads that follow the spurious attribute.
-
-  On the ID validation examples where the spurious attribute disagrees with the label, keep
-  each head (alone) that predicts the label more often than the attribute; a layer where no
-  head does keeps its single best head. Needs the attribute on ID data, no OOD split.
-  """
+def _alone_mask(full_mask, layer: int, head: int) -> np.ndarray:
   mask = np.array(full_mask, np.float32)
-  kept = {}
+  mask[layer] = 0.0
+  mask[layer, head] = 1.0
+  return mask
+
+
+def _best_candidate(candidates: list[tuple[str, np.ndarray, float]]):
+  """The first candidate `(name, mask, score)` with the best score (NaN never wins)."""
+  scores = np.nan_to_num(np.array([c[2] for c in candidates], np.float64), nan=-np.inf)
+  return candidates[int(np.argmax(scores))]
+
+
+def select_id_conflict(heads: list[dict], roles: Roles, full_mask, full: dict,
+                       score_masks) -> tuple[np.ndarray, dict]:
+  """A rule that reads attribute (group) labels of ID validation data, and no OOD split.
+
+  On the ID validation examples where the spurious attribute disagrees with the label (the
+  minority groups), keep each head (alone) that predicts the label more often than the
+  attribute (a layer where none does keeps its best one). That combination is scored on
+  those examples (`score_masks`) beside the full model and each head alone, and the best of
+  them is chosen, so the rule never keeps a combination that does worse there than the
+  model it started from.
+
+  Args:
+    full: the full model's metrics per split; `score_masks(masks) -> [scores]` on
+      `roles.val_id`'s `conflict_accuracy`.
+  """
+  stats = [h["alone"][roles.val_id] for h in heads]
+  if any("conflict_accuracy" not in s for s in stats):
+    raise ValueError(f"Rule id_conflict needs a spurious attribute and conflicting examples "
+                     f"on {roles.val_id!r}; this dataset has none. Use another --select.")
+  combo, kept = np.array(full_mask, np.float32), {}
   for layer in sorted({h["layer"] for h in heads}):
-    rows = [h for h in heads if h["layer"] == layer]
-    stats = [h["alone"][roles.val_id] for h in rows]
-    if any("conflict_accuracy" not in s for s in stats):
-      raise ValueError(f"Rule id_conflict needs a spurious attribute and conflicting examples "
-                       f"on {roles.val_id!r}; this dataset has none. Use another --select.")
-    good = [r["head"] for r, s in zip(rows, stats)
-            if s["conflict_accuracy"] > s["conflict_spurious_accuracy"]]
+    rows = [(h, st) for h, st in zip(heads, stats) if h["layer"] == layer]
+    good = [h["head"] for h, st in rows
+            if st["conflict_accuracy"] > st["conflict_spurious_accuracy"]]
     if not good:
-      good = [rows[int(np.argmax([s["conflict_accuracy"] for s in stats]))]["head"]]
-    mask[layer] = 0.0
-    mask[layer, good] = 1.0
+      good = [max(rows, key=lambda r: r[1]["conflict_accuracy"])[0]["head"]]
+    combo[layer] = 0.0
+    combo[layer, good] = 1.0
     kept[layer] = good
-  return mask, {"kept": kept}
+  candidates = [("full", np.array(full_mask, np.float32),
+                 _score(full[roles.val_id], "conflict_accuracy")),
+                ("kept", combo, float(score_masks(combo[None])[0]))]
+  candidates += [(f"layer {h['layer']} head {h['head']}",
+                  _alone_mask(full_mask, h["layer"], h["head"]), st["conflict_accuracy"])
+                 for h, st in zip(heads, stats)]
+  name, mask, score = _best_candidate(candidates)
+  return mask, {"kept": kept, "chosen": name, "score": score,
+                "scores": {c[0]: c[2] for c in candidates}}
 
 
-def _select(rule: str, heads, roles, full_mask, layers, run_eval, *, k=None,
+def select_id_val(heads: list[dict], roles: Roles, full_mask, full: dict
+                  ) -> tuple[np.ndarray, dict]:
+  """A rule that reads ID validation images and labels only: of the full model and each head
+  alone, the one with the best ID validation accuracy ("training-domain validation",
+  Gulrajani & Lopez-Paz 2021); it keeps a head only where that head does better in
+  distribution than the whole model."""
+  candidates = [("full", np.array(full_mask, np.float32), _score(full[roles.val_id],
+                                                                  roles.id_metric))]
+  candidates += [(f"layer {h['layer']} head {h['head']}",
+                  _alone_mask(full_mask, h["layer"], h["head"]),
+                  _score(h["alone"][roles.val_id], roles.id_metric)) for h in heads]
+  name, mask, score = _best_candidate(candidates)
+  return mask, {"chosen": name, "score": score}
+
+
+def _select(rule: str, heads, roles, full_mask, layers, run_eval, full, *, k=None,
             topk_score="ood"):
   if rule == "oracle":
     return select_oracle(heads, roles, full_mask)
   if rule == "topk":
     return select_topk(heads, roles, full_mask, k=k, score=topk_score)
   if rule == "id_conflict":
-    return select_id_conflict(heads, roles, full_mask)
+    def conflict_scores(masks):
+      results = run_eval(masks, [roles.val_id], desc="id_conflict")[roles.val_id]
+      return np.array([_score(r, "conflict_accuracy") for r in results])
+    return select_id_conflict(heads, roles, full_mask, full, conflict_scores)
+  if rule == "id_val":
+    return select_id_val(heads, roles, full_mask, full)
   if rule == "worst_group":  # group labels of the ID validation split, no OOD data
     return select_best_head(heads, roles.val_id, "worst_group_accuracy", full_mask)
   if rule == "val_accuracy":  # no group labels at all
@@ -213,40 +267,37 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
             "alone": {s: results[s][1 + i] for s in splits},
             "removed": {s: results[s][1 + n + i] for s in splits}}
            for i, (l, h) in enumerate(index)]
-  mask, selection = _select(rule, heads, roles, full_mask, layers, run_eval, k=k,
+  full = {s: results[s][0] for s in splits}
+  mask, selection = _select(rule, heads, roles, full_mask, layers, run_eval, full, k=k,
                             topk_score=topk_score)
   selected = run_eval(mask[None], desc="selected")
   result = {
       "workdir": workdir if "://" in str(workdir) else os.path.abspath(workdir), "step": run.step, "dataset": run.config.data.name,
       "layers": list(layers), "rule": rule, "selection": selection,
       "roles": dataclasses.asdict(roles), "splits": list(splits),
-      "full": {s: results[s][0] for s in splits},
+      "full": full,
       "selected": {s: selected[s][0] for s in splits},
       "mask": mask.tolist(), "heads": heads,
       "compilations": run_eval.evaluator.traces,
   }
-  records = training.read_head_eval(workdir)
+  records = summary.read_head_eval(workdir)
   if records:
     result["epoch_oracle"] = epoch_oracle(records, roles)
   return result
 
 
 def epoch_oracle(records: list[dict], roles: Roles) -> dict:
-  """The authors' choice: the (step, head alone) with the best OOD validation score.
+  """The authors' choice (`summary.py`, rule `oracle`): the (step, head alone) with the best
+  OOD validation score.
 
   Returns:
     `{"step", "layer", "head", "score", "metrics": {split: ...}, "full": {split: ...}}`, the
     chosen head's and the full model's metrics at that step on every logged split.
   """
-  alone = [r for r in records if r["kind"] == "alone" and r["split"] == roles.val_ood]
-  if not alone:
-    raise ValueError(f"No head-alone figures on {roles.val_ood!r} in {training.HEAD_EVAL_FILE}.")
-  best = max(alone, key=lambda r: (_score(r, roles.ood_metric), -r["step"]))
-  strip = lambda r: {k: v for k, v in r.items()
-                     if k not in ("step", "split", "kind", "layer", "head")}
-  at_step = [r for r in records if r["step"] == best["step"]]
-  return {"step": best["step"], "layer": best["layer"], "head": best["head"],
-          "score": _score(best, roles.ood_metric),
-          "metrics": {r["split"]: strip(r) for r in at_step if r["kind"] == "alone"
-                      and (r["layer"], r["head"]) == (best["layer"], best["head"])},
-          "full": {r["split"]: strip(r) for r in at_step if r["kind"] == "full"}}
+  chosen = summary.summarize(records, roles, rules=("oracle",))["oracle"] if records else None
+  if chosen is None:
+    raise ValueError(f"No head-alone figures on {roles.val_ood!r} in {summary.HEAD_EVAL_FILE}.")
+  full = {r["split"]: summary.strip(r) for r in records
+          if r["step"] == chosen["step"] and r["kind"] == "full"}
+  return {"step": chosen["step"], "layer": chosen["layer"], "head": chosen["head"],
+          "score": chosen["score"], "metrics": chosen["metrics"], "full": full}

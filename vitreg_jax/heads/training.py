@@ -3,22 +3,20 @@
 Every evaluation appends each head's figures (the full model and each head alone of the
 layers `config.head_eval` names, on every split but the training one), so the authors' choice
 of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints
-(`select.epoch_oracle` reads them back with `read_head_eval`).
+(`heads/summary.py` reads them back, `read_head_eval`, and computes the authors' statistics).
 """
 
 from __future__ import annotations
 
-import json
-
-from etils import epath
 import jax
 import numpy as np
 
 from vitreg_jax import train_log
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
-
-HEAD_EVAL_FILE = "heads_eval.jsonl"
+# The file's reader lives with the statistics that read it (light: the report imports it).
+from vitreg_jax.heads.summary import HEAD_EVAL_FILE
+from vitreg_jax.heads.summary import read_head_eval  # pylint: disable=unused-import
 
 
 class TrainingHeadEval:
@@ -64,17 +62,3 @@ def training_hook(config, model, info, workdir: str,
     raise ValueError("config.head_eval runs in single-process training only; evaluate the "
                      "checkpoints with `python -m vitreg_jax.heads` instead.")
   return TrainingHeadEval(config, model, info, workdir, start_step)
-
-
-def read_head_eval(workdir: str) -> list[dict]:
-  """The lines of `WORKDIR/heads_eval.jsonl` (empty if the run did not log them); a line
-  repeated by a resumed run replaces the earlier one."""
-  path = epath.Path(workdir) / HEAD_EVAL_FILE
-  if not path.exists():
-    return []
-  latest = {}
-  with path.open() as f:
-    for line in f:
-      r = json.loads(line)
-      latest[(r["step"], r["split"], r["kind"], r["layer"], r["head"])] = r
-  return list(latest.values())

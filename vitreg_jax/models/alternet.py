@@ -25,6 +25,12 @@ MSA block, `msa_block='authors'` (default): the authors' `AttentionBlockB`
 `x + Conv1x1_{4f}(ReLU(BN(MSA(LN(Conv1x1_f(ReLU(BN(x))))))))`, global MSA (or `msa_window`
 windows) with no position bias and head size 32 (Swin's).
 
+Spatial smoothing (`smoothing=True`): the authors' blur block after every stage, as in
+`resnet.py` (their AlterNet has none; the slides' "spatial smoothing at the end of a stage
+improves accuracy" is shown on ResNets). The attention windows must tile every map, so with
+smoothing AlterNet needs `smoothing_padding='same'` (the default 'authors' padding makes each
+map one pixel larger, so later maps have odd sides); construction fails with that advice.
+
 `out` follows `resnet.py` ('stem', 'block{i}', 'stage{s}', 'encoded', 'pre_logits', 'logits');
 `AlterNet(...).block_kinds()` says which global block index is 'conv' or 'msa'.
 """
@@ -199,6 +205,8 @@ class AlterNet(nn.Module):
     stem: 'cifar' or 'imagenet' (see resnet.py).
     width: bottleneck width of stage 1 (64); doubles per stage.
     dtype: compute dtype; parameters float32.
+    smoothing, smoothing_temperature, smoothing_padding: the blur block after every stage
+      (resnet.py).
   """
   num_classes: int
   blocks_per_stage: Sequence[int] = (3, 4, 6, 4)
@@ -211,6 +219,9 @@ class AlterNet(nn.Module):
   stem: str = 'cifar'
   width: int = 64
   dtype: str = 'float32'
+  smoothing: bool = False
+  smoothing_temperature: float = 10.0
+  smoothing_padding: str = 'authors'
 
   def __post_init__(self):
     # Tuples keep the module hashable when a config passes lists.
@@ -225,6 +236,13 @@ class AlterNet(nn.Module):
     if self.msa_block == 'figure' and self.drop_path:
       raise ValueError("drop_path applies to msa_block='authors' only.")
     attention.resolve_dtype(self.dtype)
+    resnet.check_smoothing(self)
+    windowed = self.msa_block == 'authors' or self.msa_window
+    if (self.smoothing and self.smoothing_padding == 'authors' and windowed
+        and any(self.msa_per_stage[1:])):
+      raise ValueError("smoothing_padding='authors' makes every smoothed map one pixel larger, "
+                       'so the MSA windows of later stages cannot tile them: use '
+                       "smoothing_padding='same' for AlterNet.")
     super().__post_init__()
 
   def _msa_block(self, features, num_heads, drop_path, dtype, name):
@@ -262,5 +280,5 @@ class AlterNet(nn.Module):
           stage.append(resnet.BottleneckBlock(features, strides=2 if s > 0 and b == 0 else 1,
                                               dtype=dtype, name=name))
       blocks.append(stage)
-    x = resnet.run_stages(x, blocks, train, out)
+    x = resnet.run_stages(x, blocks, train, out, resnet.stage_smoothing(self))
     return resnet.classify(x, self.num_classes, train, dtype, out), out

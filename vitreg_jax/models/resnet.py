@@ -10,12 +10,30 @@ global average pooling -> Dense head.
 Stems: 'cifar' (3x3 conv, stride 1, for 32-px inputs) and 'imagenet' (7x7 conv stride 2, BN,
 ReLU, 3x3 max-pool stride 2, for 224-px inputs).
 
+Spatial smoothing (`smoothing=True`; "How do ViTs work?": "applying spatial smoothing at the
+end of a stage improves accuracy"): the authors' blur block (xxxnell/how-do-vits-work,
+models/smoothing_block.py, `TanhBlurBlock`, placed after every stage by their models/resnet.py,
+`num_sblocks=(1, 1, 1, 1)`), i.e. before each subsampling (the next stage's strided block, or
+the global average pooling after the last stage):
+
+  y = t * tanh(x / t)   (t = `smoothing_temperature`, 10 as theirs: bounds large activations)
+  y = ReLU(y)
+  y = 2x2 average pool with stride 1 over zero padding, zeros counted in the mean
+
+`smoothing_padding='authors'` pads one pixel on every side (their `AvgPool2d(2, stride=1,
+padding=1)`), so each smoothed map is one pixel larger (32 -> 33, then 17 after a stride-2
+block); `'same'` pads one row and column at the bottom / right so the map keeps its size (what
+AlterNet's attention windows need, as they must tile the map).
+
 `out` (for the Fourier analysis of feature maps): 'stem', 'block{i}' = {'input', 'output'}
 with i counting blocks over all stages (0-based), 'stage{s}' (s = 1..4, each stage's output),
-'encoded' (after the final BN-ReLU), 'pre_logits', 'logits'. BatchNorm statistics live in the
+'encoded' (after the final BN-ReLU), 'pre_logits', 'logits'. With smoothing, the smoothed
+map after the last block i of a stage is `out['block{i}']['smoothed']` and 'stage{s}' is the
+smoothed map (what the next stage sees). BatchNorm statistics live in the
 'batch_stats' collection: `apply(..., train=True, mutable=['batch_stats'])`.
 """
 
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,6 +42,7 @@ from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 
 STEMS = ('cifar', 'imagenet')
+SMOOTHING_PADDINGS = ('authors', 'same')
 # depth -> (blocks per stage, bottleneck?)
 DEPTHS = {
     18: ((2, 2, 2, 2), False),
@@ -111,14 +130,53 @@ def make_stem(images, kind: str, width: int, train: bool, dtype):
   raise ValueError(f'stem must be one of {STEMS}, got {kind!r}')
 
 
-def run_stages(x, blocks, train: bool, out: dict):
-  """Applies `blocks` (a list of stages, each a list of block modules) and records `out`."""
+def smooth(x, temperature: float = 10.0, padding: str = 'authors'):
+  """The authors' spatial-smoothing block: `t tanh(x / t)`, ReLU, 2x2 average pool, stride 1.
+
+  Args:
+    x: feature map `[B, H, W, C]`.
+    temperature: t of the scaled tanh.
+    padding: 'authors' (zero-pad one pixel on every side: output `[B, H + 1, W + 1, C]`) or
+      'same' (zero-pad one row / column at the bottom / right: output `[B, H, W, C]`); padded
+      zeros count in the mean, as in PyTorch's `AvgPool2d` default.
+  """
+  if padding not in SMOOTHING_PADDINGS:
+    raise ValueError(f'smoothing_padding must be one of {SMOOTHING_PADDINGS}, got {padding!r}')
+  y = nn.relu(temperature * jnp.tanh(x / temperature))
+  pad = ((1, 1), (1, 1)) if padding == 'authors' else ((0, 1), (0, 1))
+  return nn.avg_pool(y, (2, 2), strides=(1, 1), padding=pad, count_include_pad=True)
+
+
+def check_smoothing(module):
+  """Validates a model's `smoothing_*` fields (clear errors at construction)."""
+  check_choice('smoothing_padding', module.smoothing_padding, SMOOTHING_PADDINGS)
+  if not module.smoothing_temperature > 0:
+    raise ValueError('smoothing_temperature must be > 0 (the scaled tanh divides by it), got '
+                     f'{module.smoothing_temperature}')
+
+
+def stage_smoothing(module):
+  """The stage-end smoothing of a model with `smoothing*` fields (`smooth`), or None."""
+  if not module.smoothing:
+    return None
+  return functools.partial(smooth, temperature=float(module.smoothing_temperature),
+                           padding=module.smoothing_padding)
+
+
+def run_stages(x, blocks, train: bool, out: dict, smoothing=None):
+  """Applies `blocks` (a list of stages, each a list of block modules) and records `out`.
+
+  `smoothing`: None, or a function applied to every stage's output (`smooth` with the model's
+  settings), recorded as `out['block{i}']['smoothed']` of the stage's last block."""
   i = 0
   for s, stage in enumerate(blocks, start=1):
     for block in stage:
       y = block(x, train)
       out[f'block{i}'] = {'input': x, 'output': y}
       x, i = y, i + 1
+    if smoothing is not None and stage:
+      x = smoothing(x)
+      out[f'block{i - 1}']['smoothed'] = x
     out[f'stage{s}'] = x
   return x
 
@@ -143,17 +201,23 @@ class ResNet(nn.Module):
     stem: 'cifar' (32-px inputs) or 'imagenet' (224-px inputs).
     width: channels of the first stage (64); stage s has `width * 2**(s-1)` (x4 in bottlenecks).
     dtype: compute dtype; parameters float32.
+    smoothing: the authors' blur block after every stage (module docstring).
+    smoothing_temperature, smoothing_padding: its tanh scale t and its padding.
   """
   num_classes: int
   depth: int = 18
   stem: str = 'cifar'
   width: int = 64
   dtype: str = 'float32'
+  smoothing: bool = False
+  smoothing_temperature: float = 10.0
+  smoothing_padding: str = 'authors'
 
   def __post_init__(self):
     check_choice('ResNet depth', self.depth, sorted(DEPTHS))
     check_choice('stem', self.stem, STEMS)
     attention.resolve_dtype(self.dtype)
+    check_smoothing(self)
     super().__post_init__()
 
   @nn.compact
@@ -170,5 +234,5 @@ class ResNet(nn.Module):
     blocks = [[block_cls(self.width * 2**s, strides=2 if s > 0 and b == 0 else 1, dtype=dtype,
                          name=f'stage{s + 1}_block{b}') for b in range(n)]
               for s, n in enumerate(counts)]
-    x = run_stages(x, blocks, train, out)
+    x = run_stages(x, blocks, train, out, stage_smoothing(self))
     return classify(x, self.num_classes, train, dtype, out), out

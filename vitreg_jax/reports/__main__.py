@@ -14,9 +14,11 @@ Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tabl
   the steps and wall time until the target accuracy was first reached (the optimizer study
   and the MSA build-up sweeps read this table).
 - `poster`: the head-diversity poster's Tables 1-2 (MNIST-CIFAR, Waterbirds; dominoes in the
-  same layout): ID and OOD accuracy per method (ViT+ERM, ViT+DIV, and +SEL rows read from the
-  `heads.json` that `vitreg_jax.heads` writes), Waterbirds' OOD column is the worst-group
-  accuracy; the poster's figure beside ours with the difference.
+  same layout), the same table as `python -m vitreg_jax.heads --table`: ID and OOD accuracy
+  per method (ViT+ERM, ViT+DIV) and per selection rule (+SEL: oracle, id_conflict, id_val),
+  in the authors' statistics from each run's heads_eval.jsonl (`--statistic=final`: the final
+  checkpoint); Waterbirds' OOD column is the mean group accuracy, the worst group in its own
+  column; the poster's figure beside ours with the difference.
 - `baselines`: head selection beside the spurious-correlation baselines on one dataset: ERM,
   DIV, +SEL, DFR, DFR+SEL, GroupDRO and JTT, each at the level of information it uses, with
   ID, train-weighted mean and worst-group accuracy and the published Waterbirds figures
@@ -41,17 +43,19 @@ import sys
 from etils import epath
 
 from vitreg_jax.reports import baselines
+from vitreg_jax.heads import summary
 from vitreg_jax.reports import curves
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
 
 
-def write_report(paths, out: str, target=None, target_split=None) -> tuple[str, list]:
+def write_report(paths, out: str, target=None, target_split=None, statistic="authors"
+                 ) -> tuple[str, list]:
   """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
   runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
   groups = runs_lib.group_runs(runs)
   tables = [t for t in [baselines.baselines_table(groups)] if t is not None]
-  tables += tables_lib.build_tables(groups, target, target_split)
+  tables += tables_lib.build_tables(groups, target, target_split, statistic)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")
@@ -82,11 +86,15 @@ def main(argv=None) -> int:
                       help="target accuracy (0-1) for steps / wall time to target")
   parser.add_argument("--target_split", default=None,
                       help="eval split of the target (default: the first, alphabetically)")
+  parser.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
+                      help="poster table: 'authors' (evaluation and head chosen on validation,"
+                           " the authors' get_experiment_summary) or 'final' (final checkpoint)")
   args = parser.parse_args(argv)
   if args.target is not None and not 0 < args.target <= 1:
     parser.error(f"--target is an accuracy in (0, 1], got {args.target}.")
   try:
-    text, _ = write_report(args.workdirs, args.out, args.target, args.target_split)
+    text, _ = write_report(args.workdirs, args.out, args.target, args.target_split,
+                           args.statistic)
   except FileNotFoundError as e:
     parser.error(str(e))
   print(text)

@@ -2,23 +2,26 @@
 
 A `Table` renders as Markdown (for reading) and CSV (a `(mean, std, n)` cell becomes three
 columns). `build_tables(groups)` makes the report's tables from `reports/runs.py`'s groups:
-`runs_table` (every group), `poster_table` (the head-diversity poster's Tables 1-2),
+`runs_table` (every group), the head-diversity poster's Tables 1-2 (`report_poster_table`),
 `arvit_table` (ARViT Table 1) and `how_vits_work_table` (the slides' CIFAR comparisons); each
 paper's published figures come from `reports/papers.py`.
 
-The poster's table across head-selection runs, `heads_poster_table(workdirs)` (what
-`python -m vitreg_jax.heads --table` prints, from each run's `heads.json`), is the same table
-read from the other source: both take a run's method, its ID / OOD figures and the poster's
-numbers from `papers`, and format mean ± std with `fmt`.
+`poster_table(workdirs)` is the one poster table: `python -m vitreg_jax.report` (through
+`report_poster_table`) and `python -m vitreg_jax.heads --table` both print it. It reads each
+run's per-eval head figures (heads_eval.jsonl) and reports the authors' statistics
+(heads/summary.py) by default, the final checkpoint with `statistic='final'`.
 """
 
 import csv
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 from etils import epath
 import numpy as np
 
+from vitreg_jax import metrics
+from vitreg_jax import roles as roles_lib
+from vitreg_jax.heads import summary
 from vitreg_jax.reports import papers
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports.runs import Run
@@ -141,56 +144,6 @@ def runs_table(groups, target: float | None = None, target_split: str | None = N
   return Table("runs", "All runs", header, rows, [r for g in groups for r in g.runs], note)
 
 
-def _poster_figures(run: Run, which: str, roles: dict):
-  """A run's poster figures (`papers.figures`, percent): 'full' from its final evaluations in
-  metrics.jsonl at `roles` (the group's), 'selected' (the +SEL rows) from its heads.json,
-  None without one."""
-  if which == "selected":
-    return (papers.result_figures(run.heads, "selected", run.config["data"]["name"])
-            if run.heads else None)
-  return papers.figures({s: run.final(s) for s in run.evals}, roles)
-
-
-def poster_table(groups) -> Table | None:
-  """The poster's Tables 1-2: ID / OOD accuracy per method, +SEL rows from heads.json."""
-  groups = [g for g in groups if g.config.get("model_name") == "vit"
-            and g.config.get("data", {}).get("name") in ("mnist_cifar", "waterbirds", "dominoes")]
-  if not groups:
-    return None
-  header = ["dataset", "method", "seeds", "status", "ID acc.", "paper ID", "diff",
-            "OOD acc.", "paper OOD", "diff"]
-  rows = []
-  methods = {(x.config["data"]["name"], papers.method(x.config)) for x in groups}
-  for g in groups:
-    name = g.config["data"]["name"]
-    ood_key = "worst_group" if name == "waterbirds" else "ood"   # Waterbirds: worst group
-    # Splits chosen per group: a seed that lost a split shows as missing, not as another split.
-    roles = papers.reading_roles(name, {s for r in g.runs for s in r.evals})
-    method = papers.method(g.config)
-    label = method if len(groups) == len(methods) else f"{method} [{g.label}]"
-    variants = [(label, method, "full", g.problems())]
-    if any(r.heads for r in g.runs):
-      have = sum(bool(r.heads) for r in g.runs)
-      variants.append((label.replace(method, method + "+SEL"), method + "+SEL", "selected",
-                       "ok" if have == len(g.runs) else f"heads.json in {have}/{len(g.runs)}"))
-    for row_label, key, which, status in variants:
-      per_run = [_poster_figures(r, which, roles) for r in g.runs]
-      ours_id = mean_std([f["id"] for f in per_run if f and f["id"] is not None], scale=1.0)
-      ours_ood = mean_std([f[ood_key] for f in per_run if f and f[ood_key] is not None],
-                          scale=1.0)
-      paper = papers.POSTER.get(name, {}).get(key)
-      pid, pood = (paper[0], paper[1]) if paper else ((None, None), (None, None))
-      rows.append([name, row_label, len(g.runs), status, ours_id, fmt(*pid), diff(ours_id[0], pid[0]),
-                   ours_ood, fmt(*pood), diff(ours_ood[0], pood[0])])
-  note = ("Poster Tables 1-2 layout. ID = in-distribution split, OOD = digit/background "
-          "uncorrelated with the label (MNIST-CIFAR, dominoes: `*_ood` accuracy; Waterbirds: "
-          "worst-group accuracy of `test`). +SEL rows: the head selection of "
-          "`python -m vitreg_jax.heads` (heads.json `selected`). The poster has no dominoes "
-          "figures.")
-  return Table("poster", "Head diversity (poster Tables 1-2)", header, rows,
-               [r for g in groups for r in g.runs], note)
-
-
 def _eval_split(run: Run) -> str | None:
   splits = sorted(run.evals)
   return "test" if "test" in splits else (splits[0] if splits else None)
@@ -235,110 +188,200 @@ def arvit_table(groups) -> Table | None:
   return Table("arvit", "ARViT (Table 1)", header, rows, runs, note)
 
 
-def _corruption_accuracy(run: Run):
-  accs = [run.final(s).get("accuracy") for s in run.evals if s not in ("test", "train")]
-  accs = [a for a in accs if a is not None]
-  return float(np.mean(accs)) if accs else None
+def _final_test(key: str):
+  """A run's final `key` on `test` (or its first eval split); None without one."""
+  return lambda run: run.final(_eval_split(run)).get(key) if _eval_split(run) else None
+
+
+def _corruption_mean(key: str):
+  """A run's final `key` averaged over its corrupted eval splits (all but test / train)."""
+  def mean(run: Run):
+    values = [run.final(s).get(key) for s in run.evals if s not in ("test", "train")]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+  return mean
+
+
+# "How do ViTs work?" predictive performance beside accuracy: (metric, column, scale); NLL
+# in nats, accuracy and ECE in percent. Runs logged before NLL / ECE existed show "-".
+PREDICTIVE = (("accuracy", "acc.", 100.0), ("nll", "NLL", 1.0), ("ece", "ECE", 100.0))
 
 
 def how_vits_work_table(groups) -> Table | None:
-  """The slides' CIFAR comparisons: accuracy and accuracy under corruption per model."""
+  """The slides' CIFAR comparisons: accuracy, NLL and ECE, clean and under corruption."""
   groups = [g for g in groups if g.config.get("model_name") in ("vit", "resnet", "alternet")
             and g.config.get("data", {}).get("name", "").startswith("cifar")
             and papers.arvit_row(g.config) is None]
   if not groups:
     return None
-  header = ["dataset", "model", "seeds", "status", "test acc.", "corruption acc.",
-            "slides", "ours", "diff"]
+  header = ["dataset", "model", "seeds", "status"]
+  header += [f"{where} {name}" for where in ("test", "corruption") for _, name, _ in PREDICTIVE]
+  header += ["slides", "ours", "diff"]
   rows, by_label = [], {}
   for g in groups:
     dataset = g.config["data"]["name"].replace("_corrupted", "")
     label = papers.how_vits_work_row(g.config)
     acc = mean_std(g.values(_final_accuracy))
     by_label.setdefault((dataset, label), acc[0])
-    rows.append([dataset, label, len(g.runs), g.problems(), acc,
-                 mean_std(g.values(_corruption_accuracy)), None, None, None])
+    rows.append([dataset, label, len(g.runs), g.problems()]
+                + [mean_std(g.values(read(key)), scale) for read in (_final_test,
+                                                                     _corruption_mean)
+                   for key, _, scale in PREDICTIVE] + [None, None, None])
   for row in rows:  # The one figure the slides give: GAP over CLS, +2.7 points.
     if "GAP" in row[1]:
       cls = by_label.get((row[0], row[1].replace("GAP", "CLS")))
       ours = None if cls is None or row[4][0] is None else row[4][0] - cls
-      row[6:] = ["GAP - CLS: +2.70", None if ours is None else f"{ours:+.2f}",
-                 diff(ours, papers.GAP_OVER_CLS)]
-  note = ("\"How do ViTs work?\" comparisons: final `test` accuracy and the mean accuracy "
-          "over the corrupted splits (CIFAR-C, `robustness` runs), in percent. The slides "
+      row[-3:] = ["GAP - CLS: +2.70", None if ours is None else f"{ours:+.2f}",
+                  diff(ours, papers.GAP_OVER_CLS)]
+  note = ("\"How do ViTs work?\" comparisons: final `test` accuracy, NLL (nats) and ECE "
+          f"({metrics.ECE_BINS} equal-width confidence bins, percent), and their means over "
+          "the corrupted splits (CIFAR-C, `robustness` runs); accuracy in percent. The slides "
           "give one number (GAP improves accuracy by +2.7 over CLS); the local-window and "
           "AlterNet claims are orderings (5x5 > 3x3 > 8x8; AlterNet > ResNet > ViT).")
   return Table("how_vits_work", "How do ViTs work? (CIFAR)", header, rows,
                [r for g in groups for r in g.runs], note)
 
 
-def poster_table_data(workdirs: Sequence[str], load: Callable[[str], dict] | None = None
-                      ) -> dict:
-  """Per method the test figures (in %) of each run: `{"dataset", "rules", "rows":
-  {method: {"id": [...], "ood": [...], "worst_group": [...], "workdirs": [...]}}}`.
+# ------------------------------------------------------------------------- the poster table
+POSTER_DATASETS = ("mnist_cifar", "waterbirds", "dominoes")
+_NONE = {"id": None, "ood": None, "worst_group": None}
 
-  `load(workdir)` returns a run's heads.json dict (default: `runs.read_heads`, which needs
-  the file; `python -m vitreg_jax.heads --table` passes one that computes it when missing).
+
+def run_records(workdir: str) -> tuple[list[dict], bool]:
+  """A run's per-eval figures: its heads_eval.jsonl, or else (`False`) the full model's
+  evaluations from metrics.jsonl (the ERM / DIV rows still get the authors' statistic)."""
+  records = summary.read_head_eval(workdir)
+  if records:
+    return records, True
+  evals, _ = runs_lib.read_metrics(workdir)
+  return [{"step": step, "split": split, "kind": "full", "layer": None, "head": None, **m}
+          for split, by_step in evals.items() for step, m in by_step.items()], False
+
+
+def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
+                rules: Sequence[str] = summary.RULES, labels: dict | None = None) -> dict:
+  """The figures (percent) of every run for every poster row, by the statistic's choice.
+
+  Rows `(label, rule)`: `rule` 'full' (ViT+ERM / ViT+DIV) or a selection rule (+SEL);
+  `label` the run's method (`papers.method`), or `labels[workdir]` where given.
+  Returns `{"datasets", "rows": {(label, rule): {"id", "ood", "worst_group", "steps",
+  "workdirs", "method"}}, "missing": [workdirs without heads_eval.jsonl]}`.
   """
-  load = load or runs_lib.read_heads
-  if not workdirs:
-    raise ValueError("The poster table needs at least one workdir.")
-  new_row = lambda: {"id": [], "ood": [], "worst_group": [], "workdirs": []}
-  rows = {m: new_row() for m in papers.METHODS}
-  datasets, rules = set(), set()
+  rows, datasets, missing = {}, set(), []
   for workdir in workdirs:
-    result = load(workdir)
-    base = papers.method(runs_lib.read_config(workdir))
-    datasets.add(result["dataset"])
-    rules.add(result["rule"])
-    for method, which in ((base, "full"), (base + "+SEL", "selected")):
-      row = rows.setdefault(method, new_row())
-      for key, value in papers.result_figures(result, which).items():
-        row[key].append(float("nan") if value is None else value)
+    config = runs_lib.read_config(workdir)
+    records, has_heads = run_records(workdir)
+    if not has_heads:
+      missing.append(workdir)
+    if not records:
+      continue
+    dataset = config["data"]["name"]
+    datasets.add(dataset)
+    # The roles of the splits the run meant to evaluate: a lost split shows as missing.
+    splits = {r["split"] for r in records} | set(config["data"].get("eval_splits") or [])
+    roles = roles_lib.split_roles(sorted(splits), dataset=dataset, missing_ok=True)
+    chosen = summary.summarize(records, roles, rules if has_heads else (), statistic)
+    method = papers.method(config)
+    label = (labels or {}).get(workdir, method)
+    for rule in ("full", *(rules if has_heads else ())):
+      row = rows.setdefault((label, rule), {"id": [], "ood": [], "worst_group": [],
+                                            "steps": [], "workdirs": [], "dataset": dataset,
+                                            "method": method + ("" if rule == "full" else
+                                                                "+SEL")})
+      c = chosen.get(rule)
+      figs = papers.figures(c["metrics"], dataclasses.asdict(roles)) if c else _NONE
+      for key in ("id", "ood", "worst_group"):
+        row[key].append(np.nan if figs[key] is None else figs[key])
+      row["steps"].append(c["step"] if c else None)
       row["workdirs"].append(workdir)
-  if len(datasets) > 1:
-    raise ValueError(f"The runs use different datasets {sorted(datasets)}; one table per "
-                     "dataset.")
-  return {"dataset": datasets.pop(), "rules": sorted(rules), "rows": rows}
+  return {"datasets": sorted(datasets), "rows": rows, "missing": missing}
 
 
-def _mean_std(values) -> str:
-  """`mean ± sample std` of values already in percent (`-` when none is finite)."""
-  values = np.asarray(values, np.float64)
-  if not len(values) or np.isnan(values).all():
-    return "-"
-  return fmt(*mean_std(list(values), scale=1.0)[:2])
+def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
+                 rules: Sequence[str] = summary.RULES, labels: dict | None = None
+                 ) -> Table | None:
+  """The head-diversity poster's Tables 1-2, ours beside theirs: the one implementation that
+  `python -m vitreg_jax.heads --table` and `python -m vitreg_jax.report` print.
 
-
-def heads_poster_table(workdirs: Sequence[str], load: Callable[[str], dict] | None = None
-                       ) -> str:
-  """The poster's table, `Method | ID Acc. | OOD Acc.`, over several runs (seeds x methods).
-
-  ERM / DIV is read from each run's config; `+SEL` rows use each run's selected mask (its
-  `heads.json`). Figures are on the test splits, in %, mean ± sample std (ddof=1) over runs;
-  Waterbirds adds worst-group accuracy; MNIST-CIFAR and Waterbirds add the poster's numbers.
-  `load`: see `poster_table_data`.
+  `statistic='authors'` (default): ERM / DIV rows at the evaluation with the best OOD
+  validation accuracy of the full model, +SEL rows at each rule's (evaluation, head) choice,
+  tested there (heads/summary.py; the authors' scripts/reporting.py, `get_experiment_summary`).
+  `'final'`: every row at the last evaluation (the final checkpoint). OOD = accuracy on the
+  OOD test split; Waterbirds: the mean of the group accuracies of `test` (roles.py), with the
+  worst group in its own column. Mean ± sample std over runs, in percent.
   """
-  data = poster_table_data(workdirs, load)
-  dataset, rows = data["dataset"], data["rows"]
-  waterbirds, poster = dataset == "waterbirds", dataset in papers.POSTER
-  header = ["Method", "ID Acc.", "OOD Acc."] + (["Worst-group Acc."] if waterbirds else []) \
-      + ["Runs"] + (["Poster ID / OOD"] if poster else [])
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for method, row in rows.items():
-    cells = [method, _mean_std(row["id"]), _mean_std(row["ood"])]
-    cells += [_mean_std(row["worst_group"])] if waterbirds else []
-    paper = papers.paper_text(dataset, method)
-    cells += [str(len(row["id"]))] + ([" / ".join(paper) if paper else "-"] if poster else [])
-    lines.append("| " + " | ".join(cells) + " |")
-  lines.append("")
-  lines.append(f"{dataset}, test splits, mean ± std over runs; SEL: rule "
-               f"{', '.join(data['rules'])} chosen on the OOD validation split.")
-  return "\n".join(lines) + "\n"
+  data = poster_rows(workdirs, statistic=statistic, rules=rules, labels=labels)
+  if not data["rows"]:
+    return None
+  waterbirds = "waterbirds" in data["datasets"]
+  header = (["dataset", "method", "selection (reads)", "runs", "ID acc.", "paper ID", "diff",
+             "OOD acc.", "paper OOD", "diff"] + (["worst-group acc."] if waterbirds else [])
+            + ["chosen steps"])
+  order = {r: i for i, r in enumerate(("full", *rules))}
+  keys = sorted(data["rows"], key=lambda k: (order[k[1]], k[0]))
+  rows = []
+  for label, rule in keys:
+    row = data["rows"][(label, rule)]
+    method, dataset = row["method"], row["dataset"]
+    paper = papers.POSTER.get(dataset, {}).get(method) if rule in ("full", "oracle") else None
+    (pid, pood) = paper if paper else ((None, None), (None, None))
+    ours_id, ours_ood = _stat(row["id"]), _stat(row["ood"])
+    name = label if rule == "full" else label + "+SEL"
+    rows.append([dataset, name, f"{rule}: {summary.READS[rule]}" if rule != "full" else "-",
+                 len(row["workdirs"]), ours_id, fmt(*pid), diff(ours_id[0], pid[0]),
+                 ours_ood, fmt(*pood), diff(ours_ood[0], pood[0])]
+                + ([_stat(row["worst_group"])] if waterbirds else [])
+                + [",".join("-" if s is None else str(s) for s in row["steps"])])
+  return Table("poster", "Head diversity (poster Tables 1-2)", header, rows,
+               [runs_lib.load(w) for w in dict.fromkeys(w for r in data["rows"].values()
+                                                         for w in r["workdirs"])],
+               _poster_note(statistic, data["missing"], waterbirds))
 
 
-def build_tables(groups, target=None, target_split=None) -> list[Table]:
+def _stat(values):
+  finite = [v for v in values if v is not None and np.isfinite(v)]
+  return mean_std(finite, scale=1.0)
+
+
+def _poster_note(statistic: str, missing: list, waterbirds: bool) -> str:
+  chosen = ("the authors' statistic (scripts/reporting.py, `get_experiment_summary`): ERM / "
+            "DIV rows at the evaluation with the best OOD-validation accuracy of the full "
+            "model; +SEL rows at each rule's (evaluation, head) choice, tested there (the "
+            "oracle row is the authors' BEST HEAD, the ceiling)"
+            if statistic == "authors" else
+            "FINAL CHECKPOINT (not the authors' statistic): every row at the last evaluation")
+  note = (f"Test splits, mean ± std over runs; {chosen}. Poster figures beside the ERM / DIV "
+          "and oracle rows only (the poster has no other rules).")
+  if waterbirds:
+    note += (" Waterbirds: OOD = mean of the four group accuracies of `test` (accuracy with "
+             "the background independent of the label, as the authors' OOD test split is); "
+             "worst-group in its own column.")
+  if missing:
+    note += (f" {len(missing)} run(s) without heads_eval.jsonl (train with "
+             "config.head_eval='-1'): full-model rows only, from metrics.jsonl.")
+  return note
+
+
+def report_poster_table(groups, statistic: str = "authors") -> Table | None:
+  """`poster_table` over the report's ViT groups on the poster's datasets (dominoes too); a
+  method with several groups (e.g. a lambda sweep) gets one row per group."""
+  groups = [g for g in groups if g.config.get("model_name") == "vit"
+            and g.config.get("data", {}).get("name") in POSTER_DATASETS]
+  if not groups:
+    return None
+  per_method = {}
+  for g in groups:
+    per_method.setdefault(papers.method(g.config), []).append(g)
+  labels = {r.workdir: (papers.method(g.config) if len(per_method[papers.method(g.config)]) == 1
+                        else f"{papers.method(g.config)} [{g.label}]")
+            for g in groups for r in g.runs}
+  return poster_table(list(labels), statistic=statistic, labels=labels)
+
+
+def build_tables(groups, target=None, target_split=None, statistic: str = "authors"
+                 ) -> list[Table]:
   """The report's tables of `groups` (those that apply to them), the runs table last."""
-  tables = [poster_table(groups), arvit_table(groups), how_vits_work_table(groups),
+  tables = [report_poster_table(groups, statistic), arvit_table(groups),
+            how_vits_work_table(groups),
             runs_table(groups, target, target_split)]
   return [t for t in tables if t is not None]

@@ -1,0 +1,126 @@
+"""Each weighted regularizer term against cross-entropy: logged figures, and the refusal of a
+negligible term (the poster's raw-gradient DIV at the authors' lambda on a small ViT)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from vitreg_jax import config_lib
+from vitreg_jax import loss_balance
+from vitreg_jax import steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, head_zeroinit=False,
+            head_init="pytorch", last_attn_residual=False)
+
+
+def _setup(regs):
+  config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
+      model_name="vit", model=TINY, regularizers=regs, batch_size=4, total_steps=1,
+      data=dict(name="dominoes"))))
+  model = steps.create_model(config, 2)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3))
+  variables = model.init(jax.random.PRNGKey(1), images)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           opt_state=(), model_state={}, rng=jax.random.PRNGKey(2))
+  batch = {"image": images, "label": jnp.array([0, 1, 1, 0])}
+  return config, model, state, batch
+
+
+def test_figures_equal_separate_gradients():
+  regs = [dict(name="div", weight=3.0, layers=(-1,), normalize=True, reduction="mean")]
+  config, model, state, batch = _setup(regs)
+  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  got = jax.device_get(balance(state, batch))
+  forward = steps.make_forward(model, config.regularizers)
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def piece(params, which):
+    logits, _, _, terms, _ = forward({"params": params}, batch["image"], labels=batch["label"],
+                                     train=True, rngs={"dropout": rng}, head_mask=None,
+                                     mutable=False)
+    ce = steps.cross_entropy(logits, batch["label"], 2)
+    return ce if which == "ce" else 3.0 * terms["div"]
+  g_ce = optax.global_norm(jax.grad(piece)(state.params, "ce"))
+  g_div = optax.global_norm(jax.grad(piece)(state.params, "div"))
+  np.testing.assert_allclose(got["ce_grad_norm"], g_ce, rtol=1e-4)
+  np.testing.assert_allclose(got["div_grad_norm"], g_div, rtol=1e-4)
+  np.testing.assert_allclose(got["div"], piece(state.params, "div"), rtol=1e-5)
+  np.testing.assert_allclose(got["div_grad_ratio"], g_div / g_ce, rtol=1e-4)
+  assert got["div_grad_ratio"] > loss_balance.NEGLIGIBLE
+
+
+def test_a_negligible_term_is_refused_naming_the_fix():
+  # On this tiny random model the raw-gradient term is large; at weight 1e-6 it is not.
+  config, model, state, batch = _setup([dict(name="div", weight=1e-6, layers=(-1,))])
+  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  check = loss_balance.BalanceCheck(balance.checked)
+  measured = jax.device_get(balance(state, batch))
+  assert 0 < measured["div_grad_ratio"] < loss_balance.NEGLIGIBLE
+  with pytest.raises(loss_balance.NegligibleTermError, match="normalize=True"):
+    check(0, measured)
+
+
+def test_an_exactly_zero_term_is_judged_later():
+  check = loss_balance.BalanceCheck({"div": 100.0})
+  check(0, {"div_grad_ratio": 0.0})   # e.g. a zero-initialized head: no verdict yet
+  assert check.pending == {"div"}
+  check(50, {"div_grad_ratio": 0.3})
+  assert not check.pending
+  check(100, {"div_grad_ratio": 1e-12})  # judged once: no second verdict
+
+
+def test_other_regularizers_are_logged_not_refused():
+  regs = [dict(name="distance", weight=1e-9, layers=(0,))]
+  config, model, state, batch = _setup(regs)
+  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  assert balance.checked == {} and set(balance.weights) == {"distance"}
+  assert jax.device_get(balance(state, batch))["distance_grad_ratio"] < loss_balance.NEGLIGIBLE
+
+
+def test_no_regularizer_no_balance():
+  config, model, _, _ = _setup([])
+  assert loss_balance.make_balance_fn(model, config, num_classes=2) is None
+
+
+def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
+  # The poster's raw-gradient DIV (the regularizer's defaults) at the authors' lambda 100 on
+  # the quickstart ViT. Its zero-initialized head makes the term exactly 0 on the first batch,
+  # so the verdict comes at the first log step.
+  config = tmp_path / "bare_div.py"
+  config.write_text(
+      "from vitreg_jax import config_lib\n"
+      "def get_config(arg=None):\n"
+      f"  config = config_lib.import_config({ROOT + '/configs/quickstart.py'!r})"
+      ".get_config('runlocal')\n"
+      "  config.regularizers = [dict(name='div', weight=100.0, layers=(-1,))]\n"
+      "  config.log_every_steps = 5\n"
+      "  return config\n")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmd = [sys.executable, "-m", "vitreg_jax.main", f"--config={config}",
+         f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  fatal = [l for l in proc.stderr.splitlines() if l.startswith("FATAL")]
+  assert len(fatal) == 1 and "negligible" in fatal[0] and "normalize=True" in fatal[0]
+  assert "at step 5" in fatal[0]
+
+
+def test_logged_beside_cross_entropy(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmd = [sys.executable, "-m", "vitreg_jax.main", "--config=configs/quickstart.py:runlocal,reg=div",
+         f"--workdir={tmp_path}", "--config.log_every_steps=10"]
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  logged = [l for l in lines if "balance/div_grad_ratio" in l]
+  assert logged and all(l["split"] == "train" for l in logged)
+  assert {"balance/ce_grad_norm", "balance/div", "balance/div_grad_norm"} <= set(logged[-1])
