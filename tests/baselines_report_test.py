@@ -76,8 +76,8 @@ def test_head_rules_without_ood_data_or_group_labels():
   roles = Roles("val_id", "val_ood", "test_id", "test_ood")
   full = np.ones((1, 3), np.float32)
   for rule, head in (("worst_group", 1), ("val_accuracy", 0), ("oracle", 1)):
-    mask, info = select._select(rule, heads, roles, full, (0,), None)
+    mask, info = select._select(rule, heads, roles, full, (0,), None, {})
     assert info["head"] == head and mask[0].tolist() == [float(h == head) for h in range(3)]
   no_groups = [{"layer": 0, "head": 0, "alone": {"val_id": {"accuracy": .5}}}]
   with pytest.raises(ValueError, match="worst_group_accuracy"):
-    select._select("worst_group", no_groups, roles, np.ones((1, 1)), (0,), None)
+    select._select("worst_group", no_groups, roles, np.ones((1, 1)), (0,), None, {})
