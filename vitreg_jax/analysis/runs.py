@@ -18,6 +18,9 @@ import json
 import os
 from typing import Iterable, Iterator, Optional, Sequence
 
+import functools
+
+from absl import app
 from absl import flags
 from etils import epath
 import jax
@@ -45,6 +48,18 @@ def load_runs(workdirs: Sequence[str], steps: Optional[Sequence[int]] = None) ->
   return runs
 
 
+def usage_errors(main):
+  """`main` with the input errors a user can make (a missing or wrong --workdir, a bad flag
+  value) turned into absl's one-line usage error instead of a traceback."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from None
+  return wrapped
+
+
 def label(run, runs: Sequence) -> str:
   """Legend label: the run's folder name, plus its step when several steps are compared."""
   name = os.path.basename(os.path.normpath(run.workdir))
@@ -54,6 +69,8 @@ def label(run, runs: Sequence) -> str:
 
 def output_dir(out: Optional[str], workdirs: Sequence[str]) -> str:
   """`--out`, or the one workdir; a clear error when several workdirs share no `--out`."""
+  if not workdirs:
+    raise ValueError("Pass at least one --workdir=DIR (a training run's directory).")
   if out is None:
     if len(set(workdirs)) > 1:
       raise ValueError("Several --workdir values are overlaid in one plot: pass --out=DIR "
