@@ -107,7 +107,11 @@ def _jtt(config, arg):
     if arg.data == "dominoes":
       config.total_steps = arg.id_steps
     else:
-      config.total_epochs = arg.id_epochs
+      config.total_epochs = float(arg.id_epochs)
+      # The same schedule compressed to T: warmup keeps its share of the full run's epochs
+      # (2 of 30), so a 2-epoch identification still warms up and decays.
+      warmup = config.schedule.warmup_epochs * arg.id_epochs / arg.epochs
+      config.schedule = dict(config.schedule.to_dict(), warmup_epochs=warmup)
     return
   if not arg.identification:
     raise ValueError("JTT stage=upweight needs identification=WORKDIR (the stage=identify run).")

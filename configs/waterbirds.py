@@ -87,7 +87,7 @@ def get_config(arg=None):
     config.init_from = dict(path=arg.init, kind="npz")
   config.batch_size = 64
   config.eval_batch_size = 256
-  config.total_epochs = arg.epochs
+  config.total_epochs = float(arg.epochs)  # a float field, as in config_lib (JTT cuts at 2.0)
   config.optimizer = dict(name="sgd", lr=arg.lr, momentum=0.9, grad_clip_norm=1.0)
   config.schedule = dict(name="cosine", warmup_epochs=2)
   if arg.reg == "div":

@@ -77,7 +77,12 @@ CASES = (
     + [("optimizer_study", a) for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw,lr=3e-3,wd=0",
         "model=resnet,opt=adam,data=cifar100", "model=vit,opt=sam,data=cifar100,runlocal")]
-    + [("msa_buildup", a) for a in ("msa=0000", "msa=0012", None, "msa=0011,runlocal")])
+    + [("msa_buildup", a) for a in ("msa=0000", "msa=0012", None, "msa=0011,runlocal")]
+    + [("baselines", a) for a in (
+        None, "method=div", "method=group_dro,adjustment=2", "method=jtt,stage=identify",
+        "method=jtt,stage=upweight,identification=/runs/jtt_id", "method=group_dro,runlocal",
+        "method=jtt,stage=upweight,identification=/runs/erm,id_step=150",
+        "method=group_dro,data=waterbirds", "method=jtt,stage=identify,data=waterbirds")])
 
 
 def load(name):
@@ -412,6 +417,10 @@ def test_runlocal_shrinks_the_run(name, arg):
     ("how_vits_work", "model=swin", r"model must be one of \('vit', 'resnet', 'alternet'\)"),
     ("how_vits_work", "classifier=cls", r"classifier must be one of"),
     ("how_vits_work", "data_fraction=0.06", r"Unknown config argument 'data_fraction'"),
+    ("baselines", "method=irm", r"method must be one of"),
+    ("baselines", "stage=identify", r"add method=jtt"),
+    ("baselines", "method=jtt", r"needs stage=identify or stage=upweight"),
+    ("baselines", "method=jtt,stage=upweight", r"needs identification=WORKDIR"),
 ])
 def test_bad_argument_names_the_valid_choices(name, arg, message):
   with pytest.raises(ValueError, match=message):

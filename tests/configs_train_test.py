@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from configs_test import CONFIGS, get, image_shape, load, num_classes, steps_per_epoch  # pylint: disable=g-bad-import-order
+from vitreg_jax import data
+from vitreg_jax import losses
 from vitreg_jax import optim
 from vitreg_jax import steps
 from vitreg_jax.heads import masks as head_masks
@@ -40,7 +42,7 @@ FAST_CASES = [
     ("waterbirds", "reg=erm,runlocal"),
     ("arvit", "variant=R1-2,dataset=imagenet_rotation,runlocal"), ("arvit_r1", "runlocal"),
     ("how_vits_work", "model=vit,runlocal"), ("optimizer_study", "model=vit,opt=sam,runlocal"),
-    ("msa_buildup", "msa=0011,runlocal")]
+    ("msa_buildup", "msa=0011,runlocal"), ("baselines", "method=group_dro,runlocal")]
 # Every other argument that builds a different model, regularizer or optimizer;
 # `test_two_step_cases_cover_every_choice` keeps the two lists complete. (Arguments that only
 # change sizes, epochs or eval splits are covered by the shape checks of configs_test.py.)
@@ -60,18 +62,23 @@ SLOW_CASES = (
     + [("optimizer_study", a + ",runlocal") for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw",
         "model=resnet,opt=adam", "model=vit,opt=sam,data=cifar100")]
-    + [("msa_buildup", "msa=0000,runlocal")])
+    + [("msa_buildup", "msa=0000,runlocal")]
+    + [("baselines", a + ",runlocal") for a in ("method=erm", "method=div",
+                                                "method=jtt,stage=identify")])
 TRAIN_CASES = sorted(FAST_CASES + SLOW_CASES)
 
 
-def generated_batches(config, shape, classes):
+def generated_batches(config, shape, classes, num_groups=0):
   """Host batches as the data pipeline yields them: random images of the config's shape,
-  labels, and with `data.mixup` each step's Mixup/CutMix recipe on every example."""
+  labels, `group` when the loss needs it (GroupDRO), and with `data.mixup` each step's
+  Mixup/CutMix recipe on every example."""
   rng = np.random.default_rng(0)
   b = config.batch_size
   for step in itertools.count():
     batch = {"image": rng.normal(size=(b, *shape)).astype(np.float32),
              "label": rng.integers(0, classes, b).astype(np.int32)}
+    if num_groups:
+      batch["group"] = rng.integers(0, num_groups, b).astype(np.int32)
     if config.data.get("mixup"):
       recipe = mixing.draw(config.data.mixup, config.seed, step, *shape[:2])
       batch.update({k: np.broadcast_to(v, (b, *np.shape(v))).copy() for k, v in recipe.items()})
@@ -87,12 +94,18 @@ def train_two_steps(config):
   total_steps = config.total_steps or config.total_epochs * steps_per_epoch(config)
   tx, _ = optim.make_optimizer(config, total_steps, steps_per_epoch(config))
   mesh = train.make_mesh(config)
-  state, shardings = steps.create_train_state(config, model, tx, shape, mesh)
+  # GroupDRO's group counts come from the (embedded) training split, as in training.
+  info = data.get_info(config.data) if losses.is_group_dro(config.get("loss")) else None
+  group_dro, loss_state, batch_keys = losses.objective(config, info)
+  state, shardings = steps.create_train_state(config, model, tx, shape, mesh,
+                                              loss_state=loss_state)
   train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx, num_classes=classes,
                                   head_mask=head_masks.train_head_mask(config, model),
-                                  label_smoothing=config.label_smoothing)
+                                  label_smoothing=config.label_smoothing, group_dro=group_dro)
   before = jax.device_get(state.params)
-  batches = train.device_batches(generated_batches(config, shape, classes), mesh)
+  groups = loss_state["group_weights"].shape[0] if group_dro else 0
+  batches = train.device_batches(generated_batches(config, shape, classes, groups), mesh,
+                                 extra_keys=batch_keys)
   measured = []
   for _ in range(2):
     state, m = train_fn(state, next(batches))

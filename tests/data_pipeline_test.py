@@ -58,7 +58,8 @@ def take(it, k):
 def test_info_and_batch_format():
   info = data.get_info(ml_collections.ConfigDict(cfg()))
   assert info.num_classes == 2 and info.image_shape == (8, 4, 3)
-  assert set(info.attributes) == {'spurious', 'uid'}
+  # 'group' is derived from (label, spurious) for the group samplers and metrics.
+  assert set(info.attributes) == {'spurious', 'uid', 'group'}
   assert info.splits[0] == 'train' and 'test_ood' in info.default_eval_splits
   b = next(data.make_train_iterator(cfg(), global_batch_size=4, seed=0, process_index=0,
                                     process_count=1))
@@ -66,6 +67,8 @@ def test_info_and_batch_format():
   assert b['image'].dtype == np.uint8 and b['image'].shape == (4, 8, 4, 3)
   assert b['label'].dtype == np.int32 and b['spurious'].dtype == np.int32
   np.testing.assert_array_equal(b['image'][:, 0, 0, 0], b['uid'] % 256)
+  np.testing.assert_array_equal(
+      b['group'], b['label'] * info.attribute_classes['spurious'] + b['spurious'])
   # uint8 v -> (v / 255 - 0.5) / 0.5.
   normalized = data.normalization(cfg()).host(b['image'])
   np.testing.assert_allclose(normalized[:, 0, 0, 0], (b['uid'] % 256) / 127.5 - 1, atol=1e-6)

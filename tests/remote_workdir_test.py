@@ -49,10 +49,10 @@ def test_train_crash_resume_and_read_back_on_a_remote_workdir(remote, monkeypatc
   config = train_worker.load_config(TINY)
   original = train_log.Reporter.train
 
-  def crash_at_step_7(self, step, measured):
+  def crash_at_step_7(self, step, measured, *extra):
     if step == 7:
       raise RuntimeError("simulated crash")
-    original(self, step, measured)
+    original(self, step, measured, *extra)
   monkeypatch.setattr(train_log.Reporter, "train", crash_at_step_7)
   caplog.set_level(logging.WARNING)
   with pytest.raises(RuntimeError, match="simulated crash"):

@@ -62,7 +62,7 @@ def test_bad_sweep_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="not found"):
     sweep.load_sweep(str(tmp_path / "nope.py"))
   with pytest.raises(ValueError, match="defines no get_sweep"):
-    sweep.load_sweep(os.path.join(ROOT, "configs", "quickstart.py"))
+    sweep.load_sweep(os.path.join(ROOT, "configs", "arvit_r1.py"))
 
 
 def test_dry_run_prints_every_command_of_the_real_sweeps(capsys, tmp_path):
@@ -134,8 +134,8 @@ PREEMPT_AFTER_FIRST_STEP = """
 import os, runpy, signal, sys
 from vitreg_jax import train_log
 train = train_log.Reporter.train
-def train_then_sigterm(self, step, measured):
-  train(self, step, measured)
+def train_then_sigterm(self, step, measured, *extra):
+  train(self, step, measured, *extra)
   if step == 1:
     os.kill(os.getpid(), signal.SIGTERM)
 train_log.Reporter.train = train_then_sigterm

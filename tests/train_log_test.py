@@ -46,10 +46,10 @@ def test_crashed_then_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
   config = train_worker.load_config(TINY)
   original = train_log.Reporter.train
 
-  def crash_at_step_7(self, step, measured):
+  def crash_at_step_7(self, step, measured, *extra):
     if step == 7:  # After step 6 was logged, past the checkpoint of step 4.
       raise RuntimeError("simulated crash")
-    original(self, step, measured)
+    original(self, step, measured, *extra)
   monkeypatch.setattr(train_log.Reporter, "train", crash_at_step_7)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train_and_evaluate(config, str(tmp_path))

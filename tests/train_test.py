@@ -35,6 +35,9 @@ TINY = {
     "keep_checkpoints": 3,  # Steps 4, 8, 12: room to fall back past two damaged ones.
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "schedule": {"name": "cosine", "warmup_steps": 2},
+    # Training and resume only: per-head evaluation (single-process only) is tested in
+    # tests/heads_test.py.
+    "head_eval": "",
 }
 
 

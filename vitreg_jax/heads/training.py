@@ -59,6 +59,7 @@ def training_hook(config, model, info, workdir: str,
   if config.get("head_eval") in (None, "", False):
     return None
   if jax.process_count() > 1:
-    raise ValueError("config.head_eval runs in single-process training only; evaluate the "
-                     "checkpoints with `python -m vitreg_jax.heads` instead.")
+    raise ValueError("config.head_eval runs in single-process training only: add "
+                     "--config.head_eval='' and evaluate the checkpoints with "
+                     "`python -m vitreg_jax.heads` instead.")
   return TrainingHeadEval(config, model, info, workdir, start_step)
