@@ -16,9 +16,9 @@
   (`--select=oracle`, `--select=greedy`, `--layer=all`), each a fresh process (imports,
   checkpoint restore, data, compilation and evaluation), and the `compilations` each
   reports. RUN is the issue's size: the quickstart ViT (4 blocks, width 64, 4 heads, patch 4)
-  trained `--steps` steps on the embedded dominoes data with 4 eval splits of `--num_eval`
-  images (made once under `--run_dir`, reused when present). Dominoes images are 32 x 16,
-  half the tokens of the issue's 32 x 32; the evaluator ratio uses `--image` (32 x 32).
+  trained `--steps` steps on 32 x 32 images (two embedded dominoes side by side, written as
+  `npz` splits) with 4 eval splits of `--num_eval` images (made once under `--run_dir`,
+  reused when present).
   Target: under 30 s for `--select=oracle` on an idle 2-core machine.
 
 The machine's load average (`os.getloadavg`) before and after is in the JSON.
@@ -107,19 +107,49 @@ def evaluator_ratio(args) -> dict:
   return out
 
 
+SPLITS = ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
+RUN_CONFIG = """from vitreg_jax import config_lib
+import os
+def get_config(arg=None):
+  qs = config_lib.import_config({quickstart!r}).get_config("steps={steps}")
+  qs.data = dict(name="npz", path={path!r}, splits={splits!r}, train_split="train",
+                 eval_splits={evals!r})
+  qs.eval_every_steps = qs.checkpoint_every_steps = {steps}
+  return qs
+"""
+
+
+def make_npz32(run_dir: str, num_eval: int) -> str:
+  """The issue's data: 32 x 32 images (two dominoes side by side: the digit halves and the
+  photo halves of example i and of example i+1 of the same split, labels and `spurious` of
+  example i), 1,000 train and `num_eval` per eval split, as `npz` files."""
+  from vitreg_jax.data import dominoes  # pylint: disable=g-import-not-at-top
+  pattern = os.path.join(run_dir, f'npz32_eval{num_eval}', '{split}.npz')
+  os.makedirs(os.path.dirname(pattern), exist_ok=True)
+  for split in SPLITS:
+    n = 1000 if split == 'train' else num_eval
+    d = dominoes.load(split, num_train=n, num_val=n, num_test=n)
+    images = np.concatenate([d['image'], np.roll(d['image'], -1, axis=0)], axis=2)
+    np.savez(pattern.format(split=split), images=images, labels=d['label'],
+             spurious=d['spurious'])
+  return pattern
+
+
 def make_run(args) -> str:
-  """The issue's run: quickstart ViT, `--steps` steps, 4 eval splits of `--num_eval` images."""
-  workdir = os.path.join(args.run_dir, f'steps{args.steps}_eval{args.num_eval}')
+  """The issue's run: quickstart ViT (patch 4), `--steps` steps, 32 x 32 images, 4 eval
+  splits of `--num_eval` images (made once under `--run_dir`, reused when present)."""
+  workdir = os.path.join(args.run_dir, f'steps{args.steps}_eval{args.num_eval}_32x32')
   if os.path.exists(os.path.join(workdir, 'config.json')) and os.path.isdir(
       os.path.join(workdir, 'checkpoints')):
     return workdir
-  subprocess.run(
-      [sys.executable, '-m', 'vitreg_jax.main', f'--config=configs/quickstart.py:steps={args.steps}',
-       f'--workdir={workdir}', f'--config.data.num_val={args.num_eval}',
-       f'--config.data.num_test={args.num_eval}', '--config.data.num_train=1000',
-       f'--config.eval_every_steps={args.steps}',
-       f'--config.checkpoint_every_steps={args.steps}'],
-      cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  config_file = os.path.join(args.run_dir, 'heads_bench_config.py')
+  with open(config_file, 'w') as f:
+    f.write(RUN_CONFIG.format(quickstart=os.path.join(ROOT, 'configs', 'quickstart.py'),
+                              steps=args.steps, path=make_npz32(args.run_dir, args.num_eval),
+                              splits=SPLITS, evals=SPLITS[1:]))
+  subprocess.run([sys.executable, '-m', 'vitreg_jax.main', f'--config={config_file}',
+                  f'--workdir={workdir}'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
   return workdir
 
 

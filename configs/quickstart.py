@@ -10,7 +10,7 @@ is far lower. Runs in a few minutes on a 2-core CPU:
 Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` ('erm' or
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
 `seed`, `eval_examples` (examples per validation and test split; 0 = the dataset's 2000),
-`runlocal` (a 30-step smoke run), `model` ('vit', default, 'resnet': a narrow
+`runlocal` (a 30-step smoke run), `seeds` (the sweep's number of seeds, below), `model` ('vit', default, 'resnet': a narrow
 pre-activation ResNet-18, or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
 of width 16 whose stages 2-4 end in an MSA block, 2 x 2 windows, which tile the 16 x 8 ... 4 x 2
 maps), to contrast with the ViT in the analyses of docs/analysis.md; `reg=div` needs the ViT),
@@ -43,7 +43,7 @@ from vitreg_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, reg="erm", div_weight=100.0, runlocal=False,
                              model="vit", smoothing=False, residual=False, seed=0,
-                             eval_examples=0)
+                             eval_examples=0, seeds=3)  # seeds: get_sweep's, unused here
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed
   config.model_name = arg.model
@@ -95,8 +95,8 @@ def get_sweep(arg=None):
     python -m vitreg_jax.sweep configs/quickstart.py --workdir=runs/qs --local
     python -m vitreg_jax.heads --table runs/qs/*
   """
-  # The sweep's argument also reaches get_config (vitreg_jax.sweep), so it takes get_config's
-  # `steps` and `eval_examples`; `seeds` only from Python.
+  # The sweep's argument also reaches get_config (vitreg_jax.sweep), so the two take the same
+  # arguments: `steps`, `eval_examples` and `seeds` (which get_config ignores).
   arg = config_lib.parse_arg(arg, steps=600, eval_examples=0, seeds=3)
   # Three evaluations (the authors' statistics choose among them), as at the default 600 steps.
   return [{"reg": reg, "seed": seed, "steps": arg.steps, "eval_examples": arg.eval_examples,

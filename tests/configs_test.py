@@ -427,14 +427,19 @@ def test_bad_argument_names_the_valid_choices(name, arg, message):
     load(name).get_config(arg)
 
 
-def test_main_rejects_an_unknown_config_key(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.bogus=1", "bogus"),
+    ("--config.loss.name=focal", "Unknown config.loss.name 'focal'; valid losses"),
+])
+def test_main_rejects_a_bad_override_in_one_line(tmp_path, override, message):
   result = subprocess.run(
       [sys.executable, "-m", "vitreg_jax.main", "--config=configs/mnist_cifar.py",
-       "--config.bogus=1", f"--workdir={tmp_path}"],
+       override, f"--workdir={tmp_path}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0
-  assert "bogus" in result.stderr, result.stderr[-2000:]
+  assert message in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert not os.listdir(tmp_path)   # failed before writing anything
 
 

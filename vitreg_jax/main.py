@@ -68,12 +68,20 @@ def main(argv):
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
+  try:  # The config's own checks (fields, names, choices): one line, no traceback.
+    config_lib.with_defaults(_CONFIG.value)
+  except ValueError as e:
+    _fatal(e)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                              accept_config_change=_ACCEPT_CHANGE.value)
   except loss_balance.NegligibleTermError as e:  # A config error: one line, no traceback.
-    sys.stderr.write(f"FATAL {e}\n")
-    sys.exit(1)
+    _fatal(e)
+
+
+def _fatal(error):
+  sys.stderr.write(f"FATAL {error}\n")
+  sys.exit(1)
 
 
 if __name__ == "__main__":

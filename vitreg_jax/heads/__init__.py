@@ -31,7 +31,7 @@ selection") raises OOD accuracy. This package measures that on a trained run and
 Command (`__main__.py`)::
 
   python -m vitreg_jax.heads --workdir=DIR [--layer=-1|all|0,3] \
-      [--select=oracle|greedy|topk|id_conflict|id_val|worst_group|val_accuracy] [--k=2] [--out=DIR]
+      [--select=oracle|greedy|topk|id_conflict|id_val|worst_group] [--k=2] [--out=DIR]
   python -m vitreg_jax.heads --table W1 W2 ... [--statistic=authors|final] [--out=DIR]
 
 writes `heads.json`, `heads.md`, `heads.png` and the selected mask `head_mask.json` (usable as

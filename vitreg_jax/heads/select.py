@@ -10,8 +10,7 @@ named by what they read:
   follow the label more often than the attribute; that combination, the full model and each
   head alone are scored there and the best is chosen) and `topk --topk_score=id_conflict`;
 * ID validation images and labels only: `id_val` (the full model or a head alone, whichever
-  has the best ID validation accuracy) and `val_accuracy` (the head alone with the best ID
-  validation accuracy, never the full model: the baselines table's no-group-label rule);
+  has the best ID validation accuracy; also the baselines table's no-group-label rule);
 * group labels of ID validation data: `worst_group` (the head alone with the best
   worst-group accuracy on the ID validation split).
 Which split is ID and OOD: `roles.split_roles`.
@@ -38,7 +37,7 @@ from vitreg_jax.heads import summary
 from vitreg_jax.roles import Roles
 from vitreg_jax.roles import split_roles
 
-RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val", "worst_group", "val_accuracy")
+RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val", "worst_group")
 TOPK_SCORES = ("ood", "id_conflict")
 
 
@@ -216,8 +215,6 @@ def _select(rule: str, heads, roles, full_mask, layers, run_eval, full, *, k=Non
     return select_id_val(heads, roles, full_mask, full)
   if rule == "worst_group":  # group labels of the ID validation split, no OOD data
     return select_best_head(heads, roles.val_id, "worst_group_accuracy", full_mask)
-  if rule == "val_accuracy":  # no group labels at all
-    return select_best_head(heads, roles.val_id, roles.id_metric, full_mask)
   if rule == "greedy":
     def score_fn(masks):
       results = run_eval(masks, [roles.val_ood], desc="greedy")[roles.val_ood]
