@@ -6,10 +6,11 @@
 The same jitted `steps.train_step` as `bench/train_step.py --cpu_realistic` is compiled once
 per option set (`Lowered.compile(compiler_options=...)`, so all variants live in one process)
 and the variants run one window each in turn for `--rounds` rounds, so load drifts hit them
-alike. For each variant: the median seconds per step, `over_default` (default time / its
-time: > 1 is faster), the loss after the steps (the variants must train alike) and, for a
-variant XLA rejects, the error. A flag whose `over_default` stays within the rounds' spread
-buys nothing.
+alike. One train state passes through all variants in turn (each step donates it), so the
+variants train one model between them. For each variant: the median seconds per step, the
+windows, `over_default` (default time / its time: > 1 is faster), whether its last step was
+finite and, for a variant XLA rejects, the error. A flag whose `over_default` stays within
+the rounds' spread buys nothing.
 """
 
 import argparse
@@ -61,14 +62,14 @@ def bench_model(name, args):
   compiled = compile_variants(model, tx, num_classes, state, batch, args.variants.split(','))
   runnable = {k: v for k, v in compiled.items() if not isinstance(v, str)}
   times = {k: [] for k in runnable}
-  losses = {}
+  finite = {}
   for k, fn in runnable.items():  # warm-up step each
     state, _, _ = window(fn, state, batch, 1)
   for _ in range(args.rounds):
     for k, fn in runnable.items():
       state, measured, seconds = window(fn, state, batch, args.window)
       times[k].append(seconds)
-      losses[k] = float(measured['loss'])
+      finite[k] = bool(measured['finite'])
   base = statistics.median(times['default'])
   result = {}
   for k, v in compiled.items():
@@ -78,7 +79,7 @@ def bench_model(name, args):
     median = statistics.median(times[k])
     result[k] = {'options': VARIANTS[k], 'step_seconds': median,
                  'windows': [round(t, 3) for t in times[k]],
-                 'over_default': base / median, 'loss_after': losses[k]}
+                 'over_default': base / median, 'finite': finite[k]}
   return result
 
 
