@@ -117,6 +117,10 @@ def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
       ".get_config('runlocal')\n"
       "  config.regularizers = [dict(name='div', weight=100.0, layers=(-1,))]\n"
       "  config.log_every_steps = 5\n"
+      # The refusal comes at step 5, before any evaluation: 5 batches of data, small eval
+      # splits and no per-head evaluation (the model is the quickstart's).
+      "  config.data.update(num_train=320, num_val=64, num_test=64)\n"
+      "  config.head_eval = ''\n"
       "  return config\n")
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, "-m", "vitreg_jax.main", f"--config={config}",
@@ -131,8 +135,12 @@ def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
 
 def test_logged_beside_cross_entropy(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
+  # The quickstart's DIV at a tiny size: 20 steps logged every 10, small splits, one eval.
   cmd = [sys.executable, "-m", "vitreg_jax.main", "--config=configs/quickstart.py:runlocal,reg=div",
-         f"--workdir={tmp_path}", "--config.log_every_steps=10"]
+         f"--workdir={tmp_path}", "--config.log_every_steps=10", "--config.total_steps=20",
+         "--config.model.width=16", "--config.model.depth=2", "--config.model.mlp_dim=32",
+         "--config.model.num_heads=2", "--config.data.num_train=640",
+         "--config.data.num_val=64", "--config.data.num_test=64", "--config.head_eval="]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   logged = [l for l in lines if "balance/div_grad_ratio" in l]
