@@ -120,11 +120,12 @@ def test_dataset_hessian_is_the_mean_of_batch_hessians_and_of_the_pooled_loss():
   n = obj.theta.size
   got = jax.jit(lambda: operators.dense(
       functools.partial(operators.over_dataset(matvec), obj.theta, stacked), n))()
-  per_batch = [jax.hessian(obj.loss)(obj.theta, b) for b in batches]
+  exact = jax.jit(jax.hessian(obj.loss))  # one compilation for the three batches
+  per_batch = [exact(obj.theta, b) for b in batches]
   np.testing.assert_allclose(got, np.mean(per_batch, axis=0), rtol=1e-4, atol=1e-6)
   pooled = {k: jnp.concatenate([b[k] for b in batches]) for k in batches[0]}
-  np.testing.assert_allclose(got, jax.hessian(obj.loss)(obj.theta, pooled), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(got, jax.jit(jax.hessian(obj.loss))(obj.theta, pooled),
+                             rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlp", "vit"])
@@ -135,10 +136,12 @@ def test_ggn_is_jt_hout_j_and_positive_semidefinite(name):
       functools.partial(operators.ggn_vp, obj, obj.theta, batch), n))(), np.float64)
   images, targets = obj.inputs(batch)
   logits = obj.logits(obj.theta, images)
-  jac = np.asarray(jax.jacobian(obj.logits)(obj.theta, images), np.float64).reshape(-1, n)
-  h_out = np.asarray(jax.hessian(lambda z: obj.data_loss(z, targets))(logits),
+  # The references jitted (op by op, the ViT's Jacobian takes a minute); still dense.
+  jac = np.asarray(jax.jit(jax.jacobian(obj.logits))(obj.theta, images),
+                   np.float64).reshape(-1, n)
+  h_out = np.asarray(jax.jit(jax.hessian(lambda z: obj.data_loss(z, targets)))(logits),
                      np.float64).reshape(jac.shape[0], jac.shape[0])
-  expected = jac.T @ h_out @ jac + np.asarray(jax.hessian(obj.penalty)(obj.theta))
+  expected = jac.T @ h_out @ jac + np.asarray(jax.jit(jax.hessian(obj.penalty))(obj.theta))
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
   w = np.linalg.eigvalsh((got + got.T) / 2)
   assert w.min() > -1e-5 * w.max(), w[:3]

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=16", "--config.model.depth=1", "--config.model.num_heads=2",
         "--config.model.mlp_dim=16", "--config.data.num_train=64", "--config.data.num_val=32",
         "--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every_steps=2",
-        "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000"]
+        "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+        "--config.head_eval="]  # Per-head evaluation: tests/heads_test.py.
 
 
 def _stand_ins(tmp_path):

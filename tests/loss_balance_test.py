@@ -1,6 +1,7 @@
 """Each weighted regularizer term against cross-entropy: logged figures, and the refusal of a
 negligible term (the poster's raw-gradient DIV at the authors' lambda on a small ViT)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from vitreg_jax import config_lib
 from vitreg_jax import loss_balance
+from vitreg_jax import models
 from vitreg_jax import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,13 +24,21 @@ TINY = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, head_zeroi
             head_init="pytorch", last_attn_residual=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _init():
+  """The tiny ViT's images and initial variables, built once for the module (the model does
+  not depend on the regularizers); jitted, as op-by-op init takes many times longer."""
+  model = models.create("vit", 2, **TINY)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3))
+  return images, jax.jit(model.init)(jax.random.PRNGKey(1), images)
+
+
 def _setup(regs):
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
       model_name="vit", model=TINY, regularizers=regs, batch_size=4, total_steps=1,
       data=dict(name="dominoes"))))
   model = steps.create_model(config, 2)
-  images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3))
-  variables = model.init(jax.random.PRNGKey(1), images)
+  images, variables = _init()
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            opt_state=(), model_state={}, rng=jax.random.PRNGKey(2))
   batch = {"image": images, "label": jnp.array([0, 1, 1, 0])}
@@ -49,11 +59,15 @@ def test_figures_equal_separate_gradients():
                                      mutable=False)
     ce = steps.cross_entropy(logits, batch["label"], 2)
     return ce if which == "ce" else 3.0 * terms["div"]
-  g_ce = optax.global_norm(jax.grad(piece)(state.params, "ce"))
-  g_div = optax.global_norm(jax.grad(piece)(state.params, "div"))
+
+  @jax.jit  # One compilation: op by op, DIV's double backward pass takes minutes.
+  def separately(params):
+    return (optax.global_norm(jax.grad(piece)(params, "ce")),
+            optax.global_norm(jax.grad(piece)(params, "div")), piece(params, "div"))
+  g_ce, g_div, div = separately(state.params)
   np.testing.assert_allclose(got["ce_grad_norm"], g_ce, rtol=1e-4)
   np.testing.assert_allclose(got["div_grad_norm"], g_div, rtol=1e-4)
-  np.testing.assert_allclose(got["div"], piece(state.params, "div"), rtol=1e-5)
+  np.testing.assert_allclose(got["div"], div, rtol=1e-5)
   np.testing.assert_allclose(got["div_grad_ratio"], g_div / g_ce, rtol=1e-4)
   assert got["div_grad_ratio"] > loss_balance.NEGLIGIBLE
 
@@ -103,6 +117,10 @@ def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
       ".get_config('runlocal')\n"
       "  config.regularizers = [dict(name='div', weight=100.0, layers=(-1,))]\n"
       "  config.log_every_steps = 5\n"
+      # The refusal comes at step 5, before any evaluation: 5 batches of data, small eval
+      # splits and no per-head evaluation (the model is the quickstart's).
+      "  config.data.update(num_train=320, num_val=64, num_test=64)\n"
+      "  config.head_eval = ''\n"
       "  return config\n")
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, "-m", "vitreg_jax.main", f"--config={config}",
@@ -117,8 +135,12 @@ def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
 
 def test_logged_beside_cross_entropy(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
+  # The quickstart's DIV at a tiny size: 20 steps logged every 10, small splits, one eval.
   cmd = [sys.executable, "-m", "vitreg_jax.main", "--config=configs/quickstart.py:runlocal,reg=div",
-         f"--workdir={tmp_path}", "--config.log_every_steps=10"]
+         f"--workdir={tmp_path}", "--config.log_every_steps=10", "--config.total_steps=20",
+         "--config.model.width=16", "--config.model.depth=2", "--config.model.mlp_dim=32",
+         "--config.model.num_heads=2", "--config.data.num_train=640",
+         "--config.data.num_val=64", "--config.data.num_test=64", "--config.head_eval="]
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   logged = [l for l in lines if "balance/div_grad_ratio" in l]

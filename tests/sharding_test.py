@@ -22,8 +22,9 @@ def test_fsdp_spec_splits_largest_divisible_dim():
 
 
 def test_train_steps_on_8_devices_match_1_device_and_fsdp():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  # Added to the session's XLA_FLAGS (tests/conftest.py), not in place of them.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   res = subprocess.run([sys.executable, os.path.join(HERE, "workers", "sharded_step.py")],
                        env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
