@@ -109,7 +109,6 @@ def evaluator_ratio(args) -> dict:
 
 SPLITS = ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
 RUN_CONFIG = """from vitreg_jax import config_lib
-import os
 def get_config(arg=None):
   qs = config_lib.import_config({quickstart!r}).get_config("steps={steps}")
   qs.data = dict(name="npz", path={path!r}, splits={splits!r}, train_split="train",
