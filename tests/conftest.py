@@ -8,11 +8,13 @@ into a disk read. The cache lives in a fresh directory per session, so a session
 what CI measures (nothing carried over) and no stale entry is ever read. Setting
 JAX_COMPILATION_CACHE_DIR yourself keeps your directory (e.g. to reuse it across sessions).
 
-XLA:CPU's LLVM backend runs at optimization level 0 in tests: compiling a tiny ViT's DIV
-train step takes ~5 s instead of ~19 s on the 2-core machine, and the tests' models are too
-small for the slower code to matter. Only code generation changes (no fast-math either way:
-the same IEEE arithmetic), and every comparison in the suite is between runs compiled alike.
-To test at the production level, set it yourself:
+XLA:CPU compiles in tests at LLVM optimization level 0 and without its newer fusion emitters
+(`--xla_cpu_use_fusion_emitters=false`, the classic elemental emitters): a tiny ViT's DIV
+train step compiles in 19.4 s at the defaults, 11.6 s at level 0 and 5.8 s at level 0
+without the fusion emitters on the 2-core machine (bench/test_compile_flags.py), and the
+tests' models are too small for the slower code to matter. Only code generation changes (no
+fast-math either way: the same IEEE arithmetic), and every comparison in the suite is between
+runs compiled alike. To test at the production settings, set either flag yourself:
 `XLA_FLAGS=--xla_backend_optimization_level=2 python -m pytest ...`.
 
 The controller sets the environment before xdist starts its workers, so workers and the
@@ -29,6 +31,7 @@ import tempfile
 _MIN_COMPILE_SECS = "0.3"
 _OWNED = "_VITREG_TEST_OWNS_JAX_CACHE"
 _OPT_LEVEL = "--xla_backend_optimization_level"
+_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters"
 
 
 def pytest_configure(config):
@@ -38,8 +41,9 @@ def pytest_configure(config):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitreg_jax_cache_")
     os.environ[_OWNED] = "1"
   flags = os.environ.get("XLA_FLAGS", "")
-  if _OPT_LEVEL not in flags:  # Read when the backend starts (no test has run yet).
-    os.environ["XLA_FLAGS"] = f"{flags} {_OPT_LEVEL}=0".strip()
+  if _OPT_LEVEL not in flags and _FUSION_EMITTERS not in flags:  # Read when the backend
+    # starts (no test has run yet).
+    os.environ["XLA_FLAGS"] = f"{flags} {_OPT_LEVEL}=0 {_FUSION_EMITTERS}=false".strip()
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", _MIN_COMPILE_SECS)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   import jax  # pylint: disable=g-import-not-at-top
