@@ -15,10 +15,16 @@ import dataclasses
 import json
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+
+from vitreg_jax import config_lib
+from vitreg_jax import data
+from vitreg_jax import models
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -110,7 +116,6 @@ def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def read_state(item) -> dict:
   """The orbax pytree saved at `item` (a step's `state` folder) as NumPy arrays, whatever
   topology and sharding wrote it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           checkpointer.metadata(item).item_metadata.tree)
@@ -130,7 +135,6 @@ class Run:
   @property
   def info(self):
     """The dataset info (`data.get_info`), read on demand (the data builders may need TFDS)."""
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     return data.get_info(self.config.data)
 
 
@@ -143,7 +147,6 @@ def load_run(workdir: str, step: int | None = None, *, num_classes: int | None =
     num_classes: the number of classes; by default read from the saved head's shape, so no
       dataset is touched.
   """
-  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
   tree, step = load_state_tree(workdir, step)
   params = tree["params"]
@@ -212,8 +215,6 @@ def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
   Raises:
     ConfigChangedError: naming the differing fields and how to proceed.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
   if not epath.Path(config_path(workdir)).exists():
     return {}
   changes = config_changes(config_lib.with_defaults(load_config(workdir)), config)

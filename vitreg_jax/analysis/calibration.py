@@ -30,6 +30,8 @@ from vitreg_jax import metrics
 from vitreg_jax import plotting
 from vitreg_jax import steps
 from vitreg_jax.analysis import runs
+from vitreg_jax.data import base
+from vitreg_jax.data import splits as splits_lib
 
 flags.DEFINE_string("calibration_split", None,
                     "Split (default: the run's first eval split).")
@@ -111,8 +113,6 @@ def plot(results, path: str) -> str:
 def _checked_split(run, split: Optional[str]) -> str:
   """`split` (default: the run's first eval split), a clear usage error if the run's dataset
   has no such split."""
-  from vitreg_jax.data import base  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
   split = split or runs.default_eval_split(run)
   try:
     base.check_split(run.info, splits_lib.base_name(split))
