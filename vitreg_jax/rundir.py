@@ -8,7 +8,7 @@ analyses and the report to rebuild the model, the data and the splits:
     logits, out = run.model.apply(run.variables, images, head_mask=...)
 
 Nothing here imports the training loop or TensorFlow: the model, checkpoint and config are
-read with flax, orbax and ml_collections only (the dataset info is read lazily by `info`).
+read with flax, orbax and ml_collections only (the dataset info is read on demand by `info`).
 """
 
 import dataclasses
@@ -25,13 +25,10 @@ import orbax.checkpoint as ocp
 from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import models
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-def config_path(workdir: str) -> str:
-  return str(epath.Path(workdir) / CONFIG_FILE)
+# The workdir's layout lives in run_files (no jax, for sweep and the reports); rundir keeps
+# offering it with the rest of a run.
+from vitreg_jax.run_files import (CHECKPOINT_DIR, CONFIG_FILE,  # pylint: disable=unused-import
+                                  checkpoint_steps, config_path, step_dirs)
 
 
 def write_text(path, text: str) -> None:
@@ -83,19 +80,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         f"{path} not found: {workdir!r} is not a vitreg_jax run directory (runs write their "
         "config there at start). Pass the --workdir of a training run.")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoints saved under `workdir/checkpoints` (sorted, may be empty)."""
-  return step_dirs(epath.Path(workdir) / CHECKPOINT_DIR)
-
-
-def step_dirs(directory) -> list[int]:
-  """Steps of the orbax step folders (`<step>/`) in `directory` (sorted, may be empty)."""
-  directory = epath.Path(directory)
-  if not directory.is_dir():
-    return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
