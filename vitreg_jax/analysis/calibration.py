@@ -137,10 +137,7 @@ def main(argv):
                         max_examples=f.calibration_examples, desc=f"{name} {split}")
     results.append(dict(label=name, workdir=run.workdir, step=run.step, split=split,
                         model_name=run.config.model_name, calibration=cal))
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/calibration.json", summary))
+  print("wrote", runs.write_summary(f"{out}/calibration.json", results))
   print("wrote", plot(results, f"{out}/calibration.png"))
   for r in results:
     c = r["calibration"]

@@ -304,10 +304,7 @@ def main(argv):
     if corr:
       res["corruption"] = corruption_accuracy(run, corr, batch_size)
     results.append(res)
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/noise.json", summary))
+  print("wrote", runs.write_summary(f"{out}/noise.json", results))
   print("wrote", plot(results, f"{out}/noise.png"))
   for r in results:
     inc = " ".join(f"{100 * e:+.1f}" for e in r["sweep"]["error_increase"])

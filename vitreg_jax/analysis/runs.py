@@ -141,3 +141,13 @@ def replicate(tree, mesh):
 def write_json(path: str, obj) -> str:
   rundir.write_text(path, json.dumps(obj, indent=1))
   return path
+
+
+def write_summary(path: str, results: list) -> str:
+  """Writes an analysis' results as JSON to `path`: `{"runs": results}`, and with one run its
+  fields also at the top level (`json["calibration"]` rather than `json["runs"][0][...]`).
+  Returns `path`."""
+  summary = {"runs": results}
+  if len(results) == 1:
+    summary.update(results[0])
+  return write_json(path, summary)
