@@ -118,3 +118,55 @@ def test_every_module_imports():
                           env=env, cwd=ROOT, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"imported {len(names)}" in result.stdout
+
+
+# What an import inside a function may keep out of the modules that do not need it
+# (docs/design.md, "Layout"): `{module prefix: top-level names}`, "" for every module.
+LAZY_ALLOWED = {
+    "": ("tensorflow", "tensorflow_datasets", "clu", "matplotlib"),
+    "vitreg_jax.data": ("jax", "grain", "sklearn"),
+    "vitreg_jax.config_lib": ("vitreg_jax.models", "vitreg_jax.optim", "vitreg_jax.losses",
+                              "vitreg_jax.regularizers"),
+    "vitreg_jax.models.weight_layouts": ("safetensors",),
+}
+
+
+def _imports_inside_functions(path: str) -> list[tuple[int, str]]:
+  """`(line, imported name)` of every import made inside a function of the file at `path`."""
+  found = []
+
+  def visit(node, inside):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Import) and inside:
+        found.extend((child.lineno, a.name) for a in child.names)
+      elif isinstance(child, ast.ImportFrom) and inside:
+        found.extend((child.lineno, f"{child.module}.{a.name}") for a in child.names)
+      visit(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+  visit(ast.parse(open(path, encoding="utf-8").read(), path), False)
+  return found
+
+
+def test_imports_inside_functions_only_keep_heavy_libraries_out():
+  assert _imports_inside_functions(os.path.join(PACKAGE, "plotting.py"))  # The scan sees them.
+  bad = []
+  for module, path in sorted(_modules().items()):
+    allowed = tuple(name for prefix, names in LAZY_ALLOWED.items()
+                    if module == prefix or module.startswith(prefix + ".") or not prefix
+                    for name in names)
+    bad += [f"{module}:{line} imports {name}" for line, name in _imports_inside_functions(path)
+            if not any(name == a or name.startswith(a + ".") for a in allowed)]
+  assert not bad, "imports inside functions (move them to the top):\n" + "\n".join(bad)
+
+
+def test_config_files_sweep_and_reports_import_no_jax():
+  # What they would otherwise pay for is why config_lib and data/ import jax lazily.
+  script = ("import sys, configs.quickstart, vitreg_jax.config_lib, vitreg_jax.data.prepare, "
+            "vitreg_jax.sweep, vitreg_jax.reports.__main__\n"
+            "print(sorted(m for m in ('jax', 'grain', 'tensorflow', 'matplotlib') "
+            "if m in sys.modules))")
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "[]"

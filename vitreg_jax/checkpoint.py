@@ -20,7 +20,9 @@ import signal
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -102,8 +104,6 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step out of the manager's folder, so it is never listed again."""
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
       source = epath.Path(self.directory) / str(step)
       target = epath.Path(str(self.directory).rstrip("/") + ".skipped")
@@ -177,7 +177,6 @@ def _log_unfinished_saves(directory: str) -> None:
   orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it only once complete, so
   an unfinished save is never listed as a step: resuming starts from the newest complete one.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   root = epath.Path(directory)
   if jax.process_index() != 0 or not root.exists():
     return

@@ -36,7 +36,19 @@ import argparse
 import json
 import os
 
+from etils import epath
 import numpy as np
+import sklearn
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from vitreg_jax import features
+from vitreg_jax import metrics
+from vitreg_jax import roles
+from vitreg_jax import rundir
+from vitreg_jax.data import groups as groups_lib
+from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import masks
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # the authors' Waterbirds grid
 NUM_RETRAINS = 20
@@ -52,8 +64,6 @@ def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarr
 def _logreg(x, y, c: float):
   """L1-penalized logistic regression (liblinear), spelled for the installed scikit-learn:
   1.8 deprecated `penalty='l1'` for `l1_ratio=1`, which older versions ignore."""
-  import sklearn  # pylint: disable=g-import-not-at-top
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   version = tuple(int(p) for p in sklearn.__version__.split(".")[:2])
   l1 = {"l1_ratio": 1.0} if version >= (1, 8) else {"penalty": "l1"}
   model = LogisticRegression(C=c, solver="liblinear", **l1)
@@ -67,7 +77,6 @@ def worst_group(pred, label, groups) -> float:
 
 def tune_c(x, y, g, rng, grid=C_GRID) -> tuple[float, dict]:
   """Step 2: `(best C, {C: worst-group accuracy on the second half})`."""
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   order = rng.permutation(len(y))
   half = len(y) // 2
   fit_idx, score_idx = order[half:], order[:half]
@@ -118,7 +127,6 @@ def apply_classifier(variables: dict, classifier: dict) -> dict:
 
 def load_classifier(path: str) -> dict:
   """A `dfr_classifier.json`: `{kernel, bias, head_mask (None or [depth, heads]), ...}`."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   record = json.loads(epath.Path(path).read_text())
   for key in ("kernel", "bias"):
     if key not in record:
@@ -128,7 +136,6 @@ def load_classifier(path: str) -> dict:
 
 
 def _metrics(logits, arrays: dict, train_group_counts=None) -> dict:
-  from vitreg_jax import metrics  # pylint: disable=g-import-not-at-top
   logits = np.asarray(logits, np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   loss = logz - logits[np.arange(len(logits)), arrays["label"]]
@@ -139,8 +146,6 @@ def _metrics(logits, arrays: dict, train_group_counts=None) -> dict:
 
 
 def _heldout_split(run) -> str:
-  from vitreg_jax import roles  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.heads import evaluate  # pylint: disable=g-import-not-at-top
   info = run.info
   return roles.split_roles(evaluate.eval_splits_of(run.config, info), info.attributes).val_id
 
@@ -148,9 +153,6 @@ def _heldout_split(run) -> str:
 def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=None,
             grid=C_GRID, num_retrains: int = NUM_RETRAINS, seed: int = 0) -> tuple[dict, dict]:
   """DFR on a run: `(result dict for dfr.json, classifier dict)`."""
-  from vitreg_jax import features, rundir  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.heads import evaluate, masks  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(workdir, step)
   info = run.info
   mask = None
@@ -158,7 +160,7 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
     mask = masks.load_head_mask(head_mask, masks.model_shape(run.model))
   heldout = heldout or _heldout_split(run)
   splits = evaluate.eval_splits_of(run.config, info)
-  counts = groups.train_group_counts(run.config.data)
+  counts = groups_lib.train_group_counts(run.config.data)
   feats = {s: features.extract(run, s, head_mask=mask) for s in splits}
   if "group" not in feats[heldout]:
     raise ValueError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
@@ -202,7 +204,6 @@ def markdown(result: dict) -> str:
 
 def write(workdir: str, out: str | None = None, **kwargs) -> dict:
   """Runs DFR and writes dfr[_sel].json / .md / _classifier.json; returns the paths."""
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   result, classifier = run_dfr(workdir, **kwargs)
   stem = "dfr_sel" if result["head_mask"] is not None else "dfr"
   out = out or workdir

@@ -7,10 +7,13 @@ spurious-attribute, conflict and group metrics when the dataset has those attrib
 (with the training split's group proportions, `train_weighted_mean_accuracy`).
 """
 
+from jax.experimental import multihost_utils
 import numpy as np
 
+from vitreg_jax import data
 from vitreg_jax import metrics
 from vitreg_jax import sharding as shd
+from vitreg_jax.data import groups
 
 
 def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dict:
@@ -27,9 +30,6 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
   Returns:
     `metrics.classification_metrics` of the whole split.
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
   results, arrays = [], {}
   it = data.make_eval_iterator(config.data, split,
                                global_batch_size=config.eval_batch_size or config.batch_size)
@@ -53,7 +53,6 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
 
 def evaluate_splits(state, config, info, *, mesh, eval_fn, head_mask=None) -> dict:
   """`{split: metrics}` over the config's eval splits (`data.eval_splits`)."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   return {split: evaluate(state, split, config, mesh=mesh, eval_fn=eval_fn,
                           head_mask=head_mask)
           for split in data.eval_splits(config.data, info)}

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import data
+
 
 def _forward(model, normalize):
   @jax.jit
@@ -36,7 +38,6 @@ def extract(run, split: str, *, head_mask=None, batch_size: int | None = None) -
     head_mask: optional `[depth, heads]` mask (None: all heads).
     batch_size: default the run's eval batch size.
   """
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   config = run.config
   batch_size = int(batch_size or config.get("eval_batch_size") or config.batch_size)
   fn = _forward(run.model, data.normalization(config.data))

@@ -21,15 +21,17 @@ import argparse
 import json
 import os
 
+from etils import epath
 import numpy as np
+
+from vitreg_jax import features
+from vitreg_jax import rundir
 
 ERROR_SET_FILE = "jtt_error_set.json"
 
 
 def error_set(workdir: str, step: int | None = None) -> dict:
   """The identification run's misclassified training examples (the JSON `write` saves)."""
-  from vitreg_jax import features  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(workdir, step)
   split = run.config.data.get("train_split", "train")
   out = features.extract(run, split)
@@ -49,7 +51,6 @@ def error_set(workdir: str, step: int | None = None) -> dict:
 def write(workdir: str, step: int | None = None, path: str | None = None) -> str:
   """Computes the error set of `workdir` (checkpoint `step`, default the newest) and writes it
   to `path` (default `workdir/jtt_error_set.json`, `..._step<N>.json` for a given step)."""
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
   record = error_set(workdir, step)
   name = ERROR_SET_FILE.replace(".json", f"_step{step}.json") if step else ERROR_SET_FILE
   path = path or os.path.join(workdir, name)
@@ -61,7 +62,6 @@ def ensure_error_set(config) -> None:
   """Before training: with `data.sampler='upsample'`, writes the identification run's error
   set where `data.upsample.file` expects it if it is missing (and that folder is a run), and
   checks it indexes the same train split (and, with `data.upsample.step`, that checkpoint)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   if config.data.get("sampler") != "upsample" or not config.data.get("upsample"):
     return
   upsample = dict(config.data.upsample)

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax.data import groups as groups_lib
+
 LOSSES = ("ce", "group_dro")
 DEFAULTS = {"name": "ce", "step_size": 0.01, "generalization_adjustment": 0.0,
             "normalize_loss": False}
@@ -58,12 +60,11 @@ def is_group_dro(loss_config) -> bool:
 
 def train_group_counts(config, info) -> np.ndarray:
   """Training examples per group (n_g), for GroupDRO; fails clearly without groups."""
-  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
-  if groups.num_groups(info) is None:
+  if groups_lib.num_groups(info) is None:
     raise ValueError(f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has "
                      f"attributes {list(info.attributes)} (it needs `group`, or `spurious` "
                      "from which group = label x spurious is derived).")
-  counts = groups.group_counts(config.data)
+  counts = groups_lib.group_counts(config.data)
   if (counts == 0).any():
     raise ValueError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
                      f"training example (counts {counts.tolist()}).")

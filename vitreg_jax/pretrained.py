@@ -13,6 +13,7 @@ from absl import logging
 from etils import epath
 import flax.traverse_util
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from vitreg_jax import rundir
@@ -112,7 +113,6 @@ def host_copy(tree):
   """A full NumPy copy of a pytree of (possibly multi-process) arrays on every process."""
   if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -8,24 +8,27 @@ analyses and the report to rebuild the model, the data and the splits:
     logits, out = run.model.apply(run.variables, images, head_mask=...)
 
 Nothing here imports the training loop or TensorFlow: the model, checkpoint and config are
-read with flax, orbax and ml_collections only (the dataset info is read lazily by `info`).
+read with flax, orbax and ml_collections only (the dataset info is read on demand by `info`).
 """
 
 import dataclasses
 import json
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-def config_path(workdir: str) -> str:
-  return str(epath.Path(workdir) / CONFIG_FILE)
+from vitreg_jax import config_lib
+from vitreg_jax import data
+from vitreg_jax import models
+# The workdir's layout lives in run_files (no jax, for sweep and the reports); rundir keeps
+# offering it with the rest of a run.
+from vitreg_jax.run_files import (CHECKPOINT_DIR, CONFIG_FILE,  # pylint: disable=unused-import
+                                  checkpoint_steps, config_path, step_dirs)
 
 
 def write_text(path, text: str) -> None:
@@ -79,19 +82,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoints saved under `workdir/checkpoints` (sorted, may be empty)."""
-  return step_dirs(epath.Path(workdir) / CHECKPOINT_DIR)
-
-
-def step_dirs(directory) -> list[int]:
-  """Steps of the orbax step folders (`<step>/`) in `directory` (sorted, may be empty)."""
-  directory = epath.Path(directory)
-  if not directory.is_dir():
-    return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
-
-
 def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """The saved training-state pytree of `step` (default: newest) as NumPy arrays.
 
@@ -110,7 +100,6 @@ def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def read_state(item) -> dict:
   """The orbax pytree saved at `item` (a step's `state` folder) as NumPy arrays, whatever
   topology and sharding wrote it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           checkpointer.metadata(item).item_metadata.tree)
@@ -130,7 +119,6 @@ class Run:
   @property
   def info(self):
     """The dataset info (`data.get_info`), read on demand (the data builders may need TFDS)."""
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     return data.get_info(self.config.data)
 
 
@@ -143,7 +131,6 @@ def load_run(workdir: str, step: int | None = None, *, num_classes: int | None =
     num_classes: the number of classes; by default read from the saved head's shape, so no
       dataset is touched.
   """
-  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
   tree, step = load_state_tree(workdir, step)
   params = tree["params"]
@@ -212,8 +199,6 @@ def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
   Raises:
     ConfigChangedError: naming the differing fields and how to proceed.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
   if not epath.Path(config_path(workdir)).exists():
     return {}
   changes = config_changes(config_lib.with_defaults(load_config(workdir)), config)

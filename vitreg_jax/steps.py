@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from vitreg_jax import checks
+from vitreg_jax import losses
 from vitreg_jax import models
 from vitreg_jax import regularizers
 from vitreg_jax import sharding as shd
@@ -126,7 +127,6 @@ def data_loss(logits, targets, batch, loss_state, *, label_smoothing, group_dro)
   ce = per_example.mean()
   if group_dro is None:
     return ce, ce, loss_state, {}
-  from vitreg_jax import losses  # pylint: disable=g-import-not-at-top
   loss, weights, group_loss = losses.group_dro(
       per_example, batch["group"], loss_state["group_weights"], **group_dro)
   measured = {**{f"group_dro/weight{g}": weights[g] for g in range(weights.shape[0])},

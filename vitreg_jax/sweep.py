@@ -25,6 +25,7 @@ whose tasks call this module back with `--index`. `--dry-run` prints every comma
 nothing. Read the results with `python -m vitreg_jax.report ROOT`.
 """
 
+import argparse
 import itertools
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 import time
 
 from vitreg_jax import config_lib
+from vitreg_jax import run_files
 from vitreg_jax.reports import runs as report_runs
 
 DONE_FILE = "sweep_done.json"
@@ -111,10 +113,9 @@ def progress(workdir: str) -> tuple[int, int | None, bool]:
   checkpoint's step (0 if none); `total` is None when it cannot be known here (an epoch-based
   config whose dataset is not prepared on this machine).
   """
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
-  step = max(rundir.checkpoint_steps(workdir), default=0)
+  step = max(run_files.checkpoint_steps(workdir), default=0)
   try:
-    with open(os.path.join(workdir, rundir.CONFIG_FILE)) as f:
+    with open(os.path.join(workdir, run_files.CONFIG_FILE)) as f:
       config = json.load(f)
   except (OSError, json.JSONDecodeError):
     return step, None, False
@@ -241,7 +242,6 @@ def sbatch_command(spec: str, root: str, indices: list[int], sbatch_args: str = 
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="python -m vitreg_jax.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("sweep", help="config file with get_sweep, optionally FILE.py:ARG")

@@ -16,6 +16,7 @@ import ml_collections
 
 from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
+from vitreg_jax import data
 from vitreg_jax import evaluation
 from vitreg_jax import inflight
 from vitreg_jax import jtt
@@ -41,7 +42,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The final evaluation metrics, `{split: {metric: value}}` (`{}` when preempted).
   """
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   # Everything that can be wrong with the config fails here, before any compute.
   config = config_lib.with_defaults(config)
   jtt.ensure_error_set(config)  # JTT's stage 2 reads the identification run's errors.

@@ -30,6 +30,8 @@ from vitreg_jax import metrics
 from vitreg_jax import plotting
 from vitreg_jax import steps
 from vitreg_jax.analysis import runs
+from vitreg_jax.data import base
+from vitreg_jax.data import splits as splits_lib
 
 flags.DEFINE_string("calibration_split", None,
                     "Split (default: the run's first eval split).")
@@ -111,8 +113,6 @@ def plot(results, path: str) -> str:
 def _checked_split(run, split: Optional[str]) -> str:
   """`split` (default: the run's first eval split), a clear usage error if the run's dataset
   has no such split."""
-  from vitreg_jax.data import base  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
   split = split or runs.default_eval_split(run)
   try:
     base.check_split(run.info, splits_lib.base_name(split))
@@ -137,10 +137,7 @@ def main(argv):
                         max_examples=f.calibration_examples, desc=f"{name} {split}")
     results.append(dict(label=name, workdir=run.workdir, step=run.step, split=split,
                         model_name=run.config.model_name, calibration=cal))
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/calibration.json", summary))
+  print("wrote", runs.write_summary(f"{out}/calibration.json", results))
   print("wrote", plot(results, f"{out}/calibration.png"))
   for r in results:
     c = r["calibration"]

@@ -197,10 +197,7 @@ def main(argv):
   out = runs.output_dir(f.out, f.workdir)
   results = per_block_over_examples(runs.load_runs(f.workdir, f.step),
                                     lambda run, batches: spectra(run.model, run.variables, batches))
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/fourier.json", summary))
+  print("wrote", runs.write_summary(f"{out}/fourier.json", results))
   print("wrote", plot_high_frequency(results, f"{out}/fourier.png"))
   print("wrote", plot_spectra(results, f"{out}/fourier_spectra.png"))
   for r in results:

@@ -235,10 +235,7 @@ def main(argv):
                  lanczos_steps=f.lanczos_steps, with_density=f.density, with_trace=f.trace,
                  num_vectors=f.num_vectors, basis=f.basis)
   results = [_analyse(run, loaded, mesh, f, options) for run in loaded]
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])  # one run: its figures also at the top level
-  print("wrote", runs.write_json(f"{out}/hessian.json", summary))
+  print("wrote", runs.write_summary(f"{out}/hessian.json", results))
   for path in hessian_plots.plot_all(results, out):
     print("wrote", path)
   hessian_plots.print_summary(results)

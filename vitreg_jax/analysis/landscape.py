@@ -341,10 +341,7 @@ def main(argv):
     res.update(label=name, workdir=run.workdir, step=run.step, batch_size=batch_size,
                model_name=run.config.model_name)
     results.append(res)
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/landscape.json", summary))
+  print("wrote", runs.write_summary(f"{out}/landscape.json", results))
   print("wrote", plot_contours(results, f"{out}/landscape.png"))
   if f.grid_points:
     print("wrote", plot_surfaces(results, f"{out}/landscape_surface.png"))

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import data
 from vitreg_jax import plotting
 from vitreg_jax.analysis import calibration
 from vitreg_jax.analysis import runs
@@ -226,7 +227,6 @@ def corruption_accuracy(run, name: str, batch_size: int) -> dict:
   """Accuracy, NLL and ECE per corrupted split of dataset `name`, and their means over the
   splits (`mean_corruption_accuracy`, `mean_corruption_nll`, `mean_corruption_ece`: the
   authors' `robustness.ipynb` averages all three over the CIFAR-C splits)."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   cfg = run.config.data.to_dict()
   cfg.update(name=name, eval_splits=None)
   info = data.get_info(cfg)  # fails here, with the preparation command, if files are missing
@@ -304,10 +304,7 @@ def main(argv):
     if corr:
       res["corruption"] = corruption_accuracy(run, corr, batch_size)
     results.append(res)
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/noise.json", summary))
+  print("wrote", runs.write_summary(f"{out}/noise.json", results))
   print("wrote", plot(results, f"{out}/noise.png"))
   for r in results:
     inc = " ".join(f"{100 * e:+.1f}" for e in r["sweep"]["error_increase"])

@@ -25,9 +25,12 @@ from absl import flags
 from etils import epath
 import jax
 import numpy as np
+import tqdm
 
+from vitreg_jax import data
 from vitreg_jax import rundir
 from vitreg_jax import sharding
+from vitreg_jax.data import mixing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Training run directory (repeat to overlay runs).")
@@ -82,7 +85,6 @@ def output_dir(out: Optional[str], workdirs: Sequence[str]) -> str:
 
 def progress(iterable: Iterable, total: Optional[int], desc: str) -> Iterator:
   """A progress bar on stderr (tqdm)."""
-  import tqdm  # pylint: disable=g-import-not-at-top
   return iter(tqdm.tqdm(iterable, total=total, desc=desc, dynamic_ncols=True))
 
 
@@ -93,8 +95,6 @@ def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator
   the model's float input (the noise analysis adds its noise in those units). With
   `data.mixup` the batches keep their Mixup/CutMix recipe (`mix_*`), applied by the loss
   (`objective.Objective.inputs`) as the train step applies it."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import mixing  # pylint: disable=g-import-not-at-top
   it = data.make_train_iterator(run.config.data, global_batch_size=batch_size,
                                 seed=seed, process_index=0, process_count=1)
   normalize = data.normalization(run.config.data).host
@@ -108,7 +108,6 @@ def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] =
                  data_config=None) -> Iterator[dict]:
   """Batches of `split` (eval preprocessing, normalized images), padding dropped, at most
   `max_examples`."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   seen = 0
   normalize = data.normalization(data_config or run.config.data).host
   for batch in data.make_eval_iterator(data_config or run.config.data, split,
@@ -126,7 +125,6 @@ def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] =
 
 def default_eval_split(run) -> str:
   """The first eval split of the run (its in-distribution validation or test split)."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   return data.eval_splits(run.config.data)[0]
 
 
@@ -143,3 +141,13 @@ def replicate(tree, mesh):
 def write_json(path: str, obj) -> str:
   rundir.write_text(path, json.dumps(obj, indent=1))
   return path
+
+
+def write_summary(path: str, results: list) -> str:
+  """Writes an analysis' results as JSON to `path`: `{"runs": results}`, and with one run its
+  fields also at the top level (`json["calibration"]` rather than `json["runs"][0][...]`).
+  Returns `path`."""
+  summary = {"runs": results}
+  if len(results) == 1:
+    summary.update(results[0])
+  return write_json(path, summary)

@@ -127,10 +127,7 @@ def main(argv):
   results = fourier.per_block_over_examples(
       runs.load_runs(f.workdir, f.step),
       lambda run, batches: variances(run.model, run.variables, batches, mesh))
-  summary = {"runs": results}
-  if len(results) == 1:
-    summary.update(results[0])
-  print("wrote", runs.write_json(f"{out}/variance.json", summary))
+  print("wrote", runs.write_summary(f"{out}/variance.json", results))
   print("wrote", plot(results, f"{out}/variance.png", f.log_scale))
   for r in results:
     print(r["label"] + ": " + ", ".join(f"{b['name']} {b['variance']:.3g}" for b in r["blocks"]))

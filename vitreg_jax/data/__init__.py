@@ -11,9 +11,11 @@ step normalizes it on the device with `data.normalization(config.data)`, see
 (`info.attributes`), and, in eval batches, `mask` float32 `[b]` (1 real, 0 padding).
 `b = global_batch_size / process_count`.
 
-`DATASETS` maps each config name to a `base.DatasetSpec`; `'dominoes'` is the no-setup
+`DATASETS` (`data/registry.py`) maps each config name to a `base.DatasetSpec`; `'dominoes'` is the no-setup
 default. Importing this package imports neither TensorFlow nor TFDS; TFDS-backed datasets
-import `tensorflow_datasets` when first opened. See docs/data.md for every dataset,
+import `tensorflow_datasets` when first opened. Nor does it import jax or grain (about 3 s):
+config files (through `config_lib`), `data.prepare` and the reports import this package, and
+the pipeline and the on-device mixing and normalization import them when they run. See docs/data.md for every dataset,
 its options and how to prepare it (`python -m vitreg_jax.data.prepare NAME`).
 
 Every split (`train_split`, eval splits) may be sliced in TFDS's syntax, for every dataset:
@@ -27,46 +29,16 @@ import dataclasses
 from typing import Any, Optional
 
 from vitreg_jax.data import base
-from vitreg_jax.data import corrupted
-from vitreg_jax.data import custom
-from vitreg_jax.data import finetune
-from vitreg_jax.data import groups
-from vitreg_jax.data import imagenet
-from vitreg_jax.data import mixing
-from vitreg_jax.data import mnist_cifar
 from vitreg_jax.data import device_normalization
+from vitreg_jax.data import groups
+from vitreg_jax.data import mixing
 from vitreg_jax.data import pipeline
 from vitreg_jax.data import splits as splits_lib
-from vitreg_jax.data import waterbirds
 from vitreg_jax.data.base import (CorruptDataError, DatasetInfo, DatasetNotPreparedError,
                                   DatasetSpec)
+from vitreg_jax.data.registry import DATASETS, get_spec
 from vitreg_jax.metrics import (group_counts, group_metrics, group_metrics_from_counts,
                                 mean_corruption_accuracy)
-
-DATASETS: dict = {
-    'dominoes': custom.EmbeddedDataset(
-        'vitreg_jax.data.dominoes', 'embedded MNIST/CIFAR-like dominoes (no setup)'),
-    'npz': custom.NpzDataset(),
-    'image_folder': custom.ImageFolderDataset(),
-    'mnist_cifar': mnist_cifar.MnistCifarDataset(),
-    'waterbirds': waterbirds.WaterbirdsDataset(),
-    'imagenet_rotation': imagenet.ImageNetRotationDataset(),
-    **finetune.DATASETS,
-    **corrupted.DATASETS,
-}
-
-
-
-
-def get_spec(data_config: Any) -> tuple:
-  """Returns (spec, resolved config dict) for a data config; validates name and options."""
-  cfg = base.as_dict(data_config)
-  name = cfg.get('name', base.COMMON_OPTIONS['name'])
-  if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
-  cfg['name'] = name
-  spec = DATASETS[name]
-  return spec, base.resolve_config(spec, cfg)
 
 
 def get_info(data_config: Any) -> DatasetInfo:

@@ -29,7 +29,11 @@ import dataclasses
 import json
 from typing import Optional, Sequence
 
+from etils import epath
 import numpy as np
+
+from vitreg_jax.data import registry
+from vitreg_jax.data import splits as splits_lib
 
 SAMPLERS = ('uniform', 'group_balanced', 'upsample')
 _BALANCED_TAG = 0x6B41  # separates the balanced draws from the permutations' streams
@@ -164,7 +168,6 @@ def read_upsample(upsample) -> tuple[list, int]:
     raise ValueError("data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): "
                      'PATH a JSON with an `indices` list (`python -m vitreg_jax.jtt` writes '
                      "it as WORKDIR/jtt_error_set.json).")
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(upsample['file'])
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: write the error set of the identification run '
@@ -187,9 +190,7 @@ def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: in
 
 def group_counts(data_config, split: Optional[str] = None) -> np.ndarray:
   """Examples per group in `split` (default: the train split), `[num_groups]` float64."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
-  spec, cfg = data.get_spec(data_config)
+  spec, cfg = registry.get_spec(data_config)
   split = split or cfg['train_split']
   unsliced = {**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])}
   info = spec.info(unsliced)
@@ -207,11 +208,9 @@ def train_group_counts(data_config) -> Optional[tuple]:
   Cached per data config (evaluations call it once per split): the training proportions
   behind `train_weighted_mean_accuracy` (vitreg_jax/metrics.py).
   """
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  spec, cfg = data.get_spec(data_config)
+  spec, cfg = registry.get_spec(data_config)
   key = json.dumps(cfg, sort_keys=True, default=str)
   if key not in _TRAIN_COUNTS:
-    from vitreg_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
     info = spec.info({**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])})
     _TRAIN_COUNTS[key] = (tuple(group_counts(data_config).tolist())
                           if num_groups(info) is not None else None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 
+from etils import epath
 import numpy as np
 
 from vitreg_jax.data import preprocess
@@ -153,7 +154,6 @@ def config_name(agreement: float, seed: int) -> str:
 def builder_class():
   """Defines (once) and returns the TFDS builder class; imports TFDS."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
 
   class MnistCifarConfig(tfds.core.BuilderConfig):
     """Agreement rate and seed of the construction."""

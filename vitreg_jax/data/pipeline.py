@@ -27,8 +27,10 @@ import math
 import sys
 from typing import Optional, Sequence
 
+from absl import flags
 import numpy as np
 
+from vitreg_jax.data import mixing
 from vitreg_jax.data.base import Example, Transform
 
 
@@ -120,7 +122,6 @@ class _TrainBatch:
     batch = stack([self._examples[self._permutation(p)]
                    for p in range(first, first + self._local)])
     if self._mix:  # The batch's Mixup/CutMix recipe, on every example (see data/mixing.py).
-      from vitreg_jax.data import mixing  # pylint: disable=g-import-not-at-top
       recipe = mixing.draw(self._mix, self._seed, step, *batch['image'].shape[1:3])
       batch.update({k: np.broadcast_to(v, (self._local, *np.shape(v))).copy()
                     for k, v in recipe.items()})
@@ -152,7 +153,6 @@ def _to_iterator(batches, num_threads: int, prefetch_batches: int, num_workers: 
   ds = batches.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)))
   if num_workers:
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
     # Worker w builds batches w, w + W, ...; grain interleaves them back in order.

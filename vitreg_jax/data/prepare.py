@@ -22,6 +22,9 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from vitreg_jax import data
+from vitreg_jax.data import base
+
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: '
                                 '$TFDS_DATA_DIR or ~/tensorflow_datasets).')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Directory of manually downloaded '
@@ -53,7 +56,6 @@ def prepare(name: str, data_dir=None, manual_dir=None, **options):
   Returns:
     `vitreg_jax.data.get_info` of the prepared dataset.
   """
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   config = dict(name=name, data_dir=data_dir, manual_dir=manual_dir, **options)
   spec, cfg = data.get_spec(config)
   spec.prepare(cfg)
@@ -62,10 +64,8 @@ def prepare(name: str, data_dir=None, manual_dir=None, **options):
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     raise app.UsageError(f'Usage: python -m vitreg_jax.data.prepare NAME [--data_dir=...] '
                          f'[--manual_dir=...] [--option k=v]; NAME in {sorted(data.DATASETS)}.')
-  from vitreg_jax.data import base  # pylint: disable=g-import-not-at-top
   try:
     info = prepare(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, **parse_options(_OPTION.value))
   except (base.DatasetNotPreparedError, base.CorruptDataError, ValueError) as e:

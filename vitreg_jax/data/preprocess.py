@@ -29,6 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from vitreg_jax.data import randaugment as randaugment_lib
+from vitreg_jax.data.base import CorruptDataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)   # maps [0, 255] to [-1, 1]
@@ -36,8 +39,6 @@ HALF = (0.5, 0.5, 0.5)   # maps [0, 255] to [-1, 1]
 
 def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
   """Decodes JPEG/PNG bytes to uint8 RGB `[H, W, 3]`; a broken file raises naming `name`."""
-  # Local import: base imports nothing heavy, and the error type lives there.
-  from vitreg_jax.data.base import CorruptDataError  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as img:
       return np.asarray(img.convert('RGB'))
@@ -193,7 +194,6 @@ def augmentation_kwargs(config: dict) -> dict:
   RandAugment fills the pixels uncovered by geometric ops with the dataset mean (as timm does
   with `img_mean`), so the fill normalizes to about zero.
   """
-  from vitreg_jax.data import randaugment  # pylint: disable=g-import-not-at-top
   spec = config.get('randaugment')
   padding = config.get('crop_padding')
   if padding is not None and (not isinstance(padding, (int, np.integer)) or padding < 0):
@@ -201,7 +201,7 @@ def augmentation_kwargs(config: dict) -> dict:
   policy = None
   if spec:
     fill = tuple(int(min(255, round(255 * m))) for m in config.get('mean', HALF))
-    policy = randaugment.from_string(spec, fill=fill)
+    policy = randaugment_lib.from_string(spec, fill=fill)
   return {'padding': padding, 'randaugment': policy}
 
 
@@ -267,7 +267,6 @@ class ImageTransform:
   def _image_from_bytes(self, data: bytes, example, rng) -> np.ndarray:
     """Crop + resize straight from the PIL image; JPEGs are decoded at a reduced scale
     (DCT scaling, `Image.draft`) when the crop is at least 2x larger than the output."""
-    from vitreg_jax.data.base import CorruptDataError  # pylint: disable=g-import-not-at-top
     try:
       with Image.open(io.BytesIO(data)) as pil:
         width, height = pil.size

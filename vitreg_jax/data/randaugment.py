@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -201,7 +202,6 @@ def from_string(spec: str, *, fill: Sequence[int] = (128, 128, 128),
 def main(argv=None):
   """`python -m vitreg_jax.data.randaugment [SPEC [OUT.png]]`: a grid of augmented copies
   of a synthetic 32 x 32 image (rows: seeds), to look at what a policy does."""
-  import sys  # pylint: disable=g-import-not-at-top
   args = sys.argv[1:] if argv is None else argv
   spec = args[0] if args else 'rand-m9-n2-mstd1.0'
   out = args[1] if len(args) > 1 else '/tmp/randaugment.png'

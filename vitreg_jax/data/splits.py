@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Optional, Sequence
 
 _SPEC = re.compile(r'^(?P<name>[^\[\]]+?)(\[(?P<selector>[^\[\]]*)\])?$')
@@ -150,7 +151,6 @@ def apply(source: Sequence, spec: str) -> Sequence:
 
 def main(argv=None):
   """`python -m vitreg_jax.data.splits 'train[:6%]' 50000` prints the selected range."""
-  import sys  # pylint: disable=g-import-not-at-top
   args = sys.argv[1:] if argv is None else argv
   if len(args) != 2:
     print("usage: python -m vitreg_jax.data.splits SPLIT NUM_EXAMPLES  (e.g. 'train[:6%]' "

@@ -24,6 +24,9 @@ import functools
 import io
 import os
 
+from etils import epath
+from PIL import Image
+
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import CorruptDataError, DatasetNotPreparedError, TfdsDataset
 
@@ -85,7 +88,6 @@ def read_metadata(root: str) -> list:
 
 def read_checked_image(path: str) -> bytes:
   """The file's bytes, after checking it decodes completely (reports the file if not)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   with open(path, 'rb') as f:
     data = f.read()
   try:
@@ -102,7 +104,6 @@ def read_checked_image(path: str) -> bytes:
 def builder_class():
   """Defines (once) and returns the TFDS builder class; imports TFDS."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
 
   class Waterbirds(tfds.core.GeneratorBasedBuilder):
     """Waterbirds from the released folder (see vitreg_jax/data/waterbirds.py)."""

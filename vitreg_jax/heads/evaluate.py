@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
+from vitreg_jax import data
 from vitreg_jax import metrics
 from vitreg_jax import steps
+from vitreg_jax.data import groups
 from vitreg_jax.heads import masks as masks_lib
 
 
@@ -156,7 +158,6 @@ class SplitPool:
   """
 
   def __init__(self, data_config, splits, batch_size: int):
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     self.normalize = data.normalization(data_config)
     images, self.arrays, self.rows, start = [], {}, {}, 0
     for split in splits:
@@ -174,7 +175,6 @@ class SplitPool:
       start += len(arrays["label"])
     labels = np.concatenate([a["label"] for a in self.arrays.values()]).astype(np.int32)
     self.images, self.labels = jax.device_put((np.concatenate(images), labels))
-    from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
     has_groups = any("group" in a for a in self.arrays.values())
     self.train_counts = groups.train_group_counts(data_config) if has_groups else None
 

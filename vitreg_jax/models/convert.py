@@ -36,6 +36,7 @@ import flax
 import jax
 import numpy as np
 
+from vitreg_jax.models import vit
 from vitreg_jax.models import weight_layouts
 
 POSEMB_KEY = weight_layouts.POSEMB_KEY
@@ -161,7 +162,6 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
   Raises:
     ValueError naming every missing, unexpected or mismatching key (with both shapes).
   """
-  from vitreg_jax.models import vit  # pylint: disable=g-import-not-at-top
   if not isinstance(model, vit.ViT):
     raise ValueError(f'Public ViT weights load into model_name="vit" only, not '
                      f'{type(model).__name__} (use kind="checkpoint" for vitreg_jax runs).')

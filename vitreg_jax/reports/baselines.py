@@ -35,6 +35,7 @@ from etils import epath
 
 from vitreg_jax import metrics as metrics_lib
 from vitreg_jax import roles as roles_lib
+from vitreg_jax.data import groups as groups_lib
 from vitreg_jax.reports import papers
 from vitreg_jax.reports.tables import Table, mean_std
 
@@ -53,9 +54,8 @@ def method(config: dict) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _train_counts(data_json: str):
-  from vitreg_jax.data import groups  # pylint: disable=g-import-not-at-top
   try:
-    return tuple(groups.group_counts(json.loads(data_json)))
+    return tuple(groups_lib.group_counts(json.loads(data_json)))
   except Exception:  # pylint: disable=broad-except  # data not here: the column stays empty
     return None
 

@@ -19,9 +19,9 @@ import os
 
 from etils import epath
 
-# rundir.CONFIG_FILE, read here with json: importing rundir imports jax, which on a busy
-# machine takes longer than the whole report.
-CONFIG_FILE = "config.json"
+from vitreg_jax import data
+from vitreg_jax.run_files import CONFIG_FILE
+
 HEADS_FILE = "heads.json"  # Written by `python -m vitreg_jax.heads`.
 
 
@@ -89,7 +89,6 @@ def total_steps(config: dict) -> int | None:
   if config.get("total_steps"):
     return int(config["total_steps"])
   try:  # Epoch-based: needs the train split's size (the dataset may not be prepared here).
-    from vitreg_jax import data  # pylint: disable=g-import-not-at-top
     info = data.get_info(config["data"])
     n = info.num_examples[config["data"].get("train_split", "train")]
     return int(round(config["total_epochs"] * math.ceil(n / config["batch_size"])))

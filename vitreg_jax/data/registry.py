@@ -1,0 +1,40 @@
+"""The dataset registry: config name -> `base.DatasetSpec`, and `get_spec` to resolve a config.
+
+Its own module (re-exported by `vitreg_jax.data`) so that the package's submodules that work
+on a data config (`groups.group_counts`) import it without importing the package back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitreg_jax.data import base
+from vitreg_jax.data import corrupted
+from vitreg_jax.data import custom
+from vitreg_jax.data import finetune
+from vitreg_jax.data import imagenet
+from vitreg_jax.data import mnist_cifar
+from vitreg_jax.data import waterbirds
+
+DATASETS: dict = {
+    'dominoes': custom.EmbeddedDataset(
+        'vitreg_jax.data.dominoes', 'embedded MNIST/CIFAR-like dominoes (no setup)'),
+    'npz': custom.NpzDataset(),
+    'image_folder': custom.ImageFolderDataset(),
+    'mnist_cifar': mnist_cifar.MnistCifarDataset(),
+    'waterbirds': waterbirds.WaterbirdsDataset(),
+    'imagenet_rotation': imagenet.ImageNetRotationDataset(),
+    **finetune.DATASETS,
+    **corrupted.DATASETS,
+}
+
+
+def get_spec(data_config: Any) -> tuple:
+  """Returns (spec, resolved config dict) for a data config; validates name and options."""
+  cfg = base.as_dict(data_config)
+  name = cfg.get('name', base.COMMON_OPTIONS['name'])
+  if name not in DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
+  cfg['name'] = name
+  spec = DATASETS[name]
+  return spec, base.resolve_config(spec, cfg)
