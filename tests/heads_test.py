@@ -82,6 +82,30 @@ def test_batched_masks_equal_one_evaluation_per_mask_with_one_compilation(tiny):
   assert evaluator.traces == 1
 
 
+def test_masks_of_several_layers_pass_from_the_block_they_change(tiny):
+  """`--layer=all`: a pass of masks that change only block 1 runs block 0 once per image."""
+  model, variables, x, apply = tiny
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  alone, _ = masks_lib.head_masks(2, 4, (0, 1), "alone")
+  removed, _ = masks_lib.head_masks(2, 4, (0, 1), "removed")
+  masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])
+  masks = masks[np.random.RandomState(0).permutation(len(masks))]  # 17 masks, layers mixed.
+  evaluator = evaluate_lib.MaskEvaluator(model, layers=(0, 1), masks_per_pass=4)
+  starts = []
+  fn = evaluator._fn
+  evaluator._fn = lambda *a: starts.append(a[-1]) or fn(*a)
+  pred, loss, _ = evaluator(variables, x, labels, masks)
+  for i, m in enumerate(masks):
+    logits, _ = apply(variables, x, m)
+    np.testing.assert_array_equal(pred[i], np.argmax(logits, -1))
+    ref = -jax.nn.log_softmax(logits)[np.arange(6), labels]
+    np.testing.assert_allclose(loss[i], ref, rtol=1e-4, atol=1e-5)
+  # 8 masks change block 0 (2 passes from block 0); 9 only block 1 (3 passes from block 1).
+  assert starts == [0, 0, 1, 1, 1] and evaluator.traces == 2
+  evaluator(variables, x, labels, masks[::-1])  # Another order: the same two functions.
+  assert evaluator.traces == 2
+
+
 def _additive_score(weights):
   return lambda masks: np.einsum("mlh,lh->m", masks, weights)
 

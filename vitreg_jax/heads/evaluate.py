@@ -11,8 +11,11 @@ compilation for a whole analysis (greedy search included):
 * A pass scores `C` masks on `B` images in one call of the model with `expand_masks_at`
   (models/attention.py, `Encoder`): the blocks before the first one where the masks differ
   (all of them but the evaluated layers: the last block by default) run once on the B images,
-  the rest on the `C * B` (mask, image) pairs. Models without that argument get their images
-  tiled `C` times and per-example masks (the same result, without the shared blocks).
+  the rest on the `C * B` (mask, image) pairs. Masks of several layers (`--layer=all`) are
+  sorted by the first block where they differ from the first mask, so that a pass of masks of
+  the later layers runs the blocks before them once (one compilation per block a pass starts
+  at). Models without that argument get their images tiled `C` times and per-example masks
+  (the same result, without the shared blocks).
 * All passes of a call are dispatched before any result is read back (one host transfer per
   pass, no host sync between passes); masks already scored on a split with the same weights
   are not scored again (`RunEval`'s cache: the selected mask of `oracle`, greedy's start and
@@ -43,6 +46,21 @@ def first_difference(masks: np.ndarray) -> int:
   return int(np.argmax(differs)) if differs.any() else masks.shape[1]
 
 
+def first_changes(masks: np.ndarray) -> np.ndarray:
+  """`[M]`: the first block where each mask leaves the masks' most common row (depth if none).
+
+  Masks whose values are >= d agree with each other on every block before d. The most common
+  row of a block is all ones for `--layer=all`'s masks, greedy's mask for its candidates."""
+  common = np.stack([_most_common_row(masks[:, b]) for b in range(masks.shape[1])])
+  changed = np.any(masks != common, axis=2)
+  return np.where(changed.any(axis=1), np.argmax(changed, axis=1), masks.shape[1])
+
+
+def _most_common_row(rows: np.ndarray) -> np.ndarray:
+  values, counts = np.unique(rows, axis=0, return_counts=True)
+  return values[np.argmax(counts)]
+
+
 def _even_block(total: int, most: int) -> int:
   """The block size <= `most` that splits `total` into as few, equal-as-can-be blocks."""
   return max(1, math.ceil(total / math.ceil(total / max(1, most)))) if total else max(1, most)
@@ -56,7 +74,8 @@ class MaskEvaluator:
   to multiples of them, so later calls reuse the compiled function: `traces` counts
   compilations. `layers` (the blocks whose heads the masks change) fixes the block from which
   (mask, image) pairs are expanded; without it the first call's masks decide, and a later
-  call whose masks differ earlier compiles once more.
+  call whose masks differ earlier compiles once more. With several layers a pass starts at
+  the first block its masks change (`mask_passes`): at most one compilation per layer.
   """
 
   def __init__(self, model, *, layers=None, masks_per_pass: int | None = None,
@@ -66,6 +85,7 @@ class MaskEvaluator:
     self.masks_per_pass, self.images_per_pass = masks_per_pass, images_per_pass
     self.examples_per_pass = examples_per_pass
     self.expand_at = min(layers) if layers else None
+    self.layers = tuple(sorted(layers)) if layers else ()
     self._expands = "expand_masks_at" in inspect.signature(model.__call__).parameters
     self.traces, self._planned = 0, False
     self._fn = jax.jit(self._predict, static_argnums=(5, 6))
@@ -98,6 +118,20 @@ class MaskEvaluator:
     return (math.ceil(len(masks) / self.masks_per_pass)
             * math.ceil(num_images / self.images_per_pass))
 
+  def mask_passes(self, masks: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The order masks are scored in and each pass's `expand_masks_at` (after `plan`).
+
+    One evaluated layer: the call's order, every pass expanded at `expand_at`. Several: masks
+    sorted by their first changed block (`first_changes`, at most the last evaluated layer),
+    each pass expanded at its first mask's, the earliest of its masks: masks that agree
+    before it."""
+    c = self.masks_per_pass
+    if len(self.layers) < 2:
+      return np.arange(len(masks)), [self.expand_at] * math.ceil(len(masks) / c)
+    starts = np.minimum(np.maximum(first_changes(masks), self.expand_at), self.layers[-1])
+    order = np.argsort(starts, kind="stable")
+    return order, [int(starts[order[j]]) for j in range(0, len(masks), c)]
+
   def predict(self, variables, pool, labels, index, masks, normalize=None, progress=None):
     """`(pred int [M, n], loss float [M, n], confidence float [M, n])` (`steps.predictions`)
     of masks `[M, depth, heads]` on `pool[index]`.
@@ -108,13 +142,16 @@ class MaskEvaluator:
     masks, index = np.asarray(masks, np.float32), np.asarray(index, np.int32)
     self.plan(len(index), masks)
     c, b, m, n = self.masks_per_pass, self.images_per_pass, len(masks), len(index)
-    # Padding: copies of the last mask (they agree with the others before `expand_at`) and of
-    # the first image; both are dropped below.
+    order, starts = self.mask_passes(masks)
+    # Padding: copies of the last mask (they agree with the others of its pass before its
+    # expansion block) and of the first image; both are dropped below.
+    masks = masks[order]
     masks = np.concatenate([masks, np.repeat(masks[-1:], -m % c, axis=0)])
     index = np.concatenate([index, np.repeat(index[:1], -n % b)])
     pending = [self._fn(variables, pool, labels, index[i:i + b], masks[j:j + c], normalize,
-                        self.expand_at)
-               for j in range(0, len(masks), c) for i in range(0, len(index), b)]
+                        start)
+               for j, start in zip(range(0, len(masks), c), starts)
+               for i in range(0, len(index), b)]
     per_chunk = len(index) // b
     fetched = []
     for out in pending:  # All dispatched: read back in order.
@@ -123,7 +160,8 @@ class MaskEvaluator:
         progress.update(1)
     join = lambda xs: np.concatenate(
         [np.concatenate(xs[j:j + per_chunk], axis=1) for j in range(0, len(xs), per_chunk)])
-    return tuple(join([f[i] for f in fetched])[:m, :n] for i in range(3))
+    unsort = np.argsort(order)
+    return tuple(join([f[i] for f in fetched])[:m, :n][unsort] for i in range(3))
 
   def __call__(self, variables, images, labels, masks, normalize=None):
     """`(pred, loss, confidence)`, each `[M, B]`, for masks `[M, depth, heads]` on a batch.
