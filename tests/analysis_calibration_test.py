@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from analysis_overlay_test import _make_run  # pylint: disable=g-bad-import-order
+from analysis_overlay_test import _make_run, run_main  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
 from vitreg_jax import metrics
 from vitreg_jax import rundir
@@ -24,8 +24,8 @@ def _command(*args):
 
 def test_command_matches_classification_metrics(tmp_path):
   workdir = _make_run(tmp_path / "vit_a", "vit_a")
-  res = _command(f"--workdir={workdir}", "--batch_size=12", "--calibration_split=test_ood")
-  assert res.returncode == 0, res.stderr[-3000:]
+  run_main("calibration", f"--workdir={workdir}", "--batch_size=12",
+           "--calibration_split=test_ood")
   got = json.load(open(tmp_path / "vit_a" / "calibration.json"))
   assert got["split"] == "test_ood" and got["step"] == 1
   cal = got["calibration"]

@@ -18,6 +18,7 @@ from vitreg_jax import config_lib
 from vitreg_jax import loss_balance
 from vitreg_jax import models
 from vitreg_jax import steps
+from vitreg_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, head_zeroinit=False,
@@ -134,14 +135,14 @@ def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):
 
 
 def test_logged_beside_cross_entropy(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
   # The quickstart's DIV at a tiny size: 20 steps logged every 10, small splits, one eval.
-  cmd = [sys.executable, "-m", "vitreg_jax.main", "--config=configs/quickstart.py:runlocal,reg=div",
-         f"--workdir={tmp_path}", "--config.log_every_steps=10", "--config.total_steps=20",
-         "--config.model.width=16", "--config.model.depth=2", "--config.model.mlp_dim=32",
-         "--config.model.num_heads=2", "--config.data.num_train=640",
-         "--config.data.num_val=64", "--config.data.num_test=64", "--config.head_eval="]
-  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
+  # In-process (the subject is what the loop logs, not the command line, which the refusal
+  # test above runs): no second TensorFlow import.
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs/quickstart.py:runlocal,reg=div"))
+  config.log_every_steps, config.total_steps, config.head_eval = 10, 20, ""
+  config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2)
+  config.data.update(num_train=640, num_val=64, num_test=64)
+  train.train_and_evaluate(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   logged = [l for l in lines if "balance/div_grad_ratio" in l]
   assert logged and all(l["split"] == "train" for l in logged)
