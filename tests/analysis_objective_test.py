@@ -4,6 +4,8 @@ One batch with a Mixup/CutMix recipe drawn by the pipeline's own `mixing.draw`, 
 smoothing 0.1 and weight decay 0.05: the objective equals the train step's cross-entropy plus
 the L2 penalty whose gradient is the optimizer's coupled weight decay."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,12 +30,17 @@ def _setup(step: int):
   recipe = mixing.draw(mixing.DEFAULTS, seed=0, step=step, height=8, width=8)
   batch = {"image": images, "label": labels,
            **{k: np.repeat(np.asarray(v)[None], 6, axis=0) for k, v in recipe.items()}}
-  variables = model.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   return model, variables, batch, recipe
 
 
 def _train_step_ce(model, variables, batch):
   """The `ce` measurement of one real train step (zero learning rate) on `batch`."""
+  return float(_jitted_train_step_ce(model, variables, batch))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # jitted as in training; one compilation
+def _jitted_train_step_ce(model, variables, batch):
   tx = optax.sgd(0.0)
   state = steps.TrainState(step=jnp.int32(0), params=variables["params"],
                            opt_state=tx.init(variables["params"]), model_state={},
@@ -41,7 +48,7 @@ def _train_step_ce(model, variables, batch):
   _, measurements = steps.train_step(state, batch, forward=steps.make_forward(model, []),
                                      tx=tx, num_classes=CLASSES,
                                      label_smoothing=SMOOTHING)
-  return float(measurements["ce"])
+  return measurements["ce"]
 
 
 @pytest.mark.parametrize("step", [0, 1, 2, 3])  # recipes with Mixup and with CutMix

@@ -126,7 +126,9 @@ def ref_forward(params, images, *, head_mask=None, layer=None, delta=None, only_
       # Only delta is cut for the other heads: cutting y too would also remove the
       # dependence of g_h on the earlier parameters through the other heads' outputs,
       # which the double backprop must keep (the authors' gradient-hook version keeps it).
-      inputs = [y + (delta if h == only_head else jax.lax.stop_gradient(delta))
+      # only_head may be traced (vmapped over heads): where() picks the same value either
+      # way, but only the head equal to only_head passes delta's gradient.
+      inputs = [y + jnp.where(h == only_head, delta, jax.lax.stop_gradient(delta))
                 for h in range(num_heads)]
     yh = jnp.stack(inputs, axis=1)  # [B, H, N, D]
     q, k, v = (jnp.einsum('bhnd,dhe->bhne', yh, p[w]) for w in ('wq', 'wk', 'wv'))
@@ -144,18 +146,22 @@ def ref_forward(params, images, *, head_mask=None, layer=None, delta=None, only_
 
 def loop_head_grads(params, images, layer, *, target='max_logit', labels=None,
                     head_mask=None, num_heads=4):
-  """Slow reference: one jax.grad per head, the other heads' paths under stop_gradient."""
+  """Slow reference: one jax.grad per head, the other heads' paths under stop_gradient.
+
+  The heads are a jax.vmap over the index h, not a Python loop: the same H separate
+  gradients, but XLA compiles one copy of the (double) backward pass instead of H."""
   b = images.shape[0]
   n = (images.shape[1] // 4) * (images.shape[2] // 4) + 1
   d = params['embed']['kernel'].shape[1]
-  grads = []
-  for h in range(num_heads):
+
+  def head_grad(h):
     def p_star(delta):
       logits = ref_forward(params, images, head_mask=head_mask, layer=layer, delta=delta,
                            only_head=h)
       return jnp.sum(R.prediction_target(logits, target, labels))
-    grads.append(jax.grad(p_star)(jnp.zeros((b, n, d))))
-  return jnp.stack(grads, axis=1)  # [B, H, N, D]
+    return jax.grad(p_star)(jnp.zeros((b, n, d)))
+
+  return jax.vmap(head_grad, out_axes=1)(jnp.arange(num_heads))  # [B, H, N, D]
 
 
 def loop_div_loss(g, normalize=False, reduction='sum'):
@@ -458,8 +464,9 @@ def test_similarity_loss_matches_numpy_and_has_no_image_gradient():
 def test_empty_config_is_plain_forward(tiny):
   model, variables, images, _ = tiny
   reg = R.build([], model)
-  logits, out, total, terms, state = reg(variables, images)
-  np.testing.assert_array_equal(logits, model.apply(variables, images)[0])
+  (logits, out, total, terms, state), plain = jax.jit(
+      lambda v, x: (reg(v, x), model.apply(v, x)[0]))(variables, images)
+  np.testing.assert_array_equal(logits, plain)
   assert float(total) == 0.0 and terms == {} and state == {}
   assert reg.attention_layers == () and reg.div_layers == ()
   assert 'attn' not in out['block0']
@@ -520,7 +527,7 @@ def test_mutable_state_is_returned():
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state['batch_stats'],
                            variables['batch_stats'])
     assert any(jax.tree.leaves(changed))
-    assert reg(variables, images)[-1] == {}
+    assert jax.jit(reg)(variables, images)[-1] == {}
 
 
 @pytest.mark.parametrize('config,message', [
@@ -551,8 +558,8 @@ def test_build_accepts_config_dicts(tiny):
 def test_label_target_needs_labels(tiny):
   model, variables, images, _ = tiny
   reg = R.build([dict(name='div', weight=1.0, target='label_logit')], model)
-  with pytest.raises(ValueError, match='needs labels'):
-    reg(variables, images)
+  with pytest.raises(ValueError, match='needs labels'):  # raised while tracing
+    jax.jit(reg)(variables, images)
 
 
 # --------------------------------------------------------------------------------------
@@ -590,11 +597,10 @@ def test_with_library_vit():
   reg = R.build([dict(name='distance', weight=0.1, layers=(0,), penalty='offset'),
                  dict(name='div', weight=10.0)], model)
   assert reg.attention_layers == (0, 1) and reg.div_layers == (1,)
-  logits, out, total, terms, _ = jax.jit(functools.partial(reg, head_mask=mask))(
-      variables, images)
+  (logits, out, total, terms, _), plain = jax.jit(lambda v, x: (
+      reg(v, x, head_mask=mask), model.apply(v, x, head_mask=mask)[0]))(variables, images)
   assert out['block0']['attn'].shape == (2, 4, 7, 7)
-  np.testing.assert_allclose(logits, model.apply(variables, images, head_mask=mask)[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
       terms['distance'], R.distance_loss(out['block0']['attn'], (2, 3), num_prefix_tokens=1,
                                          penalty='offset'), rtol=1e-6)
@@ -631,13 +637,13 @@ def test_div_is_exactly_zero_at_init_with_a_zero_head_and_not_with_pytorch_init(
     model = models.create('vit', 2, width=16, depth=2, mlp_dim=16, num_heads=2, head_dim=8,
                           qkv_bias=False, patch_size=4, head_zeroinit=head == 'zeros',
                           head_init='pytorch')
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     reg = R.build([entry], model)
 
     def total(params):
       return reg({'params': params}, images)[2]
 
-    value, grads = jax.value_and_grad(total)(variables['params'])
+    value, grads = jax.jit(jax.value_and_grad(total))(variables['params'])
     grad_norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
     if expect_zero:
       assert float(value) == 0.0 and grad_norm == 0.0
