@@ -12,9 +12,8 @@ compilation for a whole analysis (greedy search included):
   (models/attention.py, `Encoder`): the blocks before the first one where the masks differ
   (all of them but the evaluated layers: the last block by default) run once on the B images,
   the rest on the `C * B` (mask, image) pairs. Masks of several layers (`--layer=all`) are
-  sorted by the first block where they differ from the first mask, so that a pass of masks of
-  the later layers runs the blocks before them once (one compilation per block a pass starts
-  at). Models without that argument get their images tiled `C` times and per-example masks
+  sorted by the first block they change (`first_changes`), so that a pass of masks of the
+  later layers runs the blocks before them once (one compilation per block a pass starts at). Models without that argument get their images tiled `C` times and per-example masks
   (the same result, without the shared blocks).
 * All passes of a call are dispatched before any result is read back (one host transfer per
   pass, no host sync between passes); masks already scored on a split with the same weights
@@ -41,9 +40,9 @@ from vitreg_jax.heads import masks as masks_lib
 
 
 def first_difference(masks: np.ndarray) -> int:
-  """The first block where masks `[M, depth, heads]` differ from each other (depth if none)."""
-  differs = np.any(masks != masks[:1], axis=(0, 2))
-  return int(np.argmax(differs)) if differs.any() else masks.shape[1]
+  """The first block where masks `[M, depth, heads]` differ from each other (depth if none):
+  the earliest of their `first_changes`."""
+  return int(first_changes(masks).min(initial=masks.shape[1]))
 
 
 def first_changes(masks: np.ndarray) -> np.ndarray:
