@@ -11,6 +11,7 @@ import pytest
 from vitreg_jax import config_lib
 from vitreg_jax import features
 from vitreg_jax import jtt
+from vitreg_jax import run_files
 from vitreg_jax import rundir
 from vitreg_jax import train
 
@@ -41,7 +42,7 @@ def test_jtt_two_stages(tmp_path):
   np.testing.assert_array_equal(record["indices"], np.flatnonzero(out["pred"] != out["label"]))
   assert record["step"] == 4 and record["num_examples"] == 96
   assert sum(record["errors_per_group"]) == record["num_errors"]
-  assert rundir.checkpoint_steps(stage2)[-1] == 8
+  assert run_files.checkpoint_steps(stage2)[-1] == 8
 
 
 def test_group_dro_run_checkpoints_its_weights(tmp_path):

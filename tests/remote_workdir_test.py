@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from vitreg_jax import pretrained, rundir, train, train_log
+from vitreg_jax import pretrained, run_files, rundir, train, train_log
 from vitreg_jax.reports import __main__ as reports_main
 from vitreg_jax.reports import runs as report_runs
 from vitreg_jax.models import convert
@@ -64,7 +64,7 @@ def test_train_crash_resume_and_read_back_on_a_remote_workdir(remote, monkeypatc
   local = remote / "bucket" / "run"
   assert {"config.json", "metrics.jsonl", "checkpoints"} <= set(os.listdir(local))
   assert not [f for f in os.listdir(local) if "tfevents" in f]  # Not written anywhere else.
-  assert rundir.checkpoint_steps(WORKDIR)[-1] == 12
+  assert run_files.checkpoint_steps(WORKDIR)[-1] == 12
   assert rundir.load_config(WORKDIR).total_steps == 12
   keys = [(r["step"], r["split"]) for r in map(json.loads, open(local / "metrics.jsonl"))]
   assert len(keys) == len(set(keys)) and (12, "val_id") in keys

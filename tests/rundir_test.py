@@ -10,6 +10,7 @@ import pytest
 
 from vitreg_jax import config_lib
 from vitreg_jax import models
+from vitreg_jax import run_files
 from vitreg_jax import rundir
 
 
@@ -23,7 +24,7 @@ def test_config_round_trip_and_missing_config(tmp_path):
   assert loaded.total_steps == 3 and loaded.model.to_dict() == config.model.to_dict()
   assert list(loaded.data.eval_splits) == ["val_id", "val_ood"]
   assert np.asarray(loaded.head_mask).shape == (1, 2)
-  assert json.load(open(rundir.config_path(str(tmp_path))))["total_steps"] == 3
+  assert json.load(open(run_files.config_path(str(tmp_path))))["total_steps"] == 3
   with pytest.raises(FileNotFoundError, match="not a vitreg_jax run directory"):
     rundir.load_config(str(tmp_path / "nothing"))
 
@@ -40,7 +41,7 @@ def test_load_run_rebuilds_model_and_reads_checkpoint(tmp_path):
   tree = {"step": np.int32(7), "params": params, "opt_state": {}, "model_state": {},
           "rng": np.zeros(2, np.uint32)}
   ocp.PyTreeCheckpointer().save(str(tmp_path / "checkpoints" / "7" / "state"), tree)
-  assert rundir.checkpoint_steps(str(tmp_path)) == [7]
+  assert run_files.checkpoint_steps(str(tmp_path)) == [7]
   run = rundir.load_run(str(tmp_path))
   assert run.step == 7 and run.num_classes == 3
   np.testing.assert_allclose(run.model.apply(run.variables, x)[0],

@@ -16,6 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vitreg_jax import run_files
 from vitreg_jax import rundir
 from vitreg_jax.models import convert
 
@@ -24,9 +25,9 @@ def _checkpoint_params(path: str, step: int | None) -> dict:
   """Params of another run (its workdir or its `checkpoints/` folder, any `etils.epath`
   path) as flat NumPy arrays (every process reads the whole tree)."""
   directory = epath.Path(path)
-  if (directory / rundir.CHECKPOINT_DIR).is_dir():
-    directory = directory / rundir.CHECKPOINT_DIR
-  steps = rundir.step_dirs(directory)
+  if (directory / run_files.CHECKPOINT_DIR).is_dir():
+    directory = directory / run_files.CHECKPOINT_DIR
+  steps = run_files.step_dirs(directory)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"config.init_from: no checkpoint {step or ''} under {directory} "
                             f"(found steps {steps}).")

@@ -1,7 +1,7 @@
 """Where a run keeps its files in its workdir: the saved config and the checkpoint step folders.
 
 Only `etils.epath`, no jax: `sweep` and the reports read workdirs through these names without
-paying for jax; `rundir` (which rebuilds the run, with jax) re-exports them.
+paying for jax; `rundir` (which rebuilds the run, with jax) reads them from here.
 """
 
 from etils import epath

@@ -25,10 +25,7 @@ import orbax.checkpoint as ocp
 from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import models
-# The workdir's layout lives in run_files (no jax, for sweep and the reports); rundir keeps
-# offering it with the rest of a run.
-from vitreg_jax.run_files import (CHECKPOINT_DIR, CONFIG_FILE,  # pylint: disable=unused-import
-                                  checkpoint_steps, config_path, step_dirs)
+from vitreg_jax import run_files
 
 
 def write_text(path, text: str) -> None:
@@ -62,7 +59,7 @@ def config_to_json(config) -> str:
 
 def save_config(config, workdir: str) -> str:
   """Writes the resolved `config` to `workdir/config.json` (process 0 only); returns the path."""
-  path = config_path(workdir)
+  path = run_files.config_path(workdir)
   if jax.process_index() == 0:
     write_text(path, config_to_json(config) + "\n")
   return path
@@ -74,7 +71,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     FileNotFoundError: naming the expected file, when `workdir` holds no saved config.
   """
-  path = epath.Path(config_path(workdir))
+  path = epath.Path(run_files.config_path(workdir))
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a vitreg_jax run directory (runs write their "
@@ -88,13 +85,13 @@ def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
   Returns:
     `(tree, step)`, `tree` with keys `step, params, opt_state, model_state, rng`.
   """
-  steps = checkpoint_steps(workdir)
+  steps = run_files.checkpoint_steps(workdir)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(
         f"No checkpoint {'' if step is None else step} under "
-        f"{epath.Path(workdir) / CHECKPOINT_DIR} (found steps {steps}).")
+        f"{epath.Path(workdir) / run_files.CHECKPOINT_DIR} (found steps {steps}).")
   step = steps[-1] if step is None else step
-  return read_state(epath.Path(workdir) / CHECKPOINT_DIR / str(step) / "state"), step
+  return read_state(epath.Path(workdir) / run_files.CHECKPOINT_DIR / str(step) / "state"), step
 
 
 def read_state(item) -> dict:
@@ -199,7 +196,7 @@ def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
   Raises:
     ConfigChangedError: naming the differing fields and how to proceed.
   """
-  if not epath.Path(config_path(workdir)).exists():
+  if not epath.Path(run_files.config_path(workdir)).exists():
     return {}
   changes = config_changes(config_lib.with_defaults(load_config(workdir)), config)
   breaking = {k: v for k, v in changes.items() if not is_harmless(k)}
@@ -208,7 +205,7 @@ def check_resume_config(config, workdir: str, *, accept: bool = False) -> dict:
     raise ConfigChangedError(
         f"{workdir} holds a run with another config; resuming it with this one would change "
         f"the model, the data stream or the optimizer:\n{lines}\nRerun with the saved "
-        f"config ({config_path(workdir)}), use a fresh --workdir, or pass "
+        f"config ({run_files.config_path(workdir)}), use a fresh --workdir, or pass "
         "--accept_config_change (train_and_evaluate(..., accept_config_change=True)) to "
         "resume anyway.")
   for k, (old, new) in changes.items():

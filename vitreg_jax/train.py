@@ -24,6 +24,7 @@ from vitreg_jax import losses
 from vitreg_jax import loss_balance
 from vitreg_jax import optim
 from vitreg_jax import pretrained
+from vitreg_jax import run_files
 from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
 from vitreg_jax import steps
@@ -53,7 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps, steps_per_epoch = num_train_steps(config, info)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   mesh = make_mesh(config)
-  if rundir.checkpoint_steps(workdir):  # A resume: is it still the same experiment?
+  if run_files.checkpoint_steps(workdir):  # A resume: is it still the same experiment?
     rundir.check_resume_config(config, workdir, accept=accept_config_change)
 
   rundir.save_config(config, workdir)  # The run is self-describing (heads, analyses, report).

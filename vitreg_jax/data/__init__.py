@@ -11,12 +11,13 @@ step normalizes it on the device with `data.normalization(config.data)`, see
 (`info.attributes`), and, in eval batches, `mask` float32 `[b]` (1 real, 0 padding).
 `b = global_batch_size / process_count`.
 
-`DATASETS` (`data/registry.py`) maps each config name to a `base.DatasetSpec`; `'dominoes'` is the no-setup
-default. Importing this package imports neither TensorFlow nor TFDS; TFDS-backed datasets
-import `tensorflow_datasets` when first opened. Nor does it import jax or grain (about 3 s):
-config files (through `config_lib`), `data.prepare` and the reports import this package, and
-the pipeline and the on-device mixing and normalization import them when they run. See docs/data.md for every dataset,
-its options and how to prepare it (`python -m vitreg_jax.data.prepare NAME`).
+`DATASETS` (`data/registry.py`) maps each config name to a `base.DatasetSpec`; `'dominoes'` is
+the no-setup default. Importing this package imports neither TensorFlow nor TFDS; TFDS-backed
+datasets import `tensorflow_datasets` when first opened. Nor does it import jax or grain (about
+3 s): config files (through `config_lib`), `data.prepare` and the reports import this package,
+and the pipeline and the on-device mixing and normalization import them when they run. See
+docs/data.md for every dataset, its options and how to prepare it (`python -m
+vitreg_jax.data.prepare NAME`).
 
 Every split (`train_split`, eval splits) may be sliced in TFDS's syntax, for every dataset:
 `train[:6%]`, `train[:5000]`, `test[-10%:]` (`vitreg_jax.data.splits`). A dataset spec only

@@ -9,12 +9,13 @@ compilation for a whole analysis (greedy search included):
 * The eval splits are read once (`SplitPool`) and kept on the device as one uint8 array; a
   pass gathers its images by index, so every call, whatever its splits, has the same shapes.
 * A pass scores `C` masks on `B` images in one call of the model with `expand_masks_at`
-  (models/attention.py, `Encoder`): the blocks before the first one where the masks differ
-  (all of them but the evaluated layers: the last block by default) run once on the B images,
-  the rest on the `C * B` (mask, image) pairs. Masks of several layers (`--layer=all`) are
-  sorted by the first block they change (`first_changes`), so that a pass of masks of the
-  later layers runs the blocks before them once (one compilation per block a pass starts at). Models without that argument get their images tiled `C` times and per-example masks
-  (the same result, without the shared blocks).
+  (models/attention.py, `Encoder`): the blocks before the first one where the masks differ (all
+  of them but the evaluated layers: the last block by default) run once on the B images, the
+  rest on the `C * B` (mask, image) pairs. Masks of several layers (`--layer=all`) are sorted by
+  the first block they change (`first_changes`), so that a pass of masks of the later layers
+  runs the blocks before them once (one compilation per block a pass starts at). Models without
+  that argument get their images tiled `C` times and per-example masks (the same result, without
+  the shared blocks).
 * All passes of a call are dispatched before any result is read back (one host transfer per
   pass, no host sync between passes); masks already scored on a split with the same weights
   are not scored again (`RunEval`'s cache: the selected mask of `oracle`, greedy's start and
