@@ -16,7 +16,7 @@ Measures, on JPEGs it generates (ImageNet-like sizes, 300-500 px a side, smooth 
   comparison only; the library does not use it.
 - `train_step_images_per_s`: a ViT train step (patch embedding, pre-LN blocks with
   `jax.nn.dot_product_attention`, CLS head, softmax cross-entropy, AdamW), written here with
-  flax/optax, independent of `vitreg_jax.train`, on the default JAX device at 224 px.
+  flax/optax, independent of `vitreg_jax.training.train`, on the default JAX device at 224 px.
 - `cores_to_feed_train_step` = train images/s / per-core preprocessing images/s: how many
   cores the pipeline needs so the step never waits for data.
 """

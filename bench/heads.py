@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import models
-from vitreg_jax import steps
 from vitreg_jax.data import device_normalization
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.training import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name -> model kwargs (10 classes: the figures do not depend on the head size)

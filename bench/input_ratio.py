@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as bench_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step as bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from vitreg_jax import inflight  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax import sharding as shd  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax.data import device_normalization  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitreg_jax.data import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitreg_jax.training import inflight  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def host_batches(args, cores, transform):

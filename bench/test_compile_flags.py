@@ -35,7 +35,9 @@ def probe():
   import jax
   import ml_collections
   import numpy as np
-  from vitreg_jax import config_lib, models, optim, sharding, steps
+  from vitreg_jax import config_lib, models, sharding
+  from vitreg_jax.training import optim
+  from vitreg_jax.training import steps
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
       total_steps=20, optimizer=dict(name="adamw", lr=1e-3, weight_decay=1e-4),
       regularizers=[dict(name="div", weight=1.0, layers=(-1,))])))

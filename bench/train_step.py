@@ -5,7 +5,7 @@
     python bench/train_step.py --cpu_small          # smoke run: fp32, batch 4, 64 px
 
 For ViT-Ti/16, S/16, B/16 (1000 classes) and ARViT (paper variant, 10 classes), a full step of
-the library's own `vitreg_jax.steps.train_step` (forward, backward, AdamW, finite check, the
+the library's own `vitreg_jax.training.steps.train_step` (forward, backward, AdamW, finite check, the
 parameters and optimizer state donated) on synthetic data already on the device:
 
 * `images_per_s`: batch / median step time, timed in `--windows` windows of `--window` steps
@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from vitreg_jax import models
-from vitreg_jax import steps
+from vitreg_jax.training import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # name -> (model_name, kwargs, num_classes)

@@ -1,6 +1,6 @@
 r"""Head selection beside the spurious-correlation baselines: ERM, DIV, GroupDRO and JTT on one
 backbone and one dataset, every run evaluated on every split with group metrics, so that
-`python -m vitreg_jax.report` prints them in one table with DFR and +SEL (README,
+`python -m vitreg_jax.reports` prints them in one table with DFR and +SEL (README,
 "Head selection beside GroupDRO, JTT and DFR").
 
   # ERM, DIV, GroupDRO (dominoes, no download; ~2-3 CPU minutes each)
@@ -54,7 +54,7 @@ from vitreg_jax import config_lib
 
 METHODS = ("erm", "div", "group_dro", "jtt")
 STAGES = ("identify", "upweight")
-ERROR_SET_FILE = "jtt_error_set.json"  # vitreg_jax.jtt.ERROR_SET_FILE
+ERROR_SET_FILE = "jtt_error_set.json"  # vitreg_jax.baselines.jtt.ERROR_SET_FILE
 
 
 def _base(arg):

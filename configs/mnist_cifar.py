@@ -162,7 +162,7 @@ def get_sweep(arg=None):
   1x, 10x, 100x and 1000x the data's matched scale (MATCHED_SCALE), over `seeds` seeds.
 
     python -m vitreg_jax.sweep configs/mnist_cifar.py:data=dominoes --workdir=/runs/div_lambda
-    python -m vitreg_jax.report /runs/div_lambda
+    python -m vitreg_jax.reports /runs/div_lambda
 
   Read `val_ood` (and `val_id`); never the test splits.
   """

@@ -14,7 +14,7 @@ Everything else is configs/how_vits_work.py:model=alternet (CIFAR-100, its recip
   python -m vitreg_jax.sweep configs/msa_buildup.py --workdir=/runs/msa_buildup --slurm \
       --sbatch_args='--gpus=1'
   python -m vitreg_jax.sweep configs/msa_buildup.py:runlocal --workdir=/tmp/msa --local
-  python -m vitreg_jax.report /runs/msa_buildup
+  python -m vitreg_jax.reports /runs/msa_buildup
 
 Arguments of get_config (`:key=value,...`): `msa` (one digit per stage, MSAs in that stage,
 e.g. 0012), `dataset`, `seed`, `runlocal` (the small AlterNet of how_vits_work's runlocal,

@@ -4,7 +4,7 @@ momentum, Adam, AdamW and SAM, over learning rate x weight decay.
 The slides ask whether flattening the loss landscape helps ViTs, "by comparing training speed
 and final accuracy of ResNet and ViT in different optimizers and their hyperparameter
 settings". Each run is one (model, optimizer, lr, wd, seed); the report
-(`python -m vitreg_jax.report ROOT --target=...`) gives final accuracy, steps and wall time to a
+(`python -m vitreg_jax.reports ROOT --target=...`) gives final accuracy, steps and wall time to a
 target accuracy and the training-loss curves. Two datasets:
 
   data=cifar100  the paper's CIFAR-100 models of configs/how_vits_work.py (ViT-Ti/4, ResNet-50),

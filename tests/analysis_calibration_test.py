@@ -12,8 +12,8 @@ import numpy as np
 from analysis_overlay_test import _make_run, run_main  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
 from vitreg_jax import metrics
-from vitreg_jax import rundir
-from vitreg_jax import steps
+from vitreg_jax.training import rundir
+from vitreg_jax.training import steps
 
 
 def _command(*args):

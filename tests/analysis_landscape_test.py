@@ -8,8 +8,8 @@ import pytest
 import scipy.special
 
 from vitreg_jax import models
-from vitreg_jax.analysis import objective
 from vitreg_jax.analysis import landscape
+from vitreg_jax.analysis import objective
 
 VIT = dict(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4)
 WD = 0.1

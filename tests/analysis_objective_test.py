@@ -14,10 +14,10 @@ import optax
 import pytest
 
 from vitreg_jax import models
-from vitreg_jax import optim
-from vitreg_jax import steps
 from vitreg_jax.analysis import objective
 from vitreg_jax.data import mixing
+from vitreg_jax.training import optim
+from vitreg_jax.training import steps
 
 VIT = dict(width=8, depth=1, mlp_dim=8, num_heads=2, patch_size=4, head_zeroinit=False)
 WD, SMOOTHING, CLASSES = 0.05, 0.1, 3

@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from vitreg_jax import train
+from vitreg_jax.training import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position

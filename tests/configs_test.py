@@ -24,8 +24,8 @@ import pytest
 from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import models
-from vitreg_jax import optim
 from vitreg_jax import regularizers
+from vitreg_jax.training import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

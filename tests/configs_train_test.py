@@ -23,12 +23,12 @@ import pytest
 
 from configs_test import CONFIGS, get, image_shape, load, num_classes, steps_per_epoch  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
-from vitreg_jax import losses
-from vitreg_jax import optim
-from vitreg_jax import steps
-from vitreg_jax.heads import masks as head_masks
-from vitreg_jax import train
 from vitreg_jax.data import mixing
+from vitreg_jax.heads import masks as head_masks
+from vitreg_jax.training import losses
+from vitreg_jax.training import optim
+from vitreg_jax.training import steps
+from vitreg_jax.training import train
 
 # Every config file at its runlocal size, and every argument that builds a different model,
 # regularizer, optimizer or data layout; `test_two_step_cases_cover_every_choice` keeps this

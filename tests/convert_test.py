@@ -207,7 +207,7 @@ def test_wrong_kind_and_unsupported_weights_are_named(tmp_path):
 
 
 def test_init_from_kinds():
-  from vitreg_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import pretrained  # pylint: disable=g-import-not-at-top
   path, image, expected, config = _fixture('timm_vit', 'token', 'safetensors')
   model = models.create('vit', 5, **config['vit'])
   params = pretrained.init_params_from(dict(path=path, kind='timm', reset_head=False),

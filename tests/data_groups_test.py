@@ -85,5 +85,5 @@ def test_npz_groups_and_a_dataset_without_groups(tmp_path):
                    'sampler': 'group_balanced'})
   with pytest.raises(ValueError, match='valid samplers'):
     data.get_info(dict(DOMINOES, sampler='balanced'))
-  with pytest.raises(ValueError, match='vitreg_jax.jtt'):
+  with pytest.raises(ValueError, match='vitreg_jax.baselines.jtt'):
     data.get_info(dict(DOMINOES, sampler='upsample'))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vitreg_jax import data
-from vitreg_jax import steps
 from vitreg_jax.data import mixing
+from vitreg_jax.training import steps
 
 B, H, W, C, K = 6, 8, 10, 3, 5
 _apply = jax.jit(lambda batch: mixing.apply(batch, K))  # compiled once for the file.

@@ -10,13 +10,13 @@ import optax
 import pytest
 
 from vitreg_jax import data
-from vitreg_jax import inflight
 from vitreg_jax import models
 from vitreg_jax import sharding
-from vitreg_jax import steps
-from vitreg_jax.data import mixing
 from vitreg_jax.data import device_normalization
+from vitreg_jax.data import mixing
 from vitreg_jax.data import preprocess
+from vitreg_jax.training import inflight
+from vitreg_jax.training import steps
 
 CFG = {"name": "dominoes", "num_train": 64, "num_val": 16, "num_test": 16, "num_threads": 1}
 MIX = {"mixup_alpha": 1.0, "cutmix_alpha": 1.0, "prob": 1.0}

@@ -1,9 +1,9 @@
-"""DFR (vitreg_jax/dfr.py): on a linearly separable toy where a head fit on the spuriously
+"""DFR (vitreg_jax/baselines/dfr.py): on a linearly separable toy where a head fit on the spuriously
 correlated training data leans on the spurious feature, the refit head recovers the robust one."""
 
 import numpy as np
 
-from vitreg_jax import dfr
+from vitreg_jax.baselines import dfr
 
 
 def toy(n, agreement, rng, dims=6):

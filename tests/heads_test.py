@@ -12,12 +12,12 @@ import pytest
 from vitreg_jax import config_lib
 from vitreg_jax import models
 from vitreg_jax import roles as roles_lib
-from vitreg_jax import rundir
 from vitreg_jax.heads import __main__ as heads_main
 from vitreg_jax.heads import evaluate as evaluate_lib
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import select as select_lib
 from vitreg_jax.heads import training as training_lib
+from vitreg_jax.training import rundir
 
 import testutil
 
@@ -189,7 +189,7 @@ def _quickstart_config(**overrides):
 
 
 def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
-  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import train  # pylint: disable=g-import-not-at-top
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   train.train_and_evaluate(_quickstart_config(), workdir)
   logged = training_lib.read_head_eval(workdir)  # 2 evals x 4 splits x (full + 4 heads alone).
@@ -214,7 +214,7 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
 
 
 def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path):
-  from vitreg_jax import train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import train  # pylint: disable=g-import-not-at-top
   bad = _quickstart_config(head_mask=np.ones((3, 2)).tolist(), head_eval="")
   with pytest.raises(ValueError, match=r"\[depth, heads\] = \(2, 2\)"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from vitreg_jax import config_lib
-from vitreg_jax import features
-from vitreg_jax import jtt
-from vitreg_jax import run_files
-from vitreg_jax import rundir
-from vitreg_jax import train
+from vitreg_jax.baselines import jtt
+from vitreg_jax.training import features
+from vitreg_jax.training import run_files
+from vitreg_jax.training import rundir
+from vitreg_jax.training import train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "baselines.py")
 TINY = dict(width=16, depth=1, mlp_dim=32, num_heads=2)

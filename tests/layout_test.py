@@ -85,15 +85,15 @@ def test_cycle_finder_finds_a_cycle():
 def test_import_graph_has_no_cycle():
   modules = _modules()
   graph = {m: _imported(m, p, modules) for m, p in modules.items()}
-  assert {"vitreg_jax.heads.select", "vitreg_jax.reports.tables", "vitreg_jax.steps"} <= set(graph)
-  assert "vitreg_jax.steps" in graph["vitreg_jax.heads.evaluate"]  # The scan sees imports.
+  assert {"vitreg_jax.heads.select", "vitreg_jax.reports.tables", "vitreg_jax.training.steps"} <= set(graph)
+  assert "vitreg_jax.training.steps" in graph["vitreg_jax.heads.evaluate"]  # The scan sees imports.
   cycle = _cycle(graph)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_core_does_not_import_heads_or_reports():
   modules = _modules()
-  for core in ("vitreg_jax.steps", "vitreg_jax.models.attention", "vitreg_jax.regularizers.wrapper"):
+  for core in ("vitreg_jax.training.steps", "vitreg_jax.models.attention", "vitreg_jax.regularizers.wrapper"):
     bad = {m for m in _imported(core, modules[core], modules)
            if m.startswith(("vitreg_jax.heads", "vitreg_jax.reports"))}
     assert not bad, f"{core} imports {bad}"
@@ -125,7 +125,7 @@ def test_every_module_imports():
 LAZY_ALLOWED = {
     "": ("tensorflow", "tensorflow_datasets", "clu", "matplotlib"),
     "vitreg_jax.data": ("jax", "grain", "sklearn"),
-    "vitreg_jax.config_lib": ("vitreg_jax.models", "vitreg_jax.optim", "vitreg_jax.losses",
+    "vitreg_jax.config_lib": ("vitreg_jax.models", "vitreg_jax.training.optim", "vitreg_jax.training.losses",
                               "vitreg_jax.regularizers"),
     "vitreg_jax.models.weight_layouts": ("safetensors",),
 }

@@ -15,10 +15,10 @@ import optax
 import pytest
 
 from vitreg_jax import config_lib
-from vitreg_jax import loss_balance
 from vitreg_jax import models
-from vitreg_jax import steps
-from vitreg_jax import train
+from vitreg_jax.training import loss_balance
+from vitreg_jax.training import steps
+from vitreg_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, head_zeroinit=False,

@@ -1,4 +1,4 @@
-"""GroupDRO (vitreg_jax/losses.py) against a NumPy transcription of the published update
+"""GroupDRO (vitreg_jax/training/losses.py) against a NumPy transcription of the published update
 (kohpangwei/group_DRO, loss.py: `LossComputer.compute_group_avg`, `compute_robust_loss`), in
 isolation and carried by the train state through jitted train steps and a checkpoint."""
 
@@ -8,12 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
-from vitreg_jax import losses
 from vitreg_jax import models
-from vitreg_jax import optim
-from vitreg_jax import steps
+from vitreg_jax.training import checkpoint as ckpt_lib
+from vitreg_jax.training import losses
+from vitreg_jax.training import optim
+from vitreg_jax.training import steps
 
 
 def reference_update(adv_probs, losses_np, groups, n_groups, group_counts, adj, step_size,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax import metrics
-from vitreg_jax import steps
+from vitreg_jax.training import steps
 
 
 def test_classification_metrics_matches_loop_reference():

@@ -1,4 +1,4 @@
-"""Tests for vitreg_jax.optim: schedules, weight-decay masks and config validation."""
+"""Tests for vitreg_jax.training.optim: schedules, weight-decay masks and config validation."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from vitreg_jax import optim
+from vitreg_jax.training import optim
 
 
 def _config(optimizer, schedule):
@@ -96,7 +96,8 @@ def test_sam_matches_the_papers_update_on_a_nonquadratic_loss():
 
 
 def test_sam_train_step_with_a_regularizer_matches_the_reference():
-  from vitreg_jax import models, steps  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import steps  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({
       "optimizer": {"name": "sam", "base": "sgd", "momentum": 0.0, "lr": 0.5, "rho": 0.1},
       "schedule": {"name": "constant"}})

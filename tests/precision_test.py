@@ -18,7 +18,7 @@ import pytest
 
 from vitreg_jax import models
 from vitreg_jax import regularizers
-from vitreg_jax import steps
+from vitreg_jax.training import steps
 
 TINY = {
     'vit': ((2, 16, 16, 3), dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)),

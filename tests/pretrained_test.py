@@ -12,9 +12,11 @@ import sys
 
 import numpy as np
 
-from vitreg_jax import checkpoint as ckpt_lib
-from vitreg_jax import config_lib, data, optim, sharding, steps
+from vitreg_jax import config_lib, data, sharding
 from vitreg_jax.models import convert
+from vitreg_jax.training import checkpoint as ckpt_lib
+from vitreg_jax.training import optim
+from vitreg_jax.training import steps
 
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "workers", "init_from_worker.py")

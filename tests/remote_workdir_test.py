@@ -14,10 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from vitreg_jax import pretrained, run_files, rundir, train, train_log
+from vitreg_jax.models import convert
 from vitreg_jax.reports import __main__ as reports_main
 from vitreg_jax.reports import runs as report_runs
-from vitreg_jax.models import convert
+from vitreg_jax.training import pretrained
+from vitreg_jax.training import run_files
+from vitreg_jax.training import rundir
+from vitreg_jax.training import train
+from vitreg_jax.training import train_log
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)

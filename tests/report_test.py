@@ -1,4 +1,4 @@
-"""Tests of vitreg_jax.report on hand-written workdirs (config.json + metrics.jsonl).
+"""Tests of vitreg_jax.reports on hand-written workdirs (config.json + metrics.jsonl).
 
 The figures in the workdirs are chosen so every table cell can be checked by hand: mean and
 sample std over seeds, the paper's figure and the difference, and the status of broken runs.

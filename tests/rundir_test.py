@@ -10,8 +10,8 @@ import pytest
 
 from vitreg_jax import config_lib
 from vitreg_jax import models
-from vitreg_jax import run_files
-from vitreg_jax import rundir
+from vitreg_jax.training import run_files
+from vitreg_jax.training import rundir
 
 
 def test_config_round_trip_and_missing_config(tmp_path):

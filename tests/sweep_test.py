@@ -132,7 +132,7 @@ def test_done_needs_the_final_evaluation_at_total_steps(tmp_path):
 # preemption would): the trainer saves that step and exits 0.
 PREEMPT_AFTER_FIRST_STEP = """
 import os, runpy, signal, sys
-from vitreg_jax import train_log
+from vitreg_jax.training import train_log
 train = train_log.Reporter.train
 def train_then_sigterm(self, step, measured, *extra):
   train(self, step, measured, *extra)

@@ -36,7 +36,7 @@ def make_run_dir(workdir, model_name: str, model: dict, data: dict, steps=(1,),
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vitreg_jax import models  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import rundir  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
       model_name=model_name, model=model, data=data, batch_size=8, eval_batch_size=16,
       total_steps=max(steps), **config)))

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from vitreg_jax import train
-from vitreg_jax import train_log
 from vitreg_jax.reports import runs as report_runs
+from vitreg_jax.training import train
+from vitreg_jax.training import train_log
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "workers"))

@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vitreg_jax import config_lib
-from vitreg_jax import pretrained
-from vitreg_jax import train
-from vitreg_jax import train_log
+from vitreg_jax.training import pretrained
+from vitreg_jax.training import train
+from vitreg_jax.training import train_log
 
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "workers", "train_worker.py")
@@ -198,7 +198,8 @@ def test_bad_config_fails_fast_naming_valid_choices(tmp_path, overrides, message
 def test_checkpoint_of_another_model_is_rejected(reference, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-  from vitreg_jax import checkpoint, rundir  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import rundir  # pylint: disable=g-import-not-at-top
   config = train_worker.load_config({**TINY, "model.width": 48})
   # The saved config.json names the change first; accepting it, the checkpoint itself is
   # still refused because its shapes do not fit the new model.
@@ -234,7 +235,7 @@ def test_init_from_checkpoint_reuses_backbone_and_resets_new_head(reference, tmp
 
 def test_resume_with_changed_config_is_refused_naming_fields(reference, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import rundir  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import rundir  # pylint: disable=g-import-not-at-top
   shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
   saved = open(os.path.join(tmp_path, "config.json")).read()
   changed = {**TINY, "seed": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},

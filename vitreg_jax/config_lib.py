@@ -44,7 +44,7 @@ DEFAULTS = dict(
     schedule={"name": "cosine", "warmup_steps": 0},
     label_smoothing=0.0,
     loss={"name": "ce"},      # 'ce' (ERM) | 'group_dro' (+ step_size, generalization_adjustment,
-                              # normalize_loss): vitreg_jax/losses.py
+                              # normalize_loss): vitreg_jax/training/losses.py
     regularizers=[],          # list of dict(name=..., weight=..., layers=..., **options)
     head_mask=None,           # optional [depth, heads] mask applied while training and
                               # evaluating: an array, or a head_mask.json / run dir path
@@ -103,7 +103,7 @@ def _data_defaults(data_cfg: dict) -> dict:
 
 
 def _open_section_fields(section: str) -> dict:
-  from vitreg_jax import optim  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import optim  # pylint: disable=g-import-not-at-top
   if section == "init_from":
     return INIT_FROM_FIELDS
   fields = optim._OPTIMIZER_FIELDS if section == "optimizer" else optim._SCHEDULE_FIELDS  # pylint: disable=protected-access
@@ -126,7 +126,7 @@ def _merge(config) -> dict:
                      **merged["model"]}
   merged["data"] = {**_data_defaults(merged["data"]), **merged["data"]}
   merged["sharding"] = {**DEFAULTS["sharding"], **merged["sharding"]}
-  from vitreg_jax import losses  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import losses  # pylint: disable=g-import-not-at-top
   merged["loss"] = losses.resolve(merged["loss"])
   return merged
 

@@ -22,9 +22,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from vitreg_jax import config_lib
-from vitreg_jax import loss_balance
 from vitreg_jax import sharding
-from vitreg_jax import train
+from vitreg_jax.training import loss_balance
+from vitreg_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':arg'.", lock_config=True)

@@ -22,7 +22,7 @@ sweep then stops. A point whose run failed (e.g. diverged) gets `sweep_failed.js
 skipped unless `--retry_failed`.
 `--slurm` submits one array job over the unfinished points through `launch/slurm_array.sh`,
 whose tasks call this module back with `--index`. `--dry-run` prints every command and runs
-nothing. Read the results with `python -m vitreg_jax.report ROOT`.
+nothing. Read the results with `python -m vitreg_jax.reports ROOT`.
 """
 
 import argparse
@@ -37,8 +37,8 @@ import sys
 import time
 
 from vitreg_jax import config_lib
-from vitreg_jax import run_files
 from vitreg_jax.reports import runs as report_runs
+from vitreg_jax.training import run_files
 
 DONE_FILE = "sweep_done.json"
 FAILED_FILE = "sweep_failed.json"
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     return subprocess.call(command)
   failed, stopped = run_local(rows, set(args.index) if args.index else None)
   print(f"{len(rows)} points; failed: {failed or 'none'}; stopped before the end (rerun to "
-        f"resume): {stopped or 'none'}. Report: python -m vitreg_jax.report {args.workdir}")
+        f"resume): {stopped or 'none'}. Report: python -m vitreg_jax.reports {args.workdir}")
   return 1 if failed or stopped else 0
 
 

@@ -28,7 +28,11 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import config_lib, data, optim, pretrained, steps, train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import config_lib, data  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import pretrained  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import train  # pylint: disable=g-import-not-at-top
   from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
   import train_worker  # pylint: disable=g-import-not-at-top
   from train_log_test import TINY  # pylint: disable=g-import-not-at-top

@@ -14,7 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vitreg_jax import config_lib, models, optim, sharding as shd, steps
+from vitreg_jax import config_lib, models, sharding as shd
+from vitreg_jax.training import optim
+from vitreg_jax.training import steps
 
 
 def run(mesh, fsdp, batch, regularizers=()):

@@ -41,7 +41,9 @@ def main():
   action = next((a for a in sys.argv[3:] if ":" in a and not a.startswith("--")), None)
   opts = dict(a[2:].split("=", 1) for a in sys.argv[3:] if a.startswith("--"))
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import checkpoint, sharding, train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import train  # pylint: disable=g-import-not-at-top
+  from vitreg_jax import sharding  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)  # As under absl.app.run (main.py).
   if "coordinator" in opts:
     sharding.maybe_initialize_distributed(opts["coordinator"], int(opts["num_processes"]),

@@ -28,10 +28,10 @@ import numpy as np
 
 from vitreg_jax import metrics
 from vitreg_jax import plotting
-from vitreg_jax import steps
 from vitreg_jax.analysis import runs
 from vitreg_jax.data import base
 from vitreg_jax.data import splits as splits_lib
+from vitreg_jax.training import steps
 
 flags.DEFINE_string("calibration_split", None,
                     "Split (default: the run's first eval split).")

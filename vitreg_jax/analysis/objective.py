@@ -36,8 +36,8 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from vitreg_jax import steps
 from vitreg_jax.data import mixing
+from vitreg_jax.training import steps
 
 flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
                   "and label smoothing (false: the plain NLL of the training batches; the L2 "

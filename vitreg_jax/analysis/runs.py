@@ -9,7 +9,7 @@ The analysis maths lives in `hessian.py` (with `objective.py`, `operators.py`,
   --out=DIR     (default: the single workdir; required with several workdirs)
   --batch_size  (default: the run's eval_batch_size for eval data, batch_size for training data)
 
-Runs are rebuilt with `vitreg_jax.rundir.load_run` (saved config.json + orbax checkpoint), so
+Runs are rebuilt with `vitreg_jax.training.rundir.load_run` (saved config.json + orbax checkpoint), so
 any checkpoint, including one initialised from a public `.npz`, is analysed the same way.
 Every input is checked (workdirs, checkpoints, output folder) before any compute is spent.
 """
@@ -28,9 +28,9 @@ import numpy as np
 import tqdm
 
 from vitreg_jax import data
-from vitreg_jax import rundir
 from vitreg_jax import sharding
 from vitreg_jax.data import mixing
+from vitreg_jax.training import rundir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Training run directory (repeat to overlay runs).")

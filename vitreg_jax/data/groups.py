@@ -19,7 +19,7 @@ resumed run sees exactly the stream of an uninterrupted one:
   `default_rng([seed, s, TAG])`, identical on every process; each process takes its slice.
 - `'upsample'`: JTT's upsampled training set (Liu et al. 2021, "Just Train Twice", Sec. 3):
   the examples listed in `data.upsample['file']` (JSON with an `indices` list into the train
-  split, as `vitreg_jax.jtt` writes it) appear `data.upsample['factor']` (lambda_up) times per
+  split, as `vitreg_jax.baselines.jtt` writes it) appear `data.upsample['factor']` (lambda_up) times per
   epoch, every other example once; each epoch is a fresh permutation of that list.
 """
 

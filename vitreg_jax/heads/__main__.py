@@ -9,11 +9,11 @@ import sys
 from etils import epath
 
 from vitreg_jax import heads
-from vitreg_jax import rundir
 from vitreg_jax.heads import outputs
 from vitreg_jax.heads import select
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import tables
+from vitreg_jax.training import rundir
 
 
 def _parser() -> argparse.ArgumentParser:

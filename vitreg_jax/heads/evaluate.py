@@ -35,9 +35,9 @@ from tqdm import auto as tqdm
 
 from vitreg_jax import data
 from vitreg_jax import metrics
-from vitreg_jax import steps
 from vitreg_jax.data import groups
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.training import steps
 
 
 def first_difference(masks: np.ndarray) -> int:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import checks
-from vitreg_jax import rundir
+from vitreg_jax.training import rundir
 
 MASK_FILE = "head_mask.json"
 

@@ -9,8 +9,8 @@ from etils import epath
 import numpy as np
 
 from vitreg_jax import plotting
-from vitreg_jax import rundir
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.training import rundir
 
 
 def _pct(value) -> str:

@@ -30,12 +30,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vitreg_jax import checks
-from vitreg_jax import rundir
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import summary
 from vitreg_jax.roles import Roles
 from vitreg_jax.roles import split_roles
+from vitreg_jax.training import rundir
 
 RULES = ("oracle", "greedy", "topk", "id_conflict", "id_val", "worst_group")
 TOPK_SCORES = ("ood", "id_conflict")

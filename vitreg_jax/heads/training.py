@@ -11,9 +11,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vitreg_jax import train_log
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.training import train_log
 # The file's reader lives with the statistics that read it (light: the report imports it).
 from vitreg_jax.heads.summary import HEAD_EVAL_FILE
 from vitreg_jax.heads.summary import read_head_eval  # pylint: disable=unused-import

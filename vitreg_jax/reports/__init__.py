@@ -1,6 +1,6 @@
 """Reports: tables in the papers' layouts and learning curves, read back from run workdirs.
 
-  python -m vitreg_jax.report WORKDIR_OR_PARENT... [--out DIR] [--target 0.8]
+  python -m vitreg_jax.reports WORKDIR_OR_PARENT... [--out DIR] [--target 0.8]
 
 * `runs.py`: reading workdirs (config.json, metrics.jsonl, heads.json), grouping seeds.
 * `tables.py`: every table (runs, the poster's, ARViT's, "How do ViTs work?"), Markdown + CSV.

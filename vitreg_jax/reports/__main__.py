@@ -1,7 +1,7 @@
 r"""The report's command line: tables in the papers' layouts and learning curves, read back
 from run workdirs.
 
-  python -m vitreg_jax.report WORKDIR_OR_PARENT... [--out DIR] [--target 0.8]
+  python -m vitreg_jax.reports WORKDIR_OR_PARENT... [--out DIR] [--target 0.8]
   python -m vitreg_jax.reports ...     (the same)
 
 Every run directory (one holding `config.json`, found recursively under the paths given) is
@@ -42,8 +42,8 @@ import sys
 
 from etils import epath
 
-from vitreg_jax.reports import baselines
 from vitreg_jax.heads import summary
+from vitreg_jax.reports import baselines
 from vitreg_jax.reports import curves
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
@@ -78,7 +78,7 @@ def _shown(workdir: str) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vitreg_jax.report", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m vitreg_jax.reports", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("workdirs", nargs="+", help="run workdirs or folders holding them")
   parser.add_argument("--out", default="report", help="output folder (default ./report)")

@@ -1,10 +1,10 @@
 r"""The spurious-correlation table: head selection beside the field's baselines, on one dataset.
 
-  python -m vitreg_jax.report RUNS... [--out DIR]     (the `baselines` table, among others)
+  python -m vitreg_jax.reports RUNS... [--out DIR]     (the `baselines` table, among others)
 
 Rows, each at the level of information it uses (README, "Head selection beside GroupDRO, JTT
 and DFR"; the runs: configs/baselines.py, `python -m vitreg_jax.heads`, `python -m
-vitreg_jax.dfr`):
+vitreg_jax.baselines.dfr`):
 
 | row | trained with | chosen with |
 |---|---|---|

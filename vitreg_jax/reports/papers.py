@@ -3,7 +3,7 @@
 * The head-diversity poster's Tables 1-2 (`POSTER`, `METHODS`): a run's method (`method`), its
   ID / OOD / worst-group figures (`figures`, `result_figures`) and the poster's as printed
   (`paper_text`). One implementation behind both places that print the poster's table:
-  `python -m vitreg_jax.report` (metrics.jsonl, `+SEL` rows from heads.json) and
+  `python -m vitreg_jax.reports` (metrics.jsonl, `+SEL` rows from heads.json) and
   `python -m vitreg_jax.heads --table` (heads.json); both live in `reports/tables.py`.
 * ARViT's Table 1 (`ARVIT`, `ARVIT_DATASETS`) and the row a config belongs to (`arvit_row`).
 * "How do ViTs work?": the one figure the slides give (`GAP_OVER_CLS`) and the row label of a

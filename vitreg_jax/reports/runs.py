@@ -20,7 +20,7 @@ import os
 from etils import epath
 
 from vitreg_jax import data
-from vitreg_jax.run_files import CONFIG_FILE
+from vitreg_jax.training.run_files import CONFIG_FILE
 
 HEADS_FILE = "heads.json"  # Written by `python -m vitreg_jax.heads`.
 

@@ -6,7 +6,7 @@ columns). `build_tables(groups)` makes the report's tables from `reports/runs.py
 `arvit_table` (ARViT Table 1) and `how_vits_work_table` (the slides' CIFAR comparisons); each
 paper's published figures come from `reports/papers.py`.
 
-`poster_table(workdirs)` is the one poster table: `python -m vitreg_jax.report` (through
+`poster_table(workdirs)` is the one poster table: `python -m vitreg_jax.reports` (through
 `report_poster_table`) and `python -m vitreg_jax.heads --table` both print it. It reads each
 run's per-eval head figures (heads_eval.jsonl) and reports the authors' statistics
 (heads/summary.py) by default, the final checkpoint with `statistic='final'`.
@@ -301,7 +301,7 @@ def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
                  rules: Sequence[str] = summary.RULES, labels: dict | None = None
                  ) -> Table | None:
   """The head-diversity poster's Tables 1-2, ours beside theirs: the one implementation that
-  `python -m vitreg_jax.heads --table` and `python -m vitreg_jax.report` print.
+  `python -m vitreg_jax.heads --table` and `python -m vitreg_jax.reports` print.
 
   `statistic='authors'` (default): ERM / DIV rows at the evaluation with the best OOD
   validation accuracy of the full model, +SEL rows at each rule's (evaluation, head) choice,

@@ -14,23 +14,23 @@ from absl import logging
 import jax
 import ml_collections
 
-from vitreg_jax import checkpoint as ckpt_lib
 from vitreg_jax import config_lib
 from vitreg_jax import data
-from vitreg_jax import evaluation
-from vitreg_jax import inflight
-from vitreg_jax import jtt
-from vitreg_jax import losses
-from vitreg_jax import loss_balance
-from vitreg_jax import optim
-from vitreg_jax import pretrained
-from vitreg_jax import run_files
-from vitreg_jax import rundir
 from vitreg_jax import sharding as shd
-from vitreg_jax import steps
-from vitreg_jax import train_log
+from vitreg_jax.baselines import jtt
 from vitreg_jax.heads import masks as head_masks
 from vitreg_jax.heads import training as head_training
+from vitreg_jax.training import checkpoint as ckpt_lib
+from vitreg_jax.training import evaluation
+from vitreg_jax.training import inflight
+from vitreg_jax.training import loss_balance
+from vitreg_jax.training import losses
+from vitreg_jax.training import optim
+from vitreg_jax.training import pretrained
+from vitreg_jax.training import run_files
+from vitreg_jax.training import rundir
+from vitreg_jax.training import steps
+from vitreg_jax.training import train_log
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -164,7 +164,7 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
 
 def device_batches(host_batches, mesh, size: int = 2, extra_keys=()):
   """The global on-device training batches, the next `size` transferred while a step runs
-  (vitreg_jax/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
+  (vitreg_jax/training/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
   Mixup/CutMix recipe, which the train step applies; `extra_keys` (GroupDRO's `group`)."""
   return inflight.prefetch_to_device(host_batches, mesh, size=size,
                                      keys=(*inflight.TRAIN_KEYS, *extra_keys))

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optax
 
 from vitreg_jax import regularizers
-from vitreg_jax import steps
 from vitreg_jax.data import mixing
+from vitreg_jax.training import steps
 
 NEGLIGIBLE = 1e-3
 

@@ -1,8 +1,8 @@
 """Per-example outputs of a trained run over a split: logits, predictions, the penultimate
 features (`out['pre_logits']`, the head's input) and the split's labels and attributes.
 
-Used by JTT (the identification model's errors on the train split, `vitreg_jax/jtt.py`) and
-DFR (the frozen features the last layer is refit on, `vitreg_jax/dfr.py`). Evaluation
+Used by JTT (the identification model's errors on the train split, `vitreg_jax/baselines/jtt.py`) and
+DFR (the frozen features the last layer is refit on, `vitreg_jax/baselines/dfr.py`). Evaluation
 preprocessing (no augmentation), every example once, padding dropped; single process (an
 analysis, not training). A head mask (`[depth, heads]`) gives the features of a head-selected
 model (DFR + SEL).

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import models
-from vitreg_jax import run_files
+from vitreg_jax.training import run_files
 
 
 def write_text(path, text: str) -> None:

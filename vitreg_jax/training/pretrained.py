@@ -16,9 +16,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from vitreg_jax import run_files
-from vitreg_jax import rundir
 from vitreg_jax.models import convert
+from vitreg_jax.training import run_files
+from vitreg_jax.training import rundir
 
 
 def _checkpoint_params(path: str, step: int | None) -> dict:

@@ -18,8 +18,8 @@ from etils import epath
 import jax
 import numpy as np
 
-from vitreg_jax import inflight
-from vitreg_jax import rundir
+from vitreg_jax.training import inflight
+from vitreg_jax.training import rundir
 
 # Steps the host may dispatch ahead of the device (each queued step holds a batch).
 STEPS_IN_FLIGHT = 3

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import optax
 
 from vitreg_jax import checks
-from vitreg_jax import losses
 from vitreg_jax import models
 from vitreg_jax import regularizers
 from vitreg_jax import sharding as shd
 from vitreg_jax.data import mixing
+from vitreg_jax.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
