@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vitreg_jax import errors
 from vitreg_jax import regularizers as R
 from vitreg_jax.regularizers import div
 
@@ -560,6 +561,106 @@ def test_label_target_needs_labels(tiny):
   reg = R.build([dict(name='div', weight=1.0, target='label_logit')], model)
   with pytest.raises(ValueError, match='needs labels'):  # raised while tracing
     jax.jit(reg)(variables, images)
+
+
+# --------------------------------------------------------------------------------------
+# The registry: a regularizer registered from outside the package.
+# --------------------------------------------------------------------------------------
+
+
+def mean_attention(ctx, *, scale):
+  """A toy penalty: `scale` x the mean attention probability of the block."""
+  return scale * jnp.mean(ctx.attn)
+
+
+@pytest.fixture
+def toy_registered():
+  spec = R.register(R.RegularizerSpec(name='mean_attention', fn=mean_attention,
+                                      options=dict(scale=1.0), needs={R.ATTENTION}))
+  yield spec
+  del R.REGISTRY[spec.name]  # Other tests list the package's own names.
+
+
+def np_block0_attention(params, images, patch=4, num_heads=4):
+  """TinyViT's block-0 attention probabilities `[B, H, T, T]`, in float64 NumPy."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(images, np.float64)
+  b, hh, ww, c = x.shape
+  gh, gw = hh // patch, ww // patch
+  x = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+  x = x @ p['embed']['kernel'] + p['embed']['bias']
+  x = np.concatenate([np.broadcast_to(p['cls'], (b, 1, x.shape[-1])), x], 1) + p['pos']
+  ln = p['block0']['ln1']
+  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  y = y * ln['scale'] + ln['bias']
+  q, k = (np.einsum('bnd,dhe->bhne', y, p['block0'][w]) for w in ('wq', 'wk'))
+  logits = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_a_regularizer_registered_from_outside(tiny, toy_registered):
+  model, variables, images, _ = tiny
+  reg = R.build([dict(name='mean_attention', weight=2.0, layers=(0,), scale=3.0),
+                 dict(name='distance', weight=0.5, layers=(-1,))], model)
+  assert reg.attention_layers == (0, 1) and reg.div_layers == ()
+  _, _, total, terms, _ = jax.jit(reg)(variables, images)
+  expected = 3.0 * np.mean(np_block0_attention(variables['params'], images))
+  np.testing.assert_allclose(terms['mean_attention'], expected, rtol=1e-5)
+  np.testing.assert_allclose(total, 2.0 * terms['mean_attention'] + 0.5 * terms['distance'],
+                             rtol=1e-6)
+  with pytest.raises(errors.UserError, match=r"unknown option\(s\) \['scal'\]"):
+    R.build([dict(name='mean_attention', weight=1.0, layers=(0,), scal=3.0)], model)
+  with pytest.raises(errors.UserError) as err:
+    R.build([dict(name='mean_attn', weight=1.0, layers=(0,))], model)
+  assert ("unknown regularizer name 'mean_attn'; valid names: ['distance', 'div', "
+          "'mean_attention', 'similarity']") in str(err.value)
+
+
+def test_config_validation_reads_the_registry(toy_registered):
+  import ml_collections
+  from vitreg_jax import config_lib
+  config = ml_collections.ConfigDict(dict(
+      model_name='vit', total_steps=1,
+      regularizers=[dict(name='mean_attention', weight=1.0, layers=(0,))]))
+  assert config_lib.with_defaults(config).regularizers[0]['name'] == 'mean_attention'
+  config.regularizers = [dict(name='mean_attn', weight=1.0, layers=(0,))]
+  with pytest.raises(errors.UserError, match=r"'mean_attn'; valid names: .*'mean_attention'"):
+    config_lib.with_defaults(config)
+  config.regularizers = [dict(name='div', weight=1.0, target='top')]
+  with pytest.raises(errors.UserError, match=r"valid choices: \['max_logit'"):
+    config_lib.with_defaults(config)
+
+
+def test_registering_checks_the_spec(toy_registered):
+  # The same definition again (a config file executed twice) replaces it quietly.
+  again = R.register(R.RegularizerSpec(name='mean_attention', fn=mean_attention,
+                                       options=dict(scale=2.0), needs={R.ATTENTION}))
+  assert R.get('mean_attention') is again
+  with pytest.raises(errors.UserError, match='already registered'):
+    R.register(R.RegularizerSpec(name='mean_attention', fn=lambda ctx: ctx.attn.mean()))
+  with pytest.raises(errors.UserError, match="unknown regularizer name 'nope'"):
+    R.get('nope')
+  with pytest.raises(errors.UserError, match="unknown need"):
+    R.RegularizerSpec(name='x', fn=mean_attention, needs={'features'})
+  with pytest.raises(errors.UserError, match="must have the option 'target'"):
+    R.RegularizerSpec(name='x', fn=mean_attention, needs={R.HEAD_INPUT_GRADS})
+  with pytest.raises(errors.UserError, match='not one of its choices'):
+    R.RegularizerSpec(name='x', fn=mean_attention, options=dict(kind='a'),
+                      choices=dict(kind=('b', 'c')))
+
+
+def test_div_terms_must_share_one_target(tiny):
+  with pytest.raises(errors.UserError, match='must share one target'):
+    R.build([dict(name='div', weight=1.0, layers=(0,)),
+             dict(name='div', weight=1.0, layers=(1,), target='max_prob')], tiny[0])
+
+
+def test_a_tagged_div_term_keeps_its_spec(tiny):
+  reg = R.build([dict(name='div', weight=1.0, tag='diversity')], tiny[0])
+  (term,) = reg.terms_config
+  assert term.name == 'diversity' and term.spec is R.get('div')
+  assert term.spec.refuse_if_negligible and 'normalize=True' in term.spec.negligible_fix
 
 
 # --------------------------------------------------------------------------------------

@@ -139,7 +139,8 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   `optimizer`, `schedule` and `init_from` left None mean the consumer's default.
 
   Raises:
-    ValueError: naming unknown top-level fields and listing the valid ones; regularizers on
+    ValueError: naming unknown top-level fields and listing the valid ones; a regularizer
+      entry the registry does not accept (name, option, choice, weight), or regularizers on
       a model without attention maps (e.g. `resnet`).
   """
   merged = _merge(config)
@@ -153,13 +154,15 @@ def with_defaults(config) -> ml_collections.ConfigDict:
                      f"(got total_steps={merged['total_steps']}, "
                      f"total_epochs={merged['total_epochs']}).")
   if merged["regularizers"]:
-    _check_regularizers_fit_model(merged["regularizers"], merged["model_name"])
+    _check_regularizers(merged["regularizers"], merged["model_name"])
   return ml_collections.ConfigDict(merged)
 
 
-def _check_regularizers_fit_model(regularizer_configs, model_name: str) -> None:
-  """A regularizer on a model without attention (e.g. `resnet`) fails here, at config time."""
+def _check_regularizers(regularizer_configs, model_name: str) -> None:
+  """An unknown regularizer name, option or choice (against the registered specs, the user's
+  included), or a regularizer on a model without attention (e.g. `resnet`), fails here."""
   from vitreg_jax import models, regularizers  # pylint: disable=g-import-not-at-top
+  regularizers.check_config(list(regularizer_configs))
   if model_name in models.MODELS:  # An unknown name is reported by models.create.
     regularizers.check_attention_model(list(regularizer_configs), model_name,
                                        models.MODELS[model_name])

@@ -8,7 +8,9 @@
   (`patch_gram_matrices`, `similarity_matrix`, `similarity_loss`).
 
 Where the paper and the authors' public code differ, the paper's definition is the default
-and the code's variant an option; each docstring says which is which.
+and the code's variant an option; each docstring says which is which. `DISTANCE` and
+`SIMILARITY` are their entries in the regularizer registry (`registry.py`), registered as
+'distance' and 'similarity'.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vitreg_jax.checks import check_choice
+from vitreg_jax.regularizers import registry
 
 Array = jax.Array
 
@@ -271,3 +274,32 @@ def similarity_loss(attn: Array, images: Array, grid_hw: tuple[int, int], *,
   s = similarity_matrix(images, grid_hw, region_size=region_size, metric=metric, p=p,
                         eps=eps, normalize=normalize_similarity)
   return attention_map_loss(attn, s, num_prefix_tokens=num_prefix_tokens, **map_loss_options)
+
+
+def _distance_term(ctx: registry.LayerContext, **options) -> Array:
+  return distance_loss(ctx.attn, ctx.grid_hw, num_prefix_tokens=ctx.num_prefix_tokens,
+                       **options)
+
+
+def _similarity_term(ctx: registry.LayerContext, **options) -> Array:
+  return similarity_loss(ctx.attn, ctx.images, ctx.grid_hw,
+                         num_prefix_tokens=ctx.num_prefix_tokens, **options)
+
+
+# Options of `attention_map_loss` that both penalties take. The paper regularizes one block
+# (ARViT-L1..L6), so an entry names its blocks: no default layers.
+_MAP_OPTIONS = dict(per_head=False, normalize_attention=False, bias=0.0, log=False,
+                    batch_reduction='mean')
+
+DISTANCE = registry.register(registry.RegularizerSpec(
+    name='distance', fn=_distance_term,
+    options=dict(penalty='normalized', alpha=4.0, beta=0.5, gamma=0.1, **_MAP_OPTIONS),
+    choices=dict(penalty=PENALTY_KINDS, batch_reduction=BATCH_REDUCTIONS),
+    needs={registry.ATTENTION}))
+
+SIMILARITY = registry.register(registry.RegularizerSpec(
+    name='similarity', fn=_similarity_term,
+    options=dict(region_size=None, metric='mse', p=0.1, eps=1e-6, normalize_similarity=False,
+                 **_MAP_OPTIONS),
+    choices=dict(metric=SIMILARITY_METRICS, batch_reduction=BATCH_REDUCTIONS),
+    needs={registry.ATTENTION}))

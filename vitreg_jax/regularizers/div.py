@@ -5,7 +5,8 @@ Teney et al. 2022). `div_loss` takes the per-head input gradients `g[B, H, N, D]
 prediction `p*` w.r.t. each head's copy of the block's normalized attention input and returns
 `L_IG = 1/N sum_{i != j} sum_n (g_i[n] . g_j[n])^2` (per example, batch mean).
 `div_head_input_grads` obtains all H gradients in one backward pass (a `jax.vjp` of the
-forward pass as a function of zero "perturbations" added to the per-head copies).
+forward pass as a function of zero "perturbations" added to the per-head copies). `SPEC` is
+its entry in the regularizer registry (`registry.py`), registered as 'div'.
 
 Where the poster and the authors' public code differ, the poster's definition is the default
 and the code's variant an option; each docstring says which is which.
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from vitreg_jax.checks import check_choice
+from vitreg_jax.regularizers import registry
 
 Array = jax.Array
 
@@ -196,3 +198,22 @@ def div_head_input_grads(model, variables, images, *, div_layers: Sequence[int],
   (grad_tree,) = pullback(jnp.ones_like(p_star))
   grads = {layer: _get_path(grad_tree, path) for layer, path in paths.items()}
   return grads, logits, out, dict(new_state)
+
+
+def _div_term(ctx: registry.LayerContext, *, target: str, normalize: bool,
+              reduction: str) -> Array:
+  del target  # Read by the forward pass (registry.HEAD_INPUT_GRADS), not here.
+  return div_loss(ctx.head_input_grads, normalize=normalize, reduction=reduction)
+
+
+# Layers default to the last block, as in the authors' code. The poster's raw-gradient term
+# can be too small to steer training at a usual weight: the balance check refuses it then.
+SPEC = registry.register(registry.RegularizerSpec(
+    name='div', fn=_div_term,
+    options=dict(target='max_logit', normalize=False, reduction='sum'),
+    choices=dict(target=DIV_TARGETS, reduction=DIV_REDUCTIONS),
+    default_layers=(-1,), needs={registry.HEAD_INPUT_GRADS},
+    refuse_if_negligible=True,
+    negligible_fix=("use the authors' normalized DIV (add normalize=True, reduction='mean' to "
+                    "the entry; `:div=code` in configs/mnist_cifar.py and "
+                    "configs/waterbirds.py) or ")))

@@ -74,10 +74,22 @@ def make_balance_fn(model, config, *, num_classes: int, normalize=None, head_mas
       out[f"{k}_grad_ratio"] = norms[k] / jnp.maximum(norms["ce"], 1e-30)
     return out
   balance.weights = weights
-  # Refused when negligible: DIV terms (the known silent no-op). Other terms (ARViT's maps
-  # penalties) are logged only: a paper's small weight there is the paper's choice.
-  balance.checked = {t.name: float(t.weight) for t in reg.terms_config if t.regularizer == "div"}
+  # Refused when negligible: the terms whose spec says so (DIV, the known silent no-op).
+  # Other terms (ARViT's maps penalties) are logged only: a paper's small weight there is the
+  # paper's choice.
+  balance.checked = {t.name: CheckedWeight(t.weight, t.spec.negligible_fix)
+                     for t in reg.terms_config if t.spec.refuse_if_negligible}
   return balance
+
+
+class CheckedWeight(float):
+  """A checked term's weight that also carries its regularizer's fix for the refusal message
+  (`RegularizerSpec.negligible_fix`); a plain float weight carries none."""
+
+  def __new__(cls, weight: float, fix: str = ""):
+    self = super().__new__(cls, weight)
+    self.fix = fix
+    return self
 
 
 class BalanceCheck:
@@ -99,9 +111,7 @@ class BalanceCheck:
 
 def _message(name: str, weight: float, ratio: float, step: int) -> str:
   factor = NEGLIGIBLE / ratio
-  fix = ("use the authors' normalized DIV (add normalize=True, reduction='mean' to the entry; "
-         "`:div=code` in configs/mnist_cifar.py and configs/waterbirds.py) or "
-         if name.startswith("div") else "")
+  fix = getattr(weight, "fix", "")
   return (f"Regularizer term {name!r} (weight {weight:g}) is negligible: at step {step} the "
           f"gradient of weight x term is {ratio:.1e} of cross-entropy's (< {NEGLIGIBLE:g}), so "
           f"training would be plain ERM. Fix: {fix}raise its weight at least {factor:.0e}-fold "
