@@ -76,15 +76,14 @@ def test_head_rules_without_ood_data_or_group_labels():
   roles = Roles("val_id", "val_ood", "test_id", "test_ood")
   full = np.ones((1, 3), np.float32)
   for rule, head in (("worst_group", 1), ("oracle", 1)):
-    mask, info = select._select(rule, heads, roles, full, (0,), None, {})
+    mask, info = select.select(rule, heads, roles, full, {})
     assert info["head"] == head and mask[0].tolist() == [float(h == head) for h in range(3)]
   # id_val (no group labels): head 0 alone (0.9) beats the full model (0.85) on val_id ...
-  mask, info = select._select("id_val", heads, roles, full, (0,), None,
-                              {"val_id": m(.85, 0)})
+  mask, info = select.select("id_val", heads, roles, full, {"val_id": m(.85, 0)})
   assert info["chosen"] == "layer 0 head 0" and mask[0].tolist() == [1., 0., 0.]
   # ... and the full model is kept where no head alone does better.
-  mask, info = select._select("id_val", heads, roles, full, (0,), None, {"val_id": m(.95, 0)})
+  mask, info = select.select("id_val", heads, roles, full, {"val_id": m(.95, 0)})
   assert info["chosen"] == "full" and mask[0].tolist() == [1., 1., 1.]
   no_groups = [{"layer": 0, "head": 0, "alone": {"val_id": {"accuracy": .5}}}]
   with pytest.raises(ValueError, match="worst_group_accuracy"):
-    select._select("worst_group", no_groups, roles, np.ones((1, 1)), (0,), None, {})
+    select.select("worst_group", no_groups, roles, np.ones((1, 1)), {})

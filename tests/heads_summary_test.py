@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from vitreg_jax import errors
 from vitreg_jax.heads import summary
 from vitreg_jax.heads import training
 from vitreg_jax.roles import split_roles
@@ -94,3 +95,21 @@ def test_reads_the_jsonl_a_run_writes(tmp_path):
       f.write(json.dumps(r) + "\n")
   got = summary.summarize(training.read_head_eval(str(tmp_path)), split_roles(SPLITS))
   assert (got["oracle"]["step"], got["oracle"]["head"]) == (200, 1)
+
+
+def test_rules_without_their_figures_give_an_empty_row_and_mask_rules_are_refused():
+  roles = split_roles(SPLITS)
+  got = summary.summarize(records(), roles, rules=("worst_group", "oracle"))
+  assert got["worst_group"] is None  # no group figures logged: an empty row, no error
+  assert got["full"]["step"] == 200 and (got["oracle"]["step"], got["oracle"]["head"]) == (200, 1)
+  with pytest.raises(errors.UserError, match="'greedy' builds head masks"):
+    summary.summarize(records(), roles, rules=("greedy",))
+  with pytest.raises(errors.UserError, match="statistic"):
+    summary.summarize(records(), roles, statistic="best")
+
+
+def test_every_logged_figure_reaches_the_chosen_metrics():
+  # A figure a later version logs per evaluation (here a confidence) is there for rules.
+  logged = [dict(r, mean_confidence=0.5) for r in records()]
+  got = summary.summarize(logged, split_roles(SPLITS))
+  assert got["oracle"]["metrics"]["val_ood"]["mean_confidence"] == 0.5

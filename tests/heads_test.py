@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from vitreg_jax import config_lib
+from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax import roles as roles_lib
 from vitreg_jax.heads import __main__ as heads_main
 from vitreg_jax.heads import evaluate as evaluate_lib
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.heads import search
 from vitreg_jax.heads import select as select_lib
+from vitreg_jax.heads import summary as summary_lib
 from vitreg_jax.heads import training as training_lib
 from vitreg_jax.training import rundir
 
@@ -113,7 +116,7 @@ def _additive_score(weights):
 def test_greedy_search_finds_the_known_subset():
   weights = np.zeros((2, 4))
   weights[1] = [0.3, -0.2, 0.5, -0.1]  # Heads 0 and 2 of layer 1 help, 1 and 3 hurt.
-  mask, score, path = select_lib.greedy_search(_additive_score(weights), np.ones((2, 4)), (1,))
+  mask, score, path = search.greedy_search(_additive_score(weights), np.ones((2, 4)), (1,))
   np.testing.assert_array_equal(mask[1], [1, 0, 1, 0])
   np.testing.assert_array_equal(mask[0], np.ones(4))
   assert score == pytest.approx(0.8) and len(path) == 3  # Removes 1 then 3.
@@ -121,7 +124,7 @@ def test_greedy_search_finds_the_known_subset():
   target = np.array([[1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
   score_fn = lambda masks: -np.abs(masks - target).sum(axis=(1, 2))
   start = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
-  mask, score, _ = select_lib.greedy_search(score_fn, start, (1,))
+  mask, score, _ = search.greedy_search(score_fn, start, (1,))
   np.testing.assert_array_equal(mask, target)
   assert score == 0
 
@@ -139,22 +142,31 @@ def test_selection_rules_on_known_heads():
   roles = roles_lib.split_roles(("train", "val_id", "val_ood", "test_id", "test_ood"))
   rows = _fake_heads(ood=[0.6, 0.8, 0.7, 0.5], conflict=[0.3, 0.7, 0.6, 0.2])
   full = np.ones((2, 4), np.float32)
-  mask, info = select_lib.select_oracle(rows, roles, full)
+  full_metrics = {"val_id": {"conflict_accuracy": 0.0}}
+  score = lambda value: (lambda masks, split: [{"conflict_accuracy": value}] * len(masks))
+  select = lambda rule, heads=rows, **kw: select_lib.select(
+      rule, heads, roles, full, full_metrics, layers=(1,), score_masks=score(0.9), **kw)
+  mask, info = select("oracle")
   np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 1, 0, 0]])
   assert info["head"] == 1 and info["score"] == 0.8
-  mask, info = select_lib.select_topk(rows, roles, full, k=2)
+  mask, info = select("topk", k=2)
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])
-  mask, _ = select_lib.select_topk(rows, roles, full, k=1, score="id_conflict")
+  mask, _ = select("topk", k=1, topk_score="id_conflict")
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
-  # id_conflict also scores the kept combination (here 0.9) beside the full model (0.0) and
+  # id_conflict: the candidate (full model or head alone) with the best accuracy on the ID
+  # validation examples whose attribute disagrees with the label, the same in --table.
+  mask, info = select("id_conflict")
+  np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])
+  assert info["chosen"] == "layer 1 head 1" and info["score"] == 0.7
+  # conflict_vote also scores the kept combination (here 0.9) beside the full model (0.0) and
   # each head alone, and keeps the best.
-  full_metrics = {"val_id": {"conflict_accuracy": 0.0}}
-  score = lambda value: (lambda masks: np.full(len(masks), value))
-  mask, info = select_lib.select_id_conflict(rows, roles, full, full_metrics, score(0.9))
+  mask, info = select("conflict_vote")
   np.testing.assert_array_equal(mask[1], [0, 1, 1, 0])  # Conflict accuracy above 0.5.
-  mask, _ = select_lib.select_id_conflict(_fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]), roles,
-                                          full, full_metrics, score(0.4))
+  mask, _ = select("conflict_vote", _fake_heads([0.5] * 4, [0.1, 0.4, 0.2, 0.3]))
   np.testing.assert_array_equal(mask[1], [0, 1, 0, 0])  # None good: keep the best one.
+  with pytest.raises(errors.UserError, match="reads ID validation attribute"):
+    select_lib.select("id_conflict", [{"layer": 1, "head": 0, "alone": {"val_id": {}}}], roles,
+                      full, {"val_id": {"accuracy": 1.0}})
   assert roles_lib.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
       "mean_group_accuracy"
   with pytest.raises(ValueError, match="Cannot tell"):
@@ -211,6 +223,16 @@ def test_command_writes_json_md_png_from_a_quickstart_run(tmp_path):
   assert open(os.path.join(out, "heads.png"), "rb").read(4) == b"\x89PNG"
   # The saved mask is what config.head_mask reads.
   np.testing.assert_array_equal(masks_lib.load_head_mask(out, (2, 2)), result["mask"])
+  # One meaning per rule: on the final checkpoint, --select=id_conflict chooses what the
+  # table's id_conflict row chooses at the last evaluation (the same weights).
+  assert heads_main.main([f"--workdir={workdir}", "--layer=all", "--select=id_conflict",
+                          "--out", out, "--no_progress"]) == 0
+  selection = json.load(open(os.path.join(out, "heads.json")))["selection"]
+  roles = roles_lib.split_roles(result["splits"])
+  row = summary_lib.summarize(logged, roles, ("id_conflict",), "final")["id_conflict"]
+  assert (selection["kind"], selection["layer"], selection["head"]) == \
+      (row["kind"], row["layer"], row["head"])
+  assert selection["score"] == pytest.approx(row["score"])
 
 
 def test_training_refuses_a_head_mask_of_the_wrong_shape_before_compute(tmp_path):
@@ -238,7 +260,7 @@ def test_greedy_search_compiles_the_mask_evaluator_once(tiny):
     loss = evaluator(variables, x, labels, masks)[1]
     return -np.abs(loss - target_loss).mean(axis=1)
 
-  mask, score, path = select_lib.greedy_search(score_fn, full, (1,))
+  mask, score, path = search.greedy_search(score_fn, full, (1,))
   np.testing.assert_array_equal(mask, target)
   assert len(path) == 2 and score == pytest.approx(0.0, abs=1e-6) and path[0][1] < -1e-3
   assert calls[0] == 1 and len(calls) == 3  # Start, a round that moves, one that stops.

@@ -13,12 +13,14 @@ selection") raises OOD accuracy. This package measures that on a trained run and
   per mask and image and ONE compilation: the splits are read once and kept on the device,
   and each pass scores a chunk of masks on a block of images, running the blocks where the
   masks agree (all but the evaluated layers) once (`Encoder(expand_masks_at=...)`).
-* **Selection rules** (`select.py`: `RULES`, `analyze`; validation splits only, test figures
-  are reported, never used), named by what they read: OOD validation labels (`oracle`, the
-  authors' best single head, the ceiling; `greedy`; `topk`), attribute (group) labels of ID
-  validation data (`id_conflict`: the heads that follow the label more often than the
-  attribute on the ID examples where the two disagree, kept only if that combination scores
-  best there) and ID validation labels only (`id_val`).
+* **Selection rules** (`rules.py`, the one home: a table of candidates, a registry, one
+  missing-value score, the authors' tie order; `select.py`: `analyze` on one checkpoint;
+  validation splits only, test figures are reported, never used), named by what they read:
+  OOD validation labels (`oracle`, the authors' best single head, the ceiling; `greedy`;
+  `topk`), attribute (group) labels of ID validation data (`id_conflict`: the full model or
+  head alone with the best accuracy on the ID examples where label and attribute disagree;
+  `conflict_vote`; `worst_group`) and ID validation labels only (`id_val`). A rule
+  registered from outside the package (`rules.register`) is named the same way.
 * **Per-eval head figures during training** (`config.head_eval`, `training.py`): every
   evaluation appends each head's figures to `WORKDIR/heads_eval.jsonl`, so the authors' choice
   of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints.
@@ -31,8 +33,9 @@ selection") raises OOD accuracy. This package measures that on a trained run and
 Command (`__main__.py`)::
 
   python -m vitreg_jax.heads --workdir=DIR [--layer=-1|all|0,3] \
-      [--select=oracle|greedy|topk|id_conflict|id_val|worst_group] [--k=2] [--out=DIR]
-  python -m vitreg_jax.heads --table W1 W2 ... [--statistic=authors|final] [--out=DIR]
+      [--select=RULE] [--k=2] [--out=DIR] [--rules_module=MODULE]
+  python -m vitreg_jax.heads --table W1 W2 ... [--select=RULE,RULE] \
+      [--statistic=authors|final] [--out=DIR]
 
 writes `heads.json`, `heads.md`, `heads.png` and the selected mask `head_mask.json` (usable as
 `config.head_mask=DIR/head_mask.json`); `--table` writes `table.md`. See docs/heads.md.

@@ -1,15 +1,21 @@
 """`python -m vitreg_jax.heads`: per-head evaluation and head selection of a run, or the
-poster's table over several runs (see vitreg_jax/heads/__init__.py and docs/heads.md)."""
+poster's table over several runs (see vitreg_jax/heads/__init__.py and docs/heads.md).
+
+`--select` names a rule of heads/rules.py, the built-in ones or any a module registered:
+`--rules_module=my_rules` imports `my_rules` first (its `rules.register(...)` calls run)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from etils import epath
 
+from vitreg_jax import errors
 from vitreg_jax import heads
 from vitreg_jax.heads import outputs
+from vitreg_jax.heads import rules
 from vitreg_jax.heads import select
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import tables
@@ -21,9 +27,12 @@ def _parser() -> argparse.ArgumentParser:
                               description=heads.__doc__.splitlines()[0])
   p.add_argument("--workdir", help="a training run's workdir")
   p.add_argument("--layer", default="-1", help="-1 (last), 'all' or a list like '0,3'")
-  p.add_argument("--select", default="oracle", choices=select.RULES, help="selection rule")
+  p.add_argument("--select", default=None, metavar="RULE",
+                 help="selection rule (default oracle); with --table a comma-separated list "
+                      f"of the +SEL rows (default {','.join(summary.TABLE_RULES)}). Rules: "
+                      + rules.describe())
   p.add_argument("--k", type=int, default=None, help="heads kept per layer by --select=topk")
-  p.add_argument("--topk_score", default="ood", choices=select.TOPK_SCORES)
+  p.add_argument("--topk_score", default="ood", choices=rules.TOPK_SCORES)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--out", default=None, help="output directory (default: the workdir)")
   p.add_argument("--table", nargs="+", metavar="WORKDIR",
@@ -32,33 +41,54 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
                  help="--table: 'authors' (step and head chosen on validation, as the "
                       "authors' get_experiment_summary) or 'final' (the final checkpoint)")
+  p.add_argument("--rules_module", action="append", default=[], metavar="MODULE",
+                 help="import MODULE first, so that the rules it registers can be named")
   p.add_argument("--no_progress", action="store_true")
   return p
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  if bool(args.workdir) == bool(args.table):
-    _parser().error("pass exactly one of --workdir=DIR or --table W1 W2 ...")
-  kwargs = dict(layer=args.layer, rule=args.select, k=args.k, topk_score=args.topk_score,
-                progress=not args.no_progress)
-  if args.table:
+def _import_rule_modules(argv) -> None:
+  """Imports every `--rules_module` before the full parse, so `--help` lists their rules."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--rules_module", action="append", default=[])
+  for name in pre.parse_known_args(argv)[0].rules_module:
     try:
-      table = tables.poster_table(args.table, statistic=args.statistic)
-    except (FileNotFoundError, ValueError) as e:
-      _parser().error(str(e))
-    if table is None:
-      _parser().error("none of these runs has evaluations to tabulate.")
-    table = table.markdown()
-    print(table)
-    if args.out:
-      rundir.write_text(epath.Path(args.out) / "table.md", table)
-    return 0
-  result = select.analyze(args.workdir, step=args.step, **kwargs)
-  paths = outputs.write_outputs(result, args.out or args.workdir)
-  print(outputs.markdown(result))
-  print("Wrote " + ", ".join(paths.values()))
+      importlib.import_module(name)
+    except ImportError as e:
+      raise errors.UserError(f"--rules_module={name}: cannot import it ({e}); give a module "
+                             "on the Python path.") from None
+
+
+def _table(args) -> int:
+  rule_names = tuple(args.select.split(",")) if args.select else summary.TABLE_RULES
+  try:
+    table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names)
+  except (FileNotFoundError, ValueError) as e:
+    _parser().error(str(e))
+  if table is None:
+    _parser().error("none of these runs has evaluations to tabulate.")
+  table = table.markdown()
+  print(table)
+  if args.out:
+    rundir.write_text(epath.Path(args.out) / "table.md", table)
   return 0
+
+
+def main(argv=None) -> int:
+  with errors.exit_on_user_error():
+    _import_rule_modules(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if bool(args.workdir) == bool(args.table):
+      _parser().error("pass exactly one of --workdir=DIR or --table W1 W2 ...")
+    if args.table:
+      return _table(args)
+    result = select.analyze(args.workdir, step=args.step, layer=args.layer,
+                            rule=args.select or "oracle", k=args.k,
+                            topk_score=args.topk_score, progress=not args.no_progress)
+    paths = outputs.write_outputs(result, args.out or args.workdir)
+    print(outputs.markdown(result))
+    print("Wrote " + ", ".join(paths.values()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,27 +10,14 @@ The head-diversity authors report, per run (ArmandNM/diverse-vit, scripts/report
 Ties go to the earliest epoch, then the lowest head, as their `idxmax` / `argmax` do.
 
 Here an "epoch" is an evaluation step (the poster configs evaluate once per epoch, as the
-authors' `run_training` does; the quickstart three times per run). `STATISTICS`: `authors` (above, the default) or
-`final` (every figure at the last evaluation: the final checkpoint, one flag away).
+authors' `run_training` does; the quickstart three times per run). `STATISTICS`: `authors`
+(above, the default) or `final` (every figure at the last evaluation: the final checkpoint,
+one flag away).
 
-Selection rules (`RULES`) differ in what they read to choose among the same candidates (the
-full model and each logged head alone, at each evaluation step):
-* `oracle`: OOD validation labels. The authors' BEST HEAD: heads alone, scored on `val_ood`
-  (Waterbirds: its OOD metric, `roles.py`). The ceiling: it reads the distribution it is
-  tested on.
-* `id_conflict`: attribute (group) labels of ID validation examples: the candidate with the
-  best accuracy on the ID validation examples whose spurious attribute disagrees with the
-  label (`conflict_accuracy`), the full model included (so a head is kept only when it beats
-  the full model there). Worst-group-style selection with group labels on validation data
-  (Sagawa et al. 2020; Idrissi et al. 2022, "Simple data balancing...", choose on
-  worst-group validation accuracy). On Waterbirds the ID validation split is `val`, which is
-  group-balanced.
-* `id_val`: ID validation images and labels only: the candidate with the best `val_id`
-  accuracy. The "training-domain validation" of Gulrajani & Lopez-Paz 2021 ("In search of
-  lost domain generalization"), the model selection available without OOD data or
-  attributes; the poster's take-away "we still need OOD information to select the heads" is
-  what it tests.
-The ERM / DIV rows themselves (the full model) are chosen on OOD validation labels by the
+The +SEL rows' rules are those of heads/rules.py (`TABLE_RULES` by default: `oracle`, the
+authors' BEST HEAD and the ceiling; `id_conflict`; `id_val`), each choosing among the full
+model and every logged head alone at every evaluation step, in the authors' tie order. The
+ERM / DIV rows themselves (the full model) are chosen on OOD validation labels by the
 authors' statistic, as in their table.
 """
 
@@ -42,16 +29,16 @@ from typing import Sequence
 
 from etils import epath
 
+from vitreg_jax import errors
+from vitreg_jax.heads import rules as rules_lib
 from vitreg_jax.roles import Roles
 
 HEAD_EVAL_FILE = "heads_eval.jsonl"
 
 STATISTICS = ("authors", "final")
-RULES = ("oracle", "id_conflict", "id_val")
-# What each choice reads, for the tables and docs.
-READS = {"full": "OOD validation labels (the step)", "oracle": "OOD validation labels",
-         "id_conflict": "ID validation attribute (group) labels",
-         "id_val": "ID validation labels only"}
+# The +SEL rows of the poster table, by default (any rule that needs no mask evaluation can
+# be named instead: `rules.names(records=True)`).
+TABLE_RULES = ("oracle", "id_conflict", "id_val")
 
 
 def read_head_eval(workdir: str) -> list[dict]:
@@ -68,86 +55,44 @@ def read_head_eval(workdir: str) -> list[dict]:
   return list(latest.values())
 
 
-def _score(record: dict | None, key: str) -> float:
-  value = None if record is None else record.get(key)
-  return -math.inf if value is None or not math.isfinite(value) else float(value)
-
-
-def _index(records: Sequence[dict]) -> dict:
-  """`{(step, split, kind, layer, head): record}`."""
-  return {(r["step"], r["split"], r["kind"], r["layer"], r["head"]): r for r in records}
-
-
-def candidates(records: Sequence[dict]) -> list[tuple]:
-  """Every logged (step, kind, layer, head), in the authors' tie order: step, then full
-  model before heads, then layer and head."""
-  keys = {(r["step"], r["kind"], r["layer"], r["head"]) for r in records}
-  return sorted(keys, key=lambda k: (k[0], k[1] != "full", k[2] or 0, k[3] or 0))
-
-
-def _choose(keys: list[tuple], index: dict, split: str, metric: str):
-  """The first key with the best `metric` on `split` (None when no key has it)."""
-  best, best_score = None, -math.inf
-  for key in keys:
-    step, kind, layer, head = key
-    score = _score(index.get((step, split, kind, layer, head)), metric)
-    if score > best_score:
-      best, best_score = key, score
-  return best, best_score
-
-
-def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "authors"):
-  """The (step, kind, layer, head) a row reports, and its score.
+def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "authors"
+           ) -> rules_lib.Choice | None:
+  """The candidate a row reports (`rules.Choice`), None when nothing was logged for it.
 
   Args:
     records: a run's `heads_eval.jsonl` lines (`read_head_eval`).
-    rule: 'full' (the ERM / DIV row: the full model) or one of `RULES`.
+    rule: 'full' (the ERM / DIV row: the full model at the step best on OOD validation) or a
+      registered selection rule (`rules.names(records=True)`).
     statistic: 'authors' (choose the step too) or 'final' (the last evaluation only).
-  Returns:
-    `(key, score)`; `key` None when nothing was logged for the rule's split.
   """
   if statistic not in STATISTICS:
-    raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
-  keys = candidates(records)
-  if statistic == "final" and keys:
-    last = max(k[0] for k in keys)
-    keys = [k for k in keys if k[0] == last]
-  index = _index(records)
-  if rule == "full":
-    keys = [k for k in keys if k[1] == "full"]
-    if statistic == "final":
-      return (keys[0] if keys else None), math.nan
-    return _choose(keys, index, roles.val_ood, roles.ood_metric)
-  if rule == "oracle":
-    return _choose([k for k in keys if k[1] == "alone"], index, roles.val_ood,
-                   roles.ood_metric)
-  if rule == "id_conflict":
-    return _choose(keys, index, roles.val_id, "conflict_accuracy")
-  if rule == "id_val":
-    return _choose(keys, index, roles.val_id, roles.id_metric)
-  raise ValueError(f"Unknown selection rule {rule!r}; valid rules: {list(RULES)} (and "
-                   "'full').")
+    raise errors.UserError(f"--statistic must be one of {STATISTICS}, got {statistic!r}.")
+  table = rules_lib.Table.from_records(records)
+  if statistic == "final" and table.steps:
+    table = table.where(step=table.steps[-1])
+  if rule != "full":
+    return rules_lib.choose(rule, rules_lib.Context(table, roles))
+  full = table.where(kinds=("full",))
+  if statistic == "final":  # No choice to make: the last evaluation's full model.
+    return rules_lib.Choice(full.candidates[0], math.nan) if len(full) else None
+  return rules_lib.best_of(full, roles.val_ood, roles.ood_metric)
 
 
-def summarize(records: Sequence[dict], roles: Roles, rules: Sequence[str] = RULES,
+def summarize(records: Sequence[dict], roles: Roles, rules: Sequence[str] = TABLE_RULES,
               statistic: str = "authors") -> dict:
   """Per row (`full` and each rule): the chosen `step`, `kind`, `layer`, `head`, `score` and
   the metrics of that choice on every logged split (`metrics`: {split: {...}})."""
   if not records:
-    raise ValueError("No per-eval head figures: train with config.head_eval='-1' (the "
-                     "poster configs and the quickstart do) to get the authors' statistics.")
-  index = _index(records)
-  splits = sorted({r["split"] for r in records})
+    raise errors.UserError("No per-eval head figures: train with config.head_eval='-1' (the "
+                           "poster configs and the quickstart do) to get the authors' "
+                           "statistics.")
   out = {}
   for rule in ("full", *rules):
-    key, score = choose(records, roles, rule, statistic)
-    if key is None:
-      out[rule] = None
-      continue
-    step, kind, layer, head = key
-    out[rule] = {"step": step, "kind": kind, "layer": layer, "head": head, "score": score,
-                 "metrics": {s: strip(index[(step, s, kind, layer, head)]) for s in splits
-                             if (step, s, kind, layer, head) in index}}
+    choice = choose(records, roles, rule, statistic)
+    c = choice and choice.candidate
+    out[rule] = c and {"step": c.step, "kind": c.kind, "layer": c.layer, "head": c.head,
+                       "score": choice.score, "metrics": {s: dict(m) for s, m in
+                                                          sorted(c.metrics.items())}}
   return out
 
 

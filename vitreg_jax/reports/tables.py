@@ -21,6 +21,7 @@ import numpy as np
 
 from vitreg_jax import metrics
 from vitreg_jax import roles as roles_lib
+from vitreg_jax.heads import rules as rules_lib
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import papers
 from vitreg_jax.reports import runs as runs_lib
@@ -259,7 +260,7 @@ def run_records(workdir: str) -> tuple[list[dict], bool]:
 
 
 def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
-                rules: Sequence[str] = summary.RULES, labels: dict | None = None) -> dict:
+                rules: Sequence[str] = summary.TABLE_RULES, labels: dict | None = None) -> dict:
   """The figures (percent) of every run for every poster row, by the statistic's choice.
 
   Rows `(label, rule)`: `rule` 'full' (ViT+ERM / ViT+DIV) or a selection rule (+SEL);
@@ -267,6 +268,8 @@ def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
   Returns `{"datasets", "rows": {(label, rule): {"id", "ood", "worst_group", "steps",
   "workdirs", "method"}}, "missing": [workdirs without heads_eval.jsonl]}`.
   """
+  for rule in rules:  # Before any run is read: an unknown rule, or one needing a checkpoint.
+    rules_lib.check(rule, can_score_masks=False)
   rows, datasets, missing = {}, set(), []
   for workdir in workdirs:
     config = runs_lib.read_config(workdir)
@@ -298,7 +301,7 @@ def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
 
 
 def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
-                 rules: Sequence[str] = summary.RULES, labels: dict | None = None
+                 rules: Sequence[str] = summary.TABLE_RULES, labels: dict | None = None
                  ) -> Table | None:
   """The head-diversity poster's Tables 1-2, ours beside theirs: the one implementation that
   `python -m vitreg_jax.heads --table` and `python -m vitreg_jax.reports` print.
@@ -327,7 +330,7 @@ def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
     (pid, pood) = paper if paper else ((None, None), (None, None))
     ours_id, ours_ood = _stat(row["id"]), _stat(row["ood"])
     name = label if rule == "full" else label + "+SEL"
-    rows.append([dataset, name, f"{rule}: {summary.READS[rule]}" if rule != "full" else "-",
+    rows.append([dataset, name, f"{rule}: {rules_lib.get(rule).reads}" if rule != "full" else "-",
                  len(row["workdirs"]), ours_id, fmt(*pid), diff(ours_id[0], pid[0]),
                  ours_ood, fmt(*pood), diff(ours_ood[0], pood[0])]
                 + ([_stat(row["worst_group"])] if waterbirds else [])
