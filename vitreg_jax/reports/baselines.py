@@ -36,6 +36,7 @@ from etils import epath
 from vitreg_jax import metrics as metrics_lib
 from vitreg_jax import roles as roles_lib
 from vitreg_jax.data import groups as groups_lib
+from vitreg_jax.heads import rules
 from vitreg_jax.reports import papers
 from vitreg_jax.reports.tables import Table, mean_std
 
@@ -85,11 +86,14 @@ def _at(run, step: int | None) -> dict:
   return {split: by_step[step] for split, by_step in run.evals.items() if step in by_step}
 
 
-def best_head(heads_json: dict, split: str, metric: str) -> dict | None:
-  """The head whose `alone` figure `metric` on `split` is best; its per-split `alone` metrics."""
-  scored = [(h["alone"].get(split, {}).get(metric), h) for h in heads_json.get("heads", [])]
-  scored = [(v, h) for v, h in scored if v is not None and math.isfinite(v)]
-  return max(scored, key=lambda t: t[0])[1]["alone"] if scored else None
+def best_head(heads_json: dict, rule: str, roles) -> dict | None:
+  """The per-split `alone` figures of the head that selection rule `rule` (`worst_group`,
+  `oracle`: heads/rules.py, its meaning, missing-value score and tie order) chooses among the
+  heads of a `heads.json`; None when no head has what the rule reads."""
+  table = rules.Table(rules.Candidate(heads_json.get("step"), "alone", h["layer"], h["head"],
+                                      h["alone"]) for h in heads_json.get("heads", []))
+  choice = rules.choose(rule, rules.Context(table, roles))
+  return None if choice is None else dict(choice.candidate.metrics)
 
 
 def _read(workdir: str, name: str) -> dict | None:
@@ -108,10 +112,8 @@ def run_rows(run, roles) -> dict:
   rows = {(base, "none (last ckpt)"): last, (base, "val groups (WG ckpt)"): wg}
   heads = run.heads or _read(run.workdir, "heads.json")
   if heads:
-    rows[(base + "+SEL", "val groups (WG head)")] = best_head(heads, val,
-                                                              "worst_group_accuracy")
-    rows[(base + "+SEL", "OOD val (oracle head)")] = best_head(heads, roles.val_ood,
-                                                               roles.ood_metric)
+    rows[(base + "+SEL", "val groups (WG head)")] = best_head(heads, "worst_group", roles)
+    rows[(base + "+SEL", "OOD val (oracle head)")] = best_head(heads, "oracle", roles)
   for name, file in DFR_FILES.items():
     result = _read(run.workdir, file)
     if result and base == "ERM":
