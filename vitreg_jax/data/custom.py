@@ -19,6 +19,7 @@ import inspect
 import os
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import (ArraySource, CorruptDataError, DatasetInfo,
                                   DatasetNotPreparedError, DatasetSpec, check_split)
@@ -185,7 +186,7 @@ class NpzDataset(DatasetSpec):
 
   def source(self, config: dict, split: str):
     if split not in self._splits(config):
-      raise ValueError(f'Unknown split {split!r}; valid splits: {list(self._splits(config))}.')
+      raise errors.UserError(f'Unknown split {split!r}; valid splits: {list(self._splits(config))}.')
     return ArraySource(_read_npz(self._path(config, split)))
 
   def transform(self, config: dict, split: str, train: bool):
