@@ -146,6 +146,7 @@ def as_dict(data_config: Any) -> dict:
 
 
 def check_split(info: DatasetInfo, split: str) -> None:
+  """Raises `errors.UserError` listing the valid splits when `split` is not one of `info`'s."""
   if split not in info.splits:
     raise errors.UserError(
         f'Unknown split {split!r} for dataset {info.name!r}; valid splits: {list(info.splits)}.')
@@ -230,8 +231,8 @@ class TfdsDataset(DatasetSpec):
 
   def source(self, config: dict, split: str):
     if split not in self.split_map:
-      raise errors.UserError(f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
-                       f'{list(self.split_map)}.')
+      raise errors.UserError(f'Unknown split {split!r} for dataset {config["name"]!r}; '
+                             f'valid splits: {list(self.split_map)}.')
     return self._open(config, self.tfds_name, self.split_map[split])
 
   def image_shape(self, config: dict) -> tuple:
