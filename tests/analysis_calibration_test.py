@@ -37,9 +37,9 @@ def test_command_matches_classification_metrics(tmp_path):
   state = steps.TrainState(step=1, params=run.variables["params"], opt_state={}, rng=None,
                            model_state={k: v for k, v in run.variables.items()
                                         if k != "params"})
-  normalize = data.normalization(run.config.data)
+  normalize = data.open(run.config.data).normalization
   outs, arrays = [], {"label": [], "mask": []}
-  for batch in data.make_eval_iterator(run.config.data, "test_ood", global_batch_size=16):
+  for batch in data.open(run.config.data).eval_iterator("test_ood", global_batch_size=16):
     outs.append(jax.device_get(steps.eval_step(state, batch, None, model=run.model,
                                                num_classes=2, normalize=normalize)))
     arrays["label"].append(batch["label"])

@@ -445,6 +445,6 @@ def test_main_rejects_a_bad_override_in_one_line(tmp_path, override, message):
 
 def test_dataset_table_matches_the_embedded_dataset():
   # The one dataset available without preparation keeps this table honest.
-  info = data.get_info({"name": "dominoes"})
+  info = data.open({"name": "dominoes"}).info
   assert DATASETS["dominoes"] == (info.num_classes, info.num_examples["train"],
                                   tuple(info.image_shape))

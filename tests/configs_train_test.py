@@ -95,7 +95,7 @@ def train_two_steps(config):
   tx, _ = optim.make_optimizer(config, total_steps, steps_per_epoch(config))
   mesh = train.make_mesh(config)
   # GroupDRO's group counts come from the (embedded) training split, as in training.
-  info = data.get_info(config.data) if losses.is_group_dro(config.get("loss")) else None
+  info = data.open(config.data).info if losses.is_group_dro(config.get("loss")) else None
   group_dro, loss_state, batch_keys = losses.objective(config, info)
   state, shardings = steps.create_train_state(config, model, tx, shape, mesh,
                                               loss_state=loss_state)

@@ -13,18 +13,18 @@ DOMINOES = dict(name='dominoes', num_train=400, num_val=40, num_test=40, num_thr
 
 
 def batches(config, *, start, count, batch=32, pi=0, pc=1):
-  it = data.make_train_iterator(config, global_batch_size=batch, seed=3, start_step=start,
-                                process_index=pi, process_count=pc)
+  it = data.open(config).train_iterator(global_batch_size=batch, seed=3, start_step=start,
+                                        process_index=pi, process_count=pc)
   return [next(it) for _ in range(count)]
 
 
 def test_dominoes_gets_a_derived_group_attribute():
-  info = data.get_info(DOMINOES)
+  info = data.open(DOMINOES).info
   assert info.attributes == ('spurious', 'group') and info.attribute_classes['group'] == 4
-  ev = next(iter(data.make_eval_iterator(DOMINOES, 'val_id', global_batch_size=40)))
+  ev = next(iter(data.open(DOMINOES).eval_iterator('val_id', global_batch_size=40)))
   np.testing.assert_array_equal(ev['group'], 2 * ev['label'] + ev['spurious'])
   # 90% agreement per class: 180 / 20 / 20 / 180 training examples per group.
-  np.testing.assert_array_equal(groups.group_counts(DOMINOES), [180, 20, 20, 180])
+  np.testing.assert_array_equal(data.open(DOMINOES).group_counts(), [180, 20, 20, 180])
 
 
 def test_group_balanced_draws_every_group_equally_often():
@@ -75,15 +75,15 @@ def test_npz_groups_and_a_dataset_without_groups(tmp_path):
   np.savez(tmp_path / 'g.npz', images=images, labels=np.arange(n) % 2,
            spurious=(np.arange(n) // 2) % 3)
   np.savez(tmp_path / 'plain.npz', images=images, labels=np.arange(n) % 2)
-  info = data.get_info({'name': 'npz', 'path': str(tmp_path / 'g.npz')})
+  info = data.open({'name': 'npz', 'path': str(tmp_path / 'g.npz')}).info
   assert info.attribute_classes['group'] == 6  # 2 labels x 3 spurious values
-  ids = groups.group_counts({'name': 'npz', 'path': str(tmp_path / 'g.npz')})
+  ids = data.open({'name': 'npz', 'path': str(tmp_path / 'g.npz')}).group_counts()
   np.testing.assert_array_equal(ids, np.bincount((np.arange(n) % 2) * 3 +
                                                  (np.arange(n) // 2) % 3, minlength=6))
   with pytest.raises(ValueError, match='needs a dataset with groups'):
-    data.get_info({'name': 'npz', 'path': str(tmp_path / 'plain.npz'),
-                   'sampler': 'group_balanced'})
+    data.open({'name': 'npz', 'path': str(tmp_path / 'plain.npz'),
+               'sampler': 'group_balanced'})
   with pytest.raises(ValueError, match='valid samplers'):
-    data.get_info(dict(DOMINOES, sampler='balanced'))
-  with pytest.raises(ValueError, match='vitreg_jax.baselines.jtt'):
-    data.get_info(dict(DOMINOES, sampler='upsample'))
+    data.open(dict(DOMINOES, sampler='balanced'))
+  with pytest.raises(ValueError, match=r'python -m vitreg_jax\.jtt'):
+    data.open(dict(DOMINOES, sampler='upsample'))

@@ -103,7 +103,7 @@ def test_config_checks():
   with pytest.raises(ValueError, match='data.mixup = None'):
     mixing.check_config({'mixup_alpha': 0.0, 'cutmix_alpha': 0.0})
   with pytest.raises(ValueError, match='Unknown data.mixup option'):
-    data.get_info({'name': 'npz', 'path': 'unused', 'mixup': {'beta': 1}})
+    data.open({'name': 'npz', 'path': 'unused', 'mixup': {'beta': 1}})
 
 
 def test_pipeline_batches_carry_the_recipe_resumably_and_process_independently(tmp_path):
@@ -114,8 +114,8 @@ def test_pipeline_batches_carry_the_recipe_resumably_and_process_independently(t
   config = dict(name='npz', path=str(path), num_threads=1, mixup=dict(cutmix_alpha=0.8))
 
   def stream(start=0, pi=0, pc=1, k=6):
-    it = data.make_train_iterator(config, global_batch_size=4, seed=9, start_step=start,
-                                  process_index=pi, process_count=pc)
+    it = data.open(config).train_iterator(global_batch_size=4, seed=9, start_step=start,
+                                          process_index=pi, process_count=pc)
     return [next(it) for _ in range(k)]
 
   full = stream()

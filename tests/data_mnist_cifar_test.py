@@ -95,7 +95,7 @@ def test_tfds_build_and_pipeline(tmp_path, monkeypatch):
   mnist, cifar = fake_inputs(60, 40, 40, 40)
   config = {'name': 'mnist_cifar', 'data_dir': str(tmp_path), 'num_threads': 1}
   with pytest.raises(data.DatasetNotPreparedError, match='vitreg_jax.data.prepare mnist_cifar'):
-    data.get_info(config)
+    data.open(config)
   monkeypatch.setattr(mnist_cifar, 'load_inputs', lambda *a, **k: (mnist, cifar))
   from vitreg_jax.data import prepare
   info = prepare.prepare('mnist_cifar', data_dir=str(tmp_path))
@@ -103,18 +103,18 @@ def test_tfds_build_and_pipeline(tmp_path, monkeypatch):
   assert info.image_shape == (64, 32, 3) and info.num_classes == 2
   assert info.num_examples['train'] == 8 and set(info.attributes) == {'spurious', 'group'}
   expected = mnist_cifar.construct(mnist, cifar, 0.9, 0)
-  batches = list(data.make_eval_iterator(config, 'test_ood', global_batch_size=4,
-                                         process_index=0, process_count=1))
+  batches = list(data.open(config).eval_iterator('test_ood', global_batch_size=4,
+                                                 process_index=0, process_count=1))
   got = {k: np.concatenate([b[k] for b in batches])[
       np.concatenate([b['mask'] for b in batches]) == 1] for k in ('label', 'spurious', 'group')}
   # TFDS shuffles records on write: compare the multisets of (label, spurious) pairs.
   pairs = sorted(zip(got['label'], got['spurious']))
   assert pairs == sorted(zip(expected['test_ood']['label'], expected['test_ood']['spurious']))
   np.testing.assert_array_equal(got['group'], 2 * got['label'] + got['spurious'])
-  b = next(data.make_train_iterator(config, global_batch_size=4, seed=0, process_index=0,
-                                    process_count=1))
+  b = next(data.open(config).train_iterator(global_batch_size=4, seed=0, process_index=0,
+                                            process_count=1))
   assert b['image'].shape == (4, 64, 32, 3) and b['image'].dtype == np.uint8
-  normalized = data.normalization(config).host(b['image'])
+  normalized = data.open(config).normalization.host(b['image'])
   assert -1.0 <= normalized.min() and normalized.max() <= 1.0
 
 

@@ -23,8 +23,8 @@ MIX = {"mixup_alpha": 1.0, "cutmix_alpha": 1.0, "prob": 1.0}
 
 
 def _batch(mixup, step=0):
-  it = data.make_train_iterator({**CFG, "mixup": mixup}, global_batch_size=8, seed=1,
-                                start_step=step, process_index=0, process_count=1)
+  it = data.open({**CFG, "mixup": mixup}).train_iterator(
+      global_batch_size=8, seed=1, start_step=step, process_index=0, process_count=1)
   return next(it)
 
 
@@ -56,7 +56,7 @@ def test_device_normalization_equals_host_normalization():
 def test_train_and_eval_step_on_uint8_equal_the_float_path(mixup):
   batch = _batch(mixup)
   assert batch["image"].dtype == np.uint8  # what the host hands over
-  norm = data.normalization(CFG)
+  norm = data.open(CFG).normalization
   assert norm == device_normalization.Normalization(preprocess.HALF, preprocess.HALF)
   if mixup:
     assert batch["mix_lam"][0] < 1  # the recipe really mixes this batch
@@ -89,7 +89,7 @@ def test_uint8_without_normalization_is_a_clear_error():
   state = _state(model, tx, batch["image"].shape[1:])
   step = functools.partial(steps.train_step, forward=steps.make_forward(model, []), tx=tx,
                            num_classes=2)
-  with pytest.raises(TypeError, match=r"normalize=data.normalization\(config.data\)"):
+  with pytest.raises(TypeError, match=r"normalize=data.open\(config.data\).normalization"):
     jax.jit(step)(state, {"image": batch["image"], "label": batch["label"]})
 
 

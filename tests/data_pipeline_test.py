@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax import data
+from vitreg_jax import metrics
 from vitreg_jax.data import custom, pipeline, preprocess
 
 N_TRAIN = 20
@@ -56,13 +57,13 @@ def take(it, k):
 
 
 def test_info_and_batch_format():
-  info = data.get_info(ml_collections.ConfigDict(cfg()))
+  info = data.open(ml_collections.ConfigDict(cfg())).info
   assert info.num_classes == 2 and info.image_shape == (8, 4, 3)
   # 'group' is derived from (label, spurious) for the group samplers and metrics.
   assert set(info.attributes) == {'spurious', 'uid', 'group'}
   assert info.splits[0] == 'train' and 'test_ood' in info.default_eval_splits
-  b = next(data.make_train_iterator(cfg(), global_batch_size=4, seed=0, process_index=0,
-                                    process_count=1))
+  b = next(data.open(cfg()).train_iterator(global_batch_size=4, seed=0, process_index=0,
+                                           process_count=1))
   # Images cross to the device as uint8; the step normalizes them with data.normalization.
   assert b['image'].dtype == np.uint8 and b['image'].shape == (4, 8, 4, 3)
   assert b['label'].dtype == np.int32 and b['spurious'].dtype == np.int32
@@ -70,44 +71,44 @@ def test_info_and_batch_format():
   np.testing.assert_array_equal(
       b['group'], b['label'] * info.attribute_classes['spurious'] + b['spurious'])
   # uint8 v -> (v / 255 - 0.5) / 0.5.
-  normalized = data.normalization(cfg()).host(b['image'])
+  normalized = data.open(cfg()).normalization.host(b['image'])
   np.testing.assert_allclose(normalized[:, 0, 0, 0], (b['uid'] % 256) / 127.5 - 1, atol=1e-6)
   assert 'mask' not in b
 
 
 def test_epochs_are_fresh_permutations_and_seed_determines_stream():
-  it = data.make_train_iterator(cfg(), global_batch_size=4, seed=3, process_index=0,
-                                process_count=1)
+  it = data.open(cfg()).train_iterator(global_batch_size=4, seed=3, process_index=0,
+                                       process_count=1)
   uids = np.concatenate([b['uid'] for b in take(it, 15)])  # 3 epochs of 20
   epochs = uids.reshape(3, N_TRAIN)
   for e in epochs:
     assert sorted(e) == list(range(N_TRAIN))
   assert not np.array_equal(epochs[0], epochs[1])
   assert not np.array_equal(epochs[0], np.arange(N_TRAIN))
-  again = data.make_train_iterator(cfg(), global_batch_size=4, seed=3, process_index=0,
-                                   process_count=1)
+  again = data.open(cfg()).train_iterator(global_batch_size=4, seed=3, process_index=0,
+                                          process_count=1)
   np.testing.assert_array_equal(np.concatenate([b['uid'] for b in take(again, 15)]), uids)
-  other = data.make_train_iterator(cfg(), global_batch_size=4, seed=4, process_index=0,
-                                   process_count=1)
+  other = data.open(cfg()).train_iterator(global_batch_size=4, seed=4, process_index=0,
+                                          process_count=1)
   assert not np.array_equal(np.concatenate([b['uid'] for b in take(other, 15)]), uids)
 
 
 def test_epoch_straddling_batch_keeps_every_example():
   # 20 examples, batch 6: step 3 holds positions 18..23 = 2 of epoch 0 and 4 of epoch 1.
-  it = data.make_train_iterator(cfg(), global_batch_size=6, seed=0, process_index=0,
-                                process_count=1)
+  it = data.open(cfg()).train_iterator(global_batch_size=6, seed=0, process_index=0,
+                                       process_count=1)
   uids = np.concatenate([b['uid'] for b in take(it, 10)])  # 60 positions = 3 epochs
   for e in uids.reshape(3, N_TRAIN):
     assert sorted(e) == list(range(N_TRAIN))
 
 
 def test_two_processes_split_each_global_batch():
-  one = take(data.make_train_iterator(cfg(), global_batch_size=4, seed=1, process_index=0,
-                                      process_count=1), 10)
-  p0 = take(data.make_train_iterator(cfg(), global_batch_size=4, seed=1, process_index=0,
-                                     process_count=2), 10)
-  p1 = take(data.make_train_iterator(cfg(), global_batch_size=4, seed=1, process_index=1,
-                                     process_count=2), 10)
+  one = take(data.open(cfg()).train_iterator(global_batch_size=4, seed=1, process_index=0,
+                                             process_count=1), 10)
+  p0 = take(data.open(cfg()).train_iterator(global_batch_size=4, seed=1, process_index=0,
+                                            process_count=2), 10)
+  p1 = take(data.open(cfg()).train_iterator(global_batch_size=4, seed=1, process_index=1,
+                                            process_count=2), 10)
   for g, a, b in zip(one, p0, p1):
     assert a['uid'].shape == (2,)
     assert not set(a['uid']) & set(b['uid'])
@@ -123,11 +124,11 @@ def test_resume_equals_skipping_batches_with_augmentation(tmp_path):
   np.savez(path, images=rng.integers(0, 256, (13, 12, 12, 3), dtype=np.uint8),
            labels=np.arange(13) % 3, uid=np.arange(13))
   config = dict(name='npz', path=str(path), image_size=8, augment=True, num_threads=2)
-  full = take(data.make_train_iterator(config, global_batch_size=4, seed=5, process_index=0,
-                                       process_count=1), 9)
+  full = take(data.open(config).train_iterator(global_batch_size=4, seed=5, process_index=0,
+                                               process_count=1), 9)
   for k in (1, 3, 7):
-    resumed = take(data.make_train_iterator(config, global_batch_size=4, seed=5, start_step=k,
-                                            process_index=0, process_count=1), 9 - k)
+    resumed = take(data.open(config).train_iterator(global_batch_size=4, seed=5, start_step=k,
+                                                    process_index=0, process_count=1), 9 - k)
     for a, b in zip(full[k:], resumed):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -144,8 +145,8 @@ def test_resume_equals_skipping_batches_with_augmentation(tmp_path):
 def test_eval_covers_every_example_once_with_padding(process_count, global_batch):
   per_process = []
   for pi in range(process_count):
-    per_process.append(list(data.make_eval_iterator(
-        cfg(), 'val_ood', global_batch_size=global_batch, process_index=pi,
+    per_process.append(list(data.open(cfg()).eval_iterator(
+        'val_ood', global_batch_size=global_batch, process_index=pi,
         process_count=process_count)))
   num_batches = -(-N_EVAL // global_batch)
   assert all(len(b) == num_batches for b in per_process)
@@ -160,33 +161,33 @@ def test_eval_covers_every_example_once_with_padding(process_count, global_batch
   assert sorted(uids[masks == 1]) == list(range(1000, 1000 + N_EVAL))
   assert (masks == 0).sum() == num_batches * global_batch - N_EVAL
   # Deterministic and identical when evaluated twice.
-  again = list(data.make_eval_iterator(cfg(), 'val_ood', global_batch_size=global_batch,
-                                       process_index=0, process_count=process_count))
+  again = list(data.open(cfg()).eval_iterator('val_ood', global_batch_size=global_batch,
+                                              process_index=0, process_count=process_count))
   for a, b in zip(per_process[0], again):
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_config_errors_name_the_valid_choices():
   with pytest.raises(ValueError, match="valid names: .*'dominoes'"):
-    data.get_info({'name': 'nope'})
+    data.open({'name': 'nope'})
   with pytest.raises(ValueError, match=r"Unknown data option\(s\) \['bogus'\].*'train_split'"):
-    data.get_info(cfg(bogus=1))
+    data.open(cfg(bogus=1))
   with pytest.raises(ValueError, match='valid splits'):
-    data.get_info(cfg(train_split='validation'))
+    data.open(cfg(train_split='validation'))
   with pytest.raises(ValueError, match='valid splits'):
-    data.make_eval_iterator(cfg(), 'test', global_batch_size=2, process_index=0,
-                            process_count=1)
+    data.open(cfg()).eval_iterator('test', global_batch_size=2, process_index=0,
+                                   process_count=1)
   with pytest.raises(ValueError, match='divisible by the number of processes'):
-    data.make_train_iterator(cfg(), global_batch_size=5, seed=0, process_index=0,
-                             process_count=2)
+    data.open(cfg()).train_iterator(global_batch_size=5, seed=0, process_index=0,
+                                    process_count=2)
   with pytest.raises(ValueError, match='num_threads'):
-    data.get_info(cfg(num_threads=-1))
+    data.open(cfg(num_threads=-1))
 
 
 def test_dataset_option_is_passed_to_loader():
-  info_default = data.num_examples(cfg(), 'train')
+  info_default = data.open(cfg()).num_examples('train')
   assert info_default == N_TRAIN
-  assert data.num_examples(cfg(size=6), 'train') == 6
+  assert data.open(cfg(size=6)).num_examples('train') == 6
 
 
 def test_dominoes_is_the_registered_default(monkeypatch):
@@ -195,12 +196,12 @@ def test_dominoes_is_the_registered_default(monkeypatch):
   except ImportError:  # not written yet: check the hook with the stand-in.
     monkeypatch.setitem(sys.modules, 'vitreg_jax.data.dominoes',
                         _fake_module('vitreg_jax.data.dominoes'))
-  info = data.get_info({})
+  info = data.open({}).info
   assert info.name == 'dominoes' and info.num_classes == 2
   assert info.splits == ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
   assert 'spurious' in info.attributes
-  b = next(data.make_train_iterator({}, global_batch_size=2, seed=0, process_index=0,
-                                    process_count=1))
+  b = next(data.open({}).train_iterator(global_batch_size=2, seed=0, process_index=0,
+                                        process_count=1))
   assert b['image'].shape == (2,) + tuple(info.image_shape)
 
 
@@ -215,7 +216,7 @@ def test_group_metrics_against_loop():
   n = 50
   pred, lab, grp = rng.integers(0, 2, n), rng.integers(0, 2, n), rng.integers(0, 4, n)
   mask = (rng.random(n) < 0.8).astype(np.float32)
-  m = data.group_metrics(pred, lab, grp, mask=mask, num_groups=4)
+  m = metrics.group_metrics(pred, lab, grp, mask=mask, num_groups=4)
   accs = []
   for g in range(4):
     sel = [i for i in range(n) if grp[i] == g and mask[i] == 1]
@@ -226,15 +227,15 @@ def test_group_metrics_against_loop():
   real = mask == 1
   assert m['accuracy'] == pytest.approx(np.mean(pred[real] == lab[real]))
   # Counts summed over two halves give the same metrics.
-  c1 = data.group_counts(pred[:20] == lab[:20], grp[:20], mask[:20])
-  c2 = data.group_counts(pred[20:] == lab[20:], grp[20:], mask[20:])
-  m2 = data.group_metrics_from_counts(c1[0] + c2[0], c1[1] + c2[1])
+  c1 = metrics.group_counts(pred[:20] == lab[:20], grp[:20], mask[:20])
+  c2 = metrics.group_counts(pred[20:] == lab[20:], grp[20:], mask[20:])
+  m2 = metrics.group_metrics_from_counts(c1[0] + c2[0], c1[1] + c2[1])
   assert m2['worst_group_accuracy'] == pytest.approx(min(accs))
 
 
 def test_mean_corruption_accuracy():
   accs = {'test': 0.9, 'fog_1': 0.8, 'fog_2': 0.6, 'snow_1': 0.5, 'snow_2': 0.3}
-  m = data.mean_corruption_accuracy(accs)
+  m = metrics.mean_corruption_accuracy(accs)
   assert m['mean_corruption_accuracy'] == pytest.approx(0.55)
   assert m['corruption_fog_accuracy'] == pytest.approx(0.7)
   assert m['severity2_accuracy'] == pytest.approx(0.45)
@@ -301,10 +302,10 @@ def test_worker_processes_give_the_same_stream(tmp_path):
            images=np.random.default_rng(0).integers(0, 256, (9, 12, 12, 3), dtype=np.uint8),
            labels=np.arange(9) % 3)
   config = dict(name='npz', path=str(tmp_path / 'toy.npz'), image_size=8, num_threads=1)
-  threads = take(data.make_train_iterator(config, global_batch_size=4, seed=1, process_index=0,
-                                          process_count=1), 4)
-  it = data.make_train_iterator(dict(config, num_workers=2), global_batch_size=4, seed=1,
-                                process_index=0, process_count=1)
+  threads = take(data.open(config).train_iterator(global_batch_size=4, seed=1, process_index=0,
+                                                  process_count=1), 4)
+  it = data.open(dict(config, num_workers=2)).train_iterator(global_batch_size=4, seed=1,
+                                                             process_index=0, process_count=1)
   workers = take(it, 4)
   del it
   gc.collect()

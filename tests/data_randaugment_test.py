@@ -118,11 +118,11 @@ def test_recipe_options_through_the_pipeline_are_resumable(tmp_path):
   config = dict(name='npz', path=_npz(tmp_path), crop_padding=4,
                 randaugment='rand-m9-n2-mstd1.0', num_threads=1,
                 mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
-  data.get_info(config)
+  data.open(config)
 
   def stream(start, k):
-    it = data.make_train_iterator(config, global_batch_size=4, seed=3, start_step=start,
-                                  process_index=0, process_count=1)
+    it = data.open(config).train_iterator(global_batch_size=4, seed=3, start_step=start,
+                                          process_index=0, process_count=1)
     return [next(it) for _ in range(k)]
 
   full, resumed = stream(0, 6), stream(2, 4)
@@ -130,20 +130,20 @@ def test_recipe_options_through_the_pipeline_are_resumable(tmp_path):
     np.testing.assert_array_equal(a['image'], b['image'])
   assert full[0]['image'].shape == (4, 32, 32, 3) and full[0]['image'].dtype == np.uint8
   plain = dict(config, randaugment=None, crop_padding=None, augment=False)
-  clean = next(data.make_train_iterator(plain, global_batch_size=4, seed=3, process_index=0,
-                                        process_count=1))
+  clean = next(data.open(plain).train_iterator(global_batch_size=4, seed=3, process_index=0,
+                                               process_count=1))
   np.testing.assert_array_equal(clean['uid'], full[0]['uid'])
   assert not np.allclose(clean['image'], full[0]['image'])
-  evaluated = next(data.make_eval_iterator(config, 'train', global_batch_size=6,
-                                           process_index=0, process_count=1))
-  evaluated_plain = next(data.make_eval_iterator(plain, 'train', global_batch_size=6,
-                                                 process_index=0, process_count=1))
+  evaluated = next(data.open(config).eval_iterator('train', global_batch_size=6,
+                                                   process_index=0, process_count=1))
+  evaluated_plain = next(data.open(plain).eval_iterator('train', global_batch_size=6,
+                                                        process_index=0, process_count=1))
   np.testing.assert_array_equal(evaluated['image'], evaluated_plain['image'])  # eval: no aug.
 
 
 def test_bad_augmentation_options_fail_at_get_info(tmp_path):
   path = _npz(tmp_path)
   with pytest.raises(ValueError, match='Unknown RandAugment section'):
-    data.get_info(dict(name='npz', path=path, randaugment='rand-m9-x2'))
+    data.open(dict(name='npz', path=path, randaugment='rand-m9-x2'))
   with pytest.raises(ValueError, match='crop_padding must be None or an integer'):
-    data.get_info(dict(name='npz', path=path, crop_padding=-1))
+    data.open(dict(name='npz', path=path, crop_padding=-1))

@@ -24,13 +24,13 @@ def mock_tfds():
 
 
 def first(config, **kw):
-  return next(data.make_train_iterator(config, global_batch_size=2, seed=0, process_index=0,
-                                       process_count=1, **kw))
+  return next(data.open(config).train_iterator(global_batch_size=2, seed=0, process_index=0,
+                                               process_count=1, **kw))
 
 
 def eval_all(config, split, batch=4):
-  batches = list(data.make_eval_iterator(config, split, global_batch_size=batch,
-                                         process_index=0, process_count=1))
+  batches = list(data.open(config).eval_iterator(split, global_batch_size=batch,
+                                                 process_index=0, process_count=1))
   mask = np.concatenate([b['mask'] for b in batches]) == 1
   return {k: np.concatenate([b[k] for b in batches])[mask] for k in batches[0]}
 
@@ -40,7 +40,7 @@ def eval_all(config, split, batch=4):
     ('imagenette', 24, 10)])
 def test_finetune_sets(mock_tfds, name, size, classes):
   config = {'name': name, 'image_size': size, 'num_threads': 1}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.num_classes == classes and info.image_shape == (size, size, 3)
   b = first(config)
   assert b['image'].shape == (2, size, size, 3) and b['label'].max() < classes
@@ -50,15 +50,15 @@ def test_finetune_sets(mock_tfds, name, size, classes):
 
 def test_unknown_variant_and_unprepared_message(tmp_path):
   with pytest.raises(ValueError, match="valid: .*'320px-v2'"):
-    data.get_info({'name': 'imagenette', 'variant': 'huge', 'data_dir': str(tmp_path)})
+    data.open({'name': 'imagenette', 'variant': 'huge', 'data_dir': str(tmp_path)})
   with pytest.raises(data.DatasetNotPreparedError,
                      match=r'(?s)not prepared.*python -m vitreg_jax.data.prepare cifar10'):
-    data.get_info({'name': 'cifar10', 'data_dir': str(tmp_path)})
+    data.open({'name': 'cifar10', 'data_dir': str(tmp_path)})
 
 
 def test_imagenet_rotation(mock_tfds):
   config = {'name': 'imagenet_rotation', 'image_size': 16, 'num_threads': 1}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.num_classes == 4 and info.attributes == ('object_label',)
   ev = eval_all(config, 'validation', batch=8)
   # Every image appears once per rotation: 6 images x 4 rotations, labels 0..3 each 6 times.
@@ -87,7 +87,7 @@ def test_cifar100_corrupted_reads_npy_severity_blocks(mock_tfds, tmp_path):
   config = {'name': 'cifar100_corrupted', 'manual_dir': str(tmp_path),
             'corruptions': ('fog', 'snow'), 'num_threads': 1,
             'mean': (0, 0, 0), 'std': (1, 1, 1)}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert 'fog_3' in info.splits and 'train' in info.splits
   assert info.default_eval_splits[0] == 'test' and len(info.default_eval_splits) == 11
   for severity in (1, 5):
@@ -97,17 +97,17 @@ def test_cifar100_corrupted_reads_npy_severity_blocks(mock_tfds, tmp_path):
     np.testing.assert_array_equal(ev['label'], np.arange(3 * (severity - 1), 3 * severity))
   assert first(config)['image'].shape == (2, 32, 32, 3)   # clean train from TFDS
   with pytest.raises(ValueError, match='Unknown corruption'):
-    data.get_info(dict(config, corruptions=('rain',)))
+    data.open(dict(config, corruptions=('rain',)))
   with pytest.raises(ValueError, match=r"valid splits: .*'fog_5'"):
-    data.make_eval_iterator(config, 'fog_6', global_batch_size=2, process_index=0,
-                            process_count=1)
+    data.open(config).eval_iterator('fog_6', global_batch_size=2, process_index=0,
+                                    process_count=1)
 
 
 def test_cifar100_corrupted_missing_and_truncated_files(mock_tfds, tmp_path):
   config = {'name': 'cifar100_corrupted', 'manual_dir': str(tmp_path), 'corruptions': ('fog',)}
   # get_info opens every eval split, so missing files fail at start.
   with pytest.raises(data.DatasetNotPreparedError, match=r'CIFAR-100-C/fog\.npy is missing'):
-    data.get_info(config)
+    data.open(config)
   spec, cfg = data.get_spec(config)
   with pytest.raises(data.DatasetNotPreparedError, match='labels.npy'):
     spec.check_files(cfg)
@@ -122,7 +122,7 @@ def test_cifar100_corrupted_missing_and_truncated_files(mock_tfds, tmp_path):
 def test_cifar10_corrupted_splits(mock_tfds):
   config = {'name': 'cifar10_corrupted', 'corruptions': ('frosted_glass_blur',),
             'num_threads': 1}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.splits == ('train', 'test') + tuple(f'frosted_glass_blur_{s}' for s in range(1, 6))
   assert len(eval_all(config, 'frosted_glass_blur_2')['label']) == 6
   assert set(corrupted.BENCHMARK_CORRUPTIONS_10) < set(corrupted.CIFAR10_C)
@@ -143,7 +143,7 @@ def test_image_folder(tmp_path):
         (tmp_path / split / c / f'{i}.png').write_bytes(_png(value))
   config = {'name': 'image_folder', 'path': str(tmp_path), 'image_size': 8, 'num_threads': 1,
             'mean': (0, 0, 0), 'std': (1, 1, 1)}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.num_classes == 2 and info.splits == ('test', 'train')
   assert info.num_examples == {'test': 4, 'train': 6}
   ev = eval_all(config, 'test')
@@ -153,7 +153,7 @@ def test_image_folder(tmp_path):
   with pytest.raises(data.CorruptDataError, match=r'test/dog/1\.png'):
     eval_all(config, 'test')
   with pytest.raises(data.DatasetNotPreparedError, match='<split>/<class>'):
-    data.get_info(dict(config, path=str(tmp_path / 'nope')))
+    data.open(dict(config, path=str(tmp_path / 'nope')))
 
 
 def test_imagewoof_folder(tmp_path):
@@ -164,11 +164,11 @@ def test_imagewoof_folder(tmp_path):
       (root / split / f'n0208{k}' / 'a.JPEG').write_bytes(_png(k * 20))
   config = {'name': 'imagewoof', 'manual_dir': str(tmp_path), 'image_size': 8,
             'num_threads': 1}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.num_examples == {'train': 10, 'validation': 10} and info.num_classes == 10
   assert sorted(eval_all(config, 'validation')['label']) == list(range(10))
   with pytest.raises(data.DatasetNotPreparedError, match='imagewoof2-160.tgz'):
-    data.get_info(dict(config, variant='160'))
+    data.open(dict(config, variant='160'))
 
 
 def test_npz_layout_and_errors(tmp_path):
@@ -177,7 +177,7 @@ def test_npz_layout_and_errors(tmp_path):
     np.savez(tmp_path / f'd_{split}.npz', images=rng.integers(0, 256, (n, 8, 8, 1), np.uint8),
              labels=np.arange(n) % 3, spurious=(np.arange(n) + 1) % 2)
   config = {'name': 'npz', 'path': str(tmp_path / 'd_{split}.npz'), 'num_threads': 1}
-  info = data.get_info(config)
+  info = data.open(config).info
   assert info.num_classes == 3 and info.image_shape == (8, 8, 3)
   assert info.attributes == ('spurious', 'group') and info.default_eval_splits == ('test',)
   ev = eval_all(config, 'test')
@@ -185,12 +185,12 @@ def test_npz_layout_and_errors(tmp_path):
   assert ev['image'].shape == (5, 8, 8, 3)
   (tmp_path / 'bad.npz').write_bytes(b'PK\x03\x04 not a zip')
   with pytest.raises(data.CorruptDataError, match='bad.npz'):
-    data.get_info({'name': 'npz', 'path': str(tmp_path / 'bad.npz')})
+    data.open({'name': 'npz', 'path': str(tmp_path / 'bad.npz')})
   np.savez(tmp_path / 'float.npz', images=np.zeros((2, 4, 4, 3), np.float32), labels=[0, 1])
   with pytest.raises(ValueError, match='uint8'):
-    data.get_info({'name': 'npz', 'path': str(tmp_path / 'float.npz')})
+    data.open({'name': 'npz', 'path': str(tmp_path / 'float.npz')})
   with pytest.raises(data.DatasetNotPreparedError, match='numpy.savez'):
-    data.get_info({'name': 'npz', 'path': str(tmp_path / 'missing.npz')})
+    data.open({'name': 'npz', 'path': str(tmp_path / 'missing.npz')})
 
 
 def test_prepare_option_parsing_and_rotation_transform():

@@ -71,16 +71,16 @@ def test_parse_errors_name_the_syntax():
 
 
 def test_train_slice_is_the_prefix_and_info_counts_it():
-  info = data.get_info(cfg(train_split='train[:25%]'))
+  info = data.open(cfg(train_split='train[:25%]')).info
   assert info.num_examples['train[:25%]'] == 5 and info.num_examples['train'] == N_TRAIN
-  it = data.make_train_iterator(cfg(train_split='train[:25%]'), global_batch_size=2, seed=0,
-                                process_index=0, process_count=1)
+  it = data.open(cfg(train_split='train[:25%]')).train_iterator(global_batch_size=2, seed=0,
+                                                                process_index=0, process_count=1)
   uids = np.concatenate([b['uid'] for b in take(it, 10)])  # 4 epochs of the 5 examples.
   for epoch in uids.reshape(4, 5):
     assert sorted(epoch) == [0, 1, 2, 3, 4]
   assert not np.array_equal(uids[:5], uids[5:10])  # a fresh permutation per epoch.
-  tail = data.make_train_iterator(cfg(train_split='train[-3:]'), global_batch_size=3, seed=0,
-                                  process_index=0, process_count=1)
+  tail = data.open(cfg(train_split='train[-3:]')).train_iterator(global_batch_size=3, seed=0,
+                                                                 process_index=0, process_count=1)
   assert sorted(next(tail)['uid']) == [17, 18, 19]
 
 
@@ -88,8 +88,8 @@ def test_slice_stream_is_deterministic_resumable_and_shards_over_processes():
   config = cfg(train_split='train[5:12]')
 
   def stream(start=0, pi=0, pc=1, k=8):
-    it = data.make_train_iterator(config, global_batch_size=4, seed=7, start_step=start,
-                                  process_index=pi, process_count=pc)
+    it = data.open(config).train_iterator(global_batch_size=4, seed=7, start_step=start,
+                                          process_index=pi, process_count=pc)
     return [b['uid'] for b in take(it, k)]
 
   full = stream()
@@ -102,35 +102,34 @@ def test_slice_stream_is_deterministic_resumable_and_shards_over_processes():
 
 
 def test_eval_slice_and_errors_before_compute():
-  batches = list(data.make_eval_iterator(cfg(), 'test_id[2:7]', global_batch_size=4,
-                                         process_index=0, process_count=1))
+  batches = list(data.open(cfg()).eval_iterator('test_id[2:7]', global_batch_size=4,
+                                                process_index=0, process_count=1))
   mask = np.concatenate([b['mask'] for b in batches]) == 1
   np.testing.assert_array_equal(np.concatenate([b['uid'] for b in batches])[mask],
                                 1000 + np.arange(2, 7))
-  assert data.num_examples(cfg(), 'test_id[:50%]') == 5
-  info = data.get_info(cfg(eval_splits=['test_id[:20%]', 'val_ood']))
-  assert data.eval_splits(cfg(eval_splits=['test_id[:20%]'])) == ('test_id[:20%]',)
-  assert 'train' not in data.eval_splits(cfg(train_split='train[:6%]'))
+  assert data.open(cfg()).num_examples('test_id[:50%]') == 5
+  info = data.open(cfg(eval_splits=['test_id[:20%]', 'val_ood'])).info
+  assert data.open(cfg(eval_splits=['test_id[:20%]'])).eval_splits == ('test_id[:20%]',)
+  assert 'train' not in data.open(cfg(train_split='train[:6%]')).eval_splits
   assert info.num_examples == {'train': N_TRAIN}
   with pytest.raises(ValueError, match="Unknown split 'tain'"):
-    data.get_info(cfg(train_split='tain[:6%]'))
+    data.open(cfg(train_split='tain[:6%]'))
   with pytest.raises(ValueError, match='beyond the 20 examples'):
-    data.get_info(cfg(train_split='train[:21]'))
+    data.open(cfg(train_split='train[:21]'))
   with pytest.raises(ValueError, match="beyond the 10 examples of split 'val_id'"):
-    data.get_info(cfg(eval_splits=['val_id[:11]']))
+    data.open(cfg(eval_splits=['val_id[:11]']))
 
 
 def test_tfds_dataset_slices_its_source():
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=10):
     config = {'name': 'cifar10', 'train_split': 'train[:60%]', 'num_threads': 1}
-    info = data.get_info(config)
+    info = data.open(config).info
     assert info.num_examples['train[:60%]'] == 6
-    whole = list(data.make_eval_iterator({**config, 'augment': False}, 'train', 
-                                         global_batch_size=10, process_index=0,
-                                         process_count=1))[0]
-    it = data.make_train_iterator({**config, 'augment': False}, global_batch_size=6, seed=0,
-                                  process_index=0, process_count=1)
+    whole = list(data.open({**config, 'augment': False}).eval_iterator(
+        'train', global_batch_size=10, process_index=0, process_count=1))[0]
+    it = data.open({**config, 'augment': False}).train_iterator(global_batch_size=6, seed=0,
+                                                                process_index=0, process_count=1)
     batch = next(it)  # one epoch of the 6-example slice: the first 6 of the split.
     assert sorted(map(bytes, batch['image'].reshape(6, -1))) == sorted(
         map(bytes, whole['image'][:6].reshape(6, -1)))

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vitreg_jax import data
+from vitreg_jax import metrics
 from vitreg_jax.data import device_normalization, preprocess, waterbirds
 
 # (y, place, split): every group in train, val and test, with distinct counts per group.
@@ -56,13 +57,13 @@ def prepared(tmp_path_factory):
 
 
 def test_info_splits_and_groups(prepared):
-  info = data.get_info(prepared)
+  info = data.open(prepared).info
   assert info.num_classes == 2 and info.image_shape == (16, 16, 3)
   assert info.splits == ('train', 'val', 'test') and info.attributes == ('place', 'group')
   assert info.num_examples['train'] == 7
   for split, sid in waterbirds.SPLIT_IDS.items():
-    batches = list(data.make_eval_iterator(prepared, split, global_batch_size=4,
-                                           process_index=0, process_count=1))
+    batches = list(data.open(prepared).eval_iterator(split, global_batch_size=4,
+                                                     process_index=0, process_count=1))
     mask = np.concatenate([b['mask'] for b in batches]) == 1
     got = {k: np.concatenate([b[k] for b in batches])[mask] for k in ('label', 'place', 'group')}
     expected = sorted((y, p) for y, p, s in ROWS if s == sid)
@@ -71,19 +72,19 @@ def test_info_splits_and_groups(prepared):
     # Decoded pixels match the group the metadata gave (JPEG: approximately).
     images = np.concatenate([b['image'] for b in batches])[mask]
     assert images.dtype == np.uint8  # normalized on the device, with the ImageNet statistics
-    assert data.normalization(prepared) == device_normalization.Normalization(
+    assert data.open(prepared).normalization == device_normalization.Normalization(
         preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
     np.testing.assert_allclose(images[:, 8, 8, 0].astype(float), 40 + 50 * got['group'], atol=3)
 
 
 def test_train_augmentation_and_group_metrics(prepared):
-  it = data.make_train_iterator(prepared, global_batch_size=7, seed=0, process_index=0,
-                                process_count=1)
+  it = data.open(prepared).train_iterator(global_batch_size=7, seed=0, process_index=0,
+                                          process_count=1)
   b = next(it)
   assert b['image'].shape == (7, 16, 16, 3) and b['group'].dtype == np.int32
   assert sorted(b['group']) == sorted(2 * y + p for y, p, s in ROWS if s == 0)
   # Predict "landbird" always: group accuracies are 1 for landbird groups, 0 otherwise.
-  m = data.group_metrics(np.zeros_like(b['label']), b['label'], b['group'], num_groups=4)
+  m = metrics.group_metrics(np.zeros_like(b['label']), b['label'], b['group'], num_groups=4)
   assert m['group0_accuracy'] == 1 and m['group3_accuracy'] == 0
   assert m['worst_group_accuracy'] == 0 and m['mean_group_accuracy'] == 0.5
 
@@ -114,5 +115,5 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
   with pytest.raises(data.DatasetNotPreparedError,
                      match=r'(?s)waterbird_complete95_forest2water2/metadata.csv.*'
                            r'vitreg_jax.data.prepare waterbirds'):
-    data.get_info({'name': 'waterbirds', 'data_dir': str(tmp_path / 'empty'),
-                   'manual_dir': str(tmp_path / 'nothing')})
+    data.open({'name': 'waterbirds', 'data_dir': str(tmp_path / 'empty'),
+               'manual_dir': str(tmp_path / 'nothing')})

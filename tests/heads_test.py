@@ -271,12 +271,13 @@ def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(mo
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
   config = _quickstart_config()
   reads = []
-  make = data.make_eval_iterator
-  monkeypatch.setattr(data, "make_eval_iterator",
-                      lambda *a, **k: reads.append(a[1]) or make(*a, **k))
+  make = data.Dataset.eval_iterator
+  monkeypatch.setattr(data.Dataset, "eval_iterator",
+                      lambda self, split, **k: reads.append(split) or make(self, split, **k))
   model = models.create("vit", 2, **config.model.to_dict())
   variables = testutil.np_init(model, np.zeros((1, 32, 16, 3), np.float32))
-  run_eval = evaluate_lib.RunEval(model, variables, config, ("val_id", "val_ood"), layers=(1,))
+  run_eval = evaluate_lib.RunEval(model, variables, config, data.open(config.data),
+                                  ("val_id", "val_ood"), layers=(1,))
   fn, passes = run_eval.evaluator._fn, []
   run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
   masks = np.concatenate([np.ones((1, 2, 2), np.float32),

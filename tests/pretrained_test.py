@@ -34,7 +34,7 @@ def _free_port():
 def _source_run(workdir):
   """A checkpoint of the same model with another seed (so it differs from a fresh init)."""
   config = config_lib.with_defaults(train_worker.load_config({**TINY, "seed": 3}))
-  info = data.get_info(config.data)
+  info = data.open(config.data).info
   model = steps.create_model(config, info.num_classes)
   tx, _ = optim.make_optimizer(config, config.total_steps)
   state, _ = steps.create_train_state(config, model, tx, info.image_shape,

@@ -120,14 +120,14 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
 
 def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  make = data.make_train_iterator
+  make = data.Dataset.train_iterator
 
-  def poisoned(*args, start_step=0, **kwargs):
-    for step, batch in enumerate(make(*args, start_step=start_step, **kwargs), start_step):
+  def poisoned(self, *, start_step=0, **kwargs):
+    for step, batch in enumerate(make(self, start_step=start_step, **kwargs), start_step):
       if step == 6:  # The 7th step sees a NaN image (float: uint8 cannot hold a NaN).
         batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
       yield batch
-  monkeypatch.setattr(data, "make_train_iterator", poisoned)
+  monkeypatch.setattr(data.Dataset, "train_iterator", poisoned)
   with pytest.raises(train_log.NonFiniteLossError, match=r"step 7.*last good checkpoint \(step 4\)"):
     train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
   step, params = _final_params(tmp_path)

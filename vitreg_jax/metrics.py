@@ -17,8 +17,8 @@ for group g, `acc_g = sum_i m_i [pred_i = y_i] [g_i = g] / sum_i m_i [g_i = g]`;
 worst-group accuracy is `min_g acc_g` over groups with at least one example; the
 "adjusted average" is the unweighted mean of `acc_g`. Counts add over batches and processes,
 so a caller can accumulate `group_counts` per eval batch and call `group_metrics_from_counts`
-once (`group_metrics` does both for whole arrays). `vitreg_jax.data` re-exports the group
-functions under their historical names (`data.group_metrics`, ...).
+once (`group_metrics` does both for whole arrays). `Dataset.metrics` (vitreg_jax/data/dataset.py)
+calls `classification_metrics` with the train split's group counts.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def classification_metrics(pred, loss, arrays: Mapping,
     arrays: the split's other arrays `[n]`: `label`, `mask` and any attributes.
     confidence: optional `[n]` probability of the predicted class (`steps.predictions`).
     train_group_counts: the training split's examples per group
-      (`data.groups.train_group_counts`); with a `group` attribute it adds
+      (`Dataset.train_group_counts`); with a `group` attribute it adds
       `train_weighted_mean_accuracy`.
   Returns:
     `accuracy`, `loss`, `num_examples`; with `confidence`: `nll` and `ece`

@@ -38,7 +38,7 @@ def main():
   from train_log_test import TINY  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(train_worker.load_config(
       {**TINY, "sharding": {"fsdp": True, "fsdp_min_size": 16}}))
-  info = data.get_info(config.data)
+  info = data.open(config.data).info
   model = steps.create_model(config, info.num_classes)
   tx, _ = optim.make_optimizer(config, config.total_steps)
   mesh = train.make_mesh(config)

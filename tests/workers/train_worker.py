@@ -70,13 +70,13 @@ def main():
 def _pace_steps(seconds):
   import time  # pylint: disable=g-import-not-at-top
   from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  make = data.make_train_iterator
+  make = data.Dataset.train_iterator
 
-  def paced(*args, **kwargs):
-    for batch in make(*args, **kwargs):
+  def paced(self, **kwargs):
+    for batch in make(self, **kwargs):
       time.sleep(seconds)
       yield batch
-  data.make_train_iterator = paced
+  data.Dataset.train_iterator = paced
 
 
 def _kill_during_save(at):

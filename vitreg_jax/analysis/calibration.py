@@ -74,11 +74,11 @@ def batch_metrics(predict, batches: Iterable[dict], num_bins: int) -> dict:
 
 
 def split_metrics(run, split: str, batch_size: int, *, num_bins: int = metrics.ECE_BINS,
-                  max_examples: Optional[int] = None, data_config=None, predict=None,
+                  max_examples: Optional[int] = None, dataset=None, predict=None,
                   desc: Optional[str] = None) -> dict:
-  """`batch_metrics` of the run's checkpoint on `split` (of `data_config`, default the run's)."""
+  """`batch_metrics` of the run's checkpoint on `split` (of `dataset`, default the run's)."""
   predict = predict or make_predict(run.model, run.variables)
-  batches = runs.eval_batches(run, split, batch_size, max_examples, data_config=data_config)
+  batches = runs.eval_batches(run, split, batch_size, max_examples, dataset=dataset)
   if desc:
     batches = runs.progress(batches, None, desc)
   return batch_metrics(predict, batches, num_bins)
@@ -115,7 +115,7 @@ def _checked_split(run, split: Optional[str]) -> str:
   has no such split."""
   split = split or runs.default_eval_split(run)
   try:
-    base.check_split(run.info, splits_lib.base_name(split))
+    base.check_split(run.dataset.info, splits_lib.base_name(split))
   except ValueError as e:
     raise app.UsageError(f"--calibration_split: {e}") from None
   return split

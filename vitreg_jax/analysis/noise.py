@@ -20,7 +20,7 @@ frequency" shows ViTs hurt little by high-frequency noise and ResNets much more.
   scaled to the L2 norm `eps * sqrt(H W C)` per image (eps = the per-pixel RMS), so every band
   carries the same energy; its f = 0 band is a constant colour shift.
 
-eps is in the model's normalized input units (`data.normalization`).
+eps is in the model's normalized input units (`Dataset.normalization`).
 
 Corruptions: the mean accuracy, NLL and ECE (`analysis/calibration.py`) over the
 `<corruption>_<severity>` splits of `cifar10_corrupted` / `cifar100_corrupted` (Fig. 12's
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import data
+from vitreg_jax import metrics
 from vitreg_jax import plotting
 from vitreg_jax.analysis import calibration
 from vitreg_jax.analysis import runs
@@ -229,16 +230,16 @@ def corruption_accuracy(run, name: str, batch_size: int) -> dict:
   authors' `robustness.ipynb` averages all three over the CIFAR-C splits)."""
   cfg = run.config.data.to_dict()
   cfg.update(name=name, eval_splits=None)
-  info = data.get_info(cfg)  # fails here, with the preparation command, if files are missing
-  splits = [s for s in info.splits if s.rpartition("_")[2] in {"1", "2", "3", "4", "5"}]
+  dataset = data.open(cfg)  # fails here, with the preparation command, if files are missing
+  splits = [s for s in dataset.info.splits if s.rpartition("_")[2] in {"1", "2", "3", "4", "5"}]
   predict = calibration.make_predict(run.model, run.variables)
-  per_split = {split: calibration.split_metrics(run, split, batch_size, data_config=cfg,
+  per_split = {split: calibration.split_metrics(run, split, batch_size, dataset=dataset,
                                                 predict=predict)
                for split in runs.progress(splits, len(splits), f"{name} splits")}
   out = {"dataset": name}
   for metric in ("accuracy", "nll", "ece"):
     values = {split: m[metric] for split, m in per_split.items()}
-    out.update({metric: values, **data.mean_corruption_accuracy(values, metric=metric)})
+    out.update({metric: values, **metrics.mean_corruption_accuracy(values, metric=metric)})
   return out
 
 

@@ -24,10 +24,8 @@ from absl import app
 from absl import flags
 from etils import epath
 import jax
-import numpy as np
 import tqdm
 
-from vitreg_jax import data
 from vitreg_jax import sharding
 from vitreg_jax.data import mixing
 from vitreg_jax.training import rundir
@@ -95,9 +93,9 @@ def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator
   the model's float input (the noise analysis adds its noise in those units). With
   `data.mixup` the batches keep their Mixup/CutMix recipe (`mix_*`), applied by the loss
   (`objective.Objective.inputs`) as the train step applies it."""
-  it = data.make_train_iterator(run.config.data, global_batch_size=batch_size,
-                                seed=seed, process_index=0, process_count=1)
-  normalize = data.normalization(run.config.data).host
+  it = run.dataset.train_iterator(global_batch_size=batch_size, seed=seed, process_index=0,
+                                  process_count=1)
+  normalize = run.dataset.normalization.host
   for _ in range(num_batches):
     batch = next(it)
     yield {"image": normalize(batch["image"]), "label": batch["label"],
@@ -105,27 +103,18 @@ def train_batches(run, batch_size: int, num_batches: int, seed: int) -> Iterator
 
 
 def eval_batches(run, split: str, batch_size: int, max_examples: Optional[int] = None,
-                 data_config=None) -> Iterator[dict]:
-  """Batches of `split` (eval preprocessing, normalized images), padding dropped, at most
-  `max_examples`."""
-  seen = 0
-  normalize = data.normalization(data_config or run.config.data).host
-  for batch in data.make_eval_iterator(data_config or run.config.data, split,
-                                       global_batch_size=batch_size, process_index=0,
-                                       process_count=1):
-    keep = batch["mask"] > 0
-    if max_examples is not None:
-      keep &= np.cumsum(keep) + seen <= max_examples
-    if keep.any():
-      seen += int(keep.sum())
-      yield {"image": normalize(batch["image"][keep]), "label": batch["label"][keep]}
-    if max_examples is not None and seen >= max_examples:
-      return
+                 dataset=None) -> Iterator[dict]:
+  """Batches of `split` of `dataset` (default: the run's) with eval preprocessing and
+  normalized images, padding dropped, at most `max_examples` (`Dataset.stream_split`)."""
+  dataset = dataset or run.dataset
+  normalize = dataset.normalization.host
+  for batch in dataset.stream_split(split, batch_size=batch_size, max_examples=max_examples):
+    yield {"image": normalize(batch["image"]), "label": batch["label"]}
 
 
 def default_eval_split(run) -> str:
   """The first eval split of the run (its in-distribution validation or test split)."""
-  return data.eval_splits(run.config.data)[0]
+  return run.dataset.eval_splits[0]
 
 
 def shard_batch(batch: dict, mesh) -> dict:

@@ -41,10 +41,7 @@ import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from vitreg_jax import metrics
 from vitreg_jax import roles
-from vitreg_jax.data import groups as groups_lib
-from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks
 from vitreg_jax.training import features
 from vitreg_jax.training import rundir
@@ -134,37 +131,35 @@ def load_classifier(path: str) -> dict:
   return record
 
 
-def _metrics(logits, arrays: dict, train_group_counts=None) -> dict:
+def _metrics(dataset, logits, arrays: dict) -> dict:
+  """`Dataset.metrics` of a split's logits (the original head's or the refit one's)."""
   logits = np.asarray(logits, np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   loss = logz - logits[np.arange(len(logits)), arrays["label"]]
   arrays = {k: v for k, v in arrays.items() if k not in ("features", "logits", "pred")}
-  return metrics.classification_metrics(logits.argmax(-1), loss,
-                                        {**arrays, "mask": np.ones(len(loss))},
-                                        train_group_counts=train_group_counts)
+  return dataset.metrics(logits.argmax(-1), loss, {**arrays, "mask": np.ones(len(loss))})
 
 
-def _heldout_split(run) -> str:
-  info = run.info
-  return roles.split_roles(evaluate.eval_splits_of(run.config, info), info.attributes).val_id
+def _heldout_split(dataset) -> str:
+  """The ID validation split of the held-out splits (`roles.split_roles`)."""
+  return roles.split_roles(dataset.held_out_splits, dataset.info.attributes).val_id
 
 
 def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=None,
             grid=C_GRID, num_retrains: int = NUM_RETRAINS, seed: int = 0) -> tuple[dict, dict]:
   """DFR on a run: `(result dict for dfr.json, classifier dict)`."""
   run = rundir.load_run(workdir, step)
-  info = run.info
+  dataset = run.dataset
+  info = dataset.info
   mask = None
   if head_mask is not None:
     mask = masks.load_head_mask(head_mask, masks.model_shape(run.model))
-  heldout = heldout or _heldout_split(run)
-  splits = evaluate.eval_splits_of(run.config, info)
-  counts = groups_lib.train_group_counts(run.config.data)
-  feats = {s: features.extract(run, s, head_mask=mask) for s in splits}
+  heldout = heldout or _heldout_split(dataset)
+  feats = {s: features.extract(run, s, head_mask=mask) for s in dataset.held_out_splits}
   if "group" not in feats[heldout]:
     raise ValueError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
                      f"{info.name!r} has attributes {list(info.attributes)}.")
-  train = features.extract(run, run.config.data.get("train_split", "train"), head_mask=mask)
+  train = features.extract(run, dataset.train_split, head_mask=mask)
   rng = np.random.default_rng(seed)
   h = feats[heldout]
   c, tuning = tune_c(h["features"], h["label"], h["group"], rng, grid)
@@ -176,8 +171,8 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
       "tuning_worst_group_accuracy": {str(k): v for k, v in tuning.items()},
       "num_retrains": num_retrains, "seed": seed,
       "head_mask": None if mask is None else np.asarray(mask).tolist(),
-      "original": {s: _metrics(f["logits"], f, counts) for s, f in feats.items()},
-      "dfr": {s: _metrics(f["features"] @ classifier["kernel"] + classifier["bias"], f, counts)
+      "original": {s: _metrics(dataset, f["logits"], f) for s, f in feats.items()},
+      "dfr": {s: _metrics(dataset, f["features"] @ classifier["kernel"] + classifier["bias"], f)
               for s, f in feats.items()},
   }
   classifier = {**{k: v.tolist() for k, v in classifier.items()}, "c": c,

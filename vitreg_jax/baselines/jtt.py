@@ -32,7 +32,7 @@ ERROR_SET_FILE = "jtt_error_set.json"
 def error_set(workdir: str, step: int | None = None) -> dict:
   """The identification run's misclassified training examples (the JSON `write` saves)."""
   run = rundir.load_run(workdir, step)
-  split = run.config.data.get("train_split", "train")
+  split = run.dataset.train_split
   out = features.extract(run, split)
   wrong = np.flatnonzero(out["pred"] != out["label"])
   record = {"workdir": os.path.abspath(workdir), "step": run.step, "train_split": split,

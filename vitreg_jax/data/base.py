@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vitreg_jax import errors
+
 # Keys every data config may hold, with their defaults. The dataset's own options come on top.
 COMMON_OPTIONS = {
     'name': 'dominoes',
@@ -54,7 +56,7 @@ class DatasetInfo:
     name: registry name.
     num_classes: number of values of `label`.
     image_shape: (H, W, C) of `batch['image']` after preprocessing.
-    splits: every split name `make_eval_iterator` / `train_split` accept.
+    splits: every split name `Dataset.eval_iterator` / `train_split` accept.
     attributes: names of the extra int32 labels in each batch (e.g. 'spurious', 'group').
     num_examples: split -> number of examples, where known without reading the data.
     default_eval_splits: the splits evaluated when the config does not say.
@@ -108,13 +110,13 @@ def resolve_config(spec: DatasetSpec, data_config: Any) -> dict:
   Returns:
     dict with every common and dataset-specific key.
   Raises:
-    ValueError: naming unknown keys and listing the valid ones.
+    errors.UserError: naming unknown keys and listing the valid ones.
   """
   cfg = as_dict(data_config)
   valid = {**COMMON_OPTIONS, **spec.options}
   unknown = sorted(set(cfg) - set(valid))
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown data option(s) {unknown} for dataset {cfg.get("name")!r}; valid options: '
         f'{sorted(valid)}.')
   out = {**valid, **cfg}
@@ -128,7 +130,7 @@ def resolve_config(spec: DatasetSpec, data_config: Any) -> dict:
     out['manual_dir'] = os.path.join(out['data_dir'], 'downloads', 'manual')
   for key in ('num_threads', 'prefetch_batches', 'num_workers'):
     if not isinstance(out[key], (int, np.integer)) or out[key] < 0:
-      raise ValueError(f'data.{key} must be an integer >= 0, got {out[key]!r}.')
+      raise errors.UserError(f'data.{key} must be an integer >= 0, got {out[key]!r}.')
   return out
 
 
@@ -144,8 +146,9 @@ def as_dict(data_config: Any) -> dict:
 
 
 def check_split(info: DatasetInfo, split: str) -> None:
+  """Raises `errors.UserError` listing the valid splits when `split` is not one of `info`'s."""
   if split not in info.splits:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown split {split!r} for dataset {info.name!r}; valid splits: {list(info.splits)}.')
 
 
@@ -228,8 +231,8 @@ class TfdsDataset(DatasetSpec):
 
   def source(self, config: dict, split: str):
     if split not in self.split_map:
-      raise ValueError(f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
-                       f'{list(self.split_map)}.')
+      raise errors.UserError(f'Unknown split {split!r} for dataset {config["name"]!r}; '
+                             f'valid splits: {list(self.split_map)}.')
     return self._open(config, self.tfds_name, self.split_map[split])
 
   def image_shape(self, config: dict) -> tuple:

@@ -4,7 +4,7 @@
 Both datasets train on the clean set and evaluate on corrupted copies of the test set:
 splits `train`, `test` (clean, TFDS cifar10 / cifar100) and one split per corruption and
 severity, named `<corruption>_<severity>` (severity 1..5), e.g. `fog_3`. Summarize the
-per-split accuracies with `vitreg_jax.data.mean_corruption_accuracy`.
+per-split accuracies with `vitreg_jax.metrics.mean_corruption_accuracy`.
 
 - `cifar10_corrupted`: the corrupted splits come from TFDS `cifar10_corrupted/<c>_<s>`
   (TFDS corruption names, e.g. `frosted_glass_blur`, `elastic`).

@@ -19,6 +19,7 @@ import inspect
 import os
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import (ArraySource, CorruptDataError, DatasetInfo,
                                   DatasetNotPreparedError, DatasetSpec, check_split)
@@ -87,7 +88,7 @@ class EmbeddedDataset(DatasetSpec):
     splits = tuple(module.SPLITS)
     attributes = self._attributes(config)
     return DatasetInfo(
-        name='dominoes' if self.module_name.endswith('dominoes') else self.module_name,
+        name=config['name'],
         num_classes=int(module.NUM_CLASSES), image_shape=tuple(module.IMAGE_SHAPE),
         splits=splits, attributes=attributes,
         # The train split is generated here (cached) so `total_epochs` configs can be used.
@@ -177,7 +178,7 @@ class NpzDataset(DatasetSpec):
     if config['image_size']:
       h = w = int(config['image_size'])
     return DatasetInfo(
-        name='npz', num_classes=num_classes, image_shape=(h, w, 3 if c == 1 else c),
+        name=config['name'], num_classes=num_classes, image_shape=(h, w, 3 if c == 1 else c),
         splits=splits, attributes=attributes,
         num_examples={config['train_split']: len(train['label'])},
         default_eval_splits=tuple(s for s in splits if s != config['train_split']) or splits,
@@ -185,7 +186,8 @@ class NpzDataset(DatasetSpec):
 
   def source(self, config: dict, split: str):
     if split not in self._splits(config):
-      raise ValueError(f'Unknown split {split!r}; valid splits: {list(self._splits(config))}.')
+      raise errors.UserError(
+          f'Unknown split {split!r}; valid splits: {list(self._splits(config))}.')
     return ArraySource(_read_npz(self._path(config, split)))
 
   def transform(self, config: dict, split: str, train: bool):
@@ -262,7 +264,7 @@ class ImageFolderDataset(DatasetSpec):
     classes, splits = scan_folder(self._root(config))
     size = int(config['image_size'])
     return DatasetInfo(
-        name='image_folder', num_classes=len(classes), image_shape=(size, size, 3),
+        name=config['name'], num_classes=len(classes), image_shape=(size, size, 3),
         splits=tuple(splits), num_examples={s: len(f) for s, (f, _) in splits.items()},
         default_eval_splits=tuple(s for s in splits if s != config['train_split']))
 

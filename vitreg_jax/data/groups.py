@@ -32,8 +32,7 @@ from typing import Optional, Sequence
 from etils import epath
 import numpy as np
 
-from vitreg_jax.data import registry
-from vitreg_jax.data import splits as splits_lib
+from vitreg_jax import errors
 
 SAMPLERS = ('uniform', 'group_balanced', 'upsample')
 _BALANCED_TAG = 0x6B41  # separates the balanced draws from the permutations' streams
@@ -94,10 +93,10 @@ def group_ids(source: Sequence, info) -> np.ndarray:
   """Group id of every example of `source` (raw examples; images are not decoded).
 
   Raises:
-    ValueError: for a dataset without a group attribute, naming what it needs.
+    errors.UserError: for a dataset without a group attribute, naming what it needs.
   """
   if 'group' not in info.attributes and 'spurious' not in info.attributes:
-    raise ValueError(
+    raise errors.UserError(
         f"data.sampler='group_balanced' needs a dataset with groups; {info.name!r} has "
         f"attributes {list(info.attributes)}. Groups come from a `group` attribute "
         "(Waterbirds, MNIST-CIFAR) or from a `spurious` one (dominoes, an npz `spurious` "
@@ -141,7 +140,8 @@ class UpsampleOrder:
                        f'{indices.min()}..{indices.max()}.')
     factor = int(factor)
     if factor < 1:
-      raise ValueError(f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
+      raise errors.UserError(
+          f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
     extra = np.repeat(indices, factor - 1)
     copies = np.concatenate([np.arange(1, factor)] * len(indices)) if len(indices) else []
     self._table = np.concatenate([np.arange(n), extra]).astype(np.int64)
@@ -165,9 +165,10 @@ class UpsampleOrder:
 def read_upsample(upsample) -> tuple[list, int]:
   """`(indices, factor)` of `data.upsample` = dict(file=JSON with `indices`, factor=L)."""
   if not upsample or not upsample.get('file'):
-    raise ValueError("data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): "
-                     'PATH a JSON with an `indices` list (`python -m vitreg_jax.jtt` writes '
-                     "it as WORKDIR/jtt_error_set.json).")
+    raise errors.UserError(
+        "data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): PATH a JSON "
+        "with an `indices` list (`python -m vitreg_jax.jtt` writes it as "
+        "WORKDIR/jtt_error_set.json).")
   path = epath.Path(upsample['file'])
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: write the error set of the identification run '
@@ -176,42 +177,18 @@ def read_upsample(upsample) -> tuple[list, int]:
 
 
 def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: int):
-  """The training order `position -> index` for `cfg['sampler']`, or None for uniform."""
+  """The training order `position -> index` for `cfg['sampler']`, or None for uniform.
+
+  Raises:
+    errors.UserError: an unknown sampler, a dataset without groups, a bad `data.upsample`.
+  """
   sampler = cfg.get('sampler') or 'uniform'
   if sampler not in SAMPLERS:
-    raise ValueError(f'Unknown data.sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.')
+    raise errors.UserError(
+        f'Unknown data.sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.')
   if sampler == 'group_balanced':
     return GroupBalancedOrder(group_ids(source, info), seed, global_batch)
   if sampler == 'upsample':
     indices, factor = read_upsample(cfg.get('upsample'))
     return UpsampleOrder(len(source), indices, factor, seed)
   return None
-
-
-def group_counts(data_config, split: Optional[str] = None) -> np.ndarray:
-  """Examples per group in `split` (default: the train split), `[num_groups]` float64."""
-  spec, cfg = registry.get_spec(data_config)
-  split = split or cfg['train_split']
-  unsliced = {**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])}
-  info = spec.info(unsliced)
-  source = splits_lib.apply(spec.source(unsliced, splits_lib.base_name(split)), split)
-  ids = group_ids(source, info)
-  return np.bincount(ids, minlength=num_groups(info)).astype(np.float64)
-
-
-_TRAIN_COUNTS: dict = {}
-
-
-def train_group_counts(data_config) -> Optional[tuple]:
-  """Training examples per group of `data_config`'s train split, or None without groups.
-
-  Cached per data config (evaluations call it once per split): the training proportions
-  behind `train_weighted_mean_accuracy` (vitreg_jax/metrics.py).
-  """
-  spec, cfg = registry.get_spec(data_config)
-  key = json.dumps(cfg, sort_keys=True, default=str)
-  if key not in _TRAIN_COUNTS:
-    info = spec.info({**cfg, 'train_split': splits_lib.base_name(cfg['train_split'])})
-    _TRAIN_COUNTS[key] = (tuple(group_counts(data_config).tolist())
-                          if num_groups(info) is not None else None)
-  return _TRAIN_COUNTS[key]

@@ -27,7 +27,7 @@ prob: 1.0`, handed to timm's `Mixup` in `ops/trains.py`) in timm's batch mode
   mixture weights sum to 1, so this equals timm's smoothing of each one-hot before mixing.
 
 Config: `config.data.mixup = dict(mixup_alpha=1.0, cutmix_alpha=0.8, prob=1.0,
-switch_prob=0.5)` (None: no mixing), validated by `check_config` at `data.get_info`.
+switch_prob=0.5)` (None: no mixing), validated by `check_config` at `data.open`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from vitreg_jax import errors
 
 DEFAULTS = {'mixup_alpha': 1.0, 'cutmix_alpha': 0.8, 'prob': 1.0, 'switch_prob': 0.5}
 BATCH_KEYS = ('mix_lam', 'mix_box', 'mix_cutmix')
@@ -45,25 +47,25 @@ def check_config(mix_config: Optional[Mapping[str, Any]]) -> Optional[dict]:
   """Returns the mixing options with defaults filled in (None: no mixing); validates them.
 
   Raises:
-    ValueError: an unknown option (naming the valid ones) or a value out of range.
+    errors.UserError: an unknown option (naming the valid ones) or a value out of range.
   """
   if mix_config is None:
     return None
   cfg = dict(mix_config.to_dict() if hasattr(mix_config, 'to_dict') else mix_config)
   unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f'Unknown data.mixup option(s) {unknown}; valid options: '
-                     f'{sorted(DEFAULTS)}.')
+    raise errors.UserError(f'Unknown data.mixup option(s) {unknown}; valid options: '
+                           f'{sorted(DEFAULTS)}.')
   cfg = {**DEFAULTS, **cfg}
   for key in ('mixup_alpha', 'cutmix_alpha'):
     if cfg[key] < 0:
-      raise ValueError(f'data.mixup.{key} must be >= 0 (0 disables it), got {cfg[key]}.')
+      raise errors.UserError(f'data.mixup.{key} must be >= 0 (0 disables it), got {cfg[key]}.')
   for key in ('prob', 'switch_prob'):
     if not 0 <= cfg[key] <= 1:
-      raise ValueError(f'data.mixup.{key} must be in [0, 1], got {cfg[key]}.')
+      raise errors.UserError(f'data.mixup.{key} must be in [0, 1], got {cfg[key]}.')
   if cfg['mixup_alpha'] == 0 and cfg['cutmix_alpha'] == 0:
-    raise ValueError('data.mixup needs mixup_alpha > 0 or cutmix_alpha > 0; set '
-                     'data.mixup = None to train without mixing.')
+    raise errors.UserError('data.mixup needs mixup_alpha > 0 or cutmix_alpha > 0; set '
+                           'data.mixup = None to train without mixing.')
   return cfg
 
 

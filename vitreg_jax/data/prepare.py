@@ -54,12 +54,12 @@ def prepare(name: str, data_dir=None, manual_dir=None, **options):
     data_dir, manual_dir: as in the data config.
     **options: the dataset's own options (validated).
   Returns:
-    `vitreg_jax.data.get_info` of the prepared dataset.
+    the `info` of the prepared dataset (`data.open`).
   """
   config = dict(name=name, data_dir=data_dir, manual_dir=manual_dir, **options)
   spec, cfg = data.get_spec(config)
   spec.prepare(cfg)
-  return data.get_info(config)
+  return data.open(config).info
 
 
 def main(argv: Sequence[str]) -> None:

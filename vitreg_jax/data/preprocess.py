@@ -212,7 +212,7 @@ class ImageTransform:
   `padding` the CIFAR pad-and-crop plus flip; then `randaugment(image, rng)` if given;
   otherwise `eval_resize_crop` (size None: unchanged), or `resize_square_center_crop` with
   `square_resize`. `mean` / `std` are not applied here: they say how the device normalizes
-  the uint8 output (`data.normalization`).
+  the uint8 output (`Dataset.normalization`).
   Output: `image` uint8, `label` int32 (from `label_key`), each attribute as int32.
   Encoded images (bytes) are decoded first; `name_key` names the file in decode errors.
   """

@@ -1,13 +1,14 @@
 """The dataset registry: config name -> `base.DatasetSpec`, and `get_spec` to resolve a config.
 
-Its own module (re-exported by `vitreg_jax.data`) so that the package's submodules that work
-on a data config (`groups.group_counts`) import it without importing the package back.
+A dataset defined outside the package is registered by adding its spec to `DATASETS` (see
+docs/data.md, "Adding a dataset"); `data.open` then opens it like the built-in ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from vitreg_jax import errors
 from vitreg_jax.data import base
 from vitreg_jax.data import corrupted
 from vitreg_jax.data import custom
@@ -30,11 +31,18 @@ DATASETS: dict = {
 
 
 def get_spec(data_config: Any) -> tuple:
-  """Returns (spec, resolved config dict) for a data config; validates name and options."""
+  """Returns (spec, resolved config dict) for a data config; validates name and options.
+
+  Used by `data.open` (and by `config_lib` to validate a config's data section); everything
+  else works on the opened `Dataset`.
+
+  Raises:
+    errors.UserError: an unknown dataset name or option.
+  """
   cfg = base.as_dict(data_config)
   name = cfg.get('name', base.COMMON_OPTIONS['name'])
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
+    raise errors.UserError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
   cfg['name'] = name
   spec = DATASETS[name]
   return spec, base.resolve_config(spec, cfg)

@@ -29,6 +29,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from vitreg_jax import errors
+
 _SPEC = re.compile(r'^(?P<name>[^\[\]]+?)(\[(?P<selector>[^\[\]]*)\])?$')
 _BOUND = re.compile(r'^(?P<value>-?\d+(\.\d*)?)(?P<unit>%?)$')
 
@@ -50,7 +52,7 @@ class SplitSlice:
     """Absolute `[from, to)` in a split of `num_examples` examples (TFDS 'closest' rounding).
 
     Raises:
-      ValueError: a boundary beyond the split, or an empty selection.
+      errors.UserError: a boundary beyond the split, or an empty selection.
     """
     n = int(num_examples)
 
@@ -59,14 +61,14 @@ class SplitSlice:
         return default
       index = int(round(value * n / 100.0)) if self.percent else int(value)
       if abs(index) > n:
-        raise ValueError(f'Split {self.spec!r}: boundary {index} is beyond the {n} examples '
-                         f'of split {self.name!r}.')
+        raise errors.UserError(f'Split {self.spec!r}: boundary {index} is beyond the {n} '
+                               f'examples of split {self.name!r}.')
       return n + index if index < 0 else index
 
     start, stop = absolute(self.start, 0), absolute(self.stop, n)
     if stop <= start:
-      raise ValueError(f'Split {self.spec!r} selects no example of the {n} in split '
-                       f'{self.name!r} (range [{start}, {stop})).')
+      raise errors.UserError(f'Split {self.spec!r} selects no example of the {n} in split '
+                             f'{self.name!r} (range [{start}, {stop})).')
     return start, stop
 
   def size(self, num_examples: int) -> int:
@@ -74,8 +76,8 @@ class SplitSlice:
     return stop - start
 
 
-def _syntax_error(spec: str, why: str) -> ValueError:
-  return ValueError(
+def _syntax_error(spec: str, why: str) -> errors.UserError:
+  return errors.UserError(
       f'Unrecognized split {spec!r}: {why}. Use a split name with an optional slice in TFDS '
       "syntax: 'train', 'train[:6%]', 'train[:5000]', 'train[10%:20%]', 'train[-1000:]'.")
 

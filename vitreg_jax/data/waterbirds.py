@@ -9,7 +9,7 @@ contents) in the manual directory and run
 Examples: `label = y` (0 landbird, 1 waterbird), attribute `place` (0 land, 1 water),
 `group = 2 * y + place` (0 landbird/land, 1 landbird/water, 2 waterbird/land,
 3 waterbird/water). Splits: `split` 0/1/2 -> train / val / test. Metrics: per-group and
-worst-group accuracy via `vitreg_jax.data.group_metrics(..., group=batch['group'])`.
+worst-group accuracy via `vitreg_jax.metrics.group_metrics(..., group=batch['group'])`.
 
 Preprocessing (the authors' code for CUB): eval resizes to a square of
 `image_size / 0.875` (256 for 224) and centre-crops `image_size`; train with `augment=True`

@@ -5,7 +5,7 @@ masks a subset of a layer's attention heads (their outputs set to 0), rescales t
 compensate, and shows that keeping only the heads that carry the robust feature ("oracle
 selection") raises OOD accuracy. This package measures that on a trained run and chooses heads:
 
-* **Per-head evaluation** (`evaluate.py`: `evaluate_masks`, `MaskEvaluator`; masks from
+* **Per-head evaluation** (`evaluate.py`: `RunEval`, `MaskEvaluator`; masks from
   `masks.py`): every head alone (the other heads of its layer
   masked, the layer rescaled by `heads / kept`, as the models do) and every head removed,
   scored on the label (`accuracy`) and on the spurious attribute (`spurious_accuracy`, how

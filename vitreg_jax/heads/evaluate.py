@@ -1,12 +1,14 @@
-"""Many head masks at forward speed: `MaskEvaluator`, `SplitPool`, `RunEval`, `evaluate_masks`.
+"""Many head masks at forward speed: `MaskEvaluator`, `SplitPool`, `RunEval`.
 
 Every head alone (the other heads of its layer masked, the layer rescaled by `heads / kept`,
-as the models do) and every head removed, scored on every eval split with
+as the models do) and every head removed, scored on the dataset's held-out splits
+(`Dataset.held_out_splits`: every split but the training one) with `Dataset.metrics`, i.e.
 `metrics.classification_metrics` (accuracy, NLL and ECE, spurious and conflict accuracies,
 group accuracies). What makes it cost about one forward pass per mask and image, and one
 compilation for a whole analysis (greedy search included):
 
-* The eval splits are read once (`SplitPool`) and kept on the device as one uint8 array; a
+* The eval splits are read once (`SplitPool`, through `Dataset.read_split`, the reading
+  training's evaluation and DFR share) and kept on the device as one uint8 array; a
   pass gathers its images by index, so every call, whatever its splits, has the same shapes.
 * A pass scores `C` masks on `B` images in one call of the model with `expand_masks_at`
   (models/attention.py, `Encoder`): the blocks before the first one where the masks differ (all
@@ -33,9 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from vitreg_jax import data
-from vitreg_jax import metrics
-from vitreg_jax.data import groups
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.training import steps
 
@@ -166,21 +165,10 @@ class MaskEvaluator:
   def __call__(self, variables, images, labels, masks, normalize=None):
     """`(pred, loss, confidence)`, each `[M, B]`, for masks `[M, depth, heads]` on a batch.
 
-    `normalize` (`data.normalization(...)`) maps uint8 images to the model's input on the
+    `normalize` (`Dataset.normalization`) maps uint8 images to the model's input on the
     device; float images are used as given."""
     pool, labels = jax.device_put((images, np.asarray(labels, np.int32)))
     return self.predict(variables, pool, labels, np.arange(len(labels)), masks, normalize)
-
-
-def evaluate_masks(evaluator: MaskEvaluator, variables, data_config, split: str, masks, *,
-                   batch_size: int, progress=None) -> list[dict]:
-  """Metrics of every mask `[M, depth, heads]` on `split` (one dict per mask)."""
-  pool = SplitPool(data_config, [split], batch_size)
-  pred, loss, conf = evaluator.predict(variables, pool.images, pool.labels, pool.rows[split],
-                                       masks, pool.normalize, progress=progress)
-  return [metrics.classification_metrics(p, l, pool.arrays[split], confidence=c,
-                                         train_group_counts=pool.train_counts)
-          for p, l, c in zip(pred, loss, conf)]
 
 
 class SplitPool:
@@ -190,31 +178,20 @@ class SplitPool:
   Attributes:
     images, labels: device arrays `[N, ...]`, `[N]` over the splits, in order.
     rows: split -> its row indices in them; arrays: split -> host arrays (`label`, `mask`,
-      attributes) for `metrics.classification_metrics`; normalize: the data's normalization;
-      train_counts: the training split's examples per group (None without groups), for
-      `train_weighted_mean_accuracy`.
+      attributes) for `Dataset.metrics`; normalize: the data's normalization.
   """
 
-  def __init__(self, data_config, splits, batch_size: int):
-    self.normalize = data.normalization(data_config)
+  def __init__(self, dataset, splits, batch_size: int):
+    self.normalize = dataset.normalization
     images, self.arrays, self.rows, start = [], {}, {}, 0
     for split in splits:
-      parts = {}
-      for batch in data.make_eval_iterator(data_config, split, global_batch_size=batch_size):
-        real = np.asarray(batch["mask"]) > 0
-        for k, v in batch.items():
-          parts.setdefault(k, []).append(np.asarray(v)[real])
-      arrays = {k: np.concatenate(v) for k, v in parts.items()}
-      if not parts or not len(arrays["label"]):
-        raise ValueError(f"Eval split {split!r} is empty.")
+      arrays = dataset.read_split(split, batch_size=batch_size, images=True)
       images.append(arrays.pop("image"))
       self.arrays[split] = arrays
       self.rows[split] = np.arange(start, start + len(arrays["label"]))
       start += len(arrays["label"])
     labels = np.concatenate([a["label"] for a in self.arrays.values()]).astype(np.int32)
     self.images, self.labels = jax.device_put((np.concatenate(images), labels))
-    has_groups = any("group" in a for a in self.arrays.values())
-    self.train_counts = groups.train_group_counts(data_config) if has_groups else None
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -223,20 +200,23 @@ def progress_bar(total: int, desc: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=desc, unit="pass", file=sys.stderr)
 
 
-def eval_splits_of(config, info) -> tuple[str, ...]:
-  """Every split but the training one: ID and OOD, validation and test."""
-  train_split = config.data.get("train_split", "train")
-  return tuple(s for s in info.splits if s != train_split)
-
-
 class RunEval:
   """Scores masks on a run's splits: the compiled evaluator, the splits read once (on the
-  first call) and the metrics of every mask already scored with the current `variables`."""
+  first call) and the metrics of every mask already scored with the current `variables`.
 
-  def __init__(self, model, variables, config, splits, *, layers=None,
+  Args:
+    model, variables: the model and its weights (None: set `variables` before a call).
+    config: the run's config (reads `eval_batch_size`, `batch_size`).
+    dataset: the run's `data.Dataset`.
+    splits: the splits scored (default `dataset.held_out_splits`: every split but the
+      training one).
+  """
+
+  def __init__(self, model, variables, config, dataset, splits=None, *, layers=None,
                progress: bool = False):
     self.evaluator = MaskEvaluator(model, layers=layers)
-    self.config, self.splits, self.show = config, tuple(splits), progress
+    self.dataset, self.show = dataset, progress
+    self.splits = tuple(dataset.held_out_splits if splits is None else splits)
     self.batch_size = int(config.get("eval_batch_size") or config.batch_size)
     self.variables = variables
     self._pool = None
@@ -253,7 +233,7 @@ class RunEval:
   @property
   def pool(self) -> SplitPool:
     if self._pool is None:
-      self._pool = SplitPool(self.config.data, self.splits, self.batch_size)
+      self._pool = SplitPool(self.dataset, self.splits, self.batch_size)
       # Image blocks that divide the smallest split evenly: one-split calls (greedy's
       # rounds on the OOD validation split) pad as little as calls on every split.
       smallest = min(len(r) for r in self._pool.rows.values())
@@ -287,6 +267,5 @@ class RunEval:
       end = start + len(pool.rows[s])
       for key, p, l, c in zip(keys, pred[:, start:end], loss[:, start:end],
                               conf[:, start:end]):
-        self._cache[(s, key)] = metrics.classification_metrics(
-            p, l, pool.arrays[s], confidence=c, train_group_counts=pool.train_counts)
+        self._cache[(s, key)] = self.dataset.metrics(p, l, pool.arrays[s], confidence=c)
       start = end

@@ -88,13 +88,13 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   """
   rules.get(rule)  # An unknown rule fails before the checkpoint is read.
   run = rundir.load_run(workdir, step)
-  info = run.info
+  dataset = run.dataset
   depth, num_heads = masks_lib.model_shape(run.model)
   layers = masks_lib.parse_layers(layer, depth)
-  splits = evaluate.eval_splits_of(run.config, info)
-  roles = split_roles(splits, info.attributes)
-  run_eval = evaluate.RunEval(run.model, run.variables, run.config, splits, layers=layers,
-                              progress=progress)
+  splits = dataset.held_out_splits
+  roles = split_roles(splits, dataset.info.attributes)
+  run_eval = evaluate.RunEval(run.model, run.variables, run.config, dataset, splits,
+                              layers=layers, progress=progress)
   full_mask = np.ones((depth, num_heads), np.float32)
   alone, index = masks_lib.head_masks(depth, num_heads, layers, "alone")
   removed, _ = masks_lib.head_masks(depth, num_heads, layers, "removed")

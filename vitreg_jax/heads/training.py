@@ -27,13 +27,12 @@ class TrainingHeadEval:
   the layers `config.head_eval` names, on every split but the training one.
   """
 
-  def __init__(self, config, model, info, workdir: str, start_step: int = 0):
+  def __init__(self, config, model, dataset, workdir: str, start_step: int = 0):
     depth, num_heads = masks_lib.model_shape(model)
     self.layers = masks_lib.parse_layers(config.head_eval, depth)
     alone, self.index = masks_lib.head_masks(depth, num_heads, self.layers, "alone")
     self.masks = np.concatenate([np.ones((1, depth, num_heads), np.float32), alone])
-    self.run_eval = evaluate.RunEval(model, None, config, evaluate.eval_splits_of(config, info),
-                                    layers=self.layers)
+    self.run_eval = evaluate.RunEval(model, None, config, dataset, layers=self.layers)
     # Lines past `start_step` (written after the checkpoint a resumed run restarts from) go.
     self.out = train_log.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
 
@@ -48,7 +47,7 @@ class TrainingHeadEval:
                             for (kind, layer, head), m in zip(keys, metrics)])
 
 
-def training_hook(config, model, info, workdir: str,
+def training_hook(config, model, dataset, workdir: str,
                   start_step: int = 0) -> TrainingHeadEval | None:
   """The training loop's per-eval head evaluation, or None when `config.head_eval` is off.
 
@@ -62,4 +61,4 @@ def training_hook(config, model, info, workdir: str,
     raise ValueError("config.head_eval runs in single-process training only: add "
                      "--config.head_eval='' and evaluate the checkpoints with "
                      "`python -m vitreg_jax.heads` instead.")
-  return TrainingHeadEval(config, model, info, workdir, start_step)
+  return TrainingHeadEval(config, model, dataset, workdir, start_step)

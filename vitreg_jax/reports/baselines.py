@@ -33,9 +33,9 @@ import math
 
 from etils import epath
 
+from vitreg_jax import data
 from vitreg_jax import metrics as metrics_lib
 from vitreg_jax import roles as roles_lib
-from vitreg_jax.data import groups as groups_lib
 from vitreg_jax.heads import rules
 from vitreg_jax.reports import papers
 from vitreg_jax.reports.tables import Table, mean_std
@@ -56,7 +56,7 @@ def method(config: dict) -> str:
 @functools.lru_cache(maxsize=16)
 def _train_counts(data_json: str):
   try:
-    return tuple(groups_lib.group_counts(json.loads(data_json)))
+    return tuple(data.open(json.loads(data_json)).group_counts())
   except Exception:  # pylint: disable=broad-except  # data not here: the column stays empty
     return None
 

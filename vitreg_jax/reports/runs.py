@@ -89,8 +89,8 @@ def total_steps(config: dict) -> int | None:
   if config.get("total_steps"):
     return int(config["total_steps"])
   try:  # Epoch-based: needs the train split's size (the dataset may not be prepared here).
-    info = data.get_info(config["data"])
-    n = info.num_examples[config["data"].get("train_split", "train")]
+    dataset = data.open(config["data"])
+    n = dataset.info.num_examples[dataset.train_split]
     return int(round(config["total_epochs"] * math.ceil(n / config["batch_size"])))
   except Exception:  # pylint: disable=broad-except
     return None

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import data
 from vitreg_jax.data import groups as groups_lib
 
 LOSSES = ("ce", "group_dro")
@@ -64,7 +65,7 @@ def train_group_counts(config, info) -> np.ndarray:
     raise ValueError(f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has "
                      f"attributes {list(info.attributes)} (it needs `group`, or `spurious` "
                      "from which group = label x spurious is derived).")
-  counts = groups_lib.group_counts(config.data)
+  counts = data.open(config.data).group_counts()
   if (counts == 0).any():
     raise ValueError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
                      f"training example (counts {counts.tolist()}).")

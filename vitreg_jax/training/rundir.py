@@ -12,6 +12,7 @@ read with flax, orbax and ml_collections only (the dataset info is read on deman
 """
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -113,10 +114,11 @@ class Run:
   step: int
   num_classes: int
 
-  @property
-  def info(self):
-    """The dataset info (`data.get_info`), read on demand (the data builders may need TFDS)."""
-    return data.get_info(self.config.data)
+  @functools.cached_property
+  def dataset(self):
+    """The run's `data.Dataset` (its `info`, splits, streams), opened on first use: the data
+    builders may need TFDS, and a run's weights alone need no data."""
+    return data.open(self.config.data)
 
 
 def load_run(workdir: str, step: int | None = None, *, num_classes: int | None = None) -> Run:

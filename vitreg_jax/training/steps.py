@@ -9,7 +9,7 @@ Loss: `L = CE(logits, y) + sum_k weight_k * R_k` where the regularizer terms `R_
 `vitreg_jax.regularizers.build(config.regularizers, model)`.
 
 Input: the pipeline's batches carry uint8 images; both steps normalize them first, on the
-device, with `normalize` (`data.normalization(config.data)`, data/device_normalization.py), so
+device, with `normalize` (`Dataset.normalization`, data/device_normalization.py), so
 only uint8 crosses from the host. Float images (synthetic benchmark data, tests) are taken as
 already normalized.
 """
@@ -113,7 +113,7 @@ def model_images(images, normalize=None):
     return normalize(images)
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(f"The batch holds {images.dtype} images (the input pipeline's uint8): pass "
-                    "the step normalize=data.normalization(config.data) to normalize them.")
+                    "the step normalize=data.open(config.data).normalization to normalize them.")
   return images
 
 

@@ -46,12 +46,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Everything that can be wrong with the config fails here, before any compute.
   config = config_lib.with_defaults(config)
   jtt.ensure_error_set(config)  # JTT's stage 2 reads the identification run's errors.
-  info = data.get_info(config.data)
+  dataset = data.open(config.data)  # Missing files, unknown splits or options fail here.
+  info = dataset.info
   model = steps.create_model(config, info.num_classes)
   forward = steps.make_forward(model, config.regularizers)
   train_mask = head_masks.train_head_mask(config, model)  # config.head_mask
   group_dro, loss_state, batch_keys = losses.objective(config, info)  # config.loss
-  total_steps, steps_per_epoch = num_train_steps(config, info)
+  total_steps, steps_per_epoch = num_train_steps(config, dataset)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   mesh = make_mesh(config)
   if run_files.checkpoint_steps(workdir):  # A resume: is it still the same experiment?
@@ -66,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = restore_or_initialize(state, shardings, checkpointer, config, tx=tx, model=model,
                                 image_hw=info.image_shape[:2])
   start_step = int(state.step)
-  normalize = data.normalization(config.data)  # Batches arrive as uint8; steps normalize.
+  normalize = dataset.normalization  # Batches arrive as uint8; steps normalize.
   train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx,
                                   num_classes=info.num_classes, head_mask=train_mask,
                                   label_smoothing=config.label_smoothing, normalize=normalize,
@@ -78,11 +79,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
                                 normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
-  head_eval = head_training.training_hook(config, model, info, workdir,  # config.head_eval
+  head_eval = head_training.training_hook(config, model, dataset, workdir,  # config.head_eval
                                            start_step)
 
   def evaluate_all(s):
-    results = evaluation.evaluate_splits(s, config, info, mesh=mesh, eval_fn=eval_fn,
+    results = evaluation.evaluate_splits(s, config, dataset, mesh=mesh, eval_fn=eval_fn,
                                          head_mask=eval_mask)
     if head_eval:
       head_eval(int(s.step), s)
@@ -90,8 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   report = train_log.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
   train_iter = device_batches(
-      data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                               seed=config.seed, start_step=start_step), mesh,
+      dataset.train_iterator(global_batch_size=config.batch_size, seed=config.seed,
+                             start_step=start_step), mesh,
       extra_keys=batch_keys)
 
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
@@ -124,15 +125,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
-def num_train_steps(config, info) -> tuple[int, int | None]:
-  """`(total_steps, steps_per_epoch)` from `total_steps` or `total_epochs`."""
-  n = (info.num_examples or {}).get(config.data.get("train_split", "train"))
+def num_train_steps(config, dataset) -> tuple[int, int | None]:
+  """`(total_steps, steps_per_epoch)` from `total_steps` or `total_epochs` (the size of the
+  opened `dataset`'s train split)."""
+  n = (dataset.info.num_examples or {}).get(dataset.train_split)
   steps_per_epoch = math.ceil(n / config.batch_size) if n else None
   if config.total_steps is not None:
     return int(config.total_steps), steps_per_epoch
   if steps_per_epoch is None:
     raise ValueError("config.total_epochs needs the train split's size, which dataset "
-                     f"{config.data.name!r} does not report; set config.total_steps instead.")
+                     f"{dataset.name!r} does not report; set config.total_steps instead.")
   return int(round(config.total_epochs * steps_per_epoch)), steps_per_epoch
 
 
