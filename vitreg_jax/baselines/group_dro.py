@@ -48,14 +48,16 @@ def check(loss_config: dict) -> None:
                            f"{loss_config['step_size']!r}.")
 
 
-def train_group_counts(config, info) -> np.ndarray:
-  """Training examples per group (n_g); fails clearly without groups."""
-  if groups_lib.num_groups(info) is None:
+def _group_counts(config, info) -> np.ndarray:
+  """Training examples per group (n_g, `data.groups.train_group_counts`); fails clearly
+  without groups or with an empty group."""
+  counts = groups_lib.train_group_counts(config.data)
+  if counts is None:
     raise errors.UserError(
         f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has attributes "
         f"{list(info.attributes)} (it needs `group`, or `spurious` from which group = label x "
         "spurious is derived).")
-  counts = groups_lib.group_counts(config.data)
+  counts = np.asarray(counts, np.float64)
   if (counts == 0).any():
     raise errors.UserError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
                            f"training example (counts {counts.tolist()}).")
@@ -125,7 +127,7 @@ def make_loss(num_groups: int, *, step_size: float, adjust,
 def build(config, info) -> losses.Loss:
   """GroupDRO for the run's training split (module docstring)."""
   cfg = losses.resolve(config.loss)
-  counts = train_group_counts(config, info)
+  counts = _group_counts(config, info)
   return make_loss(len(counts), step_size=cfg["step_size"],
                    adjust=adjustment(cfg["generalization_adjustment"], counts),
                    normalize_loss=cfg["normalize_loss"])
