@@ -75,8 +75,7 @@ def evaluator_ratio(args) -> dict:
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                            opt_state=None, model_state={}, rng=None)
   normalize = device_normalization.Normalization((0.5,) * 3, (0.5,) * 3)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, num_classes=10,
-                                      normalize=normalize))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, normalize=normalize))
   batch = jax.device_put({'image': images, 'label': labels})  # As the loop's prefetch does.
   full = steps.all_heads_mask(model)
   depth, num_heads = masks_lib.model_shape(model)

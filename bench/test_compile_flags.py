@@ -37,6 +37,7 @@ def probe():
   import numpy as np
   from vitreg_jax import config_lib, models, sharding
   from vitreg_jax.training import optim
+  from vitreg_jax.training import objective as objective_lib
   from vitreg_jax.training import steps
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
       total_steps=20, optimizer=dict(name="adamw", lr=1e-3, weight_decay=1e-4),
@@ -51,8 +52,8 @@ def probe():
                                       sharding.make_mesh())
   jax.block_until_ready(state)
   t1 = time.perf_counter()
-  step = jax.jit(functools.partial(steps.train_step, tx=tx, num_classes=2,
-                                   forward=steps.make_forward(model, config.regularizers)))
+  step = jax.jit(functools.partial(steps.train_step, tx=tx, objective=objective_lib.Objective(
+      model, num_classes=2, regularizers=config.regularizers)))
   compiled = step.lower(state, batch).compile()
   t2 = time.perf_counter()
   for _ in range(20):

@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from vitreg_jax import models
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,8 +75,8 @@ def model_flops_per_image(model, image: int, num_classes: int) -> float:
 
 def make_step(model, tx, num_classes, normalize=None):
   """The library's train step, jitted; `normalize` for uint8 batches (the loop's input)."""
-  step = functools.partial(steps.train_step, forward=steps.make_forward(model, []), tx=tx,
-                           num_classes=num_classes, normalize=normalize)
+  step = functools.partial(steps.train_step, tx=tx, normalize=normalize,
+                           objective=objective_lib.Objective(model, num_classes=num_classes))
   return jax.jit(step, donate_argnums=0)
 
 

@@ -41,7 +41,7 @@ def test_command_matches_classification_metrics(tmp_path):
   outs, arrays = [], {"label": [], "mask": []}
   for batch in data.open(run.config.data).eval_iterator("test_ood", global_batch_size=16):
     outs.append(jax.device_get(steps.eval_step(state, batch, None, model=run.model,
-                                               num_classes=2, normalize=normalize)))
+                                               normalize=normalize)))
     arrays["label"].append(batch["label"])
     arrays["mask"].append(batch["mask"])
   cat = lambda xs: np.concatenate(xs)

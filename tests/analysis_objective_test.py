@@ -16,6 +16,7 @@ import pytest
 from vitreg_jax import models
 from vitreg_jax.analysis import objective
 from vitreg_jax.data import mixing
+from vitreg_jax.training import objective as training_objective
 from vitreg_jax.training import optim
 from vitreg_jax.training import steps
 
@@ -45,9 +46,9 @@ def _jitted_train_step_ce(model, variables, batch):
   state = steps.TrainState(step=jnp.int32(0), params=variables["params"],
                            opt_state=tx.init(variables["params"]), model_state={},
                            rng=jax.random.PRNGKey(7))
-  _, measurements = steps.train_step(state, batch, forward=steps.make_forward(model, []),
-                                     tx=tx, num_classes=CLASSES,
-                                     label_smoothing=SMOOTHING)
+  objective = training_objective.Objective(model, num_classes=CLASSES,
+                                           label_smoothing=SMOOTHING)
+  _, measurements = steps.train_step(state, batch, objective=objective, tx=tx)
   return measurements["ce"]
 
 

@@ -23,9 +23,10 @@ import pytest
 
 from configs_test import CONFIGS, get, image_shape, load, num_classes, steps_per_epoch  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
+from vitreg_jax.data import groups as groups_lib
 from vitreg_jax.data import mixing
 from vitreg_jax.heads import masks as head_masks
-from vitreg_jax.training import losses
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import optim
 from vitreg_jax.training import steps
 from vitreg_jax.training import train
@@ -90,22 +91,20 @@ def train_two_steps(config):
   regularizers, head mask and jitted step as `train.train_and_evaluate` builds them."""
   shape, classes = tuple(image_shape(config)), num_classes(config)
   model = steps.create_model(config, classes)
-  forward = steps.make_forward(model, config.regularizers)
   total_steps = config.total_steps or config.total_epochs * steps_per_epoch(config)
   tx, _ = optim.make_optimizer(config, total_steps, steps_per_epoch(config))
   mesh = train.make_mesh(config)
   # GroupDRO's group counts come from the (embedded) training split, as in training.
-  info = data.open(config.data).info if losses.is_group_dro(config.get("loss")) else None
-  group_dro, loss_state, batch_keys = losses.objective(config, info)
+  dataset = data.open(config.data) if config.loss.name == "group_dro" else None
+  objective = objective_lib.Objective.from_config(config, model, dataset, num_classes=classes)
   state, shardings = steps.create_train_state(config, model, tx, shape, mesh,
-                                              loss_state=loss_state)
-  train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx, num_classes=classes,
-                                  head_mask=head_masks.train_head_mask(config, model),
-                                  label_smoothing=config.label_smoothing, group_dro=group_dro)
+                                              loss_state=objective.init_state)
+  train_fn = steps.jit_train_step(shardings, mesh, objective=objective, tx=tx,
+                                  head_mask=head_masks.train_head_mask(config, model))
   before = jax.device_get(state.params)
-  groups = loss_state["group_weights"].shape[0] if group_dro else 0
+  groups = groups_lib.num_groups(dataset.info) if "group" in objective.batch_keys else 0
   batches = train.device_batches(generated_batches(config, shape, classes, groups), mesh,
-                                 extra_keys=batch_keys)
+                                 extra_keys=objective.batch_keys)
   measured = []
   for _ in range(2):
     state, m = train_fn(state, next(batches))

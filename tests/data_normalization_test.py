@@ -16,6 +16,7 @@ from vitreg_jax.data import device_normalization
 from vitreg_jax.data import mixing
 from vitreg_jax.data import preprocess
 from vitreg_jax.training import inflight
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import steps
 
 CFG = {"name": "dominoes", "num_train": 64, "num_val": 16, "num_test": 16, "num_threads": 1}
@@ -66,8 +67,8 @@ def test_train_and_eval_step_on_uint8_equal_the_float_path(mixup):
   model = models.create("vit", 2, width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4)
   tx = optax.adamw(1e-2)
   state = _state(model, tx, batch["image"].shape[1:])
-  step = functools.partial(steps.train_step, forward=steps.make_forward(model, []), tx=tx,
-                           num_classes=2)
+  step = functools.partial(steps.train_step, tx=tx,
+                           objective=objective_lib.Objective(model, num_classes=2))
   got_state, got = jax.jit(functools.partial(step, normalize=norm))(state, uint8)
   want_state, want = jax.jit(step)(state, floats)
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
@@ -75,7 +76,7 @@ def test_train_and_eval_step_on_uint8_equal_the_float_path(mixup):
                got_state.params, want_state.params)
   assert not np.allclose(got_state.params["head"]["kernel"], state.params["head"]["kernel"])
 
-  evaluate = functools.partial(steps.eval_step, model=model, num_classes=2)
+  evaluate = functools.partial(steps.eval_step, model=model)
   got = jax.jit(functools.partial(evaluate, normalize=norm))(state, uint8, None)
   want = jax.jit(evaluate)(state, floats, None)
   np.testing.assert_array_equal(got["pred"], want["pred"])
@@ -87,8 +88,8 @@ def test_uint8_without_normalization_is_a_clear_error():
   model = models.create("vit", 2, width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4)
   tx = optax.sgd(0.1)
   state = _state(model, tx, batch["image"].shape[1:])
-  step = functools.partial(steps.train_step, forward=steps.make_forward(model, []), tx=tx,
-                           num_classes=2)
+  step = functools.partial(steps.train_step, tx=tx,
+                           objective=objective_lib.Objective(model, num_classes=2))
   with pytest.raises(TypeError, match=r"normalize=data.open\(config.data\).normalization"):
     jax.jit(step)(state, {"image": batch["image"], "label": batch["label"]})
 

@@ -125,7 +125,7 @@ def test_every_module_imports():
 LAZY_ALLOWED = {
     "": ("tensorflow", "tensorflow_datasets", "clu", "matplotlib"),
     "vitreg_jax.data": ("jax", "grain", "sklearn"),
-    "vitreg_jax.config_lib": ("vitreg_jax.models", "vitreg_jax.training.optim", "vitreg_jax.training.losses",
+    "vitreg_jax.config_lib": ("vitreg_jax.models", "vitreg_jax.training.optim", "vitreg_jax.training.objective",
                               "vitreg_jax.regularizers"),
     "vitreg_jax.models.weight_layouts": ("safetensors",),
 }

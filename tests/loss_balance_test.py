@@ -1,5 +1,6 @@
-"""Each weighted regularizer term against cross-entropy: logged figures, and the refusal of a
-negligible term (the poster's raw-gradient DIV at the authors' lambda on a small ViT)."""
+"""Each weighted regularizer term against the data loss (cross-entropy; GroupDRO's loss for
+GroupDRO): logged figures, and the refusal of a negligible term (the poster's raw-gradient DIV
+at the authors' lambda on a small ViT)."""
 
 import functools
 import json
@@ -16,7 +17,9 @@ import pytest
 
 from vitreg_jax import config_lib
 from vitreg_jax import models
+from vitreg_jax.baselines import group_dro
 from vitreg_jax.training import loss_balance
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import steps
 from vitreg_jax.training import train
 
@@ -46,19 +49,24 @@ def _setup(regs):
   return config, model, state, batch
 
 
+def _objective(config, model, loss=None):
+  return objective_lib.Objective(model, num_classes=2, loss=loss,
+                                 regularizers=config.regularizers)
+
+
 def test_figures_equal_separate_gradients():
   regs = [dict(name="div", weight=3.0, layers=(-1,), normalize=True, reduction="mean")]
   config, model, state, batch = _setup(regs)
-  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  objective = _objective(config, model)
+  balance = loss_balance.make_balance_fn(objective)
   got = jax.device_get(balance(state, batch))
-  forward = steps.make_forward(model, config.regularizers)
   rng = jax.random.fold_in(state.rng, state.step)
 
   def piece(params, which):
-    logits, _, _, terms, _ = forward({"params": params}, batch["image"], labels=batch["label"],
-                                     train=True, rngs={"dropout": rng}, head_mask=None,
-                                     mutable=False)
-    ce = steps.cross_entropy(logits, batch["label"], 2)
+    logits, _, _, terms, _ = objective.forward(
+        {"params": params}, batch["image"], labels=batch["label"], train=True,
+        rngs={"dropout": rng}, head_mask=None, mutable=False)
+    ce = steps.soft_cross_entropy(logits, jax.nn.one_hot(batch["label"], 2))
     return ce if which == "ce" else 3.0 * terms["div"]
 
   @jax.jit  # One compilation: op by op, DIV's double backward pass takes minutes.
@@ -73,10 +81,43 @@ def test_figures_equal_separate_gradients():
   assert got["div_grad_ratio"] > loss_balance.NEGLIGIBLE
 
 
+def test_group_dro_balance_is_measured_against_the_group_dro_loss():
+  # GroupDRO's objective: the balance's data loss is the q-weighted group loss the train step
+  # minimizes, with q updated on this batch from the state's q, not the plain cross-entropy.
+  regs = [dict(name="div", weight=3.0, layers=(-1,), normalize=True, reduction="mean")]
+  config, model, state, batch = _setup(regs)
+  loss = group_dro.make_loss(4, step_size=2.0, adjust=np.zeros(4))
+  objective = _objective(config, model, loss)
+  q = jnp.asarray([0.7, 0.1, 0.1, 0.1])
+  state = state.replace(loss_state={"group_weights": q})
+  batch = {**batch, "group": jnp.array([0, 1, 2, 0])}
+  got = jax.device_get(loss_balance.make_balance_fn(objective)(state, batch))
+  ce_only = jax.device_get(loss_balance.make_balance_fn(_objective(config, model))(state, batch))
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  @jax.jit
+  def separately(params):
+    def dro(p):  # the published update written out: L_g, q <- q exp(eta L_g), sum_g q_g L_g
+      logits = objective.forward({"params": p}, batch["image"], labels=batch["label"],
+                                 train=True, rngs={"dropout": rng}, head_mask=None,
+                                 mutable=False)[0]
+      per_example = steps.soft_cross_entropy(logits, jax.nn.one_hot(batch["label"], 2),
+                                             reduce=False)
+      group_loss = jnp.stack([jnp.sum(jnp.where(batch["group"] == g, per_example, 0.0))
+                              / max(int(np.sum(np.asarray(batch["group"]) == g)), 1)
+                              for g in range(4)])
+      new_q = q * jnp.exp(2.0 * jax.lax.stop_gradient(group_loss))
+      return group_loss @ (new_q / new_q.sum())
+    return optax.global_norm(jax.grad(dro)(params))
+  np.testing.assert_allclose(got["ce_grad_norm"], separately(state.params), rtol=1e-4)
+  assert abs(got["ce_grad_norm"] / ce_only["ce_grad_norm"] - 1) > 0.05  # not the plain CE
+  np.testing.assert_allclose(got["div_grad_norm"], ce_only["div_grad_norm"], rtol=1e-5)
+
+
 def test_a_negligible_term_is_refused_naming_the_fix():
   # On this tiny random model the raw-gradient term is large; at weight 1e-6 it is not.
   config, model, state, batch = _setup([dict(name="div", weight=1e-6, layers=(-1,))])
-  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  balance = loss_balance.make_balance_fn(_objective(config, model))
   check = loss_balance.BalanceCheck(balance.checked)
   measured = jax.device_get(balance(state, batch))
   assert 0 < measured["div_grad_ratio"] < loss_balance.NEGLIGIBLE
@@ -96,14 +137,14 @@ def test_an_exactly_zero_term_is_judged_later():
 def test_other_regularizers_are_logged_not_refused():
   regs = [dict(name="distance", weight=1e-9, layers=(0,))]
   config, model, state, batch = _setup(regs)
-  balance = loss_balance.make_balance_fn(model, config, num_classes=2)
+  balance = loss_balance.make_balance_fn(_objective(config, model))
   assert balance.checked == {} and set(balance.weights) == {"distance"}
   assert jax.device_get(balance(state, batch))["distance_grad_ratio"] < loss_balance.NEGLIGIBLE
 
 
 def test_no_regularizer_no_balance():
   config, model, _, _ = _setup([])
-  assert loss_balance.make_balance_fn(model, config, num_classes=2) is None
+  assert loss_balance.make_balance_fn(_objective(config, model)) is None
 
 
 def test_cli_refuses_a_negligible_div_in_one_line(tmp_path):

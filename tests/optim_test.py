@@ -97,12 +97,14 @@ def test_sam_matches_the_papers_update_on_a_nonquadratic_loss():
 
 def test_sam_train_step_with_a_regularizer_matches_the_reference():
   from vitreg_jax import models  # pylint: disable=g-import-not-at-top
+  from vitreg_jax.training import objective as objective_lib  # pylint: disable=g-import-not-at-top
   from vitreg_jax.training import steps  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({
       "optimizer": {"name": "sam", "base": "sgd", "momentum": 0.0, "lr": 0.5, "rho": 0.1},
       "schedule": {"name": "constant"}})
   model = models.create("vit", 3, width=16, depth=1, mlp_dim=16, num_heads=2, patch_size=4)
-  forward = steps.make_forward(model, [dict(name="div", weight=1.0, layers=(0,))])
+  objective = objective_lib.Objective(model, num_classes=3,
+                                      regularizers=[dict(name="div", weight=1.0, layers=(0,))])
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
   labels = jnp.asarray([0, 1, 2, 1], jnp.int32)
@@ -116,13 +118,13 @@ def test_sam_train_step_with_a_regularizer_matches_the_reference():
                            rng=jax.random.key(1))
 
   def loss(p):  # The train step's objective: cross-entropy + the DIV term.
-    logits, _, reg, terms, _ = forward({"params": p}, images, labels=labels, train=True,
-                                       rngs={"dropout": jax.random.fold_in(state.rng, 0)},
-                                       head_mask=None, mutable=False)
-    return steps.cross_entropy(logits, labels, 3) + reg
+    logits, _, reg, terms, _ = objective.forward(
+        {"params": p}, images, labels=labels, train=True,
+        rngs={"dropout": jax.random.fold_in(state.rng, 0)}, head_mask=None, mutable=False)
+    return steps.soft_cross_entropy(logits, jax.nn.one_hot(labels, 3)) + reg
 
   new_state, m = jax.jit(lambda s: steps.train_step(
-      s, {"image": images, "label": labels}, forward=forward, tx=tx, num_classes=3))(state)
+      s, {"image": images, "label": labels}, objective=objective, tx=tx))(state)
   # Jitted: eager double backprop dispatches (and compiles) op by op, which is slow.
   want, grad = jax.jit(lambda p: (_sam_reference_step(loss, p, 0.5, 0.1),
                                   jax.grad(loss)(p)))(params)

@@ -18,6 +18,7 @@ import pytest
 
 from vitreg_jax import models
 from vitreg_jax import regularizers
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import steps
 
 TINY = {
@@ -73,8 +74,8 @@ def _state(name, dtype, concrete=False):
 
 
 def _step(model, tx, regs=()):
-  return functools.partial(steps.train_step, forward=steps.make_forward(model, list(regs)),
-                           tx=tx, num_classes=10)
+  return functools.partial(steps.train_step, tx=tx, objective=objective_lib.Objective(
+      model, num_classes=10, regularizers=list(regs)))
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

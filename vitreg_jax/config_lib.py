@@ -14,7 +14,7 @@ On the command line (`vitreg_jax.main`), `load_config_file` fills every document
 `dtype=...` is a config argument every config file accepts (`COMMON_ARGS`): it sets
 `config.model.dtype`.
 
-Every config file imports this module, so it imports no jax: `models`, `optim`, `losses` and
+Every config file imports this module, so it imports no jax: `models`, `optim`, `objective` and
 `regularizers` (jax, flax, optax: about 4 s on the 2-core machine, against 0.8 s for this
 module) are imported inside the functions that validate against them.
 """
@@ -44,7 +44,7 @@ DEFAULTS = dict(
     schedule={"name": "cosine", "warmup_steps": 0},
     label_smoothing=0.0,
     loss={"name": "ce"},      # 'ce' (ERM) | 'group_dro' (+ step_size, generalization_adjustment,
-                              # normalize_loss): vitreg_jax/training/losses.py
+                              # normalize_loss) | a registered loss: vitreg_jax/training/losses.py
     regularizers=[],          # list of dict(name=..., weight=..., layers=..., **options)
     head_mask=None,           # optional [depth, heads] mask applied while training and
                               # evaluating: an array, or a head_mask.json / run dir path
@@ -126,8 +126,8 @@ def _merge(config) -> dict:
                      **merged["model"]}
   merged["data"] = {**_data_defaults(merged["data"]), **merged["data"]}
   merged["sharding"] = {**DEFAULTS["sharding"], **merged["sharding"]}
-  from vitreg_jax.training import losses  # pylint: disable=g-import-not-at-top
-  merged["loss"] = losses.resolve(merged["loss"])
+  from vitreg_jax.training import objective  # pylint: disable=g-import-not-at-top
+  merged["loss"] = objective.resolve_loss(merged["loss"])
   return merged
 
 

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vitreg_jax import config_lib, models, sharding as shd
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import optim
 from vitreg_jax.training import steps
 
@@ -26,8 +27,8 @@ def run(mesh, fsdp, batch, regularizers=()):
   model = models.create("vit", 3, width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
   tx, _ = optim.make_optimizer(config, 3)
   state, sh = steps.create_train_state(config, model, tx, batch["image"].shape[1:], mesh)
-  step = jax.jit(functools.partial(steps.train_step, forward=steps.make_forward(
-      model, config.regularizers), tx=tx, num_classes=3),
+  step = jax.jit(functools.partial(steps.train_step, tx=tx, objective=objective_lib.Objective(
+      model, num_classes=3, regularizers=config.regularizers)),
       in_shardings=(sh, shd.batch_sharding(mesh)), out_shardings=(sh, shd.replicated(mesh)))
   losses = []
   for _ in range(3):

@@ -8,7 +8,9 @@ landscapes "with L2 regularization on augmented datasets"). For a run that is
 * `mix`: the batch's Mixup/CutMix recipe (`config.data.mixup`), applied by the train step's
   own `data.mixing.apply`; the training iterator draws it from (seed, step) and attaches it
   to the batch, so an analysed batch is mixed exactly as training mixed that step's batch.
-* `smooth`: `config.label_smoothing`; CE is the train step's `steps.soft_cross_entropy`.
+* `smooth`: `config.label_smoothing`; CE is the training objective's cross-entropy
+  (`training.objective.Objective.cross_entropy`, which also mixes: `inputs`). A run trained
+  with another registered loss (GroupDRO) is analysed under this cross-entropy too.
 * The L2 penalty's gradient `wd * w` is the coupled weight decay of `optim.make_optimizer`
   (`optimizer.weight_decay` on kernels and embeddings, every parameter with
   `decay_1d_params`). AdamW's decoupled decay is not the gradient of a loss; the analyses
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax.data import mixing
-from vitreg_jax.training import steps
+from vitreg_jax.training import objective as training_objective
 
 flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
                   "and label smoothing (false: the plain NLL of the training batches; the L2 "
@@ -69,6 +71,9 @@ class Objective:
     self.weight_decay, self.decay_1d = float(weight_decay), bool(decay_1d)
     self.label_smoothing = float(label_smoothing) if augment else 0.0
     self.augment = bool(augment)
+    # The training objective's mixing and cross-entropy (no regularizer terms: see above).
+    self._training = training_objective.Objective(model, num_classes=num_classes,
+                                                  label_smoothing=self.label_smoothing)
     self._variables = variables
     self.state = {k: v for k, v in variables.items() if k != "params"}
     flat = {k: jnp.asarray(v, jnp.float32) for k, v in _flat(variables["params"]).items()}
@@ -111,7 +116,7 @@ class Objective:
     """`(images, soft targets)`: the batch mixed by its recipe (when augmenting), as in training."""
     if not self.augment:
       batch = {k: v for k, v in batch.items() if k not in mixing.BATCH_KEYS}
-    return mixing.apply(batch, self.num_classes)
+    return self._training.inputs(batch)
 
   def logits(self, theta, images):
     """The model's fp32 logits in inference mode at parameters `theta`."""
@@ -121,7 +126,7 @@ class Objective:
 
   def data_loss(self, logits, targets):
     """The training cross-entropy (with label smoothing) of `logits` against soft targets."""
-    return steps.soft_cross_entropy(logits, targets, self.label_smoothing)
+    return self._training.cross_entropy(logits, targets)
 
   def penalty(self, theta):
     """The L2 weight penalty over all parameters (fixed ones included: a constant in theta)."""

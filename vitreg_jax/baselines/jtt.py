@@ -12,7 +12,8 @@ it is missing, or run
 
 The error set is computed on the train split with evaluation preprocessing (no augmentation),
 as the authors do. No group labels are used; the file records the groups of E only as a
-diagnostic (how much of E is minority groups).
+diagnostic (how much of E is minority groups). `ErrorSetHook` is the training loop's part
+(`ensure_error_set` before anything reads the data).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from etils import epath
 import numpy as np
 
 from vitreg_jax.training import features
+from vitreg_jax.training import hooks
 from vitreg_jax.training import rundir
 
 ERROR_SET_FILE = "jtt_error_set.json"
@@ -76,3 +78,11 @@ def ensure_error_set(config) -> None:
     if upsample.get("step") and saved.get("step") != upsample["step"]:
       raise ValueError(f"{path} holds the errors of step {saved.get('step')}, not of "
                        f"data.upsample.step={upsample['step']}.")
+
+
+class ErrorSetHook(hooks.Hook):
+  """The training loop's JTT step: `ensure_error_set` before the data is opened (its
+  upsampling sampler reads the error set)."""
+
+  def prepare(self, config) -> None:
+    ensure_error_set(config)

@@ -4,6 +4,7 @@ Every evaluation appends each head's figures (the full model and each head alone
 layers `config.head_eval` names, on every split but the training one), so the authors' choice
 of epoch and head (`evaluate_epoch_head_combinations` in their code) needs no checkpoints
 (`heads/summary.py` reads them back, `read_head_eval`, and computes the authors' statistics).
+`HeadEvalHook` is the training loop's hook that runs it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
+from vitreg_jax.training import hooks
 from vitreg_jax.training import train_log
 # The file's reader lives with the statistics that read it (light: the report imports it).
 from vitreg_jax.heads.summary import HEAD_EVAL_FILE
@@ -47,18 +50,25 @@ class TrainingHeadEval:
                             for (kind, layer, head), m in zip(keys, metrics)])
 
 
-def training_hook(config, model, dataset, workdir: str,
-                  start_step: int = 0) -> TrainingHeadEval | None:
-  """The training loop's per-eval head evaluation, or None when `config.head_eval` is off.
+class HeadEvalHook(hooks.Hook):
+  """The training loop's per-eval head evaluation (`TrainingHeadEval`), when
+  `config.head_eval` names layers: '' / None (off), '-1' (last), 'all', '0,3'.
 
-  `config.head_eval`: '' / None (off), or the layers to evaluate: '-1' (last), 'all', '0,3'.
-  Raises ValueError before training for a bad layer, a model without heads or several
-  processes (the evaluation gathers nothing across hosts).
+  `on_start` raises `errors.UserError`, before training, for a bad layer, a model without heads or
+  several processes (the evaluation gathers nothing across hosts).
   """
-  if config.get("head_eval") in (None, "", False):
-    return None
-  if jax.process_count() > 1:
-    raise ValueError("config.head_eval runs in single-process training only: add "
-                     "--config.head_eval='' and evaluate the checkpoints with "
-                     "`python -m vitreg_jax.heads` instead.")
-  return TrainingHeadEval(config, model, dataset, workdir, start_step)
+
+  def on_start(self, run) -> None:
+    self.head_eval = None
+    if run.config.get("head_eval") in (None, "", False):
+      return
+    if jax.process_count() > 1:
+      raise errors.UserError("config.head_eval runs in single-process training only: add "
+                       "--config.head_eval='' and evaluate the checkpoints with "
+                       "`python -m vitreg_jax.heads` instead.")
+    self.head_eval = TrainingHeadEval(run.config, run.model, run.dataset, run.workdir,
+                                      run.start_step)
+
+  def on_eval(self, step: int, state) -> None:
+    if self.head_eval:
+      self.head_eval(step, state)

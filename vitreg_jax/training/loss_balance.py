@@ -1,17 +1,19 @@
-"""How hard each weighted regularizer term pushes the parameters, against cross-entropy.
+"""How hard each weighted regularizer term pushes the parameters, against the data loss.
 
 A regularizer can silently do nothing: the poster's raw-gradient DIV (`dict(name='div',
 weight=100)`, the paper's definition and the regularizer's default) is ~1e-9 on a small ViT,
 so at the authors' lambda it trains plain ERM; and a term that moves with the 4th power of
 the input gradients (`div=paper`) changes strength by orders of magnitude as training goes.
 So every `log_every_steps` (and before the first update) the trainer measures, on the batch
-it is about to train on, with the training loss's own pieces (`steps.model_images`,
-`data.mixing`, `steps.soft_cross_entropy`, the regularizer wrapper):
+it is about to train on, with the training objective itself (`objective.Objective`: the
+batch mixed and smoothed as the train step does, the run's registered loss with its state,
+the regularizer wrapper):
 
-* `balance/ce_grad_norm`: ||d CE / d theta||;
+* `balance/ce_grad_norm`: ||d loss / d theta|| of the data loss: the cross-entropy for ERM,
+  GroupDRO's q-weighted group loss for GroupDRO (the key keeps its name);
 * per term `k`: `balance/<k>` = weight_k x term_k (what the loss adds) and
   `balance/<k>_grad_norm` = ||d (weight_k x term_k) / d theta||, and their ratio to
-  cross-entropy's, `balance/<k>_grad_ratio`,
+  the data loss's, `balance/<k>_grad_ratio`,
 written to metrics.jsonl (split `train`) and TensorBoard beside `train/ce`.
 
 Refusal: a DIV term whose gradient ratio is below `NEGLIGIBLE` (1e-3) the first time it is
@@ -30,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vitreg_jax import regularizers
-from vitreg_jax.data import mixing
+from vitreg_jax.training import hooks
 from vitreg_jax.training import steps
 
 NEGLIGIBLE = 1e-3
@@ -41,28 +42,25 @@ class NegligibleTermError(ValueError):
   """A weighted regularizer term too small to change training."""
 
 
-def make_balance_fn(model, config, *, num_classes: int, normalize=None, head_mask=None):
-  """A jitted `balance(state, batch) -> {name: value}` (module docstring), or None without
-  regularizers."""
-  if not config.regularizers:
+def make_balance_fn(objective, *, normalize=None, head_mask=None):
+  """A jitted `balance(state, batch) -> {name: value}` (module docstring) of `objective`
+  (`objective.Objective`), or None without regularizers."""
+  reg = objective.regularizer
+  if reg is None:
     return None
-  reg = regularizers.build([dict(r) for r in config.regularizers], model)
-  weights = {t.name: float(t.weight) for t in reg.terms_config}
-  smoothing = config.get("label_smoothing", 0.0)
+  weights = objective.weights
 
   @jax.jit
   def balance(state, batch):
     batch = {**batch, "image": steps.model_images(batch["image"], normalize)}
-    images, targets = mixing.apply(batch, num_classes)
+    images, targets = objective.inputs(batch)
     rng = jax.random.fold_in(state.rng, state.step)   # the train step's own dropout key
     mutable = list(state.model_state) or False
 
     def parts(params):
-      logits, _, _, terms, _ = reg({"params": params, **state.model_state}, images,
-                                   labels=batch["label"], train=True, rngs={"dropout": rng},
-                                   head_mask=head_mask, mutable=mutable)
-      ce = steps.soft_cross_entropy(logits, targets, smoothing)
-      return {"ce": ce, **{k: weights[k] * v for k, v in terms.items()}}
+      _, out = objective({"params": params, **state.model_state}, images, targets, batch,
+                         state.loss_state, rng=rng, head_mask=head_mask, mutable=mutable)
+      return {"ce": out.data_loss, **{k: weights[k] * v for k, v in out.terms.items()}}
 
     values, vjp = jax.vjp(parts, state.params)
     one_hot = lambda name: {k: jnp.float32(k == name) for k in values}
@@ -116,3 +114,27 @@ def _message(name: str, weight: float, ratio: float, step: int) -> str:
           f"gradient of weight x term is {ratio:.1e} of cross-entropy's (< {NEGLIGIBLE:g}), so "
           f"training would be plain ERM. Fix: {fix}raise its weight at least {factor:.0e}-fold "
           f"(weight >= {weight * factor:.2g}).")
+
+
+class BalanceHook(hooks.Hook):
+  """The training loop's balance log and check (module docstring): measured on the first
+  batch before the first update (checked, not logged) and at every log step (logged as
+  `train/balance/*`, checked until every DIV term has had its verdict)."""
+
+  def on_start(self, run) -> None:
+    self.balance = make_balance_fn(run.objective, normalize=run.normalize,
+                                   head_mask=run.train_mask)
+    self.check = BalanceCheck(self.balance.checked) if self.balance else None
+    self.first_step = run.start_step + 1
+
+  def before_step(self, step, state, batch) -> None:
+    if self.check and self.check.pending and step == self.first_step:
+      self.check(step - 1, jax.device_get(self.balance(state, batch)))
+
+  def after_step(self, step, state, batch, logged: bool) -> dict | None:
+    if not (self.balance and logged):
+      return None
+    measured = jax.device_get(self.balance(state, batch))
+    if self.check.pending:
+      self.check(step, measured)
+    return {f"balance/{k}": v for k, v in measured.items()}

@@ -1,131 +1,128 @@
-"""Training objectives: `config.loss.name` = `'ce'` (default, ERM) or `'group_dro'`.
+"""Training losses by name: `config.loss.name` picks one from a small registry.
 
-**GroupDRO** (Sagawa, Koh, Hashimoto & Liang 2020, "Distributionally Robust Neural Networks
-for Group Shifts", ICLR; Algorithm 1 and Sec. 3.3). The objective is the worst expected loss
-over the groups g (label x spurious attribute), `max_g E_{P_g}[l(theta; x, y)]`, optimized as a
-game: group weights q on the simplex follow exponentiated-gradient ascent while theta descends
-on the q-weighted loss. On a minibatch (the authors' code, kohpangwei/group_DRO, `loss.py`,
-`LossComputer.compute_group_avg` and `compute_robust_loss`, which is Algorithm 1 with every
-group of the batch updated at once):
+A loss is one `register(name, build, options=...)` call, from this package or from outside it:
 
-    L_g      = mean loss of the batch's examples of group g          (0 if none)
-    A_g      = L_g + C / sqrt(n_g)     generalization adjustment, n_g = training examples of g
-    q_g     <- q_g * exp(eta * A_g);   q <- q / sum(q)               (before theta's step)
-    loss     = sum_g q_g L_g           (q held constant in the gradient)
+* `options`: the `config.loss` fields it reads, with their defaults (`config.loss` holds `name`
+  and every registered loss's options, each defaulted, so a saved config says what ran);
+* `check(resolved config.loss)`: an optional validation, run by `resolve` before any compute;
+* `build(config, dataset) -> Loss`, called once per run by `objective.Objective.from_config`
+  (`dataset`: the opened `data.Dataset`, for losses that need group counts and the like).
 
-`eta` is `config.loss.step_size` (their `--robust_step_size`, 0.01), `C` is
-`config.loss.generalization_adjustment` (their `--generalization_adjustment`; a number or one
-per group; applied only when every group's C is > 0, as their code does), and
-`normalize_loss=True` divides A by its sum before the update (their `--normalize_loss`). Their
-code adds the adjustment to `L_g` in place, so the loss it *logs* includes `sum_g q_g C/sqrt(n_g)`;
-that constant does not change the gradient and is left out of our `loss`. q starts uniform, lives
-in the train state (`TrainState.loss_state['group_weights']`) and is checkpointed, so a resumed
-run continues the same game. The authors train GroupDRO with group-balanced sampling
-(`--reweight_groups`): set `config.data.sampler='group_balanced'` too (configs/baselines.py does).
+The `Loss` it builds is a function of the model's logits, the training targets, the device
+batch and the loss's own state (e.g. GroupDRO's group weights, carried in
+`TrainState.loss_state` and checkpointed), plus the batch attributes it reads and the figures
+it logs. Built in: `'ce'` (here: ERM's mean cross-entropy) and `'group_dro'`
+(vitreg_jax/baselines/group_dro.py, registered when `objective.py` is imported).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from vitreg_jax import errors
+from vitreg_jax.training import steps
 
-from vitreg_jax import data
-from vitreg_jax.data import groups as groups_lib
 
-LOSSES = ("ce", "group_dro")
-DEFAULTS = {"name": "ce", "step_size": 0.01, "generalization_adjustment": 0.0,
-            "normalize_loss": False}
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """One run's loss, as the objective calls it at every step.
+
+  Attributes:
+    fn: `fn(logits, targets, batch, state) -> (loss, new_state, measured)`. `targets` are the
+      `[B, K]` training targets (Mixup/CutMix mixtures of one-hot labels, label-smoothed), so
+      `steps.soft_cross_entropy(logits, targets, reduce=False)` is the training
+      cross-entropy per example; `batch` holds `image`, `label` and `batch_keys`; `measured`
+      is `{name: scalar}` of the loss's own figures, logged as `train/<name>`. The gradient
+      flows through `loss` only; `new_state` is the state after this batch.
+    state: the initial state (a pytree; None for a stateless loss).
+    batch_keys: the batch attributes it reads besides image and label (GroupDRO's `group`);
+      the loop transfers them to the device.
+  """
+  fn: Callable
+  state: Any = None
+  batch_keys: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A registered loss: its name, `build(config, dataset) -> Loss`, options and check."""
+  name: str
+  build: Callable
+  options: dict
+  check: Callable | None = None
+
+
+_LOSSES: dict[str, Spec] = {}
+
+
+def register(name: str, build: Callable | None = None, *, options: dict | None = None,
+             check: Callable | None = None):
+  """Registers loss `name` (usable as a decorator on `build`); returns `build`.
+
+  Args:
+    name: the `config.loss.name` that selects it.
+    build: `build(config, dataset) -> Loss` (module docstring).
+    options: `{field: default}` of the `config.loss` fields it reads.
+    check: `check(loss_config)` raising `errors.UserError` for a bad option value.
+  Raises:
+    ValueError: the name is taken, or an option is `name` or another loss's option with
+      another default (each field of `config.loss` has one default).
+  """
+  if build is None:
+    return lambda fn: register(name, fn, options=options, check=check)
+  options = dict(options or {})
+  if name in _LOSSES:
+    raise ValueError(f"A loss named {name!r} is already registered.")
+  for field, default in options.items():
+    others = [s.name for s in _LOSSES.values()
+              if field in s.options and s.options[field] != default]
+    if field == "name" or others:
+      raise ValueError(f"Loss {name!r}: option {field!r} clashes with `name` or with the "
+                       f"option of the same name of {others}.")
+  _LOSSES[name] = Spec(name, build, options, check)
+  return build
+
+
+def names() -> list[str]:
+  """The registered losses' names."""
+  return sorted(_LOSSES)
+
+
+def defaults() -> dict:
+  """`config.loss`'s defaults: `name='ce'` and every registered loss's options."""
+  merged = {"name": "ce"}
+  for spec in _LOSSES.values():
+    merged.update(spec.options)
+  return merged
 
 
 def resolve(loss_config) -> dict:
-  """`config.loss` with defaults; a clear error for an unknown name or field."""
+  """`config.loss` with defaults; `errors.UserError` for an unknown name, field or value."""
   cfg = dict(loss_config.to_dict() if hasattr(loss_config, "to_dict") else loss_config or {})
-  unknown = sorted(set(cfg) - set(DEFAULTS))
+  valid = defaults()
+  unknown = sorted(set(cfg) - set(valid))
   if unknown:
-    raise ValueError(f"Unknown config.loss field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
-  cfg = {**DEFAULTS, **cfg}
-  if cfg["name"] not in LOSSES:
-    raise ValueError(f"Unknown config.loss.name {cfg['name']!r}; valid losses: {list(LOSSES)}.")
-  if not float(cfg["step_size"]) >= 0:
-    raise ValueError(f"config.loss.step_size (GroupDRO's eta) must be >= 0, got "
-                     f"{cfg['step_size']!r}.")
+    raise errors.UserError(f"Unknown config.loss field(s) {unknown}; valid fields: "
+                           f"{sorted(valid)}.")
+  cfg = {**valid, **cfg}
+  if cfg["name"] not in _LOSSES:
+    raise errors.UserError(f"Unknown config.loss.name {cfg['name']!r}; valid losses: "
+                           f"{names()}.")
+  spec = _LOSSES[cfg["name"]]
+  if spec.check is not None:
+    spec.check(cfg)
   return cfg
 
 
-def is_group_dro(loss_config) -> bool:
-  return resolve(loss_config)["name"] == "group_dro"
+def build(config, dataset) -> Loss:
+  """The `Loss` that `config.loss.name` names, built for this run (`Spec.build`)."""
+  return _LOSSES[resolve(config.loss)["name"]].build(config, dataset)
 
 
-def train_group_counts(config, info) -> np.ndarray:
-  """Training examples per group (n_g), for GroupDRO; fails clearly without groups."""
-  if groups_lib.num_groups(info) is None:
-    raise ValueError(f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has "
-                     f"attributes {list(info.attributes)} (it needs `group`, or `spurious` "
-                     "from which group = label x spurious is derived).")
-  counts = data.open(config.data).group_counts()
-  if (counts == 0).any():
-    raise ValueError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
-                     f"training example (counts {counts.tolist()}).")
-  return counts
-
-
-def init_state(loss_config, num_groups: int | None) -> Any:
-  """The loss's part of the train state: None for CE, the uniform q for GroupDRO."""
-  if not is_group_dro(loss_config):
-    return None
-  return {"group_weights": jnp.full((num_groups,), 1.0 / num_groups, jnp.float32)}
-
-
-def adjustment(loss_config, group_counts) -> np.ndarray:
-  """`C / sqrt(n_g)` per group, or zeros unless every C is > 0 (the authors' rule)."""
-  counts = np.asarray(group_counts, np.float64)
-  c = np.broadcast_to(np.asarray(resolve(loss_config)["generalization_adjustment"],
-                                 np.float64), counts.shape)
-  return (c / np.sqrt(counts) if (c > 0).all() else np.zeros_like(counts)).astype(np.float32)
-
-
-def group_mean(per_example, groups, num_groups: int):
-  """`(L_g, count_g)`: the mean of `per_example` over each group (0 where a group is absent)."""
-  onehot = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)  # [B, G]
-  count = onehot.sum(0)
-  return (onehot.T @ per_example.astype(jnp.float32)) / jnp.maximum(count, 1.0), count
-
-
-def group_dro(per_example, groups, weights, *, step_size: float, adjust,
-              normalize_loss: bool = False):
-  """One GroupDRO step on a batch (module docstring).
-
-  Args:
-    per_example: `[B]` losses (differentiable).
-    groups: `[B]` int group ids in `[0, G)`.
-    weights: `[G]` current q.
-    step_size: eta.
-    adjust: `[G]` `C / sqrt(n_g)` (`adjustment`).
-    normalize_loss: divide the adjusted losses by their sum before the update.
-  Returns:
-    `(loss, new_weights, group_losses)`; the gradient flows through `loss` only, with q fixed.
-  """
-  group_loss, _ = group_mean(per_example, groups, weights.shape[0])
-  adjusted = jax.lax.stop_gradient(group_loss) + adjust
-  if normalize_loss:
-    adjusted = adjusted / adjusted.sum()
-  new_weights = weights * jnp.exp(step_size * adjusted)
-  new_weights = new_weights / new_weights.sum()
-  return group_loss @ new_weights, new_weights, group_loss
-
-
-def objective(config, info) -> tuple[dict | None, Any, tuple]:
-  """`(group_dro, loss_state, batch_keys)` for the train step: GroupDRO's
-  `dict(step_size, adjust, normalize_loss)` and its initial q, or `(None, None, ())` for CE;
-  `batch_keys` are the batch attributes the step needs on the device (`group`)."""
-  cfg = resolve(config.loss)
-  if cfg["name"] != "group_dro":
-    return None, None, ()
-  counts = train_group_counts(config, info)
-  group_dro = dict(step_size=float(cfg["step_size"]),
-                   adjust=jnp.asarray(adjustment(cfg, counts)),
-                   normalize_loss=bool(cfg["normalize_loss"]))
-  return group_dro, init_state(cfg, len(counts)), ("group",)
+@register("ce")
+def cross_entropy(config, dataset) -> Loss:
+  """ERM: the batch's mean cross-entropy against the training targets; no state."""
+  del config, dataset  # Label smoothing is in the targets (`objective.Objective.targets`).
+  return Loss(lambda logits, targets, batch, state: (
+      steps.soft_cross_entropy(logits, targets), state, {}))

@@ -5,8 +5,9 @@ per-example predictions and losses under a head mask that is an array argument, 
 many masks compiles once. `jit_train_step` / `jit_eval_step` wrap them in `jax.jit` with the
 state's shardings.
 
-Loss: `L = CE(logits, y) + sum_k weight_k * R_k` where the regularizer terms `R_k` come from
-`vitreg_jax.regularizers.build(config.regularizers, model)`.
+Loss: `objective.Objective` (vitreg_jax/training/objective.py), the registered loss of
+`config.loss` plus the weighted regularizer terms of `config.regularizers`, built once per
+run and passed to `train_step` whole.
 
 Input: the pipeline's batches carry uint8 images; both steps normalize them first, on the
 device, with `normalize` (`Dataset.normalization`, data/device_normalization.py), so
@@ -25,10 +26,7 @@ import optax
 
 from vitreg_jax import checks
 from vitreg_jax import models
-from vitreg_jax import regularizers
 from vitreg_jax import sharding as shd
-from vitreg_jax.data import mixing
-from vitreg_jax.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,7 @@ class TrainState:
   opt_state: Any
   model_state: Any  # Mutable collections other than params, e.g. {'batch_stats': ...}.
   rng: jax.Array
-  # The objective's own state (losses.py): None for CE, GroupDRO's {'group_weights': [G]}.
+  # The loss's own state (objective.py): None for CE, GroupDRO's {'group_weights': [G]}.
   # Checkpointed with the rest; a None is not part of the pytree at all (`_flatten`), so CE
   # states have exactly the layout of checkpoints written before the field existed.
   loss_state: Any = None
@@ -68,29 +66,6 @@ def create_model(config, num_classes: int) -> nn.Module:
   return models.create(config.model_name, num_classes, **dict(config.model))
 
 
-def make_forward(model, regularizer_configs):
-  """Returns `forward(variables, images, labels, train, rngs, head_mask, mutable)`.
-
-  Without regularizers this is the plain `model.apply`; with them it is the regularizer
-  wrapper, which materializes attention maps only for the layers it needs and returns the
-  weighted penalty and each unweighted term.
-  """
-  if not regularizer_configs:
-    def forward(variables, images, *, labels, train, rngs, head_mask, mutable):
-      del labels
-      res = model.apply(variables, images, head_mask=head_mask, train=train, rngs=rngs,
-                        mutable=mutable)
-      (logits, out), new_state = res if mutable else (res, {})
-      return logits, out, jnp.zeros((), jnp.float32), {}, dict(new_state)
-    return forward
-  reg = regularizers.build([dict(r) for r in regularizer_configs], model)
-
-  def forward(variables, images, *, labels, train, rngs, head_mask, mutable):
-    return reg(variables, images, labels=labels, train=train, rngs=rngs,
-               head_mask=head_mask, mutable=mutable)
-  return forward
-
-
 def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0, reduce: bool = True):
   """Softmax cross-entropy against soft `targets` `[B, K]` (rows summing to 1, e.g. one-hot
   labels or Mixup/CutMix mixtures), with optional label smoothing, in fp32: the mean, or the
@@ -99,11 +74,6 @@ def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0, reduce: bo
     targets = optax.smooth_labels(targets, label_smoothing)
   per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
   return per_example.mean() if reduce else per_example
-
-
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy of int `labels`, with optional label smoothing (fp32)."""
-  return soft_cross_entropy(logits, jax.nn.one_hot(labels, num_classes), label_smoothing)
 
 
 def model_images(images, normalize=None):
@@ -117,29 +87,10 @@ def model_images(images, normalize=None):
   return images
 
 
-def data_loss(logits, targets, batch, loss_state, *, label_smoothing, group_dro):
-  """`(loss, ce, new_loss_state, measurements)` of the objective (losses.py) on one batch.
-
-  `group_dro` is None for ERM's mean cross-entropy, else `dict(step_size, adjust,
-  normalize_loss)` for GroupDRO over `batch['group']` with the weights in `loss_state`.
-  """
-  per_example = soft_cross_entropy(logits, targets, label_smoothing, reduce=False)
-  ce = per_example.mean()
-  if group_dro is None:
-    return ce, ce, loss_state, {}
-  loss, weights, group_loss = losses.group_dro(
-      per_example, batch["group"], loss_state["group_weights"], **group_dro)
-  measured = {**{f"group_dro/weight{g}": weights[g] for g in range(weights.shape[0])},
-              **{f"group_dro/loss{g}": group_loss[g] for g in range(weights.shape[0])}}
-  return loss, ce, {"group_weights": weights}, measured
-
-
-def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
-               label_smoothing: float = 0.0, head_mask=None, normalize=None, group_dro=None):
-  """One optimization step.
-
-  `group_dro`: None (ERM), or GroupDRO's `dict(step_size, adjust, normalize_loss)`
-  (`data_loss`, losses.py); the group weights are updated in `state.loss_state`.
+def train_step(state: TrainState, batch: dict, *, objective, tx, head_mask=None,
+               normalize=None):
+  """One optimization step of `objective` (`objective.Objective`: the loss, its state in
+  `state.loss_state`, the regularizer terms).
 
   `normalize` maps the batch's uint8 images to the model's input (see `model_images`); it runs
   before Mixup/CutMix, which mix normalized images (the map is affine and the mixture
@@ -147,31 +98,25 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
 
   Returns:
     `(new_state, measurements)`; measurements hold the total loss, the cross-entropy, every
-    regularizer term (`reg/<name>`, unweighted), the gradient and parameter norms, the train
-    accuracy and `finite`. A non-finite loss or gradient leaves the state unchanged (the host
-    loop then stops with a clear error), so the in-memory state is always the last good one.
-    (`optax.apply_if_finite` would skip the optimizer update only; the guard here also keeps
-    the model state, e.g. BatchNorm statistics, and the loop stops rather than skipping.)
+    regularizer term (`reg/<name>`, unweighted), the loss's own figures, the gradient and
+    parameter norms, the train accuracy and `finite`. A non-finite loss or gradient leaves
+    the state unchanged (the host loop then stops with a clear error), so the in-memory state
+    is always the last good one. (`optax.apply_if_finite` would skip the optimizer update
+    only; the guard here also keeps the model state, e.g. BatchNorm statistics, and the loop
+    stops rather than skipping.)
   """
   rng = jax.random.fold_in(state.rng, state.step)
   mutable = list(state.model_state) or False
 
   # Mixup/CutMix when the batch carries a recipe (config.data.mixup), else one-hot targets.
   batch = {**batch, "image": model_images(batch["image"], normalize)}
-  images, targets = mixing.apply(batch, num_classes)
+  images, targets = objective.inputs(batch)
 
   def loss_fn(params):
-    variables = {"params": params, **state.model_state}
-    logits, _, reg_total, terms, new_model_state = forward(
-        variables, images, labels=batch["label"], train=True,
-        rngs={"dropout": rng}, head_mask=head_mask, mutable=mutable)
-    loss, ce, loss_state, measured = data_loss(
-        logits, targets, batch, state.loss_state, label_smoothing=label_smoothing,
-        group_dro=group_dro)
-    return loss + reg_total, (ce, terms, new_model_state, logits, loss_state, measured)
+    return objective({"params": params, **state.model_state}, images, targets, batch,
+                     state.loss_state, rng=rng, head_mask=head_mask, mutable=mutable)
 
-  (loss, (ce, terms, new_model_state, logits, new_loss_state, loss_measured)), grads = (
-      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     # SAM (optim.py) evaluates the gradient again at its adversarial point; others ignore it.
     grad_fn = lambda params, _: jax.grad(lambda p: loss_fn(p)[0])(params)
@@ -186,16 +131,16 @@ def train_step(state: TrainState, batch: dict, *, forward, tx, num_classes: int,
       step=state.step + 1,
       params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state),
-      model_state=keep(dict(new_model_state), state.model_state) if mutable
+      model_state=keep(out.model_state, state.model_state) if mutable
       else state.model_state,
-      loss_state=keep(new_loss_state, state.loss_state))
+      loss_state=keep(out.loss_state, state.loss_state))
   measurements = {
-      "loss": loss, "ce": ce, "grad_norm": grad_norm,
+      "loss": loss, "ce": out.ce, "grad_norm": grad_norm,
       "param_norm": optax.global_norm(state.params),
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
       "finite": finite,
-      **{f"reg/{k}": v for k, v in terms.items()},
-      **loss_measured,
+      **{f"reg/{k}": v for k, v in out.terms.items()},
+      **out.measured,
   }
   return new_state, measurements
 
@@ -210,10 +155,8 @@ def predictions(logits, labels) -> dict:
           "confidence": jnp.max(jax.nn.softmax(logits), -1)}
 
 
-def eval_step(state: TrainState, batch: dict, head_mask, *, model, num_classes: int,
-              normalize=None):
+def eval_step(state: TrainState, batch: dict, head_mask, *, model, normalize=None):
   """Per-example `predictions` (masked examples are dropped later on the host)."""
-  del num_classes  # The logits' last axis.
   variables = {"params": state.params, **state.model_state}
   images = model_images(batch["image"], normalize)
   logits, _ = model.apply(variables, images, head_mask=head_mask, train=False)
@@ -224,7 +167,8 @@ def create_train_state(config, model, tx, image_shape, mesh,
                        loss_state=None) -> tuple[TrainState, Any]:
   """Initializes the (sharded) train state; returns it and its shardings.
 
-  `loss_state`: the objective's initial state (`losses.init_state`; None for CE)."""
+  `loss_state`: the objective's initial state (`objective.Objective.init_state`; None for
+  CE)."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -253,18 +197,17 @@ def all_heads_mask(model):
 def jit_train_step(state_sharding, mesh, **step_kwargs):
   """`train_fn(state, batch) -> (state, measurements)`: `train_step` jitted on `mesh`.
 
-  `step_kwargs` are `train_step`'s keyword arguments (forward, tx, num_classes, ...); the
-  old state is donated.
+  `step_kwargs` are `train_step`'s keyword arguments (objective, tx, head_mask, normalize);
+  the old state is donated.
   """
   return jax.jit(functools.partial(train_step, **step_kwargs),
                  in_shardings=(state_sharding, shd.batch_sharding(mesh)),
                  out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(state_sharding, mesh, *, model, num_classes: int, normalize=None):
+def jit_eval_step(state_sharding, mesh, *, model, normalize=None):
   """`eval_fn(state, batch, head_mask) -> {'pred', 'loss', 'confidence'}` per example, jitted
   on `mesh`."""
-  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
-                                   normalize=normalize),
+  return jax.jit(functools.partial(eval_step, model=model, normalize=normalize),
                  in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
                  out_shardings=shd.batch_sharding(mesh))

@@ -1,14 +1,17 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 This module is the loop only; its pieces live in modules named for their job:
-`steps` (the train state, the jitted train and eval steps), `evaluation` (metrics over the
-eval splits), `pretrained` (`config.init_from`), `checkpoint` (orbax saves, resume,
-preemption), `train_log` (TensorBoard, metrics.jsonl, the non-finite check), `rundir`
-(the saved config.json) and `heads` (the training head mask, the per-eval head figures).
+`objective` (the loss, its state, the regularizer terms), `steps` (the train state, the
+jitted train and eval steps), `evaluation` (metrics over the eval splits), `pretrained`
+(`config.init_from`), `checkpoint` (orbax saves, resume, preemption), `train_log`
+(TensorBoard, metrics.jsonl, the non-finite check), `rundir` (the saved config.json) and
+`heads.masks` (the training head mask). Extra behaviour is a list of hooks (`hooks.py`;
+`default_hooks`: JTT's error set, the regularizer balance check, the per-head evaluation).
 """
 
 import math
 import os
+from typing import Sequence
 
 from absl import logging
 import jax
@@ -16,15 +19,17 @@ import ml_collections
 
 from vitreg_jax import config_lib
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import sharding as shd
 from vitreg_jax.baselines import jtt
 from vitreg_jax.heads import masks as head_masks
 from vitreg_jax.heads import training as head_training
 from vitreg_jax.training import checkpoint as ckpt_lib
 from vitreg_jax.training import evaluation
+from vitreg_jax.training import hooks as hooks_lib
 from vitreg_jax.training import inflight
 from vitreg_jax.training import loss_balance
-from vitreg_jax.training import losses
+from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import optim
 from vitreg_jax.training import pretrained
 from vitreg_jax.training import run_files
@@ -33,25 +38,34 @@ from vitreg_jax.training import steps
 from vitreg_jax.training import train_log
 
 
+def default_hooks() -> list[hooks_lib.Hook]:
+  """The built-in hooks, each a no-op unless its config asks for it: JTT's error set
+  (`data.sampler='upsample'`), the regularizer balance log and check
+  (`config.regularizers`), the per-head evaluation (`config.head_eval`)."""
+  return [jtt.ErrorSetHook(), loss_balance.BalanceHook(), head_training.HeadEvalHook()]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       accept_config_change: bool = False) -> dict:
+                       accept_config_change: bool = False,
+                       hooks: Sequence[hooks_lib.Hook] = ()) -> dict:
   """Trains, evaluates and checkpoints; resumes from the newest checkpoint in `workdir`.
 
   A resume whose config changes the model, the data stream or the optimizer is refused
-  unless `accept_config_change` (`rundir.check_resume_config`).
+  unless `accept_config_change` (`rundir.check_resume_config`). `hooks` run after
+  `default_hooks()` at the loop's points (hooks.py).
 
   Returns:
     The final evaluation metrics, `{split: {metric: value}}` (`{}` when preempted).
   """
   # Everything that can be wrong with the config fails here, before any compute.
   config = config_lib.with_defaults(config)
-  jtt.ensure_error_set(config)  # JTT's stage 2 reads the identification run's errors.
+  hooks = hooks_lib.Hooks([*default_hooks(), *hooks])
+  hooks.prepare(config)
   dataset = data.open(config.data)  # Missing files, unknown splits or options fail here.
   info = dataset.info
   model = steps.create_model(config, info.num_classes)
-  forward = steps.make_forward(model, config.regularizers)
+  objective = objective_lib.Objective.from_config(config, model, dataset)  # loss, regularizers
   train_mask = head_masks.train_head_mask(config, model)  # config.head_mask
-  group_dro, loss_state, batch_keys = losses.objective(config, info)  # config.loss
   total_steps, steps_per_epoch = num_train_steps(config, dataset)
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   mesh = make_mesh(config)
@@ -60,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   rundir.save_config(config, workdir)  # The run is self-describing (heads, analyses, report).
   state, shardings = steps.create_train_state(config, model, tx, info.image_shape, mesh,
-                                              loss_state=loss_state)
+                                              loss_state=objective.init_state)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every_steps)
@@ -68,48 +82,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                 image_hw=info.image_shape[:2])
   start_step = int(state.step)
   normalize = dataset.normalization  # Batches arrive as uint8; steps normalize.
-  train_fn = steps.jit_train_step(shardings, mesh, forward=forward, tx=tx,
-                                  num_classes=info.num_classes, head_mask=train_mask,
-                                  label_smoothing=config.label_smoothing, normalize=normalize,
-                                  group_dro=group_dro)
-  # Each weighted regularizer term against cross-entropy, logged and checked (loss_balance).
-  balance_fn = loss_balance.make_balance_fn(model, config, num_classes=info.num_classes,
-                                            normalize=normalize, head_mask=train_mask)
-  balance_check = loss_balance.BalanceCheck(balance_fn.checked) if balance_fn else None
-  eval_fn = steps.jit_eval_step(shardings, mesh, model=model, num_classes=info.num_classes,
-                                normalize=normalize)
+  hooks.on_start(hooks_lib.Run(
+      config=config, workdir=workdir, dataset=dataset, model=model, objective=objective, mesh=mesh,
+      train_mask=train_mask, normalize=normalize, start_step=start_step,
+      total_steps=total_steps))
+  train_fn = steps.jit_train_step(shardings, mesh, objective=objective, tx=tx,
+                                  head_mask=train_mask, normalize=normalize)
+  eval_fn = steps.jit_eval_step(shardings, mesh, model=model, normalize=normalize)
   eval_mask = steps.all_heads_mask(model) if train_mask is None else train_mask
-  head_eval = head_training.training_hook(config, model, dataset, workdir,  # config.head_eval
-                                           start_step)
 
-  def evaluate_all(s):
+  def evaluate(s):
     results = evaluation.evaluate_splits(s, config, dataset, mesh=mesh, eval_fn=eval_fn,
                                          head_mask=eval_mask)
-    if head_eval:
-      head_eval(int(s.step), s)
+    hooks.on_eval(int(s.step), s)
     return results
   report = train_log.Reporter(workdir, config, total_steps=total_steps, start_step=start_step,
                               schedule=schedule, checkpointer=checkpointer)
   train_iter = device_batches(
       dataset.train_iterator(global_batch_size=config.batch_size, seed=config.seed,
                              start_step=start_step), mesh,
-      extra_keys=batch_keys)
+      extra_keys=objective.batch_keys)
+  return _loop(config, state, train_iter, start_step=start_step, total_steps=total_steps,
+               train_fn=train_fn, evaluate=evaluate, hooks=hooks, report=report,
+               checkpointer=checkpointer)
 
+
+def _loop(config, state, train_iter, *, start_step, total_steps, train_fn, evaluate, hooks,
+          report, checkpointer) -> dict:
+  """Steps `start_step + 1 .. total_steps`: train, hooks, logs, evals, checkpoints and
+  preemption; returns the final evaluation (`{}` when preempted)."""
   with ckpt_lib.Preemption(checkpointer) as preemption, checkpointer:
     for step in range(start_step + 1, total_steps + 1):  # `step` counts steps done.
       batch = next(train_iter)
-      if balance_check and balance_check.pending and step == start_step + 1:
-        balance_check(step - 1, jax.device_get(balance_fn(state, batch)))  # the first batch
+      hooks.before_step(step, state, batch)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, measured = train_fn(state, batch)
-      extra = None
-      if balance_fn and report.is_log_step(step):
-        extra = jax.device_get(balance_fn(state, batch))
-        if balance_check.pending:  # until every DIV term has had its verdict
-          balance_check(step, extra)
-      report.train(step, measured, extra)
+      report.train(step, measured,
+                   hooks.after_step(step, state, batch, report.is_log_step(step)))
       if step % config.eval_every_steps == 0 and step < total_steps:
-        report.eval(step, evaluate_all(state))
+        report.eval(step, evaluate(state))
       preempted = preemption.reached(step)  # The same step on every process.
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         report.check_finite()  # Never save a state whose step was not finite.
@@ -119,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         report.final(step, {})
         return {}
-    results = evaluate_all(state)
+    results = evaluate(state)
     report.eval(total_steps, results)
   report.final(total_steps, results)
   return results
@@ -133,8 +144,9 @@ def num_train_steps(config, dataset) -> tuple[int, int | None]:
   if config.total_steps is not None:
     return int(config.total_steps), steps_per_epoch
   if steps_per_epoch is None:
-    raise ValueError("config.total_epochs needs the train split's size, which dataset "
-                     f"{dataset.name!r} does not report; set config.total_steps instead.")
+    raise errors.UserError("config.total_epochs needs the train split's size, which dataset "
+                           f"{dataset.name!r} does not report; set config.total_steps "
+                           "instead.")
   return int(round(config.total_epochs * steps_per_epoch)), steps_per_epoch
 
 
@@ -167,6 +179,7 @@ def restore_or_initialize(state, shardings, checkpointer, config, *, tx, model, 
 def device_batches(host_batches, mesh, size: int = 2, extra_keys=()):
   """The global on-device training batches, the next `size` transferred while a step runs
   (vitreg_jax/training/inflight.py): uint8 images, labels and, with `data.mixup`, the batch's
-  Mixup/CutMix recipe, which the train step applies; `extra_keys` (GroupDRO's `group`)."""
+  Mixup/CutMix recipe, which the train step applies; `extra_keys`: the attributes the loss
+  reads (`Objective.batch_keys`, GroupDRO's `group`)."""
   return inflight.prefetch_to_device(host_batches, mesh, size=size,
                                      keys=(*inflight.TRAIN_KEYS, *extra_keys))

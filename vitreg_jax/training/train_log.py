@@ -149,8 +149,8 @@ class Reporter:
   def train(self, step: int, measured: dict, extra: dict | None = None) -> None:
     """Takes the measurements of `step` (1-based count); writes the summary on schedule.
 
-    `extra`: figures measured at a log step (`loss_balance`: `balance/<name>`), written in
-    the same line.
+    `extra`: figures the loop's hooks measured at a log step (`loss_balance`:
+    `balance/<name>`), written in the same line.
     """
     self._monitor.record(step, measured)  # No host sync.
     for hook in self.hooks:
@@ -160,7 +160,7 @@ class Reporter:
       logged = self._monitor.take_log()
       summary = {k: float(np.mean([m[k] for m in logged])) for k in logged[0] if k != "finite"}
       summary["lr"] = float(self.schedule(step - 1))
-      summary.update({f"balance/{k}": float(v) for k, v in (extra or {}).items()})
+      summary.update({k: float(v) for k, v in (extra or {}).items()})
       # Wall time of this session's loop (compilation and evals included); it restarts at 0
       # on resume, which the report accounts for when it sums time to a target accuracy.
       summary["elapsed_s"] = time.time() - self._start
