@@ -169,6 +169,7 @@ def make_run(args) -> str:
 
 def command_wall(workdir: str, extra, out_dir: str) -> dict:
   """Wall time of one `python -m vitreg_jax.heads` process and the compilations it reports."""
+  out_dir = os.path.abspath(out_dir)  # The command runs from the repository root.
   start = time.perf_counter()
   run_command([sys.executable, '-m', 'vitreg_jax.heads', f'--workdir={workdir}',
                f'--out={out_dir}', '--no_progress', *extra])
