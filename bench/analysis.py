@@ -2,9 +2,13 @@
 
     python bench/analysis.py [--batch 32] [--num_batches 10] [--top_k 5] [--max_iter 100]
         [--repeats 5] [--image 224] [--skip_spectrum] [--landscape_points 8]
+    python bench/analysis.py --smoke      # seconds: a tiny ViT, checks it runs
 
 Model: ViT-Ti/16 (5.7 M parameters) at `--image` px, 1000 classes, random weights, a
-random batch of `--batch` images (the figures do not depend on the data).
+random batch of `--batch` images (the figures do not depend on the data). `--smoke` runs
+every part on a tiny ViT (`SMOKE_MODEL`, 16 px, batch 2, one round, a 1-eigenvalue spectrum of
+2 iterations on one batch, 2 landscape points): it checks that the script runs, and its
+figures mean nothing.
 
 * `hvp_over_grad`: median time of one Hessian-vector product (forward-over-reverse, as
   `vitreg_jax.analysis.operators.hvp`) / one gradient of the same objective, same batch and
@@ -68,7 +72,11 @@ def median_times(fns: dict, repeats: int) -> dict:
   return {k: statistics.median(t) for k, t in times.items()}
 
 
-def main():
+MODEL = ("ViT-Ti/16", dict(variant="Ti/16"), 1000)  # (name, ViT kwargs, classes)
+SMOKE_MODEL = ("tiny ViT", dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=8), 10)
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--image", type=int, default=224)
@@ -78,16 +86,27 @@ def main():
   p.add_argument("--max_iter", type=int, default=100)
   p.add_argument("--skip_spectrum", action="store_true")
   p.add_argument("--landscape_points", type=int, default=8)
-  a = p.parse_args()
+  p.add_argument("--smoke", action="store_true",
+                 help="seconds: a tiny ViT at 16 px, batch 2, 1 round, top-1 spectrum of 2 "
+                      "iterations on 1 batch, 2 landscape points (figures meaningless)")
+  a = p.parse_args(argv)
+  if a.smoke:
+    a.batch, a.image, a.repeats, a.num_batches, a.top_k, a.max_iter = 2, 16, 1, 1, 1, 2
+    a.landscape_points = 2
+  return a
 
-  model = models.create("vit", 1000, variant="Ti/16", head_zeroinit=False)
+
+def main(argv=None):
+  a = parse_args(argv)
+  name, kwargs, num_classes = SMOKE_MODEL if a.smoke else MODEL
+  model = models.create("vit", num_classes, head_zeroinit=False, **kwargs)
   key = jax.random.PRNGKey(0)
   shape = (a.batch, a.image, a.image, 3)
   variables = jax.jit(model.init)(key, jnp.zeros(shape))
-  obj = objective.Objective(model, variables, num_classes=1000, weight_decay=1e-4)
+  obj = objective.Objective(model, variables, num_classes=num_classes, weight_decay=1e-4)
   loss, theta = obj.loss, obj.theta
   batch = {"image": jax.random.normal(key, shape),
-           "label": jax.random.randint(key, (a.batch,), 0, 1000)}
+           "label": jax.random.randint(key, (a.batch,), 0, num_classes)}
   v = jax.random.normal(jax.random.PRNGKey(1), theta.shape)
   fns = {"grad": (jax.jit(jax.grad(loss)), (theta, batch)),
          "hvp": (jax.jit(functools.partial(operators.hvp, loss)), (theta, batch, v))}
@@ -100,7 +119,7 @@ def main():
     fns[label] = (jax.jit(functools.partial(operators.hvp, sub.loss)),
                   (sub.theta, batch, jax.random.normal(key, sub.theta.shape)))
   med = median_times(fns, a.repeats)
-  res = dict(model="ViT-Ti/16", image=a.image, batch=a.batch, num_params=int(theta.size),
+  res = dict(model=name, smoke=a.smoke, image=a.image, batch=a.batch, num_params=int(theta.size),
              backend=jax.default_backend(), devices=jax.device_count(),
              grad_seconds=med["grad"], hvp_seconds=med["hvp"],
              hvp_over_grad=med["hvp"] / med["grad"],

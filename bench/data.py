@@ -1,6 +1,7 @@
 """Input pipeline vs training step throughput on this machine; prints one JSON object.
 
   python bench/data.py [--images 64] [--batch 32] [--steps 5] [--model ti] [--no_tf]
+  python bench/data.py --smoke      # seconds: 4 JPEGs, 32 px, a tiny ViT; checks it runs
 
 Measures, on JPEGs it generates (ImageNet-like sizes, 300-500 px a side, smooth content):
 - `preprocess_images_per_s_per_core`: one thread doing what the ImageNet-style train
@@ -19,6 +20,10 @@ Measures, on JPEGs it generates (ImageNet-like sizes, 300-500 px a side, smooth 
   flax/optax, independent of `vitreg_jax.training.train`, on the default JAX device at 224 px.
 - `cores_to_feed_train_step` = train images/s / per-core preprocessing images/s: how many
   cores the pipeline needs so the step never waits for data.
+
+`--smoke` runs every part at 32 px on 4 JPEGs (0.2 s per preprocessing rate, 2 grain and
+tf.data batches of 2, one step of a tiny ViT): it checks that the script runs, and its figures
+mean nothing.
 """
 
 from __future__ import annotations
@@ -58,9 +63,9 @@ def num_cores() -> int:
     return os.cpu_count() or 1
 
 
-def bench_preprocess(jpegs: list, seconds: float = 3.0) -> dict:
+def bench_preprocess(jpegs: list, seconds: float = 3.0, size: int = SIZE) -> dict:
   from vitreg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  t = preprocess.ImageTransform(size=SIZE, train=True, augment=True,
+  t = preprocess.ImageTransform(size=size, train=True, augment=True,
                                 mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD)
   rng = np.random.default_rng(0)
   decoded = [preprocess.decode_image(b) for b in jpegs]
@@ -83,10 +88,11 @@ def bench_preprocess(jpegs: list, seconds: float = 3.0) -> dict:
           'cifar32_preprocess_images_per_s_per_core': n / (time.perf_counter() - start)}
 
 
-def bench_grain(jpegs: list, batch: int, cores: int, batches: int = 12) -> dict:
+def bench_grain(jpegs: list, batch: int, cores: int, batches: int = 12,
+                size: int = SIZE) -> dict:
   from vitreg_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
   source = [{'image': b, 'label': i % 1000} for i, b in enumerate(jpegs)]
-  t = preprocess.ImageTransform(size=SIZE, train=True, augment=True,
+  t = preprocess.ImageTransform(size=size, train=True, augment=True,
                                 mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD)
   it = pipeline.train_iterator(source, t, global_batch_size=batch, seed=0,
                                num_threads=cores, prefetch_batches=2 * cores)
@@ -98,20 +104,21 @@ def bench_grain(jpegs: list, batch: int, cores: int, batches: int = 12) -> dict:
   return {'grain_images_per_s': ips, 'grain_images_per_s_per_core': ips / cores}
 
 
-def bench_tfdata(jpegs: list, batch: int, cores: int, batches: int = 12) -> dict:
+def bench_tfdata(jpegs: list, batch: int, cores: int, batches: int = 12,
+                 size: int = SIZE) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   mean = tf.constant([0.485, 0.456, 0.406]) * 255
   std = tf.constant([0.229, 0.224, 0.225]) * 255
 
   def fn(data):
     shape = tf.image.extract_jpeg_shape(data)
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
+    begin, crop, _ = tf.image.sample_distorted_bounding_box(
         shape, bounding_boxes=tf.zeros([1, 0, 4]), area_range=(0.08, 1.0),
         aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
     img = tf.image.decode_and_crop_jpeg(data, window, channels=3)
-    img = tf.image.resize(img, [SIZE, SIZE])
+    img = tf.image.resize(img, [size, size])
     img = tf.image.random_flip_left_right(img)
     return (img - mean) / std
 
@@ -128,10 +135,11 @@ def bench_tfdata(jpegs: list, batch: int, cores: int, batches: int = 12) -> dict
   return {'tfdata_images_per_s': ips, 'tfdata_images_per_s_per_core': ips / cores}
 
 
-VIT = {'ti': (192, 12, 3), 's': (384, 12, 6), 'b': (768, 12, 12)}
+VIT = {'ti': (192, 12, 3), 's': (384, 12, 6), 'b': (768, 12, 12),
+       'tiny': (32, 2, 2)}  # --smoke's
 
 
-def bench_train_step(model: str, batch: int, steps: int) -> dict:
+def bench_train_step(model: str, batch: int, steps: int, size: int = SIZE) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -162,9 +170,10 @@ def bench_train_step(model: str, batch: int, steps: int) -> dict:
       return nn.Dense(1000)(nn.LayerNorm()(x[:, 0]))
 
   net = ViT()
-  images = jax.random.normal(jax.random.key(0), (batch, SIZE, SIZE, 3))
+  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
   labels = jnp.arange(batch) % 1000
-  params = net.init(jax.random.key(1), images[:1])
+  # Jitted: one compile, where an eager init compiles every op of the model on its own.
+  params = jax.jit(net.init)(jax.random.key(1), images[:1])
   tx = optax.adamw(1e-3, weight_decay=0.05)
   opt_state = tx.init(params)
 
@@ -184,12 +193,12 @@ def bench_train_step(model: str, batch: int, steps: int) -> dict:
     params, opt_state, loss = step(params, opt_state, images, labels)
   jax.block_until_ready(loss)
   ips = steps * batch / (time.perf_counter() - start)
-  return {'train_step_images_per_s': ips, 'train_model': f'ViT-{model.upper()}/16 @ {SIZE}',
+  return {'train_step_images_per_s': ips, 'train_model': f'ViT-{model.upper()}/16 @ {size}',
           'train_batch': batch, 'train_device': str(jax.devices()[0].device_kind),
           'train_backend': jax.default_backend()}
 
 
-def main() -> None:
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--images', type=int, default=64)
   parser.add_argument('--batch', type=int, default=32)
@@ -197,19 +206,34 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--model', choices=sorted(VIT), default='ti')
   parser.add_argument('--no_tf', action='store_true')
-  args = parser.parse_args()
+  parser.add_argument('--size', type=int, default=SIZE, help='crop and model input size')
+  parser.add_argument('--seconds', type=float, default=3.0, help='per preprocessing rate')
+  parser.add_argument('--batches', type=int, default=12, help='grain and tf.data batches')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: 4 JPEGs, 32 px, 0.2 s per rate, 2 batches of 2, one step '
+                           'of a tiny ViT (figures meaningless)')
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.images, args.size, args.seconds, args.batches, args.batch = 4, 32, 0.2, 2, 2
+    args.model, args.steps = 'tiny', 1
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
   cores = num_cores()
   jpegs = make_jpegs(args.images)
   out = {'cpu_cores': cores, 'cpu': platform.processor() or platform.machine(),
-         'jpeg_count': len(jpegs), 'jpeg_mean_kib': float(np.mean([len(b) for b in jpegs])) / 1024}
-  out.update(bench_preprocess(jpegs))
-  out.update(bench_grain(jpegs, args.batch, cores))
+         'jpeg_count': len(jpegs), 'jpeg_mean_kib': float(np.mean([len(b) for b in jpegs])) / 1024,
+         'size': args.size, 'smoke': args.smoke}
+  out.update(bench_preprocess(jpegs, args.seconds, args.size))
+  out.update(bench_grain(jpegs, args.batch, cores, args.batches, args.size))
   if not args.no_tf:
     try:
-      out.update(bench_tfdata(jpegs, args.batch, cores))
+      out.update(bench_tfdata(jpegs, args.batch, cores, args.batches, args.size))
     except ImportError:
       out['tfdata_images_per_s'] = None
-  out.update(bench_train_step(args.model, args.train_batch or args.batch, args.steps))
+  out.update(bench_train_step(args.model, args.train_batch or args.batch, args.steps, args.size))
   per_core = out['preprocess_images_per_s_per_core']
   out['cores_to_feed_train_step'] = out['train_step_images_per_s'] / per_core
   out['ratio_preprocess_per_core_to_train_step'] = per_core / out['train_step_images_per_s']

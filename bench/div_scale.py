@@ -1,6 +1,7 @@
 """Scale of the two DIV variants on the authors' MNIST-CIFAR model; prints one JSON object.
 
     python bench/div_scale.py [--data mnist_cifar|dominoes] [--seeds 5] [--batch 80]
+    python bench/div_scale.py --smoke      # seconds: checks it runs, figures meaningless
 
 Why: the poster's Table 1 comes from the authors' code (ArmandNM/diverse-vit,
 diverse_vit/losses.py: per-token normalized gradients, mean over B x H x H, no residual around
@@ -19,6 +20,9 @@ Inputs are N(0, 1) images of the data's shape (normalized pixels; MNIST-CIFAR 64
 the embedded dominoes 32 x 16 x 3): the scale depends on the number of tokens, so each dataset
 has its own. `weight_paper_by_grad` is the `MATCHED_SCALE` of `configs/mnist_cifar.py`; the
 factor applied to it was chosen on validation (its `get_sweep`).
+
+`--smoke` measures one seed at batch 2 on the config's `runlocal` model (2 blocks) with the
+dominoes' shape: it checks that the script runs, and its figures mean nothing.
 """
 
 import argparse
@@ -43,9 +47,9 @@ def _mnist_cifar_config(arg):
 IMAGE_SHAPES = {'mnist_cifar': (64, 32, 3), 'dominoes': (32, 16, 3)}
 
 
-def measure(div: str, seeds, batch: int, data: str = 'mnist_cifar'):
+def measure(div: str, seeds, batch: int, data: str = 'mnist_cifar', runlocal: bool = False):
   """[(unweighted DIV term, global norm of its parameter gradient)] at init, one per seed."""
-  config = _mnist_cifar_config(f'reg=div,div={div},data={data},weight=1')
+  config = _mnist_cifar_config(f'reg=div,div={div},data={data},weight=1,runlocal={runlocal}')
   model = models.create('vit', 2, **config.model)
   entry = dict(config.regularizers[0], weight=1.0)
   reg = regularizers.build([entry], model)
@@ -65,16 +69,26 @@ def measure(div: str, seeds, batch: int, data: str = 'mnist_cifar'):
   return rows
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data', choices=sorted(IMAGE_SHAPES), default='mnist_cifar')
   parser.add_argument('--seeds', type=int, default=5)
   parser.add_argument('--batch', type=int, default=80)
-  args = parser.parse_args()
-  rows = {div: measure(div, range(args.seeds), args.batch, args.data)
+  parser.add_argument('--smoke', action='store_true',
+                      help="seconds: 1 seed, batch 2, the config's runlocal model, dominoes' "
+                           'shape (figures meaningless)')
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.seeds, args.batch, args.data = 1, 2, 'dominoes'
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  rows = {div: measure(div, range(args.seeds), args.batch, args.data, runlocal=args.smoke)
           for div in ('code', 'paper')}
   med = lambda div, i: statistics.median(r[i] for r in rows[div])
-  result = dict(data=args.data, seeds=args.seeds, batch=args.batch,
+  result = dict(data=args.data, seeds=args.seeds, batch=args.batch, smoke=args.smoke,
                 L_code=med('code', 0), L_paper=med('paper', 0),
                 grad_code=med('code', 1), grad_paper=med('paper', 1))
   result['weight_paper_by_value'] = 100 * result['L_code'] / result['L_paper']

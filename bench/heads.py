@@ -2,6 +2,7 @@
 
     python bench/heads.py                     # quickstart ViT + the `heads` command's wall time
     python bench/heads.py --model b16 --batch 256 --skip_command     # ViT-B/16 (a GPU)
+    python bench/heads.py --smoke --run_dir=runs   # seconds: checks it runs, figures meaningless
 
 * `mask_eval_over_eval`: images x masks per second of the head-mask evaluator
   (`vitreg_jax.heads.evaluate.MaskEvaluator`, all masks of one call on the same `--batch` images)
@@ -17,9 +18,13 @@
   checkpoint restore, data, compilation and evaluation), and the `compilations` each
   reports. RUN is the issue's size: the quickstart ViT (4 blocks, width 64, 4 heads, patch 4)
   trained `--steps` steps on 32 x 32 images (two embedded dominoes side by side, written as
-  `npz` splits) with 4 eval splits of `--num_eval` images (made once under `--run_dir`,
-  reused when present).
+  `npz` splits: `--num_train` train images) with 4 eval splits of `--num_eval` images (made
+  once under `--run_dir`, which it creates, and reused when present).
   Target: under 30 s for `--select=oracle` on an idle 2-core machine.
+
+`--smoke` is the smallest run of every part (batch 8, one round, a 2-step run on 64 + 4 x 16
+images, `--select=oracle` only): it checks that the script works on a bare machine, and its
+figures mean nothing.
 
 The machine's load average (`os.getloadavg`) before and after is in the JSON.
 """
@@ -117,15 +122,15 @@ def get_config(arg=None):
 """
 
 
-def make_npz32(run_dir: str, num_eval: int) -> str:
+def make_npz32(run_dir: str, num_train: int, num_eval: int) -> str:
   """The issue's data: 32 x 32 images (two dominoes side by side: the digit halves and the
   photo halves of example i and of example i+1 of the same split, labels and `spurious` of
-  example i), 1,000 train and `num_eval` per eval split, as `npz` files."""
+  example i), `num_train` train and `num_eval` per eval split, as `npz` files."""
   from vitreg_jax.data import dominoes  # pylint: disable=g-import-not-at-top
-  pattern = os.path.join(run_dir, f'npz32_eval{num_eval}', '{split}.npz')
+  pattern = os.path.join(run_dir, f'npz32_train{num_train}_eval{num_eval}', '{split}.npz')
   os.makedirs(os.path.dirname(pattern), exist_ok=True)
   for split in SPLITS:
-    n = 1000 if split == 'train' else num_eval
+    n = num_train if split == 'train' else num_eval
     d = dominoes.load(split, num_train=n, num_val=n, num_test=n)
     images = np.concatenate([d['image'], np.roll(d['image'], -1, axis=0)], axis=2)
     np.savez(pattern.format(split=split), images=images, labels=d['label'],
@@ -133,30 +138,40 @@ def make_npz32(run_dir: str, num_eval: int) -> str:
   return pattern
 
 
+def run_command(cmd) -> None:
+  """Runs a command from the repository root, quietly; on failure, raises with its last lines
+  of output (a run on a lent machine must say why it stopped)."""
+  res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  if res.returncode:
+    tail = '\n'.join((res.stdout + res.stderr).strip().splitlines()[-20:])
+    raise RuntimeError(f'{" ".join(cmd)} failed (exit {res.returncode}):\n{tail}')
+
+
 def make_run(args) -> str:
   """The issue's run: quickstart ViT (patch 4), `--steps` steps, 32 x 32 images, 4 eval
   splits of `--num_eval` images (made once under `--run_dir`, reused when present)."""
-  workdir = os.path.join(args.run_dir, f'steps{args.steps}_eval{args.num_eval}_32x32')
+  name = f'steps{args.steps}_train{args.num_train}_eval{args.num_eval}_32x32'
+  workdir = os.path.join(args.run_dir, name)
   if os.path.exists(os.path.join(workdir, 'config.json')) and os.path.isdir(
       os.path.join(workdir, 'checkpoints')):
     return workdir
-  config_file = os.path.join(args.run_dir, 'heads_bench_config.py')
+  os.makedirs(args.run_dir, exist_ok=True)  # A bare machine has no such folder yet.
+  config_file = os.path.join(args.run_dir, f'{name}_config.py')
+  data = make_npz32(args.run_dir, args.num_train, args.num_eval)
   with open(config_file, 'w') as f:
     f.write(RUN_CONFIG.format(quickstart=os.path.join(ROOT, 'configs', 'quickstart.py'),
-                              steps=args.steps, path=make_npz32(args.run_dir, args.num_eval),
-                              splits=SPLITS, evals=SPLITS[1:]))
-  subprocess.run([sys.executable, '-m', 'vitreg_jax.main', f'--config={config_file}',
-                  f'--workdir={workdir}'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.DEVNULL)
+                              steps=args.steps, path=data, splits=SPLITS, evals=SPLITS[1:]))
+  run_command([sys.executable, '-m', 'vitreg_jax.main', f'--config={config_file}',
+               f'--workdir={workdir}'])
   return workdir
 
 
 def command_wall(workdir: str, extra, out_dir: str) -> dict:
   """Wall time of one `python -m vitreg_jax.heads` process and the compilations it reports."""
+  out_dir = os.path.abspath(out_dir)  # The command runs from the repository root.
   start = time.perf_counter()
-  subprocess.run([sys.executable, '-m', 'vitreg_jax.heads', f'--workdir={workdir}',
-                  f'--out={out_dir}', '--no_progress', *extra], cwd=ROOT, check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  run_command([sys.executable, '-m', 'vitreg_jax.heads', f'--workdir={workdir}',
+               f'--out={out_dir}', '--no_progress', *extra])
   wall = time.perf_counter() - start
   with open(os.path.join(out_dir, 'heads.json')) as f:
     result = json.load(f)
@@ -164,7 +179,11 @@ def command_wall(workdir: str, extra, out_dir: str) -> dict:
           'load_after': os.getloadavg()}
 
 
-def main():
+COMMAND_FLAGS = {'oracle': ['--select=oracle'], 'greedy': ['--select=greedy'],
+                 'all': ['--layer=all', '--select=oracle']}
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--model', default='quickstart', choices=sorted(MODELS))
   p.add_argument('--image', default=None, help='H,W (default: 32,32 quickstart, 224,224 b16)')
@@ -173,20 +192,37 @@ def main():
   p.add_argument('--skip_command', action='store_true')
   p.add_argument('--commands', default='oracle,greedy,all',
                  help='which `heads` commands to time: oracle, greedy, all (--layer=all)')
-  p.add_argument('--run_dir', default='/tmp/vitreg_bench_heads')
+  p.add_argument('--run_dir', default='/tmp/vitreg_bench_heads',
+                 help='where the run and its data are made (created; reused when present)')
   p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--num_train', type=int, default=1000)
   p.add_argument('--num_eval', type=int, default=600)
-  args = p.parse_args()
+  p.add_argument('--smoke', action='store_true',
+                 help='seconds: batch 8, 1 round, a 2-step run on 64 + 4 x 16 images, '
+                      'oracle only; checks the script runs (figures meaningless)')
+  args = p.parse_args(argv)
+  unknown = set(args.commands.split(',')) - set(COMMAND_FLAGS)
+  if unknown:
+    p.error(f'--commands: unknown {sorted(unknown)}; valid: {sorted(COMMAND_FLAGS)}')
+  if args.smoke:
+    args.batch, args.rounds, args.steps, args.num_train, args.num_eval = 8, 1, 2, 64, 16
+    args.commands = 'oracle'
   args.image = args.image or ('32,32' if args.model == 'quickstart' else '224,224')
+  # The commands run from the repository root: a relative folder means the caller's.
+  args.run_dir = os.path.abspath(args.run_dir)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   result = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-            'load_before': os.getloadavg(), 'evaluator': evaluator_ratio(args)}
+            'smoke': args.smoke, 'load_before': os.getloadavg(),
+            'evaluator': evaluator_ratio(args)}
   result['mask_eval_over_eval'] = result['evaluator']['mask_eval_over_eval']
   if not args.skip_command:
     workdir = make_run(args)
-    flags = {'oracle': ['--select=oracle'], 'greedy': ['--select=greedy'],
-             'all': ['--layer=all', '--select=oracle']}
     result['run'] = workdir
-    result['command'] = {name: command_wall(workdir, flags[name],
+    result['command'] = {name: command_wall(workdir, COMMAND_FLAGS[name],
                                             os.path.join(args.run_dir, f'out_{name}'))
                          for name in args.commands.split(',')}
   result['load_after'] = os.getloadavg()

@@ -2,6 +2,7 @@
 
     python bench/input_ratio.py                 # GPU default: ViT-B/16, 224 px, bf16, batch 256
     python bench/input_ratio.py --cpu_small     # this CPU: ViT-Ti/16, 64 px, fp32, batch 8
+    python bench/input_ratio.py --smoke         # seconds: checks it runs, figures meaningless
 
 `real`: the training loop's own input path: the grain pipeline
 (`vitreg_jax.data.pipeline.train_iterator`, one thread per core) over in-memory JPEGs
@@ -12,6 +13,8 @@ by `inflight.prefetch_to_device`, normalized inside the step, and the step monit
 (same step, normalization included) on one uint8 batch already on the device.
 `real_over_synthetic` = median real step time / median synthetic step time (target <= 1.05 on
 the GPU at ViT-B/16 224 px). Also reported: the pipeline's own images/s without a model.
+`--smoke` runs the same loops on `bench/train_step.py`'s tiny ViT at 32 px (batch 2, 4 JPEGs,
+2 timed steps): it checks that the script runs, and its figures mean nothing.
 """
 
 import argparse
@@ -68,7 +71,15 @@ def run_loop(step, state, batches, steps, warmup, window):
   return statistics.median(times)
 
 
-def main():
+def setting(args) -> str:
+  if args.smoke:
+    return 'smoke: tiny ViT at 32 px, batch 2; checks the script runs, figures meaningless'
+  if args.cpu_small:
+    return 'cpu_small: ViT-Ti/16 at 64 px, batch 8; not the GPU target setting'
+  return 'full'
+
+
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default='b', choices=sorted(bench_step.MODELS))
   parser.add_argument('--batch', type=int, default=256)
@@ -80,10 +91,21 @@ def main():
   parser.add_argument('--jpegs', type=int, default=512)
   parser.add_argument('--cpu_small', action='store_true',
                       help='ViT-Ti/16, 64 px, fp32, batch 8, 6 steps in windows of 2, 64 JPEGs')
-  args = parser.parse_args()
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: the tiny ViT, 32 px, fp32, batch 2, 1 warm-up + 2 steps in '
+                           'windows of 1, 4 JPEGs (figures meaningless)')
+  args = parser.parse_args(argv)
   if args.cpu_small:
     args.model, args.image, args.dtype, args.batch = 'ti', 64, 'float32', 8
     args.steps, args.window, args.warmup, args.jpegs = 6, 2, 2, 64
+  if args.smoke:
+    args.model, args.image, args.dtype, args.batch = 'tiny', 32, 'float32', 2
+    args.steps, args.window, args.warmup, args.jpegs = 2, 1, 1, 4
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   cores = bench_data.num_cores()
   model_name, kwargs, num_classes = bench_step.MODELS[args.model]
   model = models.create(model_name, num_classes, dtype=args.dtype, **kwargs)
@@ -116,8 +138,7 @@ def main():
       'pipeline_only_images_per_s': pipeline_ips, 'cores': cores,
       'model': args.model, 'batch_size': args.batch, 'image_size': args.image,
       'dtype': args.dtype, 'steps': args.steps, 'window': args.window,
-      'setting': ('cpu_small: ViT-Ti/16 at 64 px, batch 8; not the GPU target setting'
-                  if args.cpu_small else 'full'),
+      'setting': setting(args),
       'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind}))
 
 

@@ -1,8 +1,9 @@
 """Cost of the regularizers in a full training step; prints one JSON object.
 
     python bench/regularizers.py [--batch 64] [--paper_batch 80] [--dtype bfloat16]
-    python bench/regularizers.py --quick          # CPU smoke run: batch 4, 3 rounds
+    python bench/regularizers.py --quick          # the real models on a CPU: batch 4, 3 rounds
     python bench/regularizers.py --arvit_batch 8 --repeats 5   # this CPU: DIV at 64 / 80
+    python bench/regularizers.py --smoke          # seconds: tiny models, checks it runs
 
 Each figure is a ratio of median step times measured in this run, a step being
 `jax.value_and_grad` of (cross-entropy + regularizer) plus an optax Adam update, jitted,
@@ -23,6 +24,10 @@ dtype is bf16 on a GPU/TPU and fp32 on a CPU unless `--dtype` says otherwise.
   `--loop_batch` (8), a width-192 ViT on 64 x 32 px, the DIV step with the per-head loop
   reference (one `jax.grad` per head w.r.t. a perturbation of that head's input only, then the
   ERM forward) / the one-pass version.
+
+`--smoke` times the same configurations on tiny models (`SMOKE_DIV_SETTINGS`, `SMOKE_ARVIT`:
+2 heads everywhere), batch 2, one round: it checks that the script runs, and its figures mean
+nothing.
 """
 
 import argparse
@@ -105,7 +110,8 @@ def time_round_robin(steps, states, batch, repeats):
 
 def setup(model, configs, batch, loss_overrides=None):
   tx = optax.adam(1e-4)
-  params = model.init(jax.random.key(0), batch[0])['params']
+  # Jitted: one compile, where an eager init compiles every op of the model on its own.
+  params = jax.jit(model.init)(jax.random.key(0), batch[0])['params']
   steps, states = {}, {}
   for name, config in configs.items():
     loss_fn = (loss_overrides or {}).get(name) or reg_loss(regularizers.build(config, model))
@@ -124,10 +130,20 @@ DIV_SETTINGS = {
 }
 
 
-def bench_arvit(batch_size, repeats, dtype):
+# --smoke's: every configuration on one tiny model, so that its repeats (same HLO) come from
+# the compilation cache where one is on (the test suite's): seconds, figures meaningless.
+SMOKE_DIV_SETTINGS = {
+    name: (dict(width=8, depth=1, mlp_dim=16, num_heads=2, patch_size=4), (8, 8))
+    for name in DIV_SETTINGS}
+PAPER_ARVIT = ({}, 224)  # (model kwargs over the paper variant, image size)
+SMOKE_ARVIT = (dict(width=24, depth=1, num_heads=2, patch_size=8), 32)
+
+
+def bench_arvit(batch_size, repeats, dtype, arvit=PAPER_ARVIT):
   """ARViT paper variant at 224 px; the paper's penalties (configs/arvit.py) on block 0."""
-  model = models.create('arvit', num_classes=10, dtype=dtype)
-  images = jax.random.normal(jax.random.key(1), (batch_size, 224, 224, 3))
+  kwargs, size = arvit
+  model = models.create('arvit', num_classes=10, dtype=dtype, **kwargs)
+  images = jax.random.normal(jax.random.key(1), (batch_size, size, size, 3))
   labels = jnp.arange(batch_size) % 10
   configs = {'none': [],
              'distance': [dict(name='distance', weight=0.01, layers=(0,))],
@@ -136,9 +152,10 @@ def bench_arvit(batch_size, repeats, dtype):
   return time_round_robin(steps, states, (images, labels), repeats)
 
 
-def bench_div(setting, batch_size, repeats, dtype, loop=False, erm=True):
+def bench_div(setting, batch_size, repeats, dtype, loop=False, erm=True,
+              settings=DIV_SETTINGS):
   """DIV on the last block (weight 100) vs ERM (and the per-head loop reference)."""
-  geometry, (h, w) = DIV_SETTINGS[setting]
+  geometry, (h, w) = settings[setting]
   model = models.create('vit', num_classes=2, head_zeroinit=False, dtype=dtype, **geometry)
   images = jax.random.normal(jax.random.key(1), (batch_size, h, w, 3))
   labels = jnp.arange(batch_size) % 2
@@ -153,7 +170,7 @@ def bench_div(setting, batch_size, repeats, dtype, loop=False, erm=True):
   return time_round_robin(steps, states, (images, labels), repeats)
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=64, help='headline batch (DIV, ARViT: 80)')
   parser.add_argument('--paper_batch', type=int, default=80)
@@ -163,21 +180,33 @@ def main():
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--dtype', default=None, help='default: bfloat16 on GPU/TPU, else float32')
   parser.add_argument('--quick', action='store_true',
-                      help='CPU smoke run: batch 4 everywhere (paper batch 4, loop batch 2), '
-                           '3 rounds')
-  args = parser.parse_args()
+                      help='CPU run of the real models: batch 4 everywhere (paper batch 4, '
+                           'loop batch 2), 3 rounds')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: tiny models, batch 2, 1 round (figures meaningless)')
+  args = parser.parse_args(argv)
   if args.quick:
     args.batch, args.paper_batch, args.loop_batch, args.repeats = 4, 4, 2, 3
     args.arvit_batch = 4
+  if args.smoke:
+    args.batch = args.paper_batch = args.loop_batch = args.arvit_batch = 2
+    args.repeats = 1
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   dtype = args.dtype or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
   b, pb, r = args.batch, args.paper_batch, args.repeats
-  mc = bench_div('mnist_cifar', b, r, dtype)
-  mc_paper = bench_div('mnist_cifar', pb, r, dtype)
-  qs = bench_div('quickstart', b, r, dtype)
+  div_settings = SMOKE_DIV_SETTINGS if args.smoke else DIV_SETTINGS
+  div = functools.partial(bench_div, settings=div_settings)
+  mc = div('mnist_cifar', b, r, dtype)
+  mc_paper = div('mnist_cifar', pb, r, dtype)
+  qs = div('quickstart', b, r, dtype)
   arvit_batch = args.arvit_batch or pb
-  arvit = bench_arvit(arvit_batch, r, dtype)
-  div4 = bench_div('small_4_heads', args.loop_batch, r, dtype, loop=True, erm=False)
-  div12 = bench_div('small_12_heads', args.loop_batch, r, dtype, loop=True, erm=False)
+  arvit = bench_arvit(arvit_batch, r, dtype, SMOKE_ARVIT if args.smoke else PAPER_ARVIT)
+  div4 = div('small_4_heads', args.loop_batch, r, dtype, loop=True, erm=False)
+  div12 = div('small_12_heads', args.loop_batch, r, dtype, loop=True, erm=False)
   result = {
       'div_step_ratio': mc['div'] / mc['erm'],
       'div_step_ratio_mnist_cifar_paper_batch': mc_paper['div'] / mc_paper['erm'],
@@ -191,7 +220,7 @@ def main():
                        'loop_12_heads': div12},
       'batch_size': b, 'paper_batch_size': pb, 'arvit_batch_size': arvit_batch,
       'loop_batch_size': args.loop_batch,
-      'repeats': r, 'dtype': dtype, 'quick': args.quick,
+      'repeats': r, 'dtype': dtype, 'quick': args.quick, 'smoke': args.smoke,
       'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
       'devices': jax.device_count(),
   }

@@ -5,11 +5,15 @@ time, is what a test costs. Each flag set runs in a fresh process with the persi
 compilation cache off, so every figure is a cold compile:
   init_s     create_train_state (the model's init, jitted);
   compile_s  a ViT (width 32, depth 2, 4 heads) train step with DIV's double backprop, AdamW;
-  run20_s    20 steps of the compiled function (the code the flags generate);
+  run_s      `--steps` (20) steps of the compiled function (the code the flags generate);
   loss       the loss after them (no fast-math under any set: the levels may differ in the
              last digits, as any two compilations may).
 
   python bench/test_compile_flags.py            # JSON on stdout
+  python bench/test_compile_flags.py --smoke    # seconds: one flag set, a 2-step probe
+
+`--smoke` runs only the suite's own set (`O0_no_fusion_emitters`) on 2 steps of a batch of 4:
+it checks the script runs, its figures mean nothing and no ratio is reported.
 """
 
 import argparse
@@ -28,8 +32,8 @@ FLAG_SETS = {
 }
 
 
-def probe():
-  """One cold compile and 20 steps; prints one JSON line."""
+def probe(num_steps: int = 20, batch_size: int = 16):
+  """One cold compile and `num_steps` steps on `batch_size` images; prints one JSON line."""
   # pylint: disable=g-import-not-at-top
   import functools
   import jax
@@ -40,13 +44,13 @@ def probe():
   from vitreg_jax.training import objective as objective_lib
   from vitreg_jax.training import steps
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
-      total_steps=20, optimizer=dict(name="adamw", lr=1e-3, weight_decay=1e-4),
+      total_steps=num_steps, optimizer=dict(name="adamw", lr=1e-3, weight_decay=1e-4),
       regularizers=[dict(name="div", weight=1.0, layers=(-1,))])))
   model = models.create("vit", 2, width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
-  tx, _ = optim.make_optimizer(config, 20)
+  tx, _ = optim.make_optimizer(config, num_steps)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-           "label": rng.integers(0, 2, size=16).astype(np.int32)}
+  batch = {"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 2, size=batch_size).astype(np.int32)}
   t0 = time.perf_counter()
   state, _ = steps.create_train_state(config, model, tx, batch["image"].shape[1:],
                                       sharding.make_mesh())
@@ -56,31 +60,57 @@ def probe():
       model, num_classes=2, regularizers=config.regularizers)))
   compiled = step.lower(state, batch).compile()
   t2 = time.perf_counter()
-  for _ in range(20):
+  for _ in range(num_steps):
     state, measured = compiled(state, batch)
   loss = float(measured["loss"])
   t3 = time.perf_counter()
   print(json.dumps(dict(init_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
-                        run20_s=round(t3 - t2, 2), loss=loss)))
+                        run_s=round(t3 - t2, 2), loss=loss)))
 
 
-def main():
+def run_probe(flags: str, num_steps: int, batch_size: int) -> dict:
+  """`probe` in a fresh process compiled under XLA_FLAGS=`flags`, cache off; its figures."""
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_ENABLE_COMPILATION_CACHE="false",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--steps", str(num_steps),
+         "--batch", str(batch_size)]
+  res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  if res.returncode:  # Say why, not only that, the probe stopped.
+    raise RuntimeError(f"probe under XLA_FLAGS={flags!r} failed (exit {res.returncode}):\n"
+                       + "\n".join(res.stderr.strip().splitlines()[-20:]))
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  parser.add_argument("--flag_sets", default=",".join(FLAG_SETS),
+                      help=f"subset of {list(FLAG_SETS)}")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--smoke", action="store_true",
+                      help="seconds: O0_no_fusion_emitters only, 2 steps of 4 images")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.flag_sets, args.steps, args.batch = "O0_no_fusion_emitters", 2, 4
+  unknown = set(args.flag_sets.split(",")) - set(FLAG_SETS)
+  if unknown:
+    parser.error(f"--flag_sets: unknown {sorted(unknown)}; valid: {list(FLAG_SETS)}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if args.probe:
-    return probe()
-  results = {}
-  for name, flags in FLAG_SETS.items():
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_ENABLE_COMPILATION_CACHE="false",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, __file__, "--probe"], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    results[name] = dict(xla_flags=flags, **json.loads(out.strip().splitlines()[-1]))
-  base = results["O0"]["compile_s"]
-  results["compile_O0_over_O0_no_fusion_emitters"] = round(
-      base / results["O0_no_fusion_emitters"]["compile_s"], 2)
+    return probe(args.steps, args.batch)
+  results = {name: dict(xla_flags=FLAG_SETS[name],
+                        **run_probe(FLAG_SETS[name], args.steps, args.batch))
+             for name in args.flag_sets.split(",")}
+  if "O0" in results and "O0_no_fusion_emitters" in results:
+    results["compile_O0_over_O0_no_fusion_emitters"] = round(
+        results["O0"]["compile_s"] / results["O0_no_fusion_emitters"]["compile_s"], 2)
   results["load_average"] = os.getloadavg()
+  results["steps"], results["batch"] = args.steps, args.batch
   print(json.dumps(results, indent=1))
 
 

@@ -1,6 +1,7 @@
 """The timm half of `bench/train_step.py`: images/s of timm's ViT training step; one JSON object.
 
     python bench/timm_step.py --models ti,s,b --batch 256 [--dtype bfloat16] [--compile]
+    python bench/timm_step.py --smoke     # seconds: ViT-Ti at 32 px, batch 2, fp32, 1 step
 
 Runs in a Python that has torch and timm (never a dependency of vitreg_jax): on the lent GPU
 machine the system `python3`; on this CPU machine /work/venv-torch (bench/make_torch_venv.sh,
@@ -13,6 +14,7 @@ num_classes=1000)`, bf16 autocast (`--dtype bfloat16`, CUDA only), `torch.compil
 `F.scaled_dot_product_attention` (flash / cuDNN kernels on an H100), synthetic data already on
 the device, `zero_grad(set_to_none=True)`. Timing: `--windows` windows of `--window` steps
 after `--warmup` steps, synchronized only at window ends; the median window gives images/s.
+Without torch or timm it exits at once with one line that says so and how to get them.
 """
 
 import argparse
@@ -121,7 +123,7 @@ def serve(args, device, header):
       print(json.dumps({'step_seconds': seconds, 'loss': loss.item()}), flush=True)
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='ti,s,b')
   parser.add_argument('--batch', type=int, default=256)
@@ -133,9 +135,34 @@ def main():
   parser.add_argument('--windows', type=int, default=5)
   parser.add_argument('--serve', action='store_true',
                       help='take requests on stdin (bench/train_step.py --interleave)')
-  args = parser.parse_args()
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: ViT-Ti at 32 px, batch 2, fp32, 1 warm-up step, one '
+                           'window of 1 step (figures meaningless)')
+  args = parser.parse_args(argv)
+  unknown = set(args.models.split(',')) - set(TIMM_NAMES)
+  if unknown:
+    parser.error(f'--models: unknown {sorted(unknown)}; valid: {sorted(TIMM_NAMES)}')
+  if args.smoke:
+    args.models, args.batch, args.image, args.dtype = 'ti', 2, 32, 'float32'
+    args.warmup, args.window, args.windows, args.compile = 1, 1, 1, False
+  return args
+
+
+def import_torch_and_timm():
+  """`(torch, timm)`, or exit with one line: they are never dependencies of vitreg_jax."""
+  try:
+    import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f'bench/timm_step.py needs torch and timm, which this Python '
+                     f'({sys.executable}) lacks ({e}); make a virtualenv with '
+                     f'bench/make_torch_venv.sh and run this script with its python.') from None
+  return torch, timm
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  torch, timm = import_torch_and_timm()
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   if device.type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True  # What a speed-minded user sets.
@@ -146,13 +173,12 @@ def main():
          'autocast_bf16': args.dtype == 'bfloat16', 'torch_compile': args.compile,
          'sdpa': 'F.scaled_dot_product_attention (timm fused_attn)',
          'batch_size': args.batch, 'image_size': args.image,
-         'threads': torch.get_num_threads(), 'models': {}}
+         'threads': torch.get_num_threads(), 'smoke': args.smoke, 'models': {}}
   if args.serve:
     serve(args, device, out)
     return
   for size in args.models.split(','):
-    if size in TIMM_NAMES:
-      out['models'][size] = bench_model(size, args, device)
+    out['models'][size] = bench_model(size, args, device)
   print(json.dumps(out))
 
 

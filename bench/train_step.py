@@ -2,7 +2,8 @@
 
     python bench/train_step.py                      # GPU defaults: bf16, batch 256, 224 px
     python bench/train_step.py --cpu_realistic      # this CPU: fp32, batch 8, 224 px, vs timm
-    python bench/train_step.py --cpu_small          # smoke run: fp32, batch 4, 64 px
+    python bench/train_step.py --cpu_small          # small CPU run: fp32, batch 4, 64 px
+    python bench/train_step.py --smoke              # seconds: a tiny ViT, checks it runs
 
 For ViT-Ti/16, S/16, B/16 (1000 classes) and ARViT (paper variant, 10 classes), a full step of
 the library's own `vitreg_jax.training.steps.train_step` (forward, backward, AdamW, finite check, the
@@ -29,7 +30,9 @@ batch 8, 224-px images (196 patches), no torch.compile, and `--interleave`: one 
 drifts on a shared machine hit both alike. `--cpu_small` (batch 4, 64 px, 16 patches) is a
 quick smoke run where per-op overheads dominate; its ratio flatters us. The JSON says which
 (`setting`); neither says anything about a GPU. The one-command GPU run is `bench/gpu_run.sh`
-(BENCHMARKS.md).
+(BENCHMARKS.md). `--smoke` runs the same code on a `tiny` ViT (width 32, 2 blocks, 32 px,
+batch 2, one window of one step, no timm): it checks that the script runs, and its figures
+mean nothing.
 """
 
 import argparse
@@ -56,6 +59,8 @@ MODELS = {  # name -> (model_name, kwargs, num_classes)
     's': ('vit', dict(variant='S/16'), 1000),
     'b': ('vit', dict(variant='B/16'), 1000),
     'arvit': ('arvit', dict(variant='paper'), 10),
+    # --smoke's: the same code path in seconds (4 patches at 32 px).
+    'tiny': ('vit', dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=16), 10),
 }
 
 
@@ -206,18 +211,24 @@ def _timm_command(args, python, sizes, serve=False):
 
 
 def _timm_python_and_sizes(args):
-  python = find_torch_python(args.torch_python)
+  """`(python, sizes, why)`: the Python to run timm with (None: skip it, `why` says why)."""
   sizes = [m for m in args.models.split(',') if m in ('ti', 's', 'b')]
-  if args.no_timm or not python or not sizes:
-    return None, sizes
-  return python, sizes
+  if args.no_timm:
+    return None, sizes, '--no_timm'
+  if not sizes:
+    return None, sizes, 'no ViT-Ti/S/B model among --models'
+  python = find_torch_python(args.torch_python)
+  if not python:
+    return None, sizes, ('no Python with torch + timm (--torch_python, this Python, '
+                         '/work/venv-torch)')
+  return python, sizes, ''
 
 
 def bench_timm(args):
   """Runs bench/timm_step.py in a Python with torch + timm; None (with a reason) otherwise."""
-  python, sizes = _timm_python_and_sizes(args)
+  python, sizes, why = _timm_python_and_sizes(args)
   if not python:
-    return None, 'skipped (--no_timm, no torch+timm Python found, or no ViT model)'
+    return None, why
   cmd = _timm_command(args, python, sizes)
   res = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if res.returncode:
@@ -228,9 +239,9 @@ def bench_timm(args):
 def bench_interleaved(args, result):
   """`--interleave`: ours and timm (a `timm_step.py --serve` process) one window each in
   turn, so a changing machine load hits both sides alike; median window of each."""
-  python, sizes = _timm_python_and_sizes(args)
+  python, sizes, why = _timm_python_and_sizes(args)
   if not python:
-    raise SystemExit('--interleave needs a Python with torch + timm (--torch_python).')
+    raise SystemExit(f'--interleave needs a Python with torch + timm ({why}).')
   cmd = _timm_command(args, python, sizes, serve=True)
   timm = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -288,6 +299,9 @@ def parse_args(argv=None):
                            'compile, interleaved with timm')
   parser.add_argument('--interleave', action='store_true',
                       help='time ours and timm window by window in turn (one run)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: the tiny ViT, fp32, batch 2, 32 px, 1 warm-up, one window '
+                           'of 1 step, no timm (figures meaningless)')
   args = parser.parse_args(argv)
   unknown = set(args.models.split(',')) - set(MODELS)
   if unknown:
@@ -298,10 +312,15 @@ def parse_args(argv=None):
   if args.cpu_realistic:
     args.dtype, args.batch, args.image, args.interleave = 'float32', 8, 224, True
     args.warmup, args.window, args.windows, args.timm_compile = 1, 1, 5, False
+  if args.smoke:
+    args.models, args.dtype, args.batch, args.image, args.no_timm = 'tiny', 'float32', 2, 32, True
+    args.warmup, args.window, args.windows, args.interleave = 1, 1, 1, False
   return args
 
 
 def setting(args) -> str:
+  if args.smoke:
+    return 'smoke: tiny ViT, fp32, batch 2, 32 px; checks the script runs, figures meaningless'
   if args.cpu_small:
     return 'cpu_small: fp32 both sides, batch 4, 64 px, no torch.compile; not a GPU figure'
   if args.cpu_realistic:

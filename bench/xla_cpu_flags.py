@@ -2,6 +2,7 @@
 
     python bench/xla_cpu_flags.py                   # ViT-Ti/16, 224 px, batch 8, fp32, AdamW
     python bench/xla_cpu_flags.py --models ti,s --rounds 5
+    python bench/xla_cpu_flags.py --smoke           # seconds: train_step.py's tiny ViT, 32 px
 
 The same jitted `steps.train_step` as `bench/train_step.py --cpu_realistic` is compiled once
 per option set (`Lowered.compile(compiler_options=...)`, so all variants live in one process)
@@ -10,12 +11,14 @@ alike. One train state passes through all variants in turn (each step donates it
 variants train one model between them. For each variant: the median seconds per step, the
 windows, `over_default` (default time / its time: > 1 is faster), whether its last step was
 finite and, for a variant XLA rejects, the error. A flag whose `over_default` stays within
-the rounds' spread buys nothing.
+the rounds' spread buys nothing. `--smoke` (the tiny ViT at 32 px, batch 2, one round of one
+step) checks that the script runs; its figures mean nothing.
 """
 
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +26,9 @@ import time
 import jax
 import optax
 
-import train_step as ts  # bench/train_step.py: the model table, step, state and batch
+# bench/train_step.py (the model table, step, state and batch), wherever this file is run from.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step as ts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VARIANTS = {
     'default': {},
@@ -83,7 +88,7 @@ def bench_model(name, args):
   return result
 
 
-def main(argv=None):
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default='ti', help=f'subset of {sorted(ts.MODELS)}')
   parser.add_argument('--variants', default=','.join(VARIANTS),
@@ -92,12 +97,25 @@ def main(argv=None):
   parser.add_argument('--image', type=int, default=224)
   parser.add_argument('--window', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: the tiny ViT, 32 px, batch 2, one round of 1 step')
   args = parser.parse_args(argv)
   unknown = set(args.variants.split(',')) - set(VARIANTS)
   if unknown or not args.variants.startswith('default'):
     parser.error(f'--variants: start with default and choose from {list(VARIANTS)} '
                  f'(unknown: {sorted(unknown)}).')
+  unknown = set(args.models.split(',')) - set(ts.MODELS)
+  if unknown:
+    parser.error(f'--models: unknown {sorted(unknown)}; valid: {sorted(ts.MODELS)}')
+  if args.smoke:
+    args.models, args.batch, args.image, args.window, args.rounds = 'tiny', 2, 32, 1, 1
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   out = {'setting': f'cpu, fp32, batch {args.batch}, {args.image} px, training step (AdamW)',
+         'smoke': args.smoke,
          'jax': jax.__version__, 'devices': str(jax.devices()),
          'models': {m: bench_model(m, args) for m in args.models.split(',')}}
   print(json.dumps(out, indent=1))
