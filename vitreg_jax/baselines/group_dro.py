@@ -52,7 +52,7 @@ def _group_counts(dataset) -> np.ndarray:
   """Training examples per group (n_g, `Dataset.train_group_counts`); fails clearly
   without groups or with an empty group."""
   info = dataset.info
-  counts = dataset.train_group_counts()
+  counts = dataset.train_group_counts
   if counts is None:
     raise errors.UserError(
         f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has attributes "
