@@ -140,7 +140,7 @@ def test_registry_names_the_valid_rules():
   with pytest.raises(errors.UserError, match=r"'nope'.*registered rules \['oracle'"):
     rules.get("nope")
   with pytest.raises(errors.UserError, match="already registered"):
-    rules.register(rules.get("oracle"))
+    rules.register(rules.Rule("oracle", "anything", _most_confident))
   assert "id_val (ID validation labels only" in rules.describe()
 
 

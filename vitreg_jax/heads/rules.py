@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from vitreg_jax import errors
+from vitreg_jax import registry
 from vitreg_jax.heads import search
 from vitreg_jax.roles import Roles
 
@@ -200,16 +201,12 @@ class Rule:
   needs_score_masks: bool = False
 
 
-_REGISTRY: dict[str, Rule] = {}
+_REGISTRY = registry.Registry("selection rule", origin=lambda rule: rule.choose)
 
 
 def register(rule: Rule, *, replace: bool = False) -> Rule:
   """Adds `rule` under `rule.name` (`replace=True` to redefine a name); returns it."""
-  if rule.name in _REGISTRY and not replace:
-    raise errors.UserError(f"Selection rule {rule.name!r} is already registered; pick another "
-                           "name or pass replace=True.")
-  _REGISTRY[rule.name] = rule
-  return rule
+  return _REGISTRY.register(rule.name, rule, replace=replace)
 
 
 def names(*, records: bool = False) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 
+from vitreg_jax import registry as registry_lib
 from vitreg_jax.errors import UserError
 
 Array = jax.Array
@@ -167,35 +168,16 @@ def _check_spec(spec: RegularizerSpec, where: str) -> None:
                     f"{GRAD_TARGET_OPTION!r} (p*, see div.prediction_target).")
 
 
-REGISTRY: dict[str, RegularizerSpec] = {}
-
-
-def _defined_at(spec: RegularizerSpec) -> tuple[str, str]:
-  return (getattr(spec.fn, '__module__', None) or '?',
-          getattr(spec.fn, '__qualname__', None) or repr(spec.fn))
+REGISTRY = registry_lib.Registry('regularizer', origin=lambda spec: spec.fn)
 
 
 def register(spec: RegularizerSpec, *, replace: bool = False) -> RegularizerSpec:
-  """Adds `spec` under `spec.name` (returns it, so a module can write `SPEC = register(...)`).
-
-  Registering again a spec whose function is defined at the same place (module and name)
-  replaces it quietly: a config file that registers its regularizer is executed each time it
-  is loaded, and a reloaded module re-registers its spec.
-
-  Raises:
-    UserError: `spec` is not a RegularizerSpec, or a spec with another function has its
-      name and `replace` is False.
-  """
+  """Adds `spec` under `spec.name` (returns it, so a module can write `SPEC = register(...)`);
+  the same definition again replaces it quietly, another one under a taken name is a
+  `UserError` unless `replace` (vitreg_jax/registry.py)."""
   if not isinstance(spec, RegularizerSpec):
     raise UserError(f'register() takes a RegularizerSpec, got {type(spec).__name__}.')
-  old = REGISTRY.get(spec.name)
-  if old is not None and _defined_at(old) != _defined_at(spec) and not replace:
-    module, name = _defined_at(old)
-    raise UserError(f'a regularizer named {spec.name!r} is already registered (function '
-                    f'{module}.{name}); choose another name, or pass replace=True to '
-                    'override it.')
-  REGISTRY[spec.name] = spec
-  return spec
+  return REGISTRY.register(spec.name, spec, replace=replace)
 
 
 def get(name: str, where: str = 'regularizers') -> RegularizerSpec:

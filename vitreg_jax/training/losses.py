@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Callable
 
 from vitreg_jax import errors
+from vitreg_jax import registry
 from vitreg_jax.training import steps
 
 
@@ -53,11 +54,11 @@ class Spec:
   check: Callable | None = None
 
 
-_LOSSES: dict[str, Spec] = {}
+_LOSSES = registry.Registry("loss", origin=lambda spec: spec.build)
 
 
 def register(name: str, build: Callable | None = None, *, options: dict | None = None,
-             check: Callable | None = None):
+             check: Callable | None = None, replace: bool = False):
   """Registers loss `name` (usable as a decorator on `build`); returns `build`.
 
   Args:
@@ -65,22 +66,23 @@ def register(name: str, build: Callable | None = None, *, options: dict | None =
     build: `build(config, dataset) -> Loss` (module docstring).
     options: `{field: default}` of the `config.loss` fields it reads.
     check: `check(loss_config)` raising `errors.UserError` for a bad option value.
+    replace: register over another definition of `name` (vitreg_jax/registry.py: the same
+      definition again, e.g. a config file loaded twice, replaces it quietly).
   Raises:
-    ValueError: the name is taken, or an option is `name` or another loss's option with
-      another default (each field of `config.loss` has one default).
+    UserError: another loss has the name (and not `replace`), or an option is `name` or
+      another loss's option with another default (each field of `config.loss` has one
+      default).
   """
   if build is None:
-    return lambda fn: register(name, fn, options=options, check=check)
+    return lambda fn: register(name, fn, options=options, check=check, replace=replace)
   options = dict(options or {})
-  if name in _LOSSES:
-    raise ValueError(f"A loss named {name!r} is already registered.")
   for field, default in options.items():
     others = [s.name for s in _LOSSES.values()
-              if field in s.options and s.options[field] != default]
+              if s.name != name and field in s.options and s.options[field] != default]
     if field == "name" or others:
-      raise ValueError(f"Loss {name!r}: option {field!r} clashes with `name` or with the "
+      raise errors.UserError(f"Loss {name!r}: option {field!r} clashes with `name` or with the "
                        f"option of the same name of {others}.")
-  _LOSSES[name] = Spec(name, build, options, check)
+  _LOSSES.register(name, Spec(name, build, options, check), replace=replace)
   return build
 
 
