@@ -23,6 +23,13 @@ class UserError(ValueError):
   """A mistake in what the user gave (config, flags, paths, data): the message is the fix."""
 
 
+class PathNotFoundError(UserError, FileNotFoundError):
+  """A path the user named does not exist (a workdir, a config file, a mask, ...).
+
+  Also a `FileNotFoundError`, so callers that handle a missing file as such keep working.
+  """
+
+
 def message(error: BaseException) -> str:
   """The one line printed for `error`: its text with newlines folded."""
   return " ".join(str(error).split())

@@ -41,6 +41,7 @@ import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from vitreg_jax import errors
 from vitreg_jax import metrics
 from vitreg_jax import roles
 from vitreg_jax.data import groups as groups_lib
@@ -117,8 +118,9 @@ def apply_classifier(variables: dict, classifier: dict) -> dict:
   head = variables["params"]["head"]
   kernel = np.asarray(classifier["kernel"], np.float32)
   if tuple(np.shape(head["kernel"])) != kernel.shape:
-    raise ValueError(f"The classifier's kernel has shape {kernel.shape}; the model's head has "
-                     f"{tuple(np.shape(head['kernel']))}: it was fit on another model.")
+    raise errors.UserError(
+        f"The classifier's kernel has shape {kernel.shape}; the model's head has "
+        f"{tuple(np.shape(head['kernel']))}: it was fit on another model.")
   params = {**variables["params"], "head": {"kernel": kernel,
                                             "bias": np.asarray(classifier["bias"], np.float32)}}
   return {**variables, "params": params}
@@ -129,8 +131,8 @@ def load_classifier(path: str) -> dict:
   record = json.loads(epath.Path(path).read_text())
   for key in ("kernel", "bias"):
     if key not in record:
-      raise ValueError(f"{path} is not a classifier file (no {key!r}); write one with "
-                       "`python -m vitreg_jax.dfr --workdir=RUN`.")
+      raise errors.UserError(f"{path} is not a classifier file (no {key!r}); write one with "
+                             "`python -m vitreg_jax.dfr --workdir=RUN`.")
   return record
 
 
@@ -162,8 +164,8 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
   counts = groups_lib.train_group_counts(run.config.data)
   feats = {s: features.extract(run, s, head_mask=mask) for s in splits}
   if "group" not in feats[heldout]:
-    raise ValueError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
-                     f"{info.name!r} has attributes {list(info.attributes)}.")
+    raise errors.UserError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
+                           f"{info.name!r} has attributes {list(info.attributes)}.")
   train = features.extract(run, run.config.data.get("train_split", "train"), head_mask=mask)
   rng = np.random.default_rng(seed)
   h = feats[heldout]

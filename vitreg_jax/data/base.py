@@ -17,7 +17,10 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from absl import logging
 import numpy as np
+
+from vitreg_jax import errors
 
 # Keys every data config may hold, with their defaults. The dataset's own options come on top.
 COMMON_OPTIONS = {
@@ -38,11 +41,11 @@ Example = Mapping[str, Any]
 Transform = Callable[[Example, Optional[np.random.Generator]], dict]
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(errors.UserError):
   """A dataset's files are missing; the message says which files go where and what to run."""
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(errors.UserError):
   """A data file exists but cannot be read; the message names the file."""
 
 
@@ -78,6 +81,8 @@ class DatasetSpec:
   """
   options: dict = {}
   description: str = ''
+  # True where `prepare` downloads everything itself (TFDS), so `main --prepare_data` can.
+  downloads: bool = False
 
   def info(self, config: dict) -> DatasetInfo:
     raise NotImplementedError
@@ -114,7 +119,7 @@ def resolve_config(spec: DatasetSpec, data_config: Any) -> dict:
   valid = {**COMMON_OPTIONS, **spec.options}
   unknown = sorted(set(cfg) - set(valid))
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown data option(s) {unknown} for dataset {cfg.get("name")!r}; valid options: '
         f'{sorted(valid)}.')
   out = {**valid, **cfg}
@@ -128,7 +133,7 @@ def resolve_config(spec: DatasetSpec, data_config: Any) -> dict:
     out['manual_dir'] = os.path.join(out['data_dir'], 'downloads', 'manual')
   for key in ('num_threads', 'prefetch_batches', 'num_workers'):
     if not isinstance(out[key], (int, np.integer)) or out[key] < 0:
-      raise ValueError(f'data.{key} must be an integer >= 0, got {out[key]!r}.')
+      raise errors.UserError(f'data.{key} must be an integer >= 0, got {out[key]!r}.')
   return out
 
 
@@ -145,7 +150,7 @@ def as_dict(data_config: Any) -> dict:
 
 def check_split(info: DatasetInfo, split: str) -> None:
   if split not in info.splits:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown split {split!r} for dataset {info.name!r}; valid splits: {list(info.splits)}.')
 
 
@@ -184,6 +189,7 @@ class TfdsDataset(DatasetSpec):
   attributes: tuple = ()
   default_eval_splits: tuple = ()
   prepare_hint: str = ''
+  downloads: bool = True  # TFDS downloads it; specs that need manual files say False.
   image_key: str = 'image'
   label_key: str = 'label'
 
@@ -193,8 +199,11 @@ class TfdsDataset(DatasetSpec):
     return tfds.builder(self.tfds_name, data_dir=config['data_dir'])
 
   def prepare_command(self, config: dict) -> str:
+    default_manual = os.path.join(config['data_dir'], 'downloads', 'manual')
+    manual = ('' if config['manual_dir'] == default_manual
+              else f' --manual_dir={config["manual_dir"]}')
     return (f'python -m vitreg_jax.data.prepare {config["name"]} '
-            f'--data_dir={config["data_dir"]} --manual_dir={config["manual_dir"]}')
+            f'--data_dir={config["data_dir"]}{manual}')
 
   def not_prepared_message(self, config: dict, detail: str = '') -> str:
     hint = self.prepare_hint.format(**config) if self.prepare_hint else ''
@@ -217,7 +226,9 @@ class TfdsDataset(DatasetSpec):
             f'Dataset {config["name"]!r} exists in {builder.data_dir} but cannot be opened for '
             f'random access ({detail}). It must be stored as array_record: re-run\n  '
             f'{self.prepare_command(config)}') from None
-      raise DatasetNotPreparedError(self.not_prepared_message(config, detail)) from None
+      # TFDS's reason for a dataset that was never built is noise (no file of it exists).
+      logging.info('TFDS on opening %s: %s', tfds_name, detail)
+      raise DatasetNotPreparedError(self.not_prepared_message(config)) from None
 
   def builder_for(self, config: dict, tfds_name: str):
     """Builder of one TFDS name (datasets spanning several TFDS configs override `source`)."""
@@ -228,8 +239,9 @@ class TfdsDataset(DatasetSpec):
 
   def source(self, config: dict, split: str):
     if split not in self.split_map:
-      raise ValueError(f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
-                       f'{list(self.split_map)}.')
+      raise errors.UserError(
+          f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
+          f'{list(self.split_map)}.')
     return self._open(config, self.tfds_name, self.split_map[split])
 
   def image_shape(self, config: dict) -> tuple:

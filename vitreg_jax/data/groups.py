@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 from etils import epath
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import registry
 from vitreg_jax.data import splits as splits_lib
 
@@ -97,7 +98,7 @@ def group_ids(source: Sequence, info) -> np.ndarray:
     ValueError: for a dataset without a group attribute, naming what it needs.
   """
   if 'group' not in info.attributes and 'spurious' not in info.attributes:
-    raise ValueError(
+    raise errors.UserError(
         f"data.sampler='group_balanced' needs a dataset with groups; {info.name!r} has "
         f"attributes {list(info.attributes)}. Groups come from a `group` attribute "
         "(Waterbirds, MNIST-CIFAR) or from a `spurious` one (dominoes, an npz `spurious` "
@@ -137,11 +138,11 @@ class UpsampleOrder:
   def __init__(self, n: int, indices: Sequence[int], factor: int, seed: int):
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
-      raise ValueError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
+      raise errors.UserError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
                        f'{indices.min()}..{indices.max()}.')
     factor = int(factor)
     if factor < 1:
-      raise ValueError(f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
+      raise errors.UserError(f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
     extra = np.repeat(indices, factor - 1)
     copies = np.concatenate([np.arange(1, factor)] * len(indices)) if len(indices) else []
     self._table = np.concatenate([np.arange(n), extra]).astype(np.int64)
@@ -165,13 +166,14 @@ class UpsampleOrder:
 def read_upsample(upsample) -> tuple[list, int]:
   """`(indices, factor)` of `data.upsample` = dict(file=JSON with `indices`, factor=L)."""
   if not upsample or not upsample.get('file'):
-    raise ValueError("data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): "
-                     'PATH a JSON with an `indices` list (`python -m vitreg_jax.jtt` writes '
-                     "it as WORKDIR/jtt_error_set.json).")
+    raise errors.UserError("data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): "
+                           'PATH a JSON with an `indices` list (`python -m vitreg_jax.jtt` writes '
+                           "it as WORKDIR/jtt_error_set.json).")
   path = epath.Path(upsample['file'])
   if not path.exists():
-    raise FileNotFoundError(f'{path} not found: write the error set of the identification run '
-                            'with `python -m vitreg_jax.jtt --workdir=RUN`.')
+    raise errors.PathNotFoundError(
+        f'{path} not found: write the error set of the identification run '
+        'with `python -m vitreg_jax.jtt --workdir=RUN`.')
   return list(json.loads(path.read_text())['indices']), int(upsample.get('factor') or 1)
 
 
@@ -179,7 +181,7 @@ def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: in
   """The training order `position -> index` for `cfg['sampler']`, or None for uniform."""
   sampler = cfg.get('sampler') or 'uniform'
   if sampler not in SAMPLERS:
-    raise ValueError(f'Unknown data.sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.')
+    raise errors.UserError(f'Unknown data.sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.')
   if sampler == 'group_balanced':
     return GroupBalancedOrder(group_ids(source, info), seed, global_batch)
   if sampler == 'upsample':

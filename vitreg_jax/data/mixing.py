@@ -36,6 +36,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from vitreg_jax import errors
+
 DEFAULTS = {'mixup_alpha': 1.0, 'cutmix_alpha': 0.8, 'prob': 1.0, 'switch_prob': 0.5}
 BATCH_KEYS = ('mix_lam', 'mix_box', 'mix_cutmix')
 _STREAM = 0x4D1C  # separates the mixing draws from the permutation and augmentation draws.
@@ -52,18 +54,18 @@ def check_config(mix_config: Optional[Mapping[str, Any]]) -> Optional[dict]:
   cfg = dict(mix_config.to_dict() if hasattr(mix_config, 'to_dict') else mix_config)
   unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f'Unknown data.mixup option(s) {unknown}; valid options: '
-                     f'{sorted(DEFAULTS)}.')
+    raise errors.UserError(f'Unknown data.mixup option(s) {unknown}; valid options: '
+                           f'{sorted(DEFAULTS)}.')
   cfg = {**DEFAULTS, **cfg}
   for key in ('mixup_alpha', 'cutmix_alpha'):
     if cfg[key] < 0:
-      raise ValueError(f'data.mixup.{key} must be >= 0 (0 disables it), got {cfg[key]}.')
+      raise errors.UserError(f'data.mixup.{key} must be >= 0 (0 disables it), got {cfg[key]}.')
   for key in ('prob', 'switch_prob'):
     if not 0 <= cfg[key] <= 1:
-      raise ValueError(f'data.mixup.{key} must be in [0, 1], got {cfg[key]}.')
+      raise errors.UserError(f'data.mixup.{key} must be in [0, 1], got {cfg[key]}.')
   if cfg['mixup_alpha'] == 0 and cfg['cutmix_alpha'] == 0:
-    raise ValueError('data.mixup needs mixup_alpha > 0 or cutmix_alpha > 0; set '
-                     'data.mixup = None to train without mixing.')
+    raise errors.UserError('data.mixup needs mixup_alpha > 0 or cutmix_alpha > 0; set '
+                           'data.mixup = None to train without mixing.')
   return cfg
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vitreg_jax import errors
 from vitreg_jax.data import base
 from vitreg_jax.data import corrupted
 from vitreg_jax.data import custom
@@ -34,7 +35,7 @@ def get_spec(data_config: Any) -> tuple:
   cfg = base.as_dict(data_config)
   name = cfg.get('name', base.COMMON_OPTIONS['name'])
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
+    raise errors.UserError(f'Unknown dataset {name!r}; valid names: {sorted(DATASETS)}.')
   cfg['name'] = name
   spec = DATASETS[name]
   return spec, base.resolve_config(spec, cfg)

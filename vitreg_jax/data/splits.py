@@ -29,6 +29,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from vitreg_jax import errors
+
 _SPEC = re.compile(r'^(?P<name>[^\[\]]+?)(\[(?P<selector>[^\[\]]*)\])?$')
 _BOUND = re.compile(r'^(?P<value>-?\d+(\.\d*)?)(?P<unit>%?)$')
 
@@ -59,14 +61,14 @@ class SplitSlice:
         return default
       index = int(round(value * n / 100.0)) if self.percent else int(value)
       if abs(index) > n:
-        raise ValueError(f'Split {self.spec!r}: boundary {index} is beyond the {n} examples '
-                         f'of split {self.name!r}.')
+        raise errors.UserError(f'Split {self.spec!r}: boundary {index} is beyond the {n} examples '
+                               f'of split {self.name!r}.')
       return n + index if index < 0 else index
 
     start, stop = absolute(self.start, 0), absolute(self.stop, n)
     if stop <= start:
-      raise ValueError(f'Split {self.spec!r} selects no example of the {n} in split '
-                       f'{self.name!r} (range [{start}, {stop})).')
+      raise errors.UserError(f'Split {self.spec!r} selects no example of the {n} in split '
+                             f'{self.name!r} (range [{start}, {stop})).')
     return start, stop
 
   def size(self, num_examples: int) -> int:

@@ -8,6 +8,7 @@ import sys
 
 from etils import epath
 
+from vitreg_jax import errors
 from vitreg_jax import heads
 from vitreg_jax.heads import outputs
 from vitreg_jax.heads import select
@@ -40,15 +41,17 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if bool(args.workdir) == bool(args.table):
     _parser().error("pass exactly one of --workdir=DIR or --table W1 W2 ...")
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
+    return _run(args)
+
+
+def _run(args) -> int:
   kwargs = dict(layer=args.layer, rule=args.select, k=args.k, topk_score=args.topk_score,
                 progress=not args.no_progress)
   if args.table:
-    try:
-      table = tables.poster_table(args.table, statistic=args.statistic)
-    except (FileNotFoundError, ValueError) as e:
-      _parser().error(str(e))
+    table = tables.poster_table(args.table, statistic=args.statistic)
     if table is None:
-      _parser().error("none of these runs has evaluations to tabulate.")
+      raise errors.UserError("none of these runs has evaluations to tabulate.")
     table = table.markdown()
     print(table)
     if args.out:

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import auto as tqdm
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import metrics
 from vitreg_jax.data import groups
 from vitreg_jax.heads import masks as masks_lib
@@ -206,7 +207,7 @@ class SplitPool:
           parts.setdefault(k, []).append(np.asarray(v)[real])
       arrays = {k: np.concatenate(v) for k, v in parts.items()}
       if not parts or not len(arrays["label"]):
-        raise ValueError(f"Eval split {split!r} is empty.")
+        raise errors.UserError(f"Eval split {split!r} is empty.")
       images.append(arrays.pop("image"))
       self.arrays[split] = arrays
       self.rows[split] = np.arange(start, start + len(arrays["label"]))

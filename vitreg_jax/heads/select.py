@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vitreg_jax import checks
+from vitreg_jax import errors
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import summary
@@ -92,7 +93,7 @@ def select_best_head(heads: list[dict], split: str, metric: str,
   """
   scores = [_score(h["alone"].get(split, {}), metric) for h in heads]
   if not heads or np.isnan(scores).all():
-    raise ValueError(f"No head has {metric!r} on split {split!r} (a dataset without groups "
+    raise errors.UserError(f"No head has {metric!r} on split {split!r} (a dataset without groups "
                      "has no worst_group_accuracy): use another --select.")
   best = heads[int(np.nanargmax(scores))]
   mask = np.array(full_mask, np.float32)
@@ -119,7 +120,7 @@ def select_topk(heads: list[dict], roles: Roles, full_mask, *, k: int | None = N
   mask = np.array(full_mask, np.float32)
   k = k or math.ceil(mask.shape[1] / 2)
   if not 1 <= k <= mask.shape[1]:
-    raise ValueError(f"--k must be in 1..{mask.shape[1]} (the heads per layer), got {k}.")
+    raise errors.UserError(f"--k must be in 1..{mask.shape[1]} (the heads per layer), got {k}.")
   kept = {}
   for layer in sorted({h["layer"] for h in heads}):
     rows = [h for h in heads if h["layer"] == layer]
@@ -162,7 +163,7 @@ def select_id_conflict(heads: list[dict], roles: Roles, full_mask, full: dict,
   """
   stats = [h["alone"][roles.val_id] for h in heads]
   if any("conflict_accuracy" not in s for s in stats):
-    raise ValueError(f"Rule id_conflict needs a spurious attribute and conflicting examples "
+    raise errors.UserError(f"Rule id_conflict needs a spurious attribute and conflicting examples "
                      f"on {roles.val_id!r}; this dataset has none. Use another --select.")
   combo, kept = np.array(full_mask, np.float32), {}
   for layer in sorted({h["layer"] for h in heads}):
@@ -293,7 +294,7 @@ def epoch_oracle(records: list[dict], roles: Roles) -> dict:
   """
   chosen = summary.summarize(records, roles, rules=("oracle",))["oracle"] if records else None
   if chosen is None:
-    raise ValueError(f"No head-alone figures on {roles.val_ood!r} in {summary.HEAD_EVAL_FILE}.")
+    raise errors.UserError(f"No head-alone figures on {roles.val_ood!r} in {summary.HEAD_EVAL_FILE}.")
   full = {r["split"]: summary.strip(r) for r in records
           if r["step"] == chosen["step"] and r["kind"] == "full"}
   return {"step": chosen["step"], "layer": chosen["layer"], "head": chosen["head"],

@@ -42,6 +42,7 @@ from typing import Sequence
 
 from etils import epath
 
+from vitreg_jax import errors
 from vitreg_jax.roles import Roles
 
 HEAD_EVAL_FILE = "heads_eval.jsonl"
@@ -107,7 +108,7 @@ def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "a
     `(key, score)`; `key` None when nothing was logged for the rule's split.
   """
   if statistic not in STATISTICS:
-    raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+    raise errors.UserError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
   keys = candidates(records)
   if statistic == "final" and keys:
     last = max(k[0] for k in keys)
@@ -125,7 +126,7 @@ def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "a
     return _choose(keys, index, roles.val_id, "conflict_accuracy")
   if rule == "id_val":
     return _choose(keys, index, roles.val_id, roles.id_metric)
-  raise ValueError(f"Unknown selection rule {rule!r}; valid rules: {list(RULES)} (and "
+  raise errors.UserError(f"Unknown selection rule {rule!r}; valid rules: {list(RULES)} (and "
                    "'full').")
 
 
@@ -134,7 +135,7 @@ def summarize(records: Sequence[dict], roles: Roles, rules: Sequence[str] = RULE
   """Per row (`full` and each rule): the chosen `step`, `kind`, `layer`, `head`, `score` and
   the metrics of that choice on every logged split (`metrics`: {split: {...}})."""
   if not records:
-    raise ValueError("No per-eval head figures: train with config.head_eval='-1' (the "
+    raise errors.UserError("No per-eval head figures: train with config.head_eval='-1' (the "
                      "poster configs and the quickstart do) to get the authors' statistics.")
   index = _index(records)
   splits = sorted({r["split"] for r in records})

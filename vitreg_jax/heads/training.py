@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.heads import evaluate
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.training import train_log
@@ -59,7 +60,7 @@ def training_hook(config, model, info, workdir: str,
   if config.get("head_eval") in (None, "", False):
     return None
   if jax.process_count() > 1:
-    raise ValueError("config.head_eval runs in single-process training only: add "
-                     "--config.head_eval='' and evaluate the checkpoints with "
-                     "`python -m vitreg_jax.heads` instead.")
+    raise errors.UserError("config.head_eval runs in single-process training only: add "
+                           "--config.head_eval='' and evaluate the checkpoints with "
+                           "`python -m vitreg_jax.heads` instead.")
   return TrainingHeadEval(config, model, info, workdir, start_step)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax.checks import check_choice
 from vitreg_jax.checks import resolve_layers
@@ -62,12 +63,12 @@ class _Term:
 def _resolve_layers(layers, depth: int, where: str) -> tuple[int, ...]:
   """`checks.resolve_layers`, plus what a term needs: at least one block, none twice."""
   if isinstance(layers, str):  # A config's layers are ints, never the command line's text.
-    raise ValueError(f'{where}: layers {layers!r} is not a tuple of ints.')
+    raise errors.UserError(f'{where}: layers {layers!r} is not a tuple of ints.')
   resolved = resolve_layers(layers, depth, where)
   if not resolved:
-    raise ValueError(f'{where}: layers is empty; give at least one block index.')
+    raise errors.UserError(f'{where}: layers is empty; give at least one block index.')
   if len(set(resolved)) != len(resolved):
-    raise ValueError(f'{where}: layers {tuple(layers)} name the same block twice.')
+    raise errors.UserError(f'{where}: layers {tuple(layers)} name the same block twice.')
   return resolved
 
 
@@ -75,25 +76,25 @@ def _parse_entry(index: int, entry: Mapping[str, Any], depth: int) -> _Term:
   entry = dict(entry)
   name = entry.get('name')
   if name not in REGULARIZERS:
-    raise ValueError(f'regularizers[{index}]: unknown regularizer name {name!r}; valid '
+    raise errors.UserError(f'regularizers[{index}]: unknown regularizer name {name!r}; valid '
                      f'names: {sorted(REGULARIZERS)}.')
   spec = REGULARIZERS[name]
   where = f'regularizers[{index}] ({name})'
   unknown = sorted(set(entry) - set(_ENTRY_KEYS) - set(spec.options))
   if unknown:
-    raise ValueError(f'{where}: unknown option(s) {unknown}; valid: '
+    raise errors.UserError(f'{where}: unknown option(s) {unknown}; valid: '
                      f'{sorted(set(_ENTRY_KEYS) | set(spec.options))}.')
   if 'weight' not in entry:
-    raise ValueError(f'{where}: missing weight (the lambda multiplying this term).')
+    raise errors.UserError(f'{where}: missing weight (the lambda multiplying this term).')
   weight = entry['weight']
   if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)):
-    raise ValueError(f'{where}: weight must be a number, got {weight!r}.')
+    raise errors.UserError(f'{where}: weight must be a number, got {weight!r}.')
   if 'layers' in entry:
     layers = entry['layers']
   elif spec.default_layers is not None:
     layers = spec.default_layers
   else:
-    raise ValueError(f'{where}: missing layers (block indices, e.g. layers=(0,); the ARViT '
+    raise errors.UserError(f'{where}: missing layers (block indices, e.g. layers=(0,); the ARViT '
                      'paper regularizes one block, L1..L6).')
   options = {**spec.options, **{k: v for k, v in entry.items() if k in spec.options}}
   for key, choices in _CHOICES.items():
@@ -236,7 +237,7 @@ def check_attention_model(config_list, model_name: str, model) -> None:
     return
   names = [dict(e).get('name') for e in config_list]
   valid = sorted(n for n, cls in models.MODELS.items() if is_attention_model(cls))
-  raise ValueError(
+  raise errors.UserError(
       f'Attention regularizers {names} need an attention model whose blocks expose their '
       f'attention maps ({valid}); model {model_name!r} has none. Set config.model_name to '
       f'one of {valid}, or remove config.regularizers.')

@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import metrics
 from vitreg_jax import sharding as shd
 from vitreg_jax.data import groups
@@ -42,7 +43,7 @@ def evaluate(state, split: str, config, *, mesh, eval_fn, head_mask=None) -> dic
     for k, v in host.items():
       arrays.setdefault(k, []).append(np.asarray(v))
   if not results:
-    raise ValueError(f"Eval split {split!r} of dataset {config.data.name!r} is empty.")
+    raise errors.UserError(f"Eval split {split!r} of dataset {config.data.name!r} is empty.")
   arrays = {k: np.concatenate(v) for k, v in arrays.items()}
   results = multihost_utils.process_allgather(results, tiled=True)
   per_example = {k: np.concatenate([np.asarray(r[k]) for r in results]) for k in results[0]}

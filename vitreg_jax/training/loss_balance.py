@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vitreg_jax import errors
 from vitreg_jax import regularizers
 from vitreg_jax.data import mixing
 from vitreg_jax.training import steps
@@ -37,7 +38,7 @@ from vitreg_jax.training import steps
 NEGLIGIBLE = 1e-3
 
 
-class NegligibleTermError(ValueError):
+class NegligibleTermError(errors.UserError):
   """A weighted regularizer term too small to change training."""
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import groups as groups_lib
 
 LOSSES = ("ce", "group_dro")
@@ -44,12 +45,12 @@ def resolve(loss_config) -> dict:
   cfg = dict(loss_config.to_dict() if hasattr(loss_config, "to_dict") else loss_config or {})
   unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f"Unknown config.loss field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+    raise errors.UserError(f"Unknown config.loss field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
   cfg = {**DEFAULTS, **cfg}
   if cfg["name"] not in LOSSES:
-    raise ValueError(f"Unknown config.loss.name {cfg['name']!r}; valid losses: {list(LOSSES)}.")
+    raise errors.UserError(f"Unknown config.loss.name {cfg['name']!r}; valid losses: {list(LOSSES)}.")
   if not float(cfg["step_size"]) >= 0:
-    raise ValueError(f"config.loss.step_size (GroupDRO's eta) must be >= 0, got "
+    raise errors.UserError(f"config.loss.step_size (GroupDRO's eta) must be >= 0, got "
                      f"{cfg['step_size']!r}.")
   return cfg
 
@@ -61,12 +62,12 @@ def is_group_dro(loss_config) -> bool:
 def train_group_counts(config, info) -> np.ndarray:
   """Training examples per group (n_g), for GroupDRO; fails clearly without groups."""
   if groups_lib.num_groups(info) is None:
-    raise ValueError(f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has "
+    raise errors.UserError(f"config.loss.name='group_dro' needs groups; dataset {info.name!r} has "
                      f"attributes {list(info.attributes)} (it needs `group`, or `spurious` "
                      "from which group = label x spurious is derived).")
   counts = groups_lib.group_counts(config.data)
   if (counts == 0).any():
-    raise ValueError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
+    raise errors.UserError(f"GroupDRO: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
                      f"training example (counts {counts.tolist()}).")
   return counts
 

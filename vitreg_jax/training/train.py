@@ -16,6 +16,7 @@ import ml_collections
 
 from vitreg_jax import config_lib
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import sharding as shd
 from vitreg_jax.baselines import jtt
 from vitreg_jax.heads import masks as head_masks
@@ -131,7 +132,7 @@ def num_train_steps(config, info) -> tuple[int, int | None]:
   if config.total_steps is not None:
     return int(config.total_steps), steps_per_epoch
   if steps_per_epoch is None:
-    raise ValueError("config.total_epochs needs the train split's size, which dataset "
+    raise errors.UserError("config.total_epochs needs the train split's size, which dataset "
                      f"{config.data.name!r} does not report; set config.total_steps instead.")
   return int(round(config.total_epochs * steps_per_epoch)), steps_per_epoch
 
