@@ -24,6 +24,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from vitreg_jax import checks
@@ -84,7 +85,7 @@ def preflight(config, *, prepare_data: bool = False):
 
   The config's fields and names (`config_lib.with_defaults`), the dataset (known, prepared:
   `dataset_info`), the model's fields, the optimizer and schedule, both batch sizes against
-  the devices and `config.head_eval`'s layers. Training repeats none of this work but the
+  the devices, `config.init_from`'s path and `config.head_eval`'s layers. Training repeats none of this work but the
   cheap parts; it fails the same way if called without it.
 
   Returns:
@@ -93,9 +94,13 @@ def preflight(config, *, prepare_data: bool = False):
   config = config_lib.with_defaults(config)
   info = dataset_info(config.data, prepare_data=prepare_data)
   model = steps.create_model(config, info.num_classes)
+  steps.make_forward(model, config.regularizers)  # each regularizer's name and options
   total_steps, steps_per_epoch = train.num_train_steps(config, info)
   optim.make_optimizer(config, total_steps, steps_per_epoch)
   train.make_mesh(config)
+  if config.init_from and not epath.Path(config.init_from["path"]).exists():
+    raise errors.PathNotFoundError(
+        f"config.init_from.path {config.init_from['path']!r} does not exist.")
   if config.head_eval not in (None, "", False):
     depth, _ = checks.head_shape(model, needed_by="config.head_eval")
     checks.resolve_layers(config.head_eval, depth, "config.head_eval")
