@@ -2,8 +2,8 @@
 
 One home for three small questions every layer of the package asks: is a value one of the
 named choices (`check_choice`), which blocks do these layer indices name (`resolve_layers`),
-and what is a model's `(depth, heads)` (`head_shape`). Light on purpose (NumPy only, nothing
-else of the package): the models import it.
+and what is a model's `(depth, heads)` (`head_shape`). Light on purpose (NumPy and
+`errors` only): the models import it. Every failure is an `errors.UserError`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from vitreg_jax import errors
 
 
 def check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
-  """Raises a ValueError naming the valid choices when `value` is not one of them."""
+  """Raises a `UserError` naming the valid choices when `value` is not one of them."""
   if value not in choices:
     raise errors.UserError(f'Unknown {what} {value!r}: {what} must be one of the valid choices: '
                            f'{list(choices)}.')

@@ -9,6 +9,10 @@ same split).
 
 `UserError` subclasses `ValueError`, so code that validates with `except ValueError` keeps
 working; a plain `ValueError` is not a user error and is not caught at the entry points.
+`PathNotFoundError` is the `UserError` for a path that does not exist (also a
+`FileNotFoundError`); the dataset errors (`data.DatasetNotPreparedError`, `CorruptDataError`)
+and the training refusals (`NegligibleTermError`, `ConfigChangedError`,
+`CheckpointMismatchError`) subclass `UserError` too.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ parsed as Python literals), e.g.
       --option agreement=0.9 --option seed=0
   python -m vitreg_jax.data.prepare waterbirds --manual_dir=/data/waterbirds_raw
 
-At the end it prints the dataset's info, which is what training will see.
+At the end it prints the dataset's info, which is what training will see. Training does the
+same for its own dataset when it is missing with `python -m vitreg_jax.main ... --prepare_data`.
+A mistake (an unknown name or option) is one line, exit status 1.
 """
 
 from __future__ import annotations
