@@ -7,9 +7,12 @@ one-line answers to a bad or missing `--workdir` are checked, with every other e
 in tests/bad_input_test.py.
 """
 
+import importlib
 import os
 import subprocess
 import sys
+
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,9 +46,8 @@ def test_no_module_defines_flags_at_import():
 def test_each_command_defines_its_documented_flags():
   """`define_flags()` gives each analysis and `data.prepare` the names the docs use, twice
   in one process without a clash (tests call several commands' mains in one process)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from vitreg_jax.analysis import calibration, fourier, hessian, landscape, noise, variance  # pylint: disable=g-import-not-at-top,g-multiple-import
-  for module in (calibration, fourier, hessian, landscape, noise, variance):
+  for name in ("calibration", "fourier", "hessian", "landscape", "noise", "variance"):
+    module = importlib.import_module(f"vitreg_jax.analysis.{name}")
     module.define_flags()
     module.define_flags()
   for name in ("workdir", "step", "out", "batch_size", "seed", "split", "noise_split",

@@ -22,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QS = "--config=configs/quickstart.py"
 LOG_LINE = re.compile(r"[IW]\d{4} ")  # absl's INFO / WARNING lines (TFDS warns of folders)
 
-# Runs each case of the JSON list on stdin in a forked child as `python -m module args`:
-# stdout and stderr into files, the exit status as the interpreter would set it.
+# Runs each case of the JSON list on stdin in a forked child as `python -m module args` (after
+# the case's setup code): its stdout and stderr into one file, its exit status and an uncaught
+# exception's traceback as the interpreter would give them.
 DRIVER = r"""
 import json, os, runpy, sys, tempfile, traceback
 PARALLEL = 4  # children at a time
@@ -38,7 +39,7 @@ data.get_info(config_lib.with_defaults(
     config_lib.load_config_file("configs/quickstart.py")).data)
 
 
-def start(module, args):
+def start(module, args, setup):
   out = tempfile.TemporaryFile("w+")
   pid = os.fork()
   if pid:
@@ -47,6 +48,7 @@ def start(module, args):
   os.dup2(out.fileno(), 2)
   sys.argv = [module, *args]
   try:
+    exec(setup, {})
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     code = 0
   except SystemExit as e:
@@ -65,8 +67,8 @@ cases = json.load(sys.stdin)
 results, running, todo = [None] * len(cases), {}, list(enumerate(cases))
 while todo or running:
   while todo and len(running) < PARALLEL:
-    i, (module, args) = todo.pop(0)
-    pid, out = start(module, args)
+    i, (module, args, setup) = todo.pop(0)
+    pid, out = start(module, args, setup)
     running[pid] = (i, out)
   pid, status = os.wait()
   i, out = running.pop(pid)
@@ -81,7 +83,7 @@ def _env():
 
 
 def run_cases(cases):
-  """[(module, args)] -> [{"status", "output"}], one driver process for all of them."""
+  """[(module, args, setup code)] -> [{"status", "output"}], one driver for all of them."""
   proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(cases), cwd=ROOT,
                         env=_env(), capture_output=True, text=True, timeout=600, check=False)
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
@@ -132,7 +134,8 @@ def _cases(p):
       (main, [QS], "--workdir"),
       # The README's ARViT command on a machine without CIFAR-10: how to prepare it, in one line.
       (main, ["--config=configs/arvit_r1.py", wd, f"--config.data.data_dir={p['data']}"],
-       "python -m vitreg_jax.data.prepare cifar10"),
+       ("FATAL: Dataset 'cifar10'", "python -m vitreg_jax.data.prepare cifar10",
+        "--prepare_data")),
       ("vitreg_jax.heads", [missing], "is not a vitreg_jax run directory"),
       ("vitreg_jax.heads", ["--table", "/nonexistent/run"], "is not a vitreg_jax run directory"),
       ("vitreg_jax.heads", [], "pass exactly one of --workdir"),
@@ -154,11 +157,16 @@ def _cases(p):
       ("vitreg_jax.data.prepare", ["dominoes", "--option", "num_train=abc"], "num_train"),
       ("vitreg_jax.data.prepare", ["dominoes", "--no_such_flag"], "no_such_flag"),
   ]
+  return table + _analysis_cases(missing)
+
+
+def _analysis_cases(missing):
+  """Every analysis without a run or with a bad flag value (checked before the run is read)."""
   analyses = ["calibration", "fourier", "hessian", "landscape", "noise", "variance"]
-  table += [(f"vitreg_jax.analysis.{a}", [missing], "is not a vitreg_jax run directory")
-            for a in analyses]
+  table = [(f"vitreg_jax.analysis.{a}", [missing], "is not a vitreg_jax run directory")
+           for a in analyses]
   table += [(f"vitreg_jax.analysis.{a}", [], "Pass at least one --workdir") for a in analyses]
-  table += [
+  return table + [
       ("vitreg_jax.analysis.hessian", [missing, "--top_k=abc"], "--top_k=abc"),
       ("vitreg_jax.analysis.hessian", [missing, "--method=nope"], "--method"),
       ("vitreg_jax.analysis.hessian", [missing, "--num_batches=0"], "--num_batches must be"),
@@ -168,49 +176,44 @@ def _cases(p):
       ("vitreg_jax.analysis.noise", [missing, "--num_freqs=1"], "--num_freqs >= 2"),
       ("vitreg_jax.analysis.calibration", [missing, "--bins=0"], "--bins >= 1"),
   ]
-  return table
 
 
-def test_every_entry_point_answers_each_mistake_in_one_line(paths):
+# A bug planted in the training command: a plain ValueError (not a UserError) from the config
+# check. Run in the child before the command, as an import-time patch would be.
+PLANTED_BUG = ("from vitreg_jax import config_lib\n"
+               "def broken(config):\n"
+               "  raise ValueError('planted internal error')\n"
+               "config_lib.with_defaults = broken\n")
+
+
+@pytest.fixture(scope="module")
+def outcomes(paths):
+  """Every case of the table, then the planted bug, run by one driver: (table, results)."""
   table = _cases(paths)
-  results = run_cases([(module, args) for module, args, _ in table])
-  for (module, args, fragment), res in zip(table, results):
+  cases = [(module, args, "") for module, args, _ in table]
+  cases.append(("vitreg_jax.main", [QS, f"--workdir={paths['tmp']}/bug"], PLANTED_BUG))
+  return table, run_cases(cases)
+
+
+def test_every_entry_point_answers_each_mistake_in_one_line(paths, outcomes):
+  table, results = outcomes
+  for (module, args, fragments), res in zip(table, results):
     case = f"python -m {module} {' '.join(args)}\n{res['output'][-3000:]}"
     assert res["status"] != 0, case
-    assert fragment in res["output"], case
+    for fragment in [fragments] if isinstance(fragments, str) else fragments:
+      assert fragment in res["output"], case
     assert "Traceback" not in res["output"], case
-    # One line of message: absl's FATAL flags line and argparse's usage line aside, a
-    # command prints nothing else (no config dump, no help text).
+    # One line of message: absl's log lines and argparse's usage lines aside, a command
+    # prints nothing else (no config dump, no help text).
     lines = [l for l in res["output"].splitlines() if l.strip() and not LOG_LINE.match(l)
              and not l.startswith(("usage:", " ", "Pass --helpshort"))]
     assert len(lines) == 1, case
   assert not os.path.exists(os.path.join(paths["tmp"], "w"))  # No command wrote a run.
 
 
-def test_headline_command_says_how_to_prepare_cifar10_and_the_flag(paths):
-  """The README's ARViT-R1 command without CIFAR-10: the prepare command and --prepare_data."""
-  proc = subprocess.run(
-      [sys.executable, "-m", "vitreg_jax.main", "--config=configs/arvit_r1.py",
-       f"--workdir={paths['tmp']}/headline", f"--config.data.data_dir={paths['data']}"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 1
-  fatal = [l for l in proc.stderr.splitlines() if l.startswith("FATAL")]
-  assert len(fatal) == 1, proc.stderr[-3000:]
-  assert "python -m vitreg_jax.data.prepare cifar10" in fatal[0] and "--prepare_data" in fatal[0]
-  assert "Traceback" not in proc.stderr and "Config:" not in proc.stderr  # no config dump
-
-
-def test_a_bug_keeps_its_traceback(tmp_path):
-  """An internal error (here a plain ValueError planted in the config check) is not a user's
-  mistake: it is not caught, so its traceback shows where it came from."""
-  code = ("import runpy, sys\n"
-          "from vitreg_jax import config_lib\n"
-          "def broken(config):\n"
-          "  raise ValueError('planted internal error')\n"
-          "config_lib.with_defaults = broken\n"
-          f"sys.argv = ['vitreg_jax.main', {QS!r}, '--workdir={tmp_path}/w']\n"
-          "runpy.run_module('vitreg_jax.main', run_name='__main__', alter_sys=True)\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode != 0
-  assert "Traceback" in proc.stderr and "planted internal error" in proc.stderr
+def test_a_bug_keeps_its_traceback(outcomes):
+  """An internal error is not a user's mistake: no entry point catches it, so its traceback
+  shows where it came from."""
+  res = outcomes[1][-1]
+  assert res["status"] != 0
+  assert "Traceback" in res["output"] and "planted internal error" in res["output"], res

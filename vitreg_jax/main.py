@@ -84,9 +84,10 @@ def preflight(config, *, prepare_data: bool = False):
   """The run's checks that need no compute, so that a mistake stops here as one line.
 
   The config's fields and names (`config_lib.with_defaults`), the dataset (known, prepared:
-  `dataset_info`), the model's fields, the optimizer and schedule, both batch sizes against
-  the devices, `config.init_from`'s path and `config.head_eval`'s layers. Training repeats none of this work but the
-  cheap parts; it fails the same way if called without it.
+  `dataset_info`), the model's and the regularizers' fields, the optimizer and schedule, both
+  batch sizes against the devices, `config.init_from`'s path and `config.head_eval`'s layers.
+  Each is the check training itself runs (it fails the same way when called without this),
+  run here before the config is logged and anything is compiled.
 
   Returns:
     The config with every default filled in.

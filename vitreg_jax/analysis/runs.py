@@ -43,10 +43,12 @@ def define_flags() -> None:
        "Training run directory (repeat to overlay runs)."),
       (flags.DEFINE_multi_integer, "step", None,
        "Checkpoint step(s) to analyse (default: newest)."),
-      (flags.DEFINE_string, "out", None, "Output folder (default: the workdir, when there is one)."),
+      (flags.DEFINE_string, "out", None,
+       "Output folder (default: the workdir, when there is one)."),
       (flags.DEFINE_integer, "batch_size", None,
        "Examples per batch (default: from the run's config)."),
-      (flags.DEFINE_integer, "seed", 0, "Seed of the random vectors / noise and of the data order."),
+      (flags.DEFINE_integer, "seed", 0,
+       "Seed of the random vectors / noise and of the data order."),
   ]
   for define, name, default, help_text in common:
     if name not in FLAGS:

@@ -275,8 +275,7 @@ class MultiHeadAttention(nn.Module):
     d = x.shape[-1]
     features = self.qkv_features or d
     if features % self.num_heads:
-      raise errors.UserError(
-          f'qkv width {features} is not divisible by num_heads={self.num_heads}.')
+      raise errors.UserError(f'qkv width {features} is not divisible by {self.num_heads} heads.')
     if per_head_inputs and (x.ndim != 4 or x.shape[1] != self.num_heads):
       raise ValueError(f'per-head inputs must be [B, {self.num_heads}, N, D], got {x.shape}.')
     head_dim = features // self.num_heads
