@@ -186,12 +186,32 @@ PLANTED_BUG = ("from vitreg_jax import config_lib\n"
                "config_lib.with_defaults = broken\n")
 
 
+# The quickstart's dataset made "not prepared" until its `prepare` runs (which says so), and
+# downloadable, to follow `main --prepare_data` without a network.
+UNPREPARED = (
+    "from vitreg_jax.data import base, registry\n"
+    "cls = type(registry.DATASETS['dominoes'])\n"
+    "real_info, done = cls.info, []\n"
+    "def info(self, config):\n"
+    "  if not done:\n"
+    "    raise base.DatasetNotPreparedError('Dataset dominoes is not prepared (planted).')\n"
+    "  return real_info(self, config)\n"
+    "def prepare(self, config):\n"
+    "  print('PLANTED PREPARE', flush=True)\n"
+    "  done.append(1)\n"
+    "cls.info, cls.prepare, cls.downloads = info, prepare, True\n")
+
+
 @pytest.fixture(scope="module")
 def outcomes(paths):
-  """Every case of the table, then the planted bug, run by one driver: (table, results)."""
+  """Every case of the table, then the planted bug and the unprepared dataset without and with
+  --prepare_data (each stopped by a bad schedule before any compute), run by one driver."""
   table = _cases(paths)
   cases = [(module, args, "") for module, args, _ in table]
-  cases.append(("vitreg_jax.main", [QS, f"--workdir={paths['tmp']}/bug"], PLANTED_BUG))
+  args = [QS, f"--workdir={paths['tmp']}/extra", "--config.schedule.name=no_such_schedule"]
+  cases += [("vitreg_jax.main", args[:2], PLANTED_BUG),
+            ("vitreg_jax.main", args, UNPREPARED),
+            ("vitreg_jax.main", args + ["--prepare_data"], UNPREPARED)]
   return table, run_cases(cases)
 
 
@@ -214,6 +234,18 @@ def test_every_entry_point_answers_each_mistake_in_one_line(paths, outcomes):
 def test_a_bug_keeps_its_traceback(outcomes):
   """An internal error is not a user's mistake: no entry point catches it, so its traceback
   shows where it came from."""
-  res = outcomes[1][-1]
+  res = outcomes[1][-3]
   assert res["status"] != 0
   assert "Traceback" in res["output"] and "planted internal error" in res["output"], res
+
+
+def test_prepare_data_prepares_a_missing_dataset_before_the_run(outcomes):
+  """Without --prepare_data a missing (downloadable) dataset is one line that names the flag;
+  with it, `main` prepares the dataset and goes on (here to the next mistake)."""
+  without, with_flag = outcomes[1][-2:]
+  assert without["status"] == 1 and "PLANTED PREPARE" not in without["output"]
+  assert "not prepared (planted). (or add --prepare_data" in without["output"], without
+  assert with_flag["status"] == 1, with_flag
+  assert "PLANTED PREPARE" in with_flag["output"], with_flag
+  assert "Unknown schedule 'no_such_schedule'" in with_flag["output"], with_flag
+  assert "Traceback" not in without["output"] + with_flag["output"]
