@@ -58,6 +58,7 @@ def run_main(analysis, *args):
   line (every other flag back at its default): no interpreter and JAX start-up per command.
   The command-line wrapper itself (usage errors on stderr) is tested through subprocesses."""
   module = importlib.import_module(f"vitreg_jax.analysis.{analysis}")
+  module.define_flags()  # as its `__main__` does: no flag is defined at import
   flags.FLAGS.unparse_flags()
   argv = flags.FLAGS([analysis, *args])
   try:

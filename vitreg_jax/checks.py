@@ -2,8 +2,8 @@
 
 One home for three small questions every layer of the package asks: is a value one of the
 named choices (`check_choice`), which blocks do these layer indices name (`resolve_layers`),
-and what is a model's `(depth, heads)` (`head_shape`). Light on purpose (NumPy only, nothing
-else of the package): the models import it.
+and what is a model's `(depth, heads)` (`head_shape`). Light on purpose (NumPy and
+`errors` only): the models import it. Every failure is an `errors.UserError`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vitreg_jax import errors
+
 
 def check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
-  """Raises a ValueError naming the valid choices when `value` is not one of them."""
+  """Raises a `UserError` naming the valid choices when `value` is not one of them."""
   if value not in choices:
-    raise ValueError(f'Unknown {what} {value!r}: {what} must be one of the valid choices: '
-                     f'{list(choices)}.')
+    raise errors.UserError(f'Unknown {what} {value!r}: {what} must be one of the valid choices: '
+                           f'{list(choices)}.')
 
 
 def _parse_text(text: str, what: str):
@@ -29,8 +31,8 @@ def _parse_text(text: str, what: str):
   try:
     return [int(p) for p in text.split(',') if p.strip()]
   except ValueError:
-    raise ValueError(f"{what} {text!r}: use an integer (-1 = last), 'all' or a list like "
-                     "'0,3'.") from None
+    raise errors.UserError(f"{what} {text!r}: use an integer (-1 = last), 'all' or a list like "
+                           "'0,3'.") from None
 
 
 def resolve_layers(layers, depth: int, what: str = 'layer', *,
@@ -58,17 +60,18 @@ def resolve_layers(layers, depth: int, what: str = 'layer', *,
   try:
     items = list(items)
   except TypeError:
-    raise ValueError(f'{what} must be a bool, a block index or a tuple of block indices, '
-                     f'got {layers!r}.') from None
+    raise errors.UserError(f'{what} must be a bool, a block index or a tuple of block indices, '
+                           f'got {layers!r}.') from None
   low = -depth if negative else 0
   hint = ('negative counts from the end, -1 = last block' if negative
           else 'indices are 0-based')
   for i in items:
     if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-      raise ValueError(f'{what}: layer {i!r} is not an int.')
+      raise errors.UserError(f'{what}: layer {i!r} is not an int.')
     if not low <= i < depth:
-      raise ValueError(f"{what}: block index {i} is out of range, outside the model's {depth} "
-                       f'blocks (valid: {low}..{depth - 1}; {hint}).')
+      raise errors.UserError(
+          f"{what}: block index {i} is out of range, outside the model's {depth} "
+          f'blocks (valid: {low}..{depth - 1}; {hint}).')
   return tuple(int(i) % depth for i in items)
 
 
@@ -85,5 +88,5 @@ def head_shape(model, needed_by: str | None = None) -> tuple[int, int] | None:
     return depth, heads
   if needed_by is None:
     return None
-  raise ValueError(f'{needed_by} needs an attention model with `depth` and `num_heads`; '
-                   f'{type(model).__name__} has none (use a ViT-like model).')
+  raise errors.UserError(f'{needed_by} needs an attention model with `depth` and `num_heads`; '
+                         f'{type(model).__name__} has none (use a ViT-like model).')

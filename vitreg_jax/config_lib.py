@@ -21,6 +21,7 @@ module) are imported inside the functions that validate against them.
 
 import dataclasses
 import importlib.util
+import numbers
 import os
 import typing
 
@@ -29,6 +30,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax.data import base
 
 DEFAULTS = dict(
@@ -114,8 +116,8 @@ def _merge(config) -> dict:
   """DEFAULTS overridden by `config`, model and data sections filled with their defaults."""
   unknown = sorted(set(config.keys()) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f"Unknown config field(s) {unknown}. Valid top-level fields: "
-                     f"{sorted(DEFAULTS)}.")
+    raise errors.UserError(f"Unknown config field(s) {unknown}. Valid top-level fields: "
+                           f"{sorted(DEFAULTS)}.")
   merged = dict(DEFAULTS)
   for key in config.keys():
     value = config[key]
@@ -139,9 +141,10 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   `optimizer`, `schedule` and `init_from` left None mean the consumer's default.
 
   Raises:
-    ValueError: naming unknown top-level fields and listing the valid ones; a regularizer
-      entry the registry does not accept (name, option, choice, weight), or regularizers on
-      a model without attention maps (e.g. `resnet`).
+    errors.UserError: naming unknown top-level fields and listing the valid ones; a batch
+      size or step interval that is not a positive integer; a regularizer entry the registry
+      does not accept (name, option, choice, weight), or regularizers on a model without
+      attention maps (e.g. `resnet`).
   """
   merged = _merge(config)
   for section in _OPEN_SECTIONS:
@@ -150,12 +153,28 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   if not merged["init_from"] or merged["init_from"].get("path") is None:
     merged["init_from"] = None
   if (merged["total_steps"] is None) == (merged["total_epochs"] is None):
-    raise ValueError("Set exactly one of config.total_steps and config.total_epochs "
-                     f"(got total_steps={merged['total_steps']}, "
-                     f"total_epochs={merged['total_epochs']}).")
+    raise errors.UserError("Set exactly one of config.total_steps and config.total_epochs "
+                           f"(got total_steps={merged['total_steps']}, "
+                           f"total_epochs={merged['total_epochs']}).")
+  _check_counts(merged)
   if merged["regularizers"]:
     _check_regularizers(merged["regularizers"], merged["model_name"])
   return ml_collections.ConfigDict(merged)
+
+
+# Fields that count examples or steps: each a positive integer (None: the field's default).
+POSITIVE_INTS = ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps")
+
+
+def _check_counts(merged: dict) -> None:
+  """A batch size or a step interval that is not a positive integer fails here, by name."""
+  for key in POSITIVE_INTS:
+    value = merged[key]
+    if value is None and key == "eval_batch_size":
+      continue
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise errors.UserError(f"config.{key} must be a positive integer, got {value!r}.")
 
 
 def _check_regularizers(regularizer_configs, model_name: str) -> None:
@@ -191,12 +210,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, _, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}. Valid arguments: {sorted(defaults)}.")
+      raise errors.UserError(
+          f"Unknown config argument {key!r}. Valid arguments: {sorted(defaults)}.")
     default = defaults[key]
     if isinstance(default, bool):
       if value.lower() not in _BOOLS:
-        raise ValueError(f"Config argument {key}={value!r} is not a boolean: use {key}, "
-                         f"{key}=true or {key}=false.")
+        raise errors.UserError(f"Config argument {key}={value!r} is not a boolean: use {key}, "
+                               f"{key}=true or {key}=false.")
       result[key] = _BOOLS[value.lower()]
     elif default is None:
       result[key] = value
@@ -204,8 +224,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       try:
         result[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f"Config argument {key}={value!r} is not a valid "
-                         f"{type(default).__name__}.") from None
+        raise errors.UserError(f"Config argument {key}={value!r} is not a valid "
+                               f"{type(default).__name__}.") from None
   return result
 
 
@@ -227,7 +247,7 @@ def set_div_regularizer(config, *, impl: str, weight: float, layers=(-1,)) -> No
   configs set it on `config.model` themselves (`AUTHORS_ARCHITECTURE`).
   """
   if impl not in ("paper", "code"):
-    raise ValueError(f"DIV impl must be 'paper' or 'code', got {impl!r}.")
+    raise errors.UserError(f"DIV impl must be 'paper' or 'code', got {impl!r}.")
   div = dict(name="div", weight=weight, layers=tuple(layers))
   if impl == "code":
     div.update(normalize=True, reduction="mean")
@@ -291,7 +311,7 @@ def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = path_and_arg.partition(":")
   if not os.path.isfile(path):
-    raise ValueError(f"Config file {path!r} not found.")
+    raise errors.PathNotFoundError(f"Config file {path!r} not found.")
   items = [i for i in arg.split(",") if i]
   common = [i for i in items if i.partition("=")[0].strip() in COMMON_ARGS]
   rest = ",".join(i for i in items if i not in common) or None
@@ -300,7 +320,7 @@ def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
   config = module.get_config(rest) if rest is not None else module.get_config()
   if common.dtype:
     if common.dtype not in DTYPES:
-      raise ValueError(f"Config argument dtype={common.dtype!r}: valid dtypes {DTYPES}.")
+      raise errors.UserError(f"Config argument dtype={common.dtype!r}: valid dtypes {DTYPES}.")
     config.model["dtype"] = common.dtype
   return overridable(config)
 

@@ -6,6 +6,7 @@ The command only; the method lives in `vitreg_jax/baselines/dfr.py`.
 import argparse
 import json
 
+from vitreg_jax import errors
 from vitreg_jax.baselines import dfr
 
 
@@ -20,12 +21,9 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
   parser.add_argument("--out", default=None, help="output folder (default: the workdir)")
   args = parser.parse_args(argv)
-  try:
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
     paths = dfr.write(args.workdir, args.out, head_mask=args.head_mask, heldout=args.heldout,
-                  num_retrains=args.num_retrains, seed=args.seed, step=args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}")
-    return 1
+                      num_retrains=args.num_retrains, seed=args.seed, step=args.step)
   print(open(paths["md"]).read())
   print("wrote " + ", ".join(paths.values()))
   return 0

@@ -9,6 +9,10 @@ same split).
 
 `UserError` subclasses `ValueError`, so code that validates with `except ValueError` keeps
 working; a plain `ValueError` is not a user error and is not caught at the entry points.
+`PathNotFoundError` is the `UserError` for a path that does not exist (also a
+`FileNotFoundError`); the dataset errors (`data.DatasetNotPreparedError`, `CorruptDataError`)
+and the training refusals (`NegligibleTermError`, `ConfigChangedError`,
+`CheckpointMismatchError`) subclass `UserError` too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ EXIT_STATUS = 1
 
 class UserError(ValueError):
   """A mistake in what the user gave (config, flags, paths, data): the message is the fix."""
+
+
+class PathNotFoundError(UserError, FileNotFoundError):
+  """A path the user named does not exist (a workdir, a config file, a mask, ...).
+
+  Also a `FileNotFoundError`, so callers that handle a missing file as such keep working.
+  """
 
 
 def message(error: BaseException) -> str:

@@ -6,6 +6,7 @@ The command only; the method lives in `vitreg_jax/baselines/jtt.py`.
 import argparse
 import json
 
+from vitreg_jax import errors
 from vitreg_jax.baselines import jtt
 
 
@@ -14,11 +15,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="the identification (stage 1) run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
   args = parser.parse_args(argv)
-  try:
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
     path = jtt.write(args.workdir, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}")
-    return 1
   record = json.loads(open(path).read())
   print(f"{path}: {record['num_errors']} of {record['num_examples']} training examples "
         f"misclassified at step {record['step']}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from vitreg_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Roles:
@@ -54,6 +56,6 @@ def split_roles(splits: Sequence[str], attributes: Sequence[str] = (), *,
   if has("val_id", "val_ood") or missing_ok:
     test = "test" if has("test_id", "test_ood") or not has("val_id", "val_ood") else "val"
     return Roles("val_id", "val_ood", f"{test}_id", f"{test}_ood")
-  raise ValueError(f"Cannot tell the ID and OOD validation splits apart in {list(splits)}: "
-                   "head selection needs val_id/val_ood(/test_id/test_ood) splits, or "
-                   "val/test with a `group` attribute.")
+  raise errors.UserError(f"Cannot tell the ID and OOD validation splits apart in {list(splits)}: "
+                         "head selection needs val_id/val_ood(/test_id/test_ood) splits, or "
+                         "val/test with a `group` attribute.")

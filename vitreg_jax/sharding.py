@@ -16,6 +16,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from vitreg_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -93,7 +95,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False,
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   n, p = mesh.devices.size, jax.process_count()
   if global_batch_size % n or global_batch_size % p:
-    raise ValueError(
+    raise errors.UserError(
         f"batch_size={global_batch_size} must be divisible by the number of devices ({n}) "
         f"and of processes ({p}); set --config.batch_size to a multiple of {np.lcm(n, p)}.")
 

@@ -37,6 +37,7 @@ import sys
 import time
 
 from vitreg_jax import config_lib
+from vitreg_jax import errors
 from vitreg_jax.reports import runs as report_runs
 from vitreg_jax.training import run_files
 
@@ -50,7 +51,7 @@ def product(**axes) -> list[dict]:
   """The grid of every combination of `axes` (name -> sequence of values), first axis slowest."""
   for name, values in axes.items():
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-      raise ValueError(f"Sweep axis {name!r} must be a sequence of values, got {values!r}.")
+      raise errors.UserError(f"Sweep axis {name!r} must be a sequence of values, got {values!r}.")
   names = list(axes)
   return [dict(zip(names, combo)) for combo in itertools.product(*axes.values())]
 
@@ -59,19 +60,20 @@ def load_sweep(spec: str) -> tuple[str, str, list[dict]]:
   """Reads `FILE.py[:ARG]`; returns `(path, arg, points)` from the file's `get_sweep(arg)`."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Sweep file {path!r} not found (give a config file that defines "
-                            "get_sweep, e.g. configs/optimizer_study.py:data=dominoes).")
+    raise errors.PathNotFoundError(
+        f"Sweep file {path!r} not found (give a config file that defines "
+        "get_sweep, e.g. configs/optimizer_study.py:data=dominoes).")
   module = config_lib.import_config(path)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{path} defines no get_sweep(arg): it is a config, not a sweep. Add "
-                     "get_sweep returning a list of override dicts (see vitreg_jax.sweep).")
+    raise errors.UserError(f"{path} defines no get_sweep(arg): it is a config, not a sweep. Add "
+                           "get_sweep returning a list of override dicts (see vitreg_jax.sweep).")
   points = list(module.get_sweep(arg or None))
   if not points or not all(isinstance(p, dict) and p for p in points):
-    raise ValueError(f"{path}: get_sweep must return a non-empty list of non-empty dicts.")
+    raise errors.UserError(f"{path}: get_sweep must return a non-empty list of non-empty dicts.")
   names = [point_name(p) for p in points]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ValueError(f"{path}: get_sweep returned duplicate points {duplicates}.")
+    raise errors.UserError(f"{path}: get_sweep returned duplicate points {duplicates}.")
   return path, arg, points
 
 
@@ -260,12 +262,18 @@ def main(argv=None) -> int:
     parser.error(f"--workdir={args.workdir}: a sweep writes each point's log and status "
                  "files with local file calls; give a local or mounted folder (a single "
                  "training run takes gs:// workdirs, docs/workdirs.md).")
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
+    return _run(args)
 
+
+def _run(args) -> int:
+  """The sweep `main` parsed: plan, then print, submit or run the points."""
   rows = plan(args.sweep, args.workdir, args.retry_failed)
   if args.index:
     bad = [i for i in args.index if not 0 <= i < len(rows)]
     if bad:
-      parser.error(f"--index {bad} out of range: the sweep has {len(rows)} points (0..{len(rows) - 1}).")
+      raise errors.UserError(f"--index {bad} out of range: the sweep has {len(rows)} points "
+                             f"(0..{len(rows) - 1}).")
   todo = [r[0] for r in rows if r[5] and (not args.index or r[0] in args.index)]
   if args.dry_run:
     for i, name, _, command, st, will in rows:

@@ -26,6 +26,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax import metrics
 from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
@@ -33,10 +34,16 @@ from vitreg_jax.data import base
 from vitreg_jax.data import splits as splits_lib
 from vitreg_jax.training import steps
 
-flags.DEFINE_string("calibration_split", None,
-                    "Split (default: the run's first eval split).")
-flags.DEFINE_integer("bins", metrics.ECE_BINS, "Equal-width confidence bins (the authors: 10).")
-flags.DEFINE_integer("calibration_examples", None, "Examples at most (default: the whole split).")
+
+def define_flags() -> None:
+  """This command's flags, defined when it runs (its `__main__`), not at import."""
+  runs.define_flags()
+  if "calibration_split" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_string("calibration_split", None,
+                      "Split (default: the run's first eval split).")
+  flags.DEFINE_integer("bins", metrics.ECE_BINS, "Equal-width confidence bins (the authors: 10).")
+  flags.DEFINE_integer("calibration_examples", None, "Examples at most (default: the whole split).")
 
 
 def make_predict(model, variables):
@@ -60,7 +67,7 @@ def batch_metrics(predict, batches: Iterable[dict], num_bins: int) -> dict:
     outs.append(predict(b["image"], b["label"]))
     labels.append(np.asarray(b["label"]))
   if not outs:
-    raise ValueError("No examples to evaluate: the split is empty.")
+    raise errors.UserError("No examples to evaluate: the split is empty.")
   outs = jax.device_get(outs)
   counts, nll, hits, n = np.zeros((3, num_bins)), 0.0, 0, 0
   for out, label in zip(outs, labels):
@@ -116,8 +123,8 @@ def _checked_split(run, split: Optional[str]) -> str:
   split = split or runs.default_eval_split(run)
   try:
     base.check_split(run.dataset.info, splits_lib.base_name(split))
-  except ValueError as e:
-    raise app.UsageError(f"--calibration_split: {e}") from None
+  except errors.UserError as e:
+    raise errors.UserError(f"--calibration_split: {e}") from None
   return split
 
 
@@ -125,7 +132,7 @@ def main(argv):
   del argv
   f = runs.FLAGS
   if f.bins < 1 or (f.calibration_examples is not None and f.calibration_examples < 1):
-    raise app.UsageError("Need --bins >= 1 and --calibration_examples >= 1.")
+    raise errors.UserError("Need --bins >= 1 and --calibration_examples >= 1.")
   out = runs.output_dir(f.out, f.workdir)
   loaded = runs.load_runs(f.workdir, f.step)
   splits = [_checked_split(run, f.calibration_split) for run in loaded]  # before any compute
@@ -146,4 +153,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(runs.usage_errors(main))

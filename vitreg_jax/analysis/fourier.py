@@ -32,11 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
-flags.DEFINE_integer("num_examples", 500, "Evaluation examples averaged over.")
-flags.DEFINE_string("split", None, "Evaluation split (default: the run's first eval split).")
+
+def define_flags() -> None:
+  """This command's flags, defined when it runs (its `__main__`), not at import."""
+  runs.define_flags()
+  if "num_examples" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_integer("num_examples", 500, "Evaluation examples averaged over.")
+  flags.DEFINE_string("split", None, "Evaluation split (default: the run's first eval split).")
+
 
 # Block kinds: the attention side and the conv / MLP side of the paper's contrast.
 ATTENTION_KINDS = ("msa",)
@@ -125,7 +133,7 @@ def spectra(model, variables, batches) -> List[dict]:
     total = amps if total is None else [t + a for t, a in zip(total, amps)]
     count += images.shape[0]
   if total is None:
-    raise ValueError("No batches to analyse (empty split?).")
+    raise errors.UserError("No batches to analyse (empty split?).")
   names = map_names(model, variables, image_shape)
   result = []
   for k, ((name, kind), amp) in enumerate(zip(names, total)):
@@ -193,7 +201,7 @@ def main(argv):
   del argv
   f = runs.FLAGS
   if f.num_examples < 1:
-    raise app.UsageError("--num_examples must be >= 1.")
+    raise errors.UserError("--num_examples must be >= 1.")
   out = runs.output_dir(f.out, f.workdir)
   results = per_block_over_examples(runs.load_runs(f.workdir, f.step),
                                     lambda run, batches: spectra(run.model, run.variables, batches))
@@ -206,4 +214,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(runs.usage_errors(main))

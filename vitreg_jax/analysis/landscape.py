@@ -46,6 +46,7 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax import plotting
 from vitreg_jax import sharding
 from vitreg_jax.analysis import objective
@@ -53,16 +54,27 @@ from vitreg_jax.analysis import runs
 
 NORMALIZATIONS = ("filter", "authors")
 DEFAULT_EXCLUDE = ("pos_embedding", "relative_position")
-flags.DEFINE_integer("grid_points", 21, "Points per axis of the 2-D grid (0: no grid).")
-flags.DEFINE_integer("line_points", 41, "Points of the 1-D line along the first direction "
-                     "(0: no line).")
-flags.DEFINE_float("extent", 1.0, "The grid and line span [-extent, extent] along each direction.")
-flags.DEFINE_integer("landscape_batches", 4, "Training batches averaged at every point.")
-flags.DEFINE_multi_string("exclude", list(DEFAULT_EXCLUDE), "Regex on parameter paths "
-                          "('a/b/kernel') kept fixed (repeatable; 'none' excludes nothing).")
-flags.DEFINE_enum("normalization", "filter", NORMALIZATIONS, "filter: per-filter norms "
-                  "(Li et al.); authors: norms over output channels (their code).")
-flags.DEFINE_integer("points_per_call", 21, "Grid points per compiled call (a scan).")
+
+
+def define_flags() -> None:
+  """This command's flags, defined when it runs (its `__main__`), not at import."""
+  runs.define_flags()
+  objective.define_flags()
+  if "grid_points" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_integer("grid_points", 21, "Points per axis of the 2-D grid (0: no grid).")
+  flags.DEFINE_integer("line_points", 41, "Points of the 1-D line along the first direction "
+                       "(0: no line).")
+  flags.DEFINE_float("extent", 1.0,
+                     "The grid and line span [-extent, extent] along each direction.")
+  flags.DEFINE_integer("landscape_batches", 4, "Training batches averaged at every point.")
+  flags.DEFINE_multi_string("exclude", list(DEFAULT_EXCLUDE), "Regex on parameter paths "
+                            "('a/b/kernel') kept fixed (repeatable; 'none' excludes nothing).")
+  flags.DEFINE_enum("normalization", "filter", NORMALIZATIONS, "filter: per-filter norms "
+                    "(Li et al.); authors: norms over output channels (their code).")
+  flags.DEFINE_integer("points_per_call", 21, "Grid points per compiled call (a scan).")
+
+
 _QKV = ("query", "key", "value")
 EPS = 1e-10
 
@@ -107,7 +119,7 @@ def random_directions(params, key, num: int = 2, *, exclude: Sequence[str] = DEF
                       normalization: str = "filter") -> list:
   """`num` random Gaussian directions shaped like `params`, normalized, zero where not `moved`."""
   if normalization not in NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
+    raise errors.UserError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   directions = []
   for i in range(num):
@@ -307,17 +319,17 @@ def plot_surfaces(results: list, path: str) -> str:
 def _check_flags(f) -> list:
   """Validates the flags before any compute; returns the exclude patterns."""
   if f.grid_points < 0 or f.grid_points == 1 or f.line_points < 0 or f.line_points == 1:
-    raise app.UsageError("--grid_points and --line_points must be 0 (skip) or >= 2.")
+    raise errors.UserError("--grid_points and --line_points must be 0 (skip) or >= 2.")
   if not f.grid_points and not f.line_points:
-    raise app.UsageError("--grid_points=0 and --line_points=0 leave nothing to evaluate.")
+    raise errors.UserError("--grid_points=0 and --line_points=0 leave nothing to evaluate.")
   if f.extent <= 0 or f.landscape_batches < 1 or f.points_per_call < 1:
-    raise app.UsageError("Need --extent > 0, --landscape_batches >= 1, --points_per_call >= 1.")
+    raise errors.UserError("Need --extent > 0, --landscape_batches >= 1, --points_per_call >= 1.")
   exclude = [] if list(f.exclude) == ["none"] else list(f.exclude)
   for pattern in exclude:
     try:
       re.compile(pattern)
     except re.error as e:
-      raise app.UsageError(f"--exclude={pattern!r} is not a regular expression: {e}.") from None
+      raise errors.UserError(f"--exclude={pattern!r} is not a regular expression: {e}.") from None
   return exclude
 
 
@@ -355,4 +367,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(runs.usage_errors(main))

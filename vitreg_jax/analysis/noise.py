@@ -44,22 +44,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import metrics
 from vitreg_jax import plotting
 from vitreg_jax.analysis import calibration
 from vitreg_jax.analysis import runs
 
-flags.DEFINE_enum("variant", "code", ["code", "equal_energy"], "code: the authors' ring-masked "
-                  "sign noise (FreqAttack); equal_energy: band noise of fixed energy (ours).")
-flags.DEFINE_float("eps", 0.5, "code: sign-noise amplitude per pixel before the ring mask; "
-                   "equal_energy: noise RMS per pixel (normalized input units).")
-flags.DEFINE_integer("num_freqs", 11, "Band centres, evenly spaced over [0, pi].")
-flags.DEFINE_float("ring_halfwidth", 0.2, "code: ring half-width s in radians (theirs: 0.2).")
-flags.DEFINE_float("bandwidth", 0.1, "equal_energy: band width in units of pi.")
-flags.DEFINE_integer("noise_examples", 1000, "Evaluation examples per frequency.")
-flags.DEFINE_string("noise_split", None, "Split (default: the run's first eval split).")
-flags.DEFINE_string("corruption", "auto", "'auto' (the run's dataset if it is a corrupted "
-                    "one), 'none', or cifar10_corrupted / cifar100_corrupted.")
+
+def define_flags() -> None:
+  """This command's flags, defined when it runs (its `__main__`), not at import."""
+  runs.define_flags()
+  if "variant" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_enum("variant", "code", ["code", "equal_energy"], "code: the authors' ring-masked "
+                    "sign noise (FreqAttack); equal_energy: band noise of fixed energy (ours).")
+  flags.DEFINE_float("eps", 0.5, "code: sign-noise amplitude per pixel before the ring mask; "
+                     "equal_energy: noise RMS per pixel (normalized input units).")
+  flags.DEFINE_integer("num_freqs", 11, "Band centres, evenly spaced over [0, pi].")
+  flags.DEFINE_float("ring_halfwidth", 0.2, "code: ring half-width s in radians (theirs: 0.2).")
+  flags.DEFINE_float("bandwidth", 0.1, "equal_energy: band width in units of pi.")
+  flags.DEFINE_integer("noise_examples", 1000, "Evaluation examples per frequency.")
+  flags.DEFINE_string("noise_split", None, "Split (default: the run's first eval split).")
+  flags.DEFINE_string("corruption", "auto", "'auto' (the run's dataset if it is a corrupted "
+                      "one), 'none', or cifar10_corrupted / cifar100_corrupted.")
+
 
 CORRUPTED = ("cifar10_corrupted", "cifar100_corrupted")
 
@@ -80,8 +88,8 @@ def band_noise(key, shape, freq: float, bandwidth: float, eps: float) -> jax.Arr
 def _checked_band(shape, freq: float, bandwidth: float) -> np.ndarray:
   mask = band_mask(shape[1], shape[2], freq, bandwidth)
   if not mask.any():
-    raise ValueError(f"No frequency of a {shape[1]}x{shape[2]} image lies in the band {freq} "
-                     f"+- {bandwidth / 2} (x pi): widen --bandwidth.")
+    raise errors.UserError(f"No frequency of a {shape[1]}x{shape[2]} image lies in the band {freq} "
+                           f"+- {bandwidth / 2} (x pi): widen --bandwidth.")
   return mask
 
 
@@ -111,8 +119,9 @@ def ring_mask(h: int, w: int, freq: float, halfwidth: float = 0.2) -> np.ndarray
   """The authors' `[h, w]` ring (shifted layout): the centred rectangle reaching `freq +
   halfwidth` radians minus the one reaching `freq - halfwidth` (each side `2 int(f n / 2 pi)`)."""
   if h % 2 or w % 2:
-    raise ValueError(f"--variant=code needs even image sizes (the authors' centred mask), got "
-                     f"{h}x{w}; use --variant=equal_energy.")
+    raise errors.UserError(
+        f"--variant=code needs even image sizes (the authors' centred mask), got "
+        f"{h}x{w}; use --variant=equal_energy.")
   def square(f):
     side = lambda n: 2 * int(f * n / (2 * np.pi))  # int() truncates toward 0, as theirs
     return np.outer(_centered(side(h), h), _centered(side(w), w))
@@ -169,7 +178,7 @@ def make_noise(variant: str, *, eps: float, bandwidth: float = 0.1, halfwidth: f
                ) -> Noise:
   """The `Noise` of `variant` ('code' or 'equal_energy')."""
   if variant not in ("code", "equal_energy"):
-    raise ValueError(f"--variant must be 'code' or 'equal_energy', got {variant!r}.")
+    raise errors.UserError(f"--variant must be 'code' or 'equal_energy', got {variant!r}.")
   return Noise(variant, eps, bandwidth, halfwidth)
 
 
@@ -249,8 +258,8 @@ def corruption_dataset(run, choice: str) -> Optional[str]:
   if choice == "auto":
     return run.config.data.name if run.config.data.name in CORRUPTED else None
   if choice not in CORRUPTED:
-    raise ValueError(f"--corruption must be 'auto', 'none' or one of {CORRUPTED}, "
-                     f"got {choice!r}.")
+    raise errors.UserError(f"--corruption must be 'auto', 'none' or one of {CORRUPTED}, "
+                           f"got {choice!r}.")
   return choice
 
 
@@ -280,7 +289,7 @@ def main(argv):
   f = runs.FLAGS
   if (f.num_freqs < 2 or f.eps <= 0 or not 0 < f.bandwidth <= 1 or f.noise_examples < 1
       or f.ring_halfwidth <= 0):
-    raise app.UsageError("Need --num_freqs >= 2, --eps > 0, 0 < --bandwidth <= 1, "
+    raise errors.UserError("Need --num_freqs >= 2, --eps > 0, 0 < --bandwidth <= 1, "
                          "--ring_halfwidth > 0 and --noise_examples >= 1.")
   noise_fn = make_noise(f.variant, eps=f.eps, bandwidth=f.bandwidth,
                         halfwidth=f.ring_halfwidth)
@@ -318,4 +327,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(runs.usage_errors(main))

@@ -38,12 +38,18 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import mixing
 from vitreg_jax.training import objective as training_objective
 
-flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
-                  "and label smoothing (false: the plain NLL of the training batches; the L2 "
-                  "weight penalty stays either way).")
+
+def define_flags() -> None:
+  """`--augment_loss`, for the commands that analyse the training loss (hessian, landscape)."""
+  if "augment_loss" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
+                    "and label smoothing (false: the plain NLL of the training batches; the L2 "
+                    "weight penalty stays either way).")
 
 
 def l2_penalty(params, weight_decay: float, decay_1d: bool = False):
@@ -79,7 +85,7 @@ class Objective:
     flat = {k: jnp.asarray(v, jnp.float32) for k, v in _flat(variables["params"]).items()}
     self.names = tuple(sorted(flat) if names is None else names)
     if not self.names:
-      raise ValueError("The parameter selection is empty.")
+      raise errors.UserError("The parameter selection is empty.")
     self._fixed = {k: v for k, v in flat.items() if k not in self.names}
     self.theta, self._unravel = ravel_pytree({k: flat[k] for k in self.names})
 
@@ -92,8 +98,9 @@ class Objective:
     pattern = re.compile(regex)
     names = [n for n in self.names if pattern.search(n)]
     if not names:
-      raise ValueError(f"--params={regex!r} matches none of the model's parameters; paths look "
-                       f"like {list(self.names[:4])} (see `param_blocks`).")
+      raise errors.UserError(
+          f"--params={regex!r} matches none of the model's parameters; paths look "
+          f"like {list(self.names[:4])} (see `param_blocks`).")
     return Objective(self.model, self._variables, num_classes=self.num_classes,
                      weight_decay=self.weight_decay, decay_1d=self.decay_1d,
                      label_smoothing=self.label_smoothing, augment=self.augment, names=names)
@@ -194,6 +201,7 @@ def param_blocks(names: Sequence[str]) -> list:
       found[key] = (f"stage{key[0]}_block{key[1]}", "msa" if msa else "conv",
                     f"^stage{key[0]}_block{key[1]}/")
   if not found:
-    raise ValueError("--per_block: no ViT encoder blocks or ResNet/AlterNet stage blocks among "
-                     f"the parameters (e.g. {list(names[:3])}); use --params=REGEX instead.")
+    raise errors.UserError(
+        "--per_block: no ViT encoder blocks or ResNet/AlterNet stage blocks among "
+        f"the parameters (e.g. {list(names[:3])}); use --params=REGEX instead.")
   return [found[k] for k in sorted(found)]

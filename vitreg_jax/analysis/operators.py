@@ -24,6 +24,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from vitreg_jax import errors
+
 OPERATORS = ("hessian", "ggn")
 
 
@@ -45,7 +47,7 @@ def ggn_vp(obj, theta, batch, v):
 def batch_operator(obj, operator: str = "hessian") -> Callable:
   """`matvec(theta, batch, v)` of one batch's Hessian or Gauss-Newton matrix."""
   if operator not in OPERATORS:
-    raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}.")
+    raise errors.UserError(f"operator must be one of {OPERATORS}, got {operator!r}.")
   if operator == "hessian":
     return functools.partial(hvp, obj.loss)
   return functools.partial(ggn_vp, obj)

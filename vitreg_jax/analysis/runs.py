@@ -20,28 +20,43 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import functools
 
-from absl import app
 from absl import flags
 from etils import epath
 import jax
 import tqdm
 
+from vitreg_jax import errors
 from vitreg_jax import sharding
 from vitreg_jax.data import mixing
 from vitreg_jax.training import rundir
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("workdir", None, "Training run directory (repeat to overlay runs).")
-flags.DEFINE_multi_integer("step", None, "Checkpoint step(s) to analyse (default: newest).")
-flags.DEFINE_string("out", None, "Output folder (default: the workdir, when there is one).")
-flags.DEFINE_integer("batch_size", None, "Examples per batch (default: from the run's config).")
-flags.DEFINE_integer("seed", 0, "Seed of the random vectors / noise and of the data order.")
+
+
+def define_flags() -> None:
+  """The flags every analysis command shares (above), defined by each command's
+  `define_flags` when it runs, not at import; each only once per process."""
+  common = [
+      (flags.DEFINE_multi_string, "workdir", None,
+       "Training run directory (repeat to overlay runs)."),
+      (flags.DEFINE_multi_integer, "step", None,
+       "Checkpoint step(s) to analyse (default: newest)."),
+      (flags.DEFINE_string, "out", None,
+       "Output folder (default: the workdir, when there is one)."),
+      (flags.DEFINE_integer, "batch_size", None,
+       "Examples per batch (default: from the run's config)."),
+      (flags.DEFINE_integer, "seed", 0,
+       "Seed of the random vectors / noise and of the data order."),
+  ]
+  for define, name, default, help_text in common:
+    if name not in FLAGS:
+      define(name, default, help_text)
 
 
 def load_runs(workdirs: Sequence[str], steps: Optional[Sequence[int]] = None) -> list:
   """`rundir.Run`s for every (workdir, step) pair; steps default to each run's newest."""
   if not workdirs:
-    raise ValueError("Pass at least one --workdir=DIR (a training run's directory).")
+    raise errors.UserError("Pass at least one --workdir=DIR (a training run's directory).")
   runs = []
   for workdir in workdirs:
     for step in (steps or [None]):
@@ -50,14 +65,12 @@ def load_runs(workdirs: Sequence[str], steps: Optional[Sequence[int]] = None) ->
 
 
 def usage_errors(main):
-  """`main` with the input errors a user can make (a missing or wrong --workdir, a bad flag
-  value) turned into absl's one-line usage error instead of a traceback."""
+  """`main` with the mistakes a user can make (a missing or wrong --workdir, a bad flag value:
+  `errors.UserError`) printed as one line, exit status 1; a bug keeps its traceback."""
   @functools.wraps(main)
   def wrapped(argv):
-    try:
+    with errors.exit_on_user_error():
       return main(argv)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from None
   return wrapped
 
 
@@ -71,11 +84,11 @@ def label(run, runs: Sequence) -> str:
 def output_dir(out: Optional[str], workdirs: Sequence[str]) -> str:
   """`--out`, or the one workdir; a clear error when several workdirs share no `--out`."""
   if not workdirs:
-    raise ValueError("Pass at least one --workdir=DIR (a training run's directory).")
+    raise errors.UserError("Pass at least one --workdir=DIR (a training run's directory).")
   if out is None:
     if len(set(workdirs)) > 1:
-      raise ValueError("Several --workdir values are overlaid in one plot: pass --out=DIR "
-                       "for the combined JSON and PNG.")
+      raise errors.UserError("Several --workdir values are overlaid in one plot: pass --out=DIR "
+                             "for the combined JSON and PNG.")
     out = workdirs[0]
   epath.Path(out).mkdir(parents=True, exist_ok=True)  # `gs://` outputs work too.
   return out

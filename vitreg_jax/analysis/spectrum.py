@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
+
 BASES = ("device", "bf16", "host")
 
 
@@ -105,7 +107,7 @@ def lanczos(matvec: Callable, v0, m: int, basis: str = "device"):
     remaining entries are zero and their Ritz values carry zero quadrature weight.
   """
   if basis not in BASES:
-    raise ValueError(f"basis must be one of {BASES}, got {basis!r}.")
+    raise errors.UserError(f"basis must be one of {BASES}, got {basis!r}.")
   if basis == "host":
     return _lanczos_host(matvec, v0, m)
   n = v0.shape[0]

@@ -27,12 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax import plotting
 from vitreg_jax import sharding
 from vitreg_jax.analysis import fourier
 from vitreg_jax.analysis import runs
 
-flags.DEFINE_bool("log_scale", False, "Log-scale variance axis (models of different scales).")
+
+def define_flags() -> None:
+  """This command's flags, defined when it runs (its `__main__`), not at import."""
+  fourier.define_flags()  # --num_examples, and the common flags
+  if "log_scale" in flags.FLAGS:  # Defined already: another main ran in this process.
+    return
+  flags.DEFINE_bool("log_scale", False, "Log-scale variance axis (models of different scales).")
 
 
 def map_variance(fmap) -> jax.Array:
@@ -70,7 +77,7 @@ def variances(model, variables, batches, mesh=None) -> List[dict]:
     total = values if total is None else [t + v for t, v in zip(total, values)]
     count += n
   if total is None:
-    raise ValueError("No batches to analyse (empty split?).")
+    raise errors.UserError("No batches to analyse (empty split?).")
   names = fourier.map_names(model, variables, image_shape)
   shapes = map_shapes(model, variables, image_shape)
   result = []
@@ -121,7 +128,7 @@ def main(argv):
   del argv
   f = runs.FLAGS
   if f.num_examples < 1:
-    raise app.UsageError("--num_examples must be >= 1.")
+    raise errors.UserError("--num_examples must be >= 1.")
   out = runs.output_dir(f.out, f.workdir)
   mesh = sharding.make_mesh()
   results = fourier.per_block_over_examples(
@@ -134,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(runs.usage_errors(main))

@@ -41,6 +41,7 @@ import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from vitreg_jax import errors
 from vitreg_jax import roles
 from vitreg_jax.heads import masks
 from vitreg_jax.training import features
@@ -114,8 +115,9 @@ def apply_classifier(variables: dict, classifier: dict) -> dict:
   head = variables["params"]["head"]
   kernel = np.asarray(classifier["kernel"], np.float32)
   if tuple(np.shape(head["kernel"])) != kernel.shape:
-    raise ValueError(f"The classifier's kernel has shape {kernel.shape}; the model's head has "
-                     f"{tuple(np.shape(head['kernel']))}: it was fit on another model.")
+    raise errors.UserError(
+        f"The classifier's kernel has shape {kernel.shape}; the model's head has "
+        f"{tuple(np.shape(head['kernel']))}: it was fit on another model.")
   params = {**variables["params"], "head": {"kernel": kernel,
                                             "bias": np.asarray(classifier["bias"], np.float32)}}
   return {**variables, "params": params}
@@ -126,8 +128,8 @@ def load_classifier(path: str) -> dict:
   record = json.loads(epath.Path(path).read_text())
   for key in ("kernel", "bias"):
     if key not in record:
-      raise ValueError(f"{path} is not a classifier file (no {key!r}); write one with "
-                       "`python -m vitreg_jax.dfr --workdir=RUN`.")
+      raise errors.UserError(f"{path} is not a classifier file (no {key!r}); write one with "
+                             "`python -m vitreg_jax.dfr --workdir=RUN`.")
   return record
 
 
@@ -157,8 +159,8 @@ def run_dfr(workdir: str, *, head_mask=None, heldout: str | None = None, step=No
   heldout = heldout or _heldout_split(dataset)
   feats = {s: features.extract(run, s, head_mask=mask) for s in dataset.held_out_splits}
   if "group" not in feats[heldout]:
-    raise ValueError(f"DFR needs group labels on the held-out split {heldout!r}; dataset "
-                     f"{info.name!r} has attributes {list(info.attributes)}.")
+    raise errors.UserError(f"DFR needs group labels on the held-out split {heldout!r}; "
+                           f"dataset {info.name!r} has attributes {list(info.attributes)}.")
   train = features.extract(run, dataset.train_split, head_mask=mask)
   rng = np.random.default_rng(seed)
   h = feats[heldout]

@@ -24,6 +24,7 @@ import os
 from etils import epath
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.training import features
 from vitreg_jax.training import hooks
 from vitreg_jax.training import rundir
@@ -73,11 +74,11 @@ def ensure_error_set(config) -> None:
     saved = json.loads(path.read_text())
     want = config.data.get("train_split", "train")
     if saved.get("train_split", want) != want:
-      raise ValueError(f"{path} indexes train split {saved['train_split']!r}, but this run "
-                       f"trains on {want!r}: the error set must come from the same split.")
+      raise errors.UserError(f"{path} indexes train split {saved['train_split']!r}, but this run "
+                             f"trains on {want!r}: the error set must come from the same split.")
     if upsample.get("step") and saved.get("step") != upsample["step"]:
-      raise ValueError(f"{path} holds the errors of step {saved.get('step')}, not of "
-                       f"data.upsample.step={upsample['step']}.")
+      raise errors.UserError(f"{path} holds the errors of step {saved.get('step')}, not "
+                             f"of data.upsample.step={upsample['step']}.")
 
 
 class ErrorSetHook(hooks.Hook):

@@ -17,6 +17,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 from vitreg_jax import errors
@@ -40,11 +41,11 @@ Example = Mapping[str, Any]
 Transform = Callable[[Example, Optional[np.random.Generator]], dict]
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(errors.UserError):
   """A dataset's files are missing; the message says which files go where and what to run."""
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(errors.UserError):
   """A data file exists but cannot be read; the message names the file."""
 
 
@@ -80,6 +81,8 @@ class DatasetSpec:
   """
   options: dict = {}
   description: str = ''
+  # True where `prepare` downloads everything itself (TFDS), so `main --prepare_data` can.
+  downloads: bool = False
 
   def info(self, config: dict) -> DatasetInfo:
     raise NotImplementedError
@@ -187,6 +190,7 @@ class TfdsDataset(DatasetSpec):
   attributes: tuple = ()
   default_eval_splits: tuple = ()
   prepare_hint: str = ''
+  downloads: bool = True  # TFDS downloads it; specs that need manual files say False.
   image_key: str = 'image'
   label_key: str = 'label'
 
@@ -196,8 +200,11 @@ class TfdsDataset(DatasetSpec):
     return tfds.builder(self.tfds_name, data_dir=config['data_dir'])
 
   def prepare_command(self, config: dict) -> str:
+    default_manual = os.path.join(config['data_dir'], 'downloads', 'manual')
+    manual = ('' if config['manual_dir'] == default_manual
+              else f' --manual_dir={config["manual_dir"]}')
     return (f'python -m vitreg_jax.data.prepare {config["name"]} '
-            f'--data_dir={config["data_dir"]} --manual_dir={config["manual_dir"]}')
+            f'--data_dir={config["data_dir"]}{manual}')
 
   def not_prepared_message(self, config: dict, detail: str = '') -> str:
     hint = self.prepare_hint.format(**config) if self.prepare_hint else ''
@@ -220,7 +227,9 @@ class TfdsDataset(DatasetSpec):
             f'Dataset {config["name"]!r} exists in {builder.data_dir} but cannot be opened for '
             f'random access ({detail}). It must be stored as array_record: re-run\n  '
             f'{self.prepare_command(config)}') from None
-      raise DatasetNotPreparedError(self.not_prepared_message(config, detail)) from None
+      # TFDS's reason for a dataset that was never built is noise (no file of it exists).
+      logging.info('TFDS on opening %s: %s', tfds_name, detail)
+      raise DatasetNotPreparedError(self.not_prepared_message(config)) from None
 
   def builder_for(self, config: dict, tfds_name: str):
     """Builder of one TFDS name (datasets spanning several TFDS configs override `source`)."""

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data.base import (ArraySource, CorruptDataError, DatasetInfo,
                                   DatasetNotPreparedError)
 from vitreg_jax.data.finetune import FinetuneDataset, image_options
@@ -55,8 +56,8 @@ class _CorruptedBase(FinetuneDataset):
     chosen = tuple(config['corruptions'] or self.all_corruptions)
     bad = sorted(set(chosen) - set(self.all_corruptions))
     if bad:
-      raise ValueError(f'Unknown corruption(s) {bad} for {config["name"]}; valid: '
-                       f'{list(self.all_corruptions)}.')
+      raise errors.UserError(f'Unknown corruption(s) {bad} for {config["name"]}; valid: '
+                             f'{list(self.all_corruptions)}.')
     return chosen
 
   def info(self, config: dict) -> DatasetInfo:
@@ -70,7 +71,7 @@ class _CorruptedBase(FinetuneDataset):
   def _check_corrupted_split(self, config: dict, split: str) -> tuple:
     corruption, _, severity = split.rpartition('_')
     if corruption not in self._corruptions(config) or severity not in map(str, SEVERITIES):
-      raise ValueError(
+      raise errors.UserError(
           f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
           f'{list(self.split_map)} and <corruption>_<1..5> for corruption in '
           f'{list(self._corruptions(config))}.')
@@ -127,6 +128,7 @@ def _load_npy(path: str) -> np.ndarray:
 class Cifar100Corrupted(_CorruptedBase):
   """Registry entry 'cifar100_corrupted'."""
   all_corruptions = CIFAR100_C
+  downloads = False  # CIFAR-100-C's .npy files are a manual download
 
   def __init__(self):
     super().__init__('cifar100', 100, {'train': 'train', 'test': 'test'}, ('test',),

@@ -133,23 +133,23 @@ def _read_npz(path: str) -> dict:
     raise CorruptDataError(f'{path}: corrupt or truncated .npz file ({e}).') from None
   missing = {'images', 'labels'} - set(arrays)
   if missing:
-    raise ValueError(f'{path} lacks array(s) {sorted(missing)}; found {sorted(arrays)}.')
+    raise errors.UserError(f'{path} lacks array(s) {sorted(missing)}; found {sorted(arrays)}.')
   n = len(arrays['labels'])
   extra = {}
   for k, v in arrays.items():
     if k in ('images', 'labels'):
       continue
     if v.shape != (n,) or not np.issubdtype(v.dtype, np.integer):
-      raise ValueError(f'{path}: attribute {k!r} must be an int array of shape ({n},), '
-                       f'got {v.dtype} {v.shape}.')
+      raise errors.UserError(f'{path}: attribute {k!r} must be an int array of shape ({n},), '
+                             f'got {v.dtype} {v.shape}.')
     extra[k] = v.astype(np.int32)
   images = arrays['images']
   if images.ndim == 3:
     images = images[..., None]
   if len(images) != n or images.ndim != 4:
-    raise ValueError(f'{path}: images must be [n={n}, H, W, C], got {images.shape}.')
+    raise errors.UserError(f'{path}: images must be [n={n}, H, W, C], got {images.shape}.')
   if images.dtype != np.uint8:
-    raise ValueError(f'{path}: images must be uint8 in [0, 255], got {images.dtype}.')
+    raise errors.UserError(f'{path}: images must be uint8 in [0, 255], got {images.dtype}.')
   return {'image': images, 'label': arrays['labels'].astype(np.int32), **extra}
 
 
@@ -161,7 +161,7 @@ class NpzDataset(DatasetSpec):
   def _path(self, config: dict, split: str) -> str:
     path = config['path']
     if not path:
-      raise ValueError("data.path must name the .npz file (or a pattern with '{split}').")
+      raise errors.UserError("data.path must name the .npz file (or a pattern with '{split}').")
     path = os.path.expanduser(str(path))
     return path.format(split=split) if '{split}' in path else path
 

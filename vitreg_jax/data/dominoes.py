@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from vitreg_jax import errors
+
 SPLITS = ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
 NUM_CLASSES = 2
 HALF = 16  # side of each square half, in pixels
@@ -84,30 +86,31 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
   """Merges ``options`` into the defaults and validates them (ValueError on bad input)."""
   unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
   if unknown:
-    raise ValueError(f'Unknown dominoes option(s) {unknown}; valid options are '
-                     f'{sorted(DEFAULT_OPTIONS)}.')
+    raise errors.UserError(f'Unknown dominoes option(s) {unknown}; valid options are '
+                           f'{sorted(DEFAULT_OPTIONS)}.')
   opts = {**DEFAULT_OPTIONS, **options}
   p = opts['spurious_agreement']
   if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-    raise ValueError(f'spurious_agreement must be a number in [0, 1], got {p!r}.')
+    raise errors.UserError(f'spurious_agreement must be a number in [0, 1], got {p!r}.')
   for key in ('num_train', 'num_val', 'num_test'):
     n = opts[key]
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
-      raise ValueError(f'{key} must be an integer >= 2, got {n!r}.')
+      raise errors.UserError(f'{key} must be an integer >= 2, got {n!r}.')
   noise = opts['robust_noise']
   if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
-    raise ValueError(f'robust_noise must be a number >= 0, got {noise!r}.')
+    raise errors.UserError(f'robust_noise must be a number >= 0, got {noise!r}.')
   jitter = opts['color_jitter']
   if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not 0.0 <= jitter <= 1.0:
-    raise ValueError(f'color_jitter must be a number in [0, 1], got {jitter!r}.')
+    raise errors.UserError(f'color_jitter must be a number in [0, 1], got {jitter!r}.')
   sat = opts['robust_saturation']
   if not isinstance(sat, (int, float)) or isinstance(sat, bool) or not 0.0 <= sat <= 1.0:
-    raise ValueError(f'robust_saturation must be a number in [0, 1], got {sat!r}.')
+    raise errors.UserError(f'robust_saturation must be a number in [0, 1], got {sat!r}.')
   lo, hi = opts['min_crop'], opts['max_crop']
   if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))
           and 2 <= lo <= hi <= TILE):
-    raise ValueError(f'Need integers 2 <= min_crop <= max_crop <= {TILE} (the tile size), got '
-                     f'min_crop={lo!r}, max_crop={hi!r}.')
+    raise errors.UserError(
+        f'Need integers 2 <= min_crop <= max_crop <= {TILE} (the tile size), got '
+        f'min_crop={lo!r}, max_crop={hi!r}.')
   return opts
 
 
@@ -305,9 +308,9 @@ def load(split: str, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:
     ValueError: unknown split or option, or an option value out of range.
   """
   if split not in SPLITS:
-    raise ValueError(f'Unknown dominoes split {split!r}; valid splits are {SPLITS}.')
+    raise errors.UserError(f'Unknown dominoes split {split!r}; valid splits are {SPLITS}.')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f'seed must be a non-negative integer, got {seed!r}.')
+    raise errors.UserError(f'seed must be a non-negative integer, got {seed!r}.')
   opts = _check_options(options)
   return _load_cached(split, int(seed), tuple(sorted(opts.items())))
 

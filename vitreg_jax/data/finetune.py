@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import tarfile
 
+from vitreg_jax import errors
 from vitreg_jax.data import custom
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import (CorruptDataError, DatasetInfo, DatasetNotPreparedError,
@@ -56,16 +57,14 @@ class FinetuneDataset(TfdsDataset):
     self.options = dict(options, **({'variant': variants[0]} if variants else {}))
     self.variants = tuple(variants)
     self.description = description
-    self.prepare_hint = ('TFDS downloads it itself (network needed once); or run '
-                         f'`tfds build {tfds_name} --file_format=array_record '
-                         '--data_dir={data_dir}`.')
+    self.prepare_hint = 'TFDS downloads it itself (network needed once).'
 
   def full_name(self, config: dict) -> str:
     if not self.variants:
       return self.tfds_name
     if config['variant'] not in self.variants:
-      raise ValueError(f'Unknown {config["name"]} variant {config["variant"]!r}; valid: '
-                       f'{list(self.variants)}.')
+      raise errors.UserError(f'Unknown {config["name"]} variant {config["variant"]!r}; valid: '
+                             f'{list(self.variants)}.')
     return f'{self.tfds_name}/{config["variant"]}'
 
   def builder(self, config: dict):
@@ -74,8 +73,9 @@ class FinetuneDataset(TfdsDataset):
 
   def source(self, config: dict, split: str):
     if split not in self.split_map:
-      raise ValueError(f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
-                       f'{list(self.split_map)}.')
+      raise errors.UserError(
+          f'Unknown split {split!r} for dataset {config["name"]!r}; valid splits: '
+          f'{list(self.split_map)}.')
     return self._open(config, self.full_name(config), self.split_map[split])
 
   def builder_for(self, config: dict, tfds_name: str):
@@ -119,6 +119,8 @@ class ImagewoofDataset(FinetuneDataset):
   WordNet ids (the fast.ai order). Splits: `train`, `validation` (the `val` folder).
   """
 
+  downloads = False  # the fast.ai archive is a manual download
+
   def __init__(self):
     super().__init__('imagewoof', 10, {'train': 'train', 'validation': 'val'}, ('validation',),
                      image_options(224, 0.875), 'Imagewoof (10 dog breeds, fast.ai release)')
@@ -127,7 +129,8 @@ class ImagewoofDataset(FinetuneDataset):
   def root(self, config: dict) -> str:
     variant = str(config['variant'])
     if variant not in ('320', '160', 'full'):
-      raise ValueError(f"Unknown imagewoof variant {variant!r}; valid: ['320', '160', 'full'].")
+      raise errors.UserError(
+          f"Unknown imagewoof variant {variant!r}; valid: ['320', '160', 'full'].")
     name = 'imagewoof2' if variant == 'full' else f'imagewoof2-{variant}'
     return os.path.join(config['manual_dir'], name)
 
@@ -157,8 +160,8 @@ class ImagewoofDataset(FinetuneDataset):
 
   def source(self, config: dict, split: str):
     if split not in self.split_map:
-      raise ValueError(f'Unknown split {split!r} for dataset imagewoof; valid splits: '
-                       f'{list(self.split_map)}.')
+      raise errors.UserError(f'Unknown split {split!r} for dataset imagewoof; valid splits: '
+                             f'{list(self.split_map)}.')
     _, splits = self._scan(config)
     return custom.FileSource(*splits[self.split_map[split]])
 

@@ -136,7 +136,7 @@ class UpsampleOrder:
   def __init__(self, n: int, indices: Sequence[int], factor: int, seed: int):
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
-      raise ValueError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
+      raise errors.UserError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
                        f'{indices.min()}..{indices.max()}.')
     factor = int(factor)
     if factor < 1:
@@ -171,8 +171,9 @@ def read_upsample(upsample) -> tuple[list, int]:
         "WORKDIR/jtt_error_set.json).")
   path = epath.Path(upsample['file'])
   if not path.exists():
-    raise FileNotFoundError(f'{path} not found: write the error set of the identification run '
-                            'with `python -m vitreg_jax.jtt --workdir=RUN`.')
+    raise errors.PathNotFoundError(
+        f'{path} not found: write the error set of the identification run '
+        'with `python -m vitreg_jax.jtt --workdir=RUN`.')
   return list(json.loads(path.read_text())['indices']), int(upsample.get('factor') or 1)
 
 

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import DatasetNotPreparedError, TfdsDataset
 
@@ -78,6 +79,7 @@ class ImageNetRotationDataset(TfdsDataset):
   attribute_classes = {'object_label': 1000}
   default_eval_splits = ('validation',)
   description = 'ImageNet-1k, 4-way rotation prediction (0/90/180/270 degrees)'
+  downloads = False  # ILSVRC-2012 is a manual download
   prepare_hint = ('Put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from '
                   'image-net.org) in {manual_dir}/.')
 
@@ -95,7 +97,7 @@ class ImageNetRotationDataset(TfdsDataset):
 
   def transform(self, config: dict, split: str, train: bool):
     if int(config['image_size']) <= 0:
-      raise ValueError('image_size must be positive.')
+      raise errors.UserError('image_size must be positive.')
     return RotationTransform(preprocess.ImageTransform(
         size=int(config['image_size']), train=train, augment=config['augment'],
         crop_fraction=config['crop_fraction'], scale=config['crop_scale'],

@@ -31,6 +31,7 @@ import functools
 from etils import epath
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import TfdsDataset
 
@@ -101,7 +102,7 @@ def construct(mnist: dict, cifar: dict, agreement: float = 0.9, seed: int = 0) -
   to the CIFAR / MNIST test sets.
   """
   if not 0.0 <= agreement <= 1.0:
-    raise ValueError(f'agreement must be in [0, 1], got {agreement}.')
+    raise errors.UserError(f'agreement must be in [0, 1], got {agreement}.')
   rngs = {s: np.random.default_rng([seed, i]) for i, s in enumerate(SPLITS)}
   out = {'train': construct_split(*mnist['train'], *cifar['train'], agreement, rngs['train'])}
   # Split the CIFAR test set per class into a val half and a test half.

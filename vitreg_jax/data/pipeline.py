@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 from absl import flags
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.data import mixing
 from vitreg_jax.data.base import Example, Transform
 
@@ -48,9 +49,9 @@ def default_process(process_index: Optional[int], process_count: Optional[int]) 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """`global_batch_size / process_count`, or a ValueError saying how to fix it."""
   if global_batch_size <= 0:
-    raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
+    raise errors.UserError(f'global_batch_size must be positive, got {global_batch_size}.')
   if global_batch_size % process_count:
-    raise ValueError(
+    raise errors.UserError(
         f'global_batch_size={global_batch_size} must be divisible by the number of processes '
         f'({process_count}); use a multiple of {process_count}.')
   return global_batch_size // process_count

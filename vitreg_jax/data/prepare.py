@@ -10,26 +10,32 @@ parsed as Python literals), e.g.
       --option agreement=0.9 --option seed=0
   python -m vitreg_jax.data.prepare waterbirds --manual_dir=/data/waterbirds_raw
 
-At the end it prints the dataset's info, which is what training will see.
+At the end it prints the dataset's info, which is what training will see. Training does the
+same for its own dataset when it is missing with `python -m vitreg_jax.main ... --prepare_data`.
+A mistake (an unknown name or option) is one line, exit status 1.
 """
 
 from __future__ import annotations
 
 import ast
-import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
 from vitreg_jax import data
-from vitreg_jax.data import base
+from vitreg_jax import errors
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: '
-                                '$TFDS_DATA_DIR or ~/tensorflow_datasets).')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Directory of manually downloaded '
-                                  'files (default: <data_dir>/downloads/manual).')
-_OPTION = flags.DEFINE_multi_string('option', [], 'Dataset option key=value (repeatable).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (its `__main__`), not at import."""
+  flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets).')
+  flags.DEFINE_string('manual_dir', None, 'Directory of manually downloaded files (default: '
+                      '<data_dir>/downloads/manual).')
+  flags.DEFINE_multi_string('option', [], 'Dataset option key=value (repeatable).')
 
 
 def parse_options(items: Sequence[str]) -> dict:
@@ -38,7 +44,7 @@ def parse_options(items: Sequence[str]) -> dict:
   for item in items:
     key, sep, value = item.partition('=')
     if not sep or not key:
-      raise ValueError(f'--option must be key=value, got {item!r}.')
+      raise errors.UserError(f'--option must be key=value, got {item!r}.')
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -63,16 +69,15 @@ def prepare(name: str, data_dir=None, manual_dir=None, **options):
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) != 2:
-    raise app.UsageError(f'Usage: python -m vitreg_jax.data.prepare NAME [--data_dir=...] '
-                         f'[--manual_dir=...] [--option k=v]; NAME in {sorted(data.DATASETS)}.')
-  try:
-    info = prepare(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, **parse_options(_OPTION.value))
-  except (base.DatasetNotPreparedError, base.CorruptDataError, ValueError) as e:
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
+    if len(argv) != 2:
+      raise errors.UserError(
+          'Usage: python -m vitreg_jax.data.prepare NAME [--data_dir=...] [--manual_dir=...] '
+          f'[--option k=v]; NAME in {sorted(data.DATASETS)}.')
+    info = prepare(argv[1], FLAGS.data_dir, FLAGS.manual_dir, **parse_options(FLAGS.option))
   print(info)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from vitreg_jax import errors
 from vitreg_jax.data import randaugment as randaugment_lib
 from vitreg_jax.data.base import CorruptDataError
 
@@ -145,8 +146,8 @@ def pad_random_crop(image: np.ndarray, size, padding: int,
   out_h, out_w = _hw(size)
   padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
   if padded.shape[0] < out_h or padded.shape[1] < out_w:
-    raise ValueError(f'Padded image {padded.shape[:2]} is smaller than the crop '
-                     f'{(out_h, out_w)}; raise crop_padding or lower image_size.')
+    raise errors.UserError(f'Padded image {padded.shape[:2]} is smaller than the crop '
+                           f'{(out_h, out_w)}; raise crop_padding or lower image_size.')
   top, left = rng.integers(0, (padded.shape[0] - out_h + 1, padded.shape[1] - out_w + 1))
   return np.ascontiguousarray(padded[top:top + out_h, left:left + out_w])
 
@@ -197,7 +198,7 @@ def augmentation_kwargs(config: dict) -> dict:
   spec = config.get('randaugment')
   padding = config.get('crop_padding')
   if padding is not None and (not isinstance(padding, (int, np.integer)) or padding < 0):
-    raise ValueError(f'data.crop_padding must be None or an integer >= 0, got {padding!r}.')
+    raise errors.UserError(f'data.crop_padding must be None or an integer >= 0, got {padding!r}.')
   policy = None
   if spec:
     fill = tuple(int(min(255, round(255 * m))) for m in config.get('mean', HALF))

@@ -38,6 +38,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from vitreg_jax import errors
+
 RAND_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
             'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
             'TranslateXRel', 'TranslateYRel')
@@ -130,11 +132,11 @@ class RandAugment:
 
   def __post_init__(self):
     if self.interpolation != 'random' and self.interpolation not in _INTERPOLATIONS:
-      raise ValueError(f"RandAugment interpolation must be 'random' or one of "
-                       f'{sorted(_INTERPOLATIONS)}, got {self.interpolation!r}.')
+      raise errors.UserError(f"RandAugment interpolation must be 'random' or one of "
+                             f'{sorted(_INTERPOLATIONS)}, got {self.interpolation!r}.')
     if self.num_ops < 0 or self.magnitude < 0:
-      raise ValueError(f'RandAugment needs num_ops >= 0 and magnitude >= 0, got '
-                       f'{self.num_ops}, {self.magnitude}.')
+      raise errors.UserError(f'RandAugment needs num_ops >= 0 and magnitude >= 0, got '
+                             f'{self.num_ops}, {self.magnitude}.')
 
   @property
   def ops(self) -> tuple:
@@ -176,15 +178,16 @@ def from_string(spec: str, *, fill: Sequence[int] = (128, 128, 128),
   """
   parts = str(spec).split('-')
   if parts[0] != 'rand':
-    raise ValueError(f"RandAugment spec must start with 'rand' (e.g. 'rand-m9-n2-mstd1.0'), "
-                     f'got {spec!r}.')
+    raise errors.UserError(f"RandAugment spec must start with 'rand' (e.g. 'rand-m9-n2-mstd1.0'), "
+                           f'got {spec!r}.')
   kwargs = dict(fill=tuple(int(f) for f in fill), interpolation=interpolation)
   for part in parts[1:]:
     match = re.fullmatch(r'([a-z]+)(\d.*)', part)
     if not match or match[1] not in ('m', 'n', 'mstd', 'mmax', 'inc'):
-      raise ValueError(f'Unknown RandAugment section {part!r} in {spec!r}; valid: m<magnitude>, '
-                       'n<ops>, mstd<std>, mmax<max>, inc<0|1> (weighted choice w is not '
-                       'supported).')
+      raise errors.UserError(
+          f'Unknown RandAugment section {part!r} in {spec!r}; valid: m<magnitude>, '
+          'n<ops>, mstd<std>, mmax<max>, inc<0|1> (weighted choice w is not '
+          'supported).')
     key, value = match[1], match[2]
     if key == 'm':
       kwargs['magnitude'] = float(value)

@@ -159,6 +159,7 @@ class WaterbirdsDataset(TfdsDataset):
   tfds_name = 'waterbirds'
   description = 'Waterbirds (landbird/waterbird on land/water backgrounds)'
   prepare_hint = INSTRUCTIONS
+  downloads = False  # the released folder is a manual download
 
   def builder(self, config: dict):
     return builder_class()(data_dir=config['data_dir'])

@@ -61,12 +61,9 @@ def _import_rule_modules(argv) -> None:
 
 def _table(args) -> int:
   rule_names = tuple(args.select.split(",")) if args.select else summary.TABLE_RULES
-  try:
-    table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names)
-  except (FileNotFoundError, ValueError) as e:
-    _parser().error(str(e))
+  table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names)
   if table is None:
-    _parser().error("none of these runs has evaluations to tabulate.")
+    raise errors.UserError("none of these runs has evaluations to tabulate.")
   table = table.markdown()
   print(table)
   if args.out:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import checks
+from vitreg_jax import errors
 from vitreg_jax.training import rundir
 
 MASK_FILE = "head_mask.json"
@@ -75,8 +76,8 @@ def load_head_mask(value, shape: tuple[int, int] | None = None) -> np.ndarray:
     if path.is_dir():
       path = path / MASK_FILE
     if not path.exists():
-      raise FileNotFoundError(f"Head mask file {path} not found; write one with "
-                              "`python -m vitreg_jax.heads --workdir=RUN`.")
+      raise errors.PathNotFoundError(f"Head mask file {path} not found; write one with "
+                                     "`python -m vitreg_jax.heads --workdir=RUN`.")
     if path.name.endswith(".npy"):
       with path.open("rb") as f:
         value = np.load(f)
@@ -85,11 +86,12 @@ def load_head_mask(value, shape: tuple[int, int] | None = None) -> np.ndarray:
       value = loaded["mask"] if isinstance(loaded, dict) else loaded
   mask = np.asarray(value, np.float32)
   if shape is not None and mask.shape != tuple(shape):
-    raise ValueError(f"Head mask has shape {mask.shape}; the model expects [depth, heads] = "
-                     f"{tuple(shape)}. Use a mask selected on a run of the same model.")
+    raise errors.UserError(f"Head mask has shape {mask.shape}; the model expects [depth, heads] = "
+                           f"{tuple(shape)}. Use a mask selected on a run of the same model.")
   if mask.ndim == 2 and (mask.sum(axis=1) <= 0).any():
-    raise ValueError(f"Head mask masks every head of layer(s) "
-                     f"{np.flatnonzero(mask.sum(axis=1) <= 0).tolist()}: keep >= 1 per layer.")
+    raise errors.UserError(
+        f"Head mask masks every head of layer(s) "
+        f"{np.flatnonzero(mask.sum(axis=1) <= 0).tolist()}: keep >= 1 per layer.")
   return mask
 
 

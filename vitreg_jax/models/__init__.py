@@ -9,6 +9,7 @@ from typing import Tuple
 
 import flax.linen as nn
 
+from vitreg_jax import errors
 from vitreg_jax.models.alternet import AlterNet
 from vitreg_jax.models.arvit import ARViT
 from vitreg_jax.models.resnet import ResNet
@@ -41,11 +42,12 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     ValueError: unknown name (lists `sorted(MODELS)`) or unknown field (lists valid fields).
   """
   if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; valid names: {sorted(MODELS)}')
+    raise errors.UserError(f'Unknown model {name!r}; valid names: {sorted(MODELS)}')
   cls = MODELS[name]
   valid = field_names(cls)
   unknown = sorted(set(kwargs) - set(valid))
   if unknown or 'num_classes' in kwargs:
-    raise ValueError(f'Unknown field(s) {unknown or ["num_classes (pass it positionally)"]} '
-                     f'for model {name!r}; valid fields: {sorted(set(valid) - {"num_classes"})}')
+    raise errors.UserError(
+        f'Unknown field(s) {unknown or ["num_classes (pass it positionally)"]} '
+        f'for model {name!r}; valid fields: {sorted(set(valid) - {"num_classes"})}')
   return cls(num_classes=num_classes, **kwargs)

@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 from vitreg_jax.models import resnet
@@ -60,13 +61,14 @@ def alternet_layout(blocks_per_stage: Sequence[int],
     e.g. `[['conv'] * 3, ['conv'] * 3 + ['msa'], ...]`.
   """
   if len(blocks_per_stage) != len(msa_per_stage):
-    raise ValueError(f'blocks_per_stage {tuple(blocks_per_stage)} and msa_per_stage '
-                     f'{tuple(msa_per_stage)} must have the same length.')
+    raise errors.UserError(f'blocks_per_stage {tuple(blocks_per_stage)} and msa_per_stage '
+                           f'{tuple(msa_per_stage)} must have the same length.')
   layout = []
   for s, (n, m) in enumerate(zip(blocks_per_stage, msa_per_stage), start=1):
     if not 0 <= m <= n // 2:
-      raise ValueError(f'Stage {s} has {n} blocks, so it can hold 0..{n // 2} alternating MSA '
-                       f'blocks (the first block stays a Conv), got {m}.')
+      raise errors.UserError(
+          f'Stage {s} has {n} blocks, so it can hold 0..{n // 2} alternating MSA '
+          f'blocks (the first block stays a Conv), got {m}.')
     kinds = ['conv'] * n
     for j in range(m):
       kinds[n - 1 - 2 * j] = 'msa'
@@ -86,9 +88,9 @@ def to_windows(y, window: int):
   """`[B, h, w, C]` -> `[B * (h / win) * (w / win), win^2, C]` (row-major inside a window)."""
   b, h, w, c = y.shape
   if h % window or w % window:
-    raise ValueError(f'msa_window={window} must divide the feature map {h}x{w} (the authors '
-                     'tile the map with non-overlapping windows); choose a divisor, e.g. 4 '
-                     'for the 16/8/4 maps of a 32-px CIFAR AlterNet.')
+    raise errors.UserError(f'msa_window={window} must divide the feature map {h}x{w} (the authors '
+                           'tile the map with non-overlapping windows); choose a divisor, e.g. 4 '
+                           'for the 16/8/4 maps of a 32-px CIFAR AlterNet.')
   y = y.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
   return y.reshape(-1, window * window, c)
 
@@ -170,7 +172,7 @@ class FigureMSABlock(nn.Module):
       tokens = y.reshape(b, h * w, c)
     else:
       if h % win or w % win:
-        raise ValueError(f'msa_window={win} must divide the feature map {h}x{w}.')
+        raise errors.UserError(f'msa_window={win} must divide the feature map {h}x{w}.')
       tokens = y.reshape(b, h // win, win, w // win, win, c).transpose(0, 1, 3, 2, 4, 5)
       tokens = tokens.reshape(-1, win * win, c)
     tokens = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(tokens)
@@ -229,20 +231,21 @@ class AlterNet(nn.Module):
       object.__setattr__(self, key, tuple(int(v) for v in getattr(self, key)))
     alternet_layout(self.blocks_per_stage, self.msa_per_stage)
     if len(self.heads) != len(self.blocks_per_stage):
-      raise ValueError(f'heads {tuple(self.heads)} needs one entry per stage '
-                       f'({len(self.blocks_per_stage)} stages).')
+      raise errors.UserError(f'heads {tuple(self.heads)} needs one entry per stage '
+                             f'({len(self.blocks_per_stage)} stages).')
     check_choice('stem', self.stem, resnet.STEMS)
     check_choice('msa_block', self.msa_block, MSA_BLOCKS)
     if self.msa_block == 'figure' and self.drop_path:
-      raise ValueError("drop_path applies to msa_block='authors' only.")
+      raise errors.UserError("drop_path applies to msa_block='authors' only.")
     attention.resolve_dtype(self.dtype)
     resnet.check_smoothing(self)
     windowed = self.msa_block == 'authors' or self.msa_window
     if (self.smoothing and self.smoothing_padding == 'authors' and windowed
         and any(self.msa_per_stage[1:])):
-      raise ValueError("smoothing_padding='authors' makes every smoothed map one pixel larger, "
-                       'so the MSA windows of later stages cannot tile them: use '
-                       "smoothing_padding='same' for AlterNet.")
+      raise errors.UserError(
+          "smoothing_padding='authors' makes every smoothed map one pixel larger, "
+          'so the MSA windows of later stages cannot tile them: use '
+          "smoothing_padding='same' for AlterNet.")
     super().__post_init__()
 
   def _msa_block(self, features, num_heads, drop_path, dtype, name):

@@ -49,6 +49,7 @@ from typing import Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 from vitreg_jax.models import encoder
@@ -110,13 +111,13 @@ class ARViT(nn.Module):
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
-      raise ValueError(f'Unknown ARViT variant {self.variant!r}; valid: {sorted(VARIANTS)}')
+      raise errors.UserError(f'Unknown ARViT variant {self.variant!r}; valid: {sorted(VARIANTS)}')
     for key, value in VARIANTS[self.variant].items():
       if getattr(self, key) is None:
         object.__setattr__(self, key, value)
     if self.head_dim is None and self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
-                       'set head_dim to use heads of another size.')
+      raise errors.UserError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
+                             'set head_dim to use heads of another size.')
     check_choice('norm', self.norm, encoder.NORMS)
     check_choice('activation', self.activation, tuple(encoder.ACTIVATIONS))
     check_choice('posemb', self.posemb, ('sincos2d', 'sincos2d_detr'))

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.checks import resolve_layers
 
 # Name of the flax perturbation that holds per-head input copies (`div_layers`). In ViT and
@@ -50,8 +51,8 @@ def resolve_dtype(dtype) -> jnp.dtype:
   try:
     return jnp.dtype(dtype)
   except TypeError as e:
-    raise ValueError(f'Unknown dtype {dtype!r}; use e.g. "float32", "bfloat16" or '
-                     '"float16".') from e
+    raise errors.UserError(f'Unknown dtype {dtype!r}; use e.g. "float32", "bfloat16" or '
+                           '"float16".') from e
 
 
 def parse_layers(value, depth: int, what: str) -> frozenset:
@@ -82,7 +83,8 @@ def local_attention_mask(grid_hw: Sequence[int], window: int,
     np.ndarray bool of shape `[P + gh * gw, P + gh * gw]`.
   """
   if int(window) < 1:
-    raise ValueError(f'local_window must be a positive int (k of a k x k window), got {window}.')
+    raise errors.UserError(
+        f'local_window must be a positive int (k of a k x k window), got {window}.')
   gh, gw = (int(s) for s in grid_hw)
 
   def visible(size):
@@ -107,7 +109,7 @@ def posemb_sincos_2d(grid_hw: Sequence[int], width: int,
   with frequencies `w_j = temperature ** (-j / (width / 4 - 1))`, j = 0 .. width/4 - 1.
   """
   if width % 4:
-    raise ValueError(f'posemb="sincos2d" needs a width divisible by 4, got {width}.')
+    raise errors.UserError(f'posemb="sincos2d" needs a width divisible by 4, got {width}.')
   gh, gw = grid_hw
   y, x = np.mgrid[:gh, :gw]
   quarter = width // 4
@@ -130,7 +132,7 @@ def posemb_sincos_2d_detr(grid_hw: Sequence[int], width: int,
   another channel order and frequencies spaced by `2/h` instead of `1/(width/4 - 1)`.
   """
   if width % 4:
-    raise ValueError(f'posemb="sincos2d_detr" needs a width divisible by 4, got {width}.')
+    raise errors.UserError(f'posemb="sincos2d_detr" needs a width divisible by 4, got {width}.')
   gh, gw = grid_hw
   half = width // 2
   omega = temperature ** (-np.arange(0, half, 2) / half)  # [half / 2]
@@ -268,12 +270,12 @@ class MultiHeadAttention(nn.Module):
       probabilities before attention dropout).
     """
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f'attention implementation must be one of '
-                       f'{ATTENTION_IMPLEMENTATIONS}, got {self.implementation!r}')
+      raise errors.UserError(f'attention implementation must be one of '
+                             f'{ATTENTION_IMPLEMENTATIONS}, got {self.implementation!r}')
     d = x.shape[-1]
     features = self.qkv_features or d
     if features % self.num_heads:
-      raise ValueError(f'qkv width {features} is not divisible by num_heads={self.num_heads}.')
+      raise errors.UserError(f'qkv width {features} is not divisible by {self.num_heads} heads.')
     if per_head_inputs and (x.ndim != 4 or x.shape[1] != self.num_heads):
       raise ValueError(f'per-head inputs must be [B, {self.num_heads}, N, D], got {x.shape}.')
     head_dim = features // self.num_heads

@@ -36,6 +36,7 @@ import flax
 import jax
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.models import vit
 from vitreg_jax.models import weight_layouts
 
@@ -81,12 +82,12 @@ def load_translated(path: str, *, num_heads: int, layout: Optional[str] = None,
     `({ViT key: array}, detected layout)`.
   """
   if layout is not None and layout not in LAYOUTS:
-    raise ValueError(f'Unknown weight layout {layout!r}; valid: {LAYOUTS} or None (detect).')
+    raise errors.UserError(f'Unknown weight layout {layout!r}; valid: {LAYOUTS} or None (detect).')
   flat = weight_layouts.read(path)
   found = weight_layouts.detect(flat)
   if layout is not None and found != layout and {found, layout} != {'augreg', 'big_vision'}:
-    raise ValueError(f'{path} looks like a {found!r} checkpoint (keys like '
-                     f'{sorted(flat)[:3]}), not {layout!r}: fix config.init_from.kind.')
+    raise errors.UserError(f'{path} looks like a {found!r} checkpoint (keys like '
+                           f'{sorted(flat)[:3]}), not {layout!r}: fix config.init_from.kind.')
   if found == 'timm':
     return weight_layouts.from_timm(flat, num_heads=num_heads, grid_hw=ckpt_grid_hw,
                                     hint_hw=model_grid_hw), found
@@ -101,15 +102,16 @@ def _split_prefix(num_tokens: int, num_prefix: Optional[int],
     gh, gw = grid_hw
     prefix = num_tokens - gh * gw if num_prefix is None else num_prefix
     if prefix < 0 or prefix + gh * gw != num_tokens:
-      raise ValueError(f'Checkpoint position embedding has {num_tokens} tokens, which does not '
-                       f'match grid {gh}x{gw} with {prefix} prefix tokens.')
+      raise errors.UserError(
+          f'Checkpoint position embedding has {num_tokens} tokens, which does not '
+          f'match grid {gh}x{gw} with {prefix} prefix tokens.')
     return prefix, (gh, gw)
   for prefix in ((num_prefix,) if num_prefix is not None else (1, 0)):
     side = math.isqrt(num_tokens - prefix)
     if side * side == num_tokens - prefix:
       return prefix, (side, side)
-  raise ValueError(f'Cannot infer the patch grid of a {num_tokens}-token position embedding '
-                   '(not a square plus 0 or 1 prefix tokens); pass ckpt_grid_hw.')
+  raise errors.UserError(f'Cannot infer the patch grid of a {num_tokens}-token position embedding '
+                         '(not a square plus 0 or 1 prefix tokens); pass ckpt_grid_hw.')
 
 
 def resample_posemb(posemb: np.ndarray, new_grid_hw: Sequence[int], new_prefix: int, *,
@@ -163,8 +165,8 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
     ValueError naming every missing, unexpected or mismatching key (with both shapes).
   """
   if not isinstance(model, vit.ViT):
-    raise ValueError(f'Public ViT weights load into model_name="vit" only, not '
-                     f'{type(model).__name__} (use kind="checkpoint" for vitreg_jax runs).')
+    raise errors.UserError(f'Public ViT weights load into model_name="vit" only, not '
+                           f'{type(model).__name__} (use kind="checkpoint" for vitreg_jax runs).')
   gh, gw, prefix = model.token_layout(image_hw)
   ckpt, found = load_translated(path, num_heads=model.num_heads, layout=layout,
                                 ckpt_grid_hw=ckpt_grid_hw, model_grid_hw=(gh, gw))
@@ -208,8 +210,9 @@ def _merge(ckpt, target, *, path, new_grid, new_prefix, reset_head, ckpt_grid_hw
     lines = ([f'missing in checkpoint: {sorted(missing)}'] if missing else []) + (
         [f'not in the model: {unexpected}'] if unexpected else []) + (
         [f'shape mismatch: {m}' for m in mismatched]) + _hints(ckpt, target)
-    raise ValueError(f'Checkpoint {path} does not fit the model (check variant / patch size):\n'
-                     + '\n'.join(lines))
+    raise errors.UserError(
+        f'Checkpoint {path} does not fit the model (check variant / patch size):\n'
+        + '\n'.join(lines))
   return loaded
 
 

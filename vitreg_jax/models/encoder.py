@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 
@@ -205,8 +206,8 @@ class Encoder(nn.Module):
     check_choice('posemb_at', self.posemb_at, POSEMB_AT)
     if self.posemb == 'learn':
       if self.posemb_at != 'input':
-        raise ValueError("posemb_at='qk'/'qkv' needs a fixed posemb ('sincos2d' or "
-                         "'sincos2d_detr'), not 'learn'.")
+        raise errors.UserError("posemb_at='qk'/'qkv' needs a fixed posemb ('sincos2d' or "
+                               "'sincos2d_detr'), not 'learn'.")
       return AddPositionEmbs(name='posembed_input')(x), None
     fn = attention.posemb_sincos_2d if self.posemb == 'sincos2d' else attention.posemb_sincos_2d_detr
     pe = jnp.asarray(fn(grid_hw, x.shape[-1]) * self.posemb_scale, x.dtype)[0]
@@ -326,6 +327,6 @@ def check_head_mask(head_mask, depth: int, num_heads: int):
     return None
   head_mask = jnp.asarray(head_mask)
   if head_mask.ndim not in (2, 3) or head_mask.shape[-2:] != (depth, num_heads):
-    raise ValueError(f'head_mask must have shape [depth, heads] = [{depth}, {num_heads}] (or '
-                     f'[batch, {depth}, {num_heads}]), got {head_mask.shape}.')
+    raise errors.UserError(f'head_mask must have shape [depth, heads] = [{depth}, {num_heads}] (or '
+                           f'[batch, {depth}, {num_heads}]), got {head_mask.shape}.')
   return head_mask

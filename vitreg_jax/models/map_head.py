@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.models import attention
 from vitreg_jax.models import encoder
 
@@ -37,7 +38,7 @@ class ProbeAttention(nn.Module):
   def __call__(self, q_in: jax.Array, kv_in: jax.Array) -> jax.Array:
     d = kv_in.shape[-1]
     if d % self.num_heads:
-      raise ValueError(f'MAP head: width {d} is not divisible by num_heads={self.num_heads}.')
+      raise errors.UserError(f'MAP head: width {d} is not divisible by num_heads={self.num_heads}.')
     proj = lambda name: attention.HeadDense(self.num_heads, d // self.num_heads,
                                             dtype=self.dtype, name=name)
     q, k, v = proj('query')(q_in), proj('key')(kv_in), proj('value')(kv_in)  # [B, *, H, Dh]

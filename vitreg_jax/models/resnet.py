@@ -38,6 +38,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 
@@ -112,11 +113,11 @@ class BottleneckBlock(nn.Module):
 def check_cnn_call(model_name, head_mask, capture_attention, div_layers):
   """CNN-family models take the common call signature but have no per-head features."""
   if head_mask is not None:
-    raise ValueError(f'{model_name} has no per-block attention heads: head_mask must be None '
-                     '(head masks apply to vit and arvit).')
+    raise errors.UserError(f'{model_name} has no per-block attention heads: head_mask must be None '
+                           '(head masks apply to vit and arvit).')
   if capture_attention not in (False, None, ()) or tuple(div_layers or ()):
-    raise ValueError(f'{model_name} does not support capture_attention / div_layers (they '
-                     'apply to vit and arvit); pass False and ().')
+    raise errors.UserError(f'{model_name} does not support capture_attention / div_layers (they '
+                           'apply to vit and arvit); pass False and ().')
 
 
 def make_stem(images, kind: str, width: int, train: bool, dtype):
@@ -127,7 +128,7 @@ def make_stem(images, kind: str, width: int, train: bool, dtype):
     x = _conv(width, 7, 2, dtype, name='stem_conv')(images)
     x = nn.relu(_norm(train, dtype, name='stem_norm')(x))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-  raise ValueError(f'stem must be one of {STEMS}, got {kind!r}')
+  raise errors.UserError(f'stem must be one of {STEMS}, got {kind!r}')
 
 
 def smooth(x, temperature: float = 10.0, padding: str = 'authors'):
@@ -141,7 +142,8 @@ def smooth(x, temperature: float = 10.0, padding: str = 'authors'):
       zeros count in the mean, as in PyTorch's `AvgPool2d` default.
   """
   if padding not in SMOOTHING_PADDINGS:
-    raise ValueError(f'smoothing_padding must be one of {SMOOTHING_PADDINGS}, got {padding!r}')
+    raise errors.UserError(
+        f'smoothing_padding must be one of {SMOOTHING_PADDINGS}, got {padding!r}')
   y = nn.relu(temperature * jnp.tanh(x / temperature))
   pad = ((1, 1), (1, 1)) if padding == 'authors' else ((0, 1), (0, 1))
   return nn.avg_pool(y, (2, 2), strides=(1, 1), padding=pad, count_include_pad=True)
@@ -151,8 +153,8 @@ def check_smoothing(module):
   """Validates a model's `smoothing_*` fields (clear errors at construction)."""
   check_choice('smoothing_padding', module.smoothing_padding, SMOOTHING_PADDINGS)
   if not module.smoothing_temperature > 0:
-    raise ValueError('smoothing_temperature must be > 0 (the scaled tanh divides by it), got '
-                     f'{module.smoothing_temperature}')
+    raise errors.UserError('smoothing_temperature must be > 0 (the scaled tanh divides by it), got '
+                           f'{module.smoothing_temperature}')
 
 
 def stage_smoothing(module):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
 from vitreg_jax.models import encoder
@@ -50,8 +51,8 @@ def decode_variant(variant: Optional[str]) -> dict:
     return {}
   match = re.fullmatch(r'([A-Za-z0-9]+)/(\d+)', variant)
   if not match or match.group(1) not in SIZES:
-    raise ValueError(f'Unknown ViT variant {variant!r}: use "<size>/<patch>" with size in '
-                     f'{sorted(SIZES)} and an integer patch size, e.g. "Ti/16" or "S/4".')
+    raise errors.UserError(f'Unknown ViT variant {variant!r}: use "<size>/<patch>" with size in '
+                           f'{sorted(SIZES)} and an integer patch size, e.g. "Ti/16" or "S/4".')
   width, depth, mlp_dim, num_heads = SIZES[match.group(1)]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
               patch_size=int(match.group(2)))
@@ -91,7 +92,7 @@ def grid_size(image_hw: Sequence[int], patch_size: int) -> Tuple[int, int]:
   """Patch grid of an image; clear error when a side is not a multiple of the patch."""
   h, w = (int(s) for s in image_hw)
   if h % patch_size or w % patch_size:
-    raise ValueError(f'Image size {h}x{w} is not divisible by patch_size={patch_size}.')
+    raise errors.UserError(f'Image size {h}x{w} is not divisible by patch_size={patch_size}.')
   return h // patch_size, w // patch_size
 
 
@@ -161,12 +162,12 @@ class ViT(nn.Module):
         object.__setattr__(self, key, value)
     missing = [k for k in _GEOMETRY if getattr(self, k) is None]
     if missing:
-      raise ValueError(f'ViT needs a variant (e.g. "Ti/16") or explicit {missing}.')
+      raise errors.UserError(f'ViT needs a variant (e.g. "Ti/16") or explicit {missing}.')
     check_choice('classifier', self.classifier, CLASSIFIERS)
     check_choice('posemb', self.posemb, encoder.POSEMBS)
     if self.head_dim is None and self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
-                       'set head_dim to use heads of another size.')
+      raise errors.UserError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
+                             'set head_dim to use heads of another size.')
     check_choice('head_init', self.head_init, HEAD_INITS)
     attention.resolve_dtype(self.dtype)
     super().__post_init__()

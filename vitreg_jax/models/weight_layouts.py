@@ -37,6 +37,8 @@ from typing import Dict, Optional, Sequence
 from etils import epath
 import numpy as np
 
+from vitreg_jax import errors
+
 LAYOUTS = ('augreg', 'big_vision', 'timm')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 _BV_POSEMB_KEYS = ('pos_embedding', 'Transformer/pos_embedding')
@@ -72,7 +74,7 @@ def read(path) -> Dict[str, np.ndarray]:
     with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
   else:
-    raise ValueError(f'Unknown weight file type {path!r}: expected .npz or .safetensors.')
+    raise errors.UserError(f'Unknown weight file type {path!r}: expected .npz or .safetensors.')
   out = {}
   for key, value in flat.items():
     for prefix in _STRIP_PREFIXES:
@@ -132,7 +134,7 @@ def from_big_vision(flat: Dict[str, np.ndarray], *, grid_hw: Optional[Sequence[i
   for key in _BV_POSEMB_KEYS:
     if key in out:
       if POSEMB_KEY in out:
-        raise ValueError(f'Checkpoint has two position embeddings: {key} and {POSEMB_KEY}.')
+        raise errors.UserError(f'Checkpoint has two position embeddings: {key} and {POSEMB_KEY}.')
       out[POSEMB_KEY] = _with_cls_row(out.pop(key), 'cls' in out, grid_hw, hint_hw)
   return out
 
@@ -148,8 +150,8 @@ def _timm_block(get, i: int, num_heads: int) -> Dict[str, np.ndarray]:
   qkv = get(src + 'attn.qkv.weight')  # [3D, D]: rows (q|k|v, head, head_dim)
   d = qkv.shape[1]
   if qkv.shape[0] != 3 * d or d % num_heads:
-    raise ValueError(f'{src}attn.qkv.weight has shape {qkv.shape}: expected [3 * {d}, {d}] '
-                     f'with {d} divisible by num_heads={num_heads}.')
+    raise errors.UserError(f'{src}attn.qkv.weight has shape {qkv.shape}: expected [3 * {d}, {d}] '
+                           f'with {d} divisible by num_heads={num_heads}.')
   dh = d // num_heads
   qkv_bias = get(src + 'attn.qkv.bias', np.zeros(3 * d, np.float32))  # qkv_bias=False: zero
   out = {}
@@ -185,17 +187,18 @@ def from_timm(state: Dict[str, np.ndarray], *, num_heads: int,
   bad = sorted(f'{k} ({why})' for k in state for pattern, why in _TIMM_UNSUPPORTED
                if re.search(pattern, k))
   if bad:
-    raise ValueError('This timm model uses features vitreg_jax ViT does not have: '
-                     + ', '.join(bad[:8]) + (' ...' if len(bad) > 8 else '')
-                     + '. Supported: timm ViTs with class-token or no pooling token, no layer '
-                     'scale, no register tokens, no fc_norm.')
+    raise errors.UserError(
+        'This timm model uses features vitreg_jax ViT does not have: '
+        + ', '.join(bad[:8]) + (' ...' if len(bad) > 8 else '')
+        + '. Supported: timm ViTs with class-token or no pooling token, no layer '
+        'scale, no register tokens, no fc_norm.')
   used = set()
 
   def get(key, default=None):
     if key not in state:
       if default is not None:
         return default
-      raise ValueError(f'timm state_dict lacks {key!r}; is it a timm VisionTransformer?')
+      raise errors.UserError(f'timm state_dict lacks {key!r}; is it a timm VisionTransformer?')
     used.add(key)
     return np.asarray(state[key], np.float32)
 
@@ -219,7 +222,7 @@ def from_timm(state: Dict[str, np.ndarray], *, num_heads: int,
     out['head/bias'] = get('head.bias')
   unknown = sorted(set(state) - used)
   if unknown:
-    raise ValueError(f'timm state_dict keys with no ViT equivalent: {unknown[:10]}.')
+    raise errors.UserError(f'timm state_dict keys with no ViT equivalent: {unknown[:10]}.')
   return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.regularizers import registry
 
@@ -159,7 +160,7 @@ def distance_loss(attn: Array, grid_hw: tuple[int, int], *, num_prefix_tokens: i
 def _pair(x) -> tuple[int, int]:
   if isinstance(x, (tuple, list)):
     if len(x) != 2:
-      raise ValueError(f'expected an int or a pair (h, w), got {x!r}.')
+      raise errors.UserError(f'expected an int or a pair (h, w), got {x!r}.')
     return int(x[0]), int(x[1])
   return int(x), int(x)
 
@@ -188,7 +189,7 @@ def patch_gram_matrices(images: Array, grid_hw: tuple[int, int],
   gh, gw = grid_hw
   ph, pw = h // gh, w // gw
   if ph == 0 or pw == 0:
-    raise ValueError(f'image {h}x{w} is smaller than the patch grid {gh}x{gw}.')
+    raise errors.UserError(f'image {h}x{w} is smaller than the patch grid {gh}x{gw}.')
   rh, rw = (ph, pw) if region_size is None else _pair(region_size)
   if (rh, rw) == (ph, pw):
     f = x[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw, ch)

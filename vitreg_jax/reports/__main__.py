@@ -42,6 +42,7 @@ import sys
 
 from etils import epath
 
+from vitreg_jax import errors
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import baselines
 from vitreg_jax.reports import curves
@@ -92,11 +93,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.target is not None and not 0 < args.target <= 1:
     parser.error(f"--target is an accuracy in (0, 1], got {args.target}.")
-  try:
+  with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
     text, _ = write_report(args.workdirs, args.out, args.target, args.target_split,
                            args.statistic)
-  except FileNotFoundError as e:
-    parser.error(str(e))
   print(text)
   print(f"Written to {args.out}/ (report.md, *.csv, curves_*.png)")
   return 0

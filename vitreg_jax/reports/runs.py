@@ -20,6 +20,7 @@ import os
 from etils import epath
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax.training.run_files import CONFIG_FILE
 
 HEADS_FILE = "heads.json"  # Written by `python -m vitreg_jax.heads`.
@@ -54,13 +55,13 @@ def find_runs(paths) -> list[str]:
   found = []
   for path in paths:
     if not epath.Path(path).is_dir():
-      raise FileNotFoundError(f"{path!r} is not a directory: give run workdirs or a folder "
-                              "holding them.")
+      raise errors.PathNotFoundError(f"{path!r} is not a directory: give run workdirs or a folder "
+                                     "holding them.")
     hits = sorted(str(root) for root, _, files in epath.Path(path).walk()
                   if CONFIG_FILE in files)
     if not hits:
-      raise FileNotFoundError(f"No run under {path!r}: a run directory holds {CONFIG_FILE}"
-                              " (written when training starts).")
+      raise errors.PathNotFoundError(f"No run under {path!r}: a run directory holds {CONFIG_FILE}"
+                                     " (written when training starts).")
     found += hits
   return list(dict.fromkeys(found))
 
@@ -104,8 +105,9 @@ def read_config(workdir: str) -> dict:
   """
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a vitreg_jax run directory "
-                            "(runs write their config there at start).")
+    raise errors.PathNotFoundError(
+        f"{path} not found: {workdir!r} is not a vitreg_jax run directory "
+        "(runs write their config there at start).")
   return json.loads(path.read_text())
 
 
@@ -142,8 +144,8 @@ def read_heads(workdir: str, *, required: bool = True) -> dict | None:
   if path.exists():
     return json.loads(path.read_text())
   if required:
-    raise FileNotFoundError(f"{path} not found: run `python -m vitreg_jax.heads "
-                            f"--workdir={workdir}` first.")
+    raise errors.PathNotFoundError(f"{path} not found: run `python -m vitreg_jax.heads "
+                                   f"--workdir={workdir}` first.")
   return None
 
 

@@ -26,8 +26,10 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitreg_jax import errors
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(errors.UserError):
   """The checkpoint in the workdir was written for a different model or optimizer."""
 
 

@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vitreg_jax import errors
 from vitreg_jax.training import hooks
 from vitreg_jax.training import steps
 
 NEGLIGIBLE = 1e-3
 
 
-class NegligibleTermError(ValueError):
+class NegligibleTermError(errors.UserError):
   """A weighted regularizer term too small to change training."""
 
 

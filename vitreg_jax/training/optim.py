@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from vitreg_jax import errors
+
 OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
 SAM_BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
@@ -42,7 +44,7 @@ _SCHEDULE_FIELDS = {
 def _check_fields(cfg: Mapping[str, Any], valid: set, what: str):
   unknown = sorted(set(cfg) - valid)
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
         f"Unknown {what} field(s) {unknown}. Valid fields: {sorted(valid)}.")
 
 
@@ -63,19 +65,20 @@ def make_schedule(schedule_cfg: Mapping[str, Any], base_lr: float, total_steps: 
   _check_fields(cfg, _SCHEDULE_FIELDS, "schedule")
   name = cfg.get("name", "constant")
   if name not in SCHEDULES:
-    raise ValueError(f"Unknown schedule {name!r}. Valid schedules: {list(SCHEDULES)}.")
+    raise errors.UserError(f"Unknown schedule {name!r}. Valid schedules: {list(SCHEDULES)}.")
 
   def epochs_to_steps(epochs):
     if steps_per_epoch is None:
-      raise ValueError("Schedules given in epochs need the train split's size; use the "
-                       "step-based fields (warmup_steps, boundaries) instead.")
+      raise errors.UserError("Schedules given in epochs need the train split's size; use the "
+                             "step-based fields (warmup_steps, boundaries) instead.")
     return int(round(epochs * steps_per_epoch))
 
   warmup = cfg.get("warmup_steps", 0)
   if cfg.get("warmup_epochs"):
     warmup = epochs_to_steps(cfg["warmup_epochs"])
   if warmup >= total_steps and total_steps > 0 and name != "constant":
-    raise ValueError(f"warmup ({warmup} steps) must be shorter than training ({total_steps}).")
+    raise errors.UserError(
+        f"warmup ({warmup} steps) must be shorter than training ({total_steps}).")
   decay_steps = max(total_steps - warmup, 1)
   end = base_lr * cfg.get("end_factor", 0.0)
 
@@ -120,23 +123,23 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int | None = None)
   _check_fields(opt, _OPTIMIZER_FIELDS, "optimizer")
   name = opt.get("name", "adam")
   if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer {name!r}. Valid optimizers: {list(OPTIMIZERS)}.")
+    raise errors.UserError(f"Unknown optimizer {name!r}. Valid optimizers: {list(OPTIMIZERS)}.")
   lr = opt.get("lr", 1e-3)
   schedule = make_schedule(config.get("schedule", {}), lr, total_steps, steps_per_epoch)
   wd = opt.get("weight_decay", 0.0)
   mask = lambda p: _decay_mask(p, opt.get("decay_1d_params", False))
 
   if name != "sam" and ({"base", "rho"} & set(opt)):
-    raise ValueError(f"optimizer.base and optimizer.rho are SAM fields; set "
-                     f"optimizer.name='sam' to use them (got name={name!r}).")
+    raise errors.UserError(f"optimizer.base and optimizer.rho are SAM fields; set "
+                           f"optimizer.name='sam' to use them (got name={name!r}).")
   base = opt.get("base", "sgd") if name == "sam" else name
   if base not in SAM_BASES:
-    raise ValueError(f"SAM's optimizer.base must be one of {list(SAM_BASES)}, got {base!r}.")
+    raise errors.UserError(f"SAM's optimizer.base must be one of {list(SAM_BASES)}, got {base!r}.")
   tx = optax.chain(*_base_chain(base, opt, schedule, wd, mask))
   if name == "sam":
     rho = opt.get("rho", 0.05)
     if not rho > 0:
-      raise ValueError(f"SAM needs optimizer.rho > 0 (the adversarial radius), got {rho}.")
+      raise errors.UserError(f"SAM needs optimizer.rho > 0 (the adversarial radius), got {rho}.")
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
     tx = optax.chain(optax.contrib.sam(tx, adversary, sync_period=2, opaque_mode=True))
   return tx, schedule

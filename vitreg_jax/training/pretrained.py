@@ -16,6 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vitreg_jax import errors
 from vitreg_jax.models import convert
 from vitreg_jax.training import run_files
 from vitreg_jax.training import rundir
@@ -29,8 +30,9 @@ def _checkpoint_params(path: str, step: int | None) -> dict:
     directory = directory / run_files.CHECKPOINT_DIR
   steps = run_files.step_dirs(directory)
   if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f"config.init_from: no checkpoint {step or ''} under {directory} "
-                            f"(found steps {steps}).")
+    raise errors.PathNotFoundError(
+        f"config.init_from: no checkpoint {step or ''} under {directory} "
+        f"(found steps {steps}).")
   item = directory / str(step if step is not None else steps[-1]) / "state"
   return convert.flatten(rundir.read_state(item)["params"])
 
@@ -55,21 +57,21 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
   cfg = dict(init_from)
   unknown = sorted(set(cfg) - {"path", "kind", "step", "reset_head"})
   if unknown or "path" not in cfg:
-    raise ValueError(f"config.init_from needs `path` and accepts kind, step, reset_head; got "
-                     f"unknown {unknown}.")
+    raise errors.UserError(f"config.init_from needs `path` and accepts kind, step, reset_head; got "
+                           f"unknown {unknown}.")
   kind, reset_head = cfg.get("kind", "checkpoint"), cfg.get("reset_head")
   if kind in PUBLIC_WEIGHT_KINDS:
     if not epath.Path(cfg["path"]).is_file():
-      raise FileNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
-                              f"{kind!r} reads a .npz or .safetensors file).")
+      raise errors.PathNotFoundError(f"config.init_from.path {cfg['path']!r} is not a file (kind "
+                                     f"{kind!r} reads a .npz or .safetensors file).")
     loaded = convert.load_vit(cfg["path"], params, model=model, image_hw=image_hw,
                               reset_head=reset_head, layout=PUBLIC_WEIGHT_KINDS[kind])
     logging.info("Initialized %d parameter arrays from %s (kind=%r).",
                  len(jax.tree.leaves(loaded)), cfg["path"], kind)
     return loaded
   if kind != "checkpoint":
-    raise ValueError(f"config.init_from.kind must be one of "
-                     f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")
+    raise errors.UserError(f"config.init_from.kind must be one of "
+                           f"{['checkpoint', *PUBLIC_WEIGHT_KINDS]}, got {kind!r}.")
   source = _checkpoint_params(cfg["path"], cfg.get("step"))
   target = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   merged, problems = {}, []
@@ -88,9 +90,10 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
     else:
       merged[key] = have
   if problems:
-    raise ValueError(f"config.init_from {cfg['path']} does not fit the model:\n  "
-                     + "\n  ".join(problems[:20])
-                     + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    raise errors.UserError(
+        f"config.init_from {cfg['path']} does not fit the model:\n  "
+        + "\n  ".join(problems[:20])
+        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
   logging.info("Initialized %d parameter arrays from %s.", len(merged), cfg["path"])
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
 

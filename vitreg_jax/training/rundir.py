@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from vitreg_jax import config_lib
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax.training import run_files
 
@@ -74,7 +75,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """
   path = epath.Path(run_files.config_path(workdir))
   if not path.exists():
-    raise FileNotFoundError(
+    raise errors.PathNotFoundError(
         f"{path} not found: {workdir!r} is not a vitreg_jax run directory (runs write their "
         "config there at start). Pass the --workdir of a training run.")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -88,7 +89,7 @@ def load_state_tree(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """
   steps = run_files.checkpoint_steps(workdir)
   if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(
+    raise errors.PathNotFoundError(
         f"No checkpoint {'' if step is None else step} under "
         f"{epath.Path(workdir) / run_files.CHECKPOINT_DIR} (found steps {steps}).")
   step = steps[-1] if step is None else step
@@ -158,7 +159,7 @@ HARMLESS_CHANGES = (
     "data.manual_dir", "data.num_threads", "data.prefetch_batches", "data.num_workers")
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(errors.UserError):
   """A resumed run's config changes the model, the data stream or the optimizer."""
 
 
