@@ -1,16 +1,19 @@
 """The extension points used from outside the package, as docs/design.md's "How to add ..."
-shows them: a regularizer, a loss, a dataset and a selection rule, each one module in
-`tests/extensions/` (not in vitreg_jax), trained and selected with the package's own commands.
+shows them: a regularizer, a loss, a dataset, a selection rule and an analysis, each one module
+in `tests/extensions/` (not in vitreg_jax), run with the package's own commands.
 
 One tiny run carries the regularizer, the loss and the dataset (2 steps, per-head figures at
 both); the rule then chooses on its checkpoint (`heads --select`) and over its per-eval
-records (`heads --table`).
+records (`heads --table`), and the analysis reads its checkpoint.
 """
 
+import importlib
 import json
 import os
 import sys
+import types
 
+from absl import flags
 import ml_collections
 import numpy as np
 import pytest
@@ -19,20 +22,36 @@ from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import errors
 from vitreg_jax import regularizers
+from vitreg_jax.analysis import runs
 from vitreg_jax.heads import __main__ as heads_main
+from vitreg_jax.heads import rules
 from vitreg_jax.training import losses
+from vitreg_jax.training import rundir
 from vitreg_jax.training import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "extensions")
 DESIGN = os.path.join(HERE, os.pardir, "docs", "design.md")
-sys.path.insert(0, EXAMPLES)  # The examples live outside the package, as a user's would.
-import attention_entropy  # pylint: disable=g-import-not-at-top,wrong-import-position
-import focal  # pylint: disable=g-import-not-at-top,wrong-import-position
-import least_spurious  # pylint: disable=g-import-not-at-top,wrong-import-position
-import toy_stripes  # pylint: disable=g-import-not-at-top,wrong-import-position
+NAMES = ("attention_entropy", "focal", "least_spurious", "toy_stripes", "logit_margin")
+# What each example registers, taken back after this module: other test files on the same
+# worker list the package's own names.
+REGISTERED = ((regularizers.REGISTRY, "attention_entropy"), (losses.REGISTRY, "focal"),
+              (rules.REGISTRY, "least_spurious"), (data.DATASETS, "toy_stripes"))
 
-NAMES = ("attention_entropy", "focal", "least_spurious", "toy_stripes")
+
+@pytest.fixture(scope="module", autouse=True)
+def examples():
+  """The examples imported as a user's modules (from outside the package), registering what
+  they define, for this module's tests only."""
+  sys.path.insert(0, EXAMPLES)
+  try:
+    yield types.SimpleNamespace(**{n: importlib.import_module(n) for n in NAMES})
+  finally:
+    sys.path.remove(EXAMPLES)
+    for name in NAMES:
+      sys.modules.pop(name, None)
+    for registry, name in REGISTERED:
+      registry.pop(name, None)
 
 
 def _code(name: str) -> str:
@@ -58,13 +77,11 @@ def _config(path: str) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, examples):
   folder = tmp_path_factory.mktemp("toy_stripes")
   workdir = str(tmp_path_factory.mktemp("run"))
-  results = train.train_and_evaluate(_config(toy_stripes.write(str(folder))), workdir)
-  yield workdir, results, str(folder)
-  # Other test files on this worker list the package's own names.
-  data.DATASETS.pop("toy_stripes")
+  results = train.train_and_evaluate(_config(examples.toy_stripes.write(str(folder))), workdir)
+  return workdir, results, str(folder)
 
 
 def _train_lines(workdir):
@@ -124,11 +141,30 @@ def test_a_rule_from_outside_selects_on_a_checkpoint_and_over_records(run, tmp_p
   assert "least_spurious: ID validation attribute labels" in capsys.readouterr().out
 
 
-def test_registries_refuse_a_clash_and_name_the_registered():
+def test_registries_refuse_a_clash_and_name_the_registered(examples):
   with pytest.raises(errors.UserError, match="already registered"):
     regularizers.register(regularizers.RegularizerSpec(
         name="attention_entropy", fn=lambda ctx: ctx.attn.mean(),
         needs={regularizers.ATTENTION}))
-  assert regularizers.register(attention_entropy.SPEC) is attention_entropy.SPEC  # reload
+  spec = examples.attention_entropy.SPEC
+  assert regularizers.register(spec) is spec  # the same definition again (a reload): quiet
   with pytest.raises(errors.UserError, match="attention_entropy"):
     regularizers.get("nope")
+
+
+def test_an_analysis_from_outside_reads_the_run(run, tmp_path, examples):
+  workdir, logit_margin = run[0], examples.logit_margin
+  logit_margin.define_flags()  # as its `__main__` does, then its flags as on the command line
+  flags.FLAGS.unparse_flags()
+  try:
+    logit_margin.main(flags.FLAGS(["logit_margin", f"--workdir={workdir}",
+                                   "--margin_split=val_ood", f"--out={tmp_path}"]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  result = json.load(open(tmp_path / "logit_margin.json"))
+  loaded = rundir.load_run(workdir)  # the slow, obvious reference: one batch of all 64
+  batch = next(runs.eval_batches(loaded, "val_ood", 64))
+  logits = np.sort(np.asarray(loaded.model.apply(loaded.variables, batch["image"])[0]), -1)
+  assert result["split"] == "val_ood" and result["step"] == 2
+  np.testing.assert_allclose(result["margin"], np.mean(logits[:, -1] - logits[:, -2]),
+                             rtol=1e-5)

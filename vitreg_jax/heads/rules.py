@@ -201,25 +201,25 @@ class Rule:
   needs_score_masks: bool = False
 
 
-_REGISTRY = registry.Registry("selection rule", origin=lambda rule: rule.choose)
+REGISTRY = registry.Registry("selection rule", origin=lambda rule: rule.choose)
 
 
 def register(rule: Rule, *, replace: bool = False) -> Rule:
   """Adds `rule` under `rule.name` (`replace=True` to redefine a name); returns it."""
-  return _REGISTRY.register(rule.name, rule, replace=replace)
+  return REGISTRY.register(rule.name, rule, replace=replace)
 
 
 def names(*, records: bool = False) -> tuple[str, ...]:
   """The registered rules, in registration order (`records=True`: those that run over
   per-eval records, i.e. need no `score_masks`)."""
-  return tuple(n for n, r in _REGISTRY.items() if not (records and r.needs_score_masks))
+  return tuple(n for n, r in REGISTRY.items() if not (records and r.needs_score_masks))
 
 
 def get(name: str) -> Rule:
-  if name not in _REGISTRY:
+  if name not in REGISTRY:
     raise errors.UserError(f"Unknown selection rule {name!r}: --select must be one of the "
-                           f"registered rules {list(_REGISTRY)}.")
-  return _REGISTRY[name]
+                           f"registered rules {list(REGISTRY)}.")
+  return REGISTRY[name]
 
 
 def check(name: str, *, can_score_masks: bool) -> Rule:
@@ -243,7 +243,7 @@ def choose(name: str, context: Context) -> Choice | None:
 def describe() -> str:
   """One line per registered rule: its name, what it reads and what it keeps."""
   return "; ".join(f"{r.name} ({r.reads}{': ' + r.keeps if r.keeps else ''})"
-                   for r in _REGISTRY.values())
+                   for r in REGISTRY.values())
 
 
 # --------------------------------------------------------------------------- built-in rules

@@ -54,7 +54,7 @@ class Spec:
   check: Callable | None = None
 
 
-_LOSSES = registry.Registry("loss", origin=lambda spec: spec.build)
+REGISTRY = registry.Registry("loss", origin=lambda spec: spec.build)
 
 
 def register(name: str, build: Callable | None = None, *, options: dict | None = None,
@@ -77,24 +77,24 @@ def register(name: str, build: Callable | None = None, *, options: dict | None =
     return lambda fn: register(name, fn, options=options, check=check, replace=replace)
   options = dict(options or {})
   for field, default in options.items():
-    others = [s.name for s in _LOSSES.values()
+    others = [s.name for s in REGISTRY.values()
               if s.name != name and field in s.options and s.options[field] != default]
     if field == "name" or others:
       raise errors.UserError(f"Loss {name!r}: option {field!r} clashes with `name` or with the "
                        f"option of the same name of {others}.")
-  _LOSSES.register(name, Spec(name, build, options, check), replace=replace)
+  REGISTRY.register(name, Spec(name, build, options, check), replace=replace)
   return build
 
 
 def names() -> list[str]:
   """The registered losses' names."""
-  return sorted(_LOSSES)
+  return sorted(REGISTRY)
 
 
 def defaults() -> dict:
   """`config.loss`'s defaults: `name='ce'` and every registered loss's options."""
   merged = {"name": "ce"}
-  for spec in _LOSSES.values():
+  for spec in REGISTRY.values():
     merged.update(spec.options)
   return merged
 
@@ -108,10 +108,10 @@ def resolve(loss_config) -> dict:
     raise errors.UserError(f"Unknown config.loss field(s) {unknown}; valid fields: "
                            f"{sorted(valid)}.")
   cfg = {**valid, **cfg}
-  if cfg["name"] not in _LOSSES:
+  if cfg["name"] not in REGISTRY:
     raise errors.UserError(f"Unknown config.loss.name {cfg['name']!r}; valid losses: "
                            f"{names()}.")
-  spec = _LOSSES[cfg["name"]]
+  spec = REGISTRY[cfg["name"]]
   if spec.check is not None:
     spec.check(cfg)
   return cfg
@@ -119,7 +119,7 @@ def resolve(loss_config) -> dict:
 
 def build(config, dataset) -> Loss:
   """The `Loss` that `config.loss.name` names, built for this run (`Spec.build`)."""
-  return _LOSSES[resolve(config.loss)["name"]].build(config, dataset)
+  return REGISTRY[resolve(config.loss)["name"]].build(config, dataset)
 
 
 @register("ce")
