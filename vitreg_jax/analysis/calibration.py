@@ -35,15 +35,19 @@ from vitreg_jax.data import splits as splits_lib
 from vitreg_jax.training import steps
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_string, "calibration_split", None,
+     "Split (default: the run's first eval split)."),
+    (flags.DEFINE_integer, "bins", metrics.ECE_BINS,
+     "Equal-width confidence bins (the authors: 10)."),
+    (flags.DEFINE_integer, "calibration_examples", None,
+     "Examples at most (default: the whole split)."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
-  runs.define_flags()
-  if "calibration_split" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_string("calibration_split", None,
-                      "Split (default: the run's first eval split).")
-  flags.DEFINE_integer("bins", metrics.ECE_BINS, "Equal-width confidence bins (the authors: 10).")
-  flags.DEFINE_integer("calibration_examples", None, "Examples at most (default: the whole split).")
+  runs.define_flags(_FLAG_SPECS)
 
 
 def make_predict(model, variables):
@@ -130,11 +134,8 @@ def _checked_split(run, split: Optional[str]) -> str:
 
 def main(argv):
   del argv
+  out, loaded = runs.output_and_runs("bins", "calibration_examples")
   f = runs.FLAGS
-  if f.bins < 1 or (f.calibration_examples is not None and f.calibration_examples < 1):
-    raise errors.UserError("Need --bins >= 1 and --calibration_examples >= 1.")
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
   splits = [_checked_split(run, f.calibration_split) for run in loaded]  # before any compute
   results = []
   for run, split in zip(loaded, splits):

@@ -37,13 +37,16 @@ from vitreg_jax import plotting
 from vitreg_jax.analysis import runs
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_integer, "num_examples", 500, "Evaluation examples averaged over."),
+    (flags.DEFINE_string, "split", None,
+     "Evaluation split (default: the run's first eval split)."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
-  runs.define_flags()
-  if "num_examples" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_integer("num_examples", 500, "Evaluation examples averaged over.")
-  flags.DEFINE_string("split", None, "Evaluation split (default: the run's first eval split).")
+  runs.define_flags(_FLAG_SPECS)
 
 
 # Block kinds: the attention side and the conv / MLP side of the paper's contrast.
@@ -199,11 +202,8 @@ def per_block_over_examples(loaded, analyse) -> List[dict]:
 
 def main(argv):
   del argv
-  f = runs.FLAGS
-  if f.num_examples < 1:
-    raise errors.UserError("--num_examples must be >= 1.")
-  out = runs.output_dir(f.out, f.workdir)
-  results = per_block_over_examples(runs.load_runs(f.workdir, f.step),
+  out, loaded = runs.output_and_runs("num_examples")
+  results = per_block_over_examples(loaded,
                                     lambda run, batches: spectra(run.model, run.variables, batches))
   print("wrote", runs.write_summary(f"{out}/fourier.json", results))
   print("wrote", plot_high_frequency(results, f"{out}/fourier.png"))

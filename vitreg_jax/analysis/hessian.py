@@ -45,35 +45,39 @@ from vitreg_jax.analysis import spectrum
 METHODS = ("power", "lanczos")
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_integer, "top_k", 5, "Eigenvalues per mini-batch (largest in magnitude)."),
+    (flags.DEFINE_integer, "num_batches", 10, "Mini-batches whose Hessians are analysed."),
+    (flags.DEFINE_enum, "method", "power", METHODS, "power: PyHessian power iteration with "
+     "deflation (paper); lanczos: Lanczos with full reorthogonalization."),
+    (flags.DEFINE_integer, "max_iter", 100, "Power iteration: products per eigenvalue at most."),
+    (flags.DEFINE_float, "tol", 1e-3,
+     "Power iteration: relative change of the eigenvalue to stop."),
+    (flags.DEFINE_integer, "lanczos_steps", 30, "Lanczos / SLQ steps (memory: steps x #params, "
+     "see --basis)."),
+    (flags.DEFINE_bool, "density", False,
+     "Also estimate the eigenvalue density by SLQ per batch."),
+    (flags.DEFINE_bool, "trace", False, "Also estimate tr(H) per batch by Hutchinson."),
+    (flags.DEFINE_integer, "num_vectors", 4, "Random vectors per batch for SLQ and Hutchinson."),
+    (flags.DEFINE_multi_enum, "over", ["batch"], ["batch", "dataset"], "batch: one spectrum "
+     "per mini-batch (paper); dataset: the Hessian of the loss over all num_batches x "
+     "batch_size examples. Repeat for both."),
+    (flags.DEFINE_string, "params", None, "Regex (re.search on paths like "
+     "'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'): the Hessian of the matching "
+     "parameters only."),
+    (flags.DEFINE_bool, "per_block", False, "Top-k and trace of each block's Hessian (MSA / "
+     "MLP / Conv), plotted against depth in hessian_blocks.png."),
+    (flags.DEFINE_enum, "operator", "hessian", operators.OPERATORS, "hessian, or ggn: the "
+     "generalized Gauss-Newton matrix J^T H_out J + L2 (positive semi-definite)."),
+    (flags.DEFINE_enum, "basis", "device", spectrum.BASES, "Where Lanczos / SLQ keep the "
+     "Krylov basis: device (fp32), bf16 (device, half the memory) or host (RAM)."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
-  runs.define_flags()
   objective.define_flags()
-  if "top_k" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_integer("top_k", 5, "Eigenvalues per mini-batch (largest in magnitude).")
-  flags.DEFINE_integer("num_batches", 10, "Mini-batches whose Hessians are analysed.")
-  flags.DEFINE_enum("method", "power", METHODS, "power: PyHessian power iteration with "
-                    "deflation (paper); lanczos: Lanczos with full reorthogonalization.")
-  flags.DEFINE_integer("max_iter", 100, "Power iteration: products per eigenvalue at most.")
-  flags.DEFINE_float("tol", 1e-3, "Power iteration: relative change of the eigenvalue to stop.")
-  flags.DEFINE_integer("lanczos_steps", 30, "Lanczos / SLQ steps (memory: steps x #params, "
-                       "see --basis).")
-  flags.DEFINE_bool("density", False, "Also estimate the eigenvalue density by SLQ per batch.")
-  flags.DEFINE_bool("trace", False, "Also estimate tr(H) per batch by Hutchinson.")
-  flags.DEFINE_integer("num_vectors", 4, "Random vectors per batch for SLQ and Hutchinson.")
-  flags.DEFINE_multi_enum("over", ["batch"], ["batch", "dataset"], "batch: one spectrum per "
-                          "mini-batch (paper); dataset: the Hessian of the loss over all "
-                          "num_batches x batch_size examples. Repeat for both.")
-  flags.DEFINE_string("params", None, "Regex (re.search on paths like "
-                      "'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'): the Hessian of "
-                      "the matching parameters only.")
-  flags.DEFINE_bool("per_block", False, "Top-k and trace of each block's Hessian (MSA / MLP / "
-                    "Conv), plotted against depth in hessian_blocks.png.")
-  flags.DEFINE_enum("operator", "hessian", operators.OPERATORS, "hessian, or ggn: the "
-                    "generalized Gauss-Newton matrix J^T H_out J + L2 (positive semi-definite).")
-  flags.DEFINE_enum("basis", "device", spectrum.BASES, "Where Lanczos / SLQ keep the Krylov "
-                    "basis: device (fp32), bf16 (device, half the memory) or host (RAM).")
+  runs.define_flags(_FLAG_SPECS)
 
 
 # ----------------------------------------------------------------------------- one operator
@@ -200,8 +204,6 @@ def add_density(result: dict, points: int = 400) -> None:
 
 # ----------------------------------------------------------------------------- main
 def _check_flags(f) -> None:
-  if f.num_batches < 1:
-    raise errors.UserError("--num_batches must be >= 1.")
   if f.per_block and f.params:
     raise errors.UserError("--per_block analyses every block in turn; drop --params (or drop "
                          "--per_block to analyse the --params subset).")
@@ -230,8 +232,7 @@ def main(argv):
   del argv
   f = runs.FLAGS
   _check_flags(f)
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
+  out, loaded = runs.output_and_runs("num_batches")
   for run in loaded:  # bad --params / --per_block fail here, before any compute
     obj = objective.from_run(run, augment=f.augment_loss, params=f.params)
     if f.per_block:

@@ -56,23 +56,25 @@ NORMALIZATIONS = ("filter", "authors")
 DEFAULT_EXCLUDE = ("pos_embedding", "relative_position")
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_integer, "grid_points", 21, "Points per axis of the 2-D grid (0: no grid)."),
+    (flags.DEFINE_integer, "line_points", 41, "Points of the 1-D line along the first "
+     "direction (0: no line)."),
+    (flags.DEFINE_float, "extent", 1.0,
+     "The grid and line span [-extent, extent] along each direction."),
+    (flags.DEFINE_integer, "landscape_batches", 4, "Training batches averaged at every point."),
+    (flags.DEFINE_multi_string, "exclude", list(DEFAULT_EXCLUDE), "Regex on parameter paths "
+     "('a/b/kernel') kept fixed (repeatable; 'none' excludes nothing)."),
+    (flags.DEFINE_enum, "normalization", "filter", NORMALIZATIONS, "filter: per-filter norms "
+     "(Li et al.); authors: norms over output channels (their code)."),
+    (flags.DEFINE_integer, "points_per_call", 21, "Grid points per compiled call (a scan)."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
-  runs.define_flags()
   objective.define_flags()
-  if "grid_points" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_integer("grid_points", 21, "Points per axis of the 2-D grid (0: no grid).")
-  flags.DEFINE_integer("line_points", 41, "Points of the 1-D line along the first direction "
-                       "(0: no line).")
-  flags.DEFINE_float("extent", 1.0,
-                     "The grid and line span [-extent, extent] along each direction.")
-  flags.DEFINE_integer("landscape_batches", 4, "Training batches averaged at every point.")
-  flags.DEFINE_multi_string("exclude", list(DEFAULT_EXCLUDE), "Regex on parameter paths "
-                            "('a/b/kernel') kept fixed (repeatable; 'none' excludes nothing).")
-  flags.DEFINE_enum("normalization", "filter", NORMALIZATIONS, "filter: per-filter norms "
-                    "(Li et al.); authors: norms over output channels (their code).")
-  flags.DEFINE_integer("points_per_call", 21, "Grid points per compiled call (a scan).")
+  runs.define_flags(_FLAG_SPECS)
 
 
 _QKV = ("query", "key", "value")
@@ -337,8 +339,7 @@ def main(argv):
   del argv
   f = runs.FLAGS
   exclude = _check_flags(f)
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
+  out, loaded = runs.output_and_runs()
   mesh = sharding.make_mesh()
   results = []
   for run in loaded:

@@ -51,22 +51,25 @@ from vitreg_jax.analysis import calibration
 from vitreg_jax.analysis import runs
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_enum, "variant", "code", ["code", "equal_energy"], "code: the authors' "
+     "ring-masked sign noise (FreqAttack); equal_energy: band noise of fixed energy (ours)."),
+    (flags.DEFINE_float, "eps", 0.5, "code: sign-noise amplitude per pixel before the ring "
+     "mask; equal_energy: noise RMS per pixel (normalized input units)."),
+    (flags.DEFINE_integer, "num_freqs", 11, "Band centres, evenly spaced over [0, pi]."),
+    (flags.DEFINE_float, "ring_halfwidth", 0.2,
+     "code: ring half-width s in radians (theirs: 0.2)."),
+    (flags.DEFINE_float, "bandwidth", 0.1, "equal_energy: band width in units of pi."),
+    (flags.DEFINE_integer, "noise_examples", 1000, "Evaluation examples per frequency."),
+    (flags.DEFINE_string, "noise_split", None, "Split (default: the run's first eval split)."),
+    (flags.DEFINE_string, "corruption", "auto", "'auto' (the run's dataset if it is a "
+     "corrupted one), 'none', or cifar10_corrupted / cifar100_corrupted."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
-  runs.define_flags()
-  if "variant" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_enum("variant", "code", ["code", "equal_energy"], "code: the authors' ring-masked "
-                    "sign noise (FreqAttack); equal_energy: band noise of fixed energy (ours).")
-  flags.DEFINE_float("eps", 0.5, "code: sign-noise amplitude per pixel before the ring mask; "
-                     "equal_energy: noise RMS per pixel (normalized input units).")
-  flags.DEFINE_integer("num_freqs", 11, "Band centres, evenly spaced over [0, pi].")
-  flags.DEFINE_float("ring_halfwidth", 0.2, "code: ring half-width s in radians (theirs: 0.2).")
-  flags.DEFINE_float("bandwidth", 0.1, "equal_energy: band width in units of pi.")
-  flags.DEFINE_integer("noise_examples", 1000, "Evaluation examples per frequency.")
-  flags.DEFINE_string("noise_split", None, "Split (default: the run's first eval split).")
-  flags.DEFINE_string("corruption", "auto", "'auto' (the run's dataset if it is a corrupted "
-                      "one), 'none', or cifar10_corrupted / cifar100_corrupted.")
+  runs.define_flags(_FLAG_SPECS)
 
 
 CORRUPTED = ("cifar10_corrupted", "cifar100_corrupted")
@@ -293,8 +296,7 @@ def main(argv):
                          "--ring_halfwidth > 0 and --noise_examples >= 1.")
   noise_fn = make_noise(f.variant, eps=f.eps, bandwidth=f.bandwidth,
                         halfwidth=f.ring_halfwidth)
-  out = runs.output_dir(f.out, f.workdir)
-  loaded = runs.load_runs(f.workdir, f.step)
+  out, loaded = runs.output_and_runs()
   corrupted = [corruption_dataset(run, f.corruption) for run in loaded]  # validate first
   freqs = np.linspace(0.0, 1.0, f.num_freqs)
   results = []

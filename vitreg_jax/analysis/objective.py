@@ -39,17 +39,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import errors
+from vitreg_jax.analysis import runs
 from vitreg_jax.data import mixing
 from vitreg_jax.training import objective as training_objective
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_bool, "augment_loss", True, "Analyse the run's training loss with its "
+     "Mixup/CutMix and label smoothing (false: the plain NLL of the training batches; the L2 "
+     "weight penalty stays either way)."),
+]
+
+
 def define_flags() -> None:
   """`--augment_loss`, for the commands that analyse the training loss (hessian, landscape)."""
-  if "augment_loss" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_bool("augment_loss", True, "Analyse the run's training loss with its Mixup/CutMix "
-                    "and label smoothing (false: the plain NLL of the training batches; the L2 "
-                    "weight penalty stays either way).")
+  runs.define_once(_FLAG_SPECS)
 
 
 def l2_penalty(params, weight_decay: float, decay_1d: bool = False):

@@ -33,10 +33,27 @@ from vitreg_jax.training import rundir
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  """The flags every analysis command shares (above), defined by each command's
-  `define_flags` when it runs, not at import; each only once per process."""
-  common = [
+# The commands' flags are defined by `define_once` below on their behalf: absl credits a flag to
+# the first module on the stack that has not disclaimed, so a command's own flags stay in its
+# `--help` (the shared ones below name this module explicitly).
+flags.disclaim_key_flags()
+
+
+def define_once(specs: Sequence[tuple], **kwargs) -> None:
+  """Defines each `(flags.DEFINE_x, name, *args)` of `specs` as `DEFINE_x(name, *args,
+  **kwargs)`, unless a flag of that name exists already: a command's `define_flags` runs once
+  per process in use, but tests call several commands' mains (and so their `define_flags`) in
+  one process."""
+  for define, name, *args in specs:
+    if name not in FLAGS:
+      define(name, *args, **kwargs)
+
+
+def define_flags(own: Sequence[tuple] = ()) -> None:
+  """The flags every analysis command shares (above), then the command's `own` specs (as
+  `define_once` takes them): called by each command's `define_flags` when it runs, not at
+  import; each flag only once per process."""
+  define_once([
       (flags.DEFINE_multi_string, "workdir", None,
        "Training run directory (repeat to overlay runs)."),
       (flags.DEFINE_multi_integer, "step", None,
@@ -47,10 +64,27 @@ def define_flags() -> None:
        "Examples per batch (default: from the run's config)."),
       (flags.DEFINE_integer, "seed", 0,
        "Seed of the random vectors / noise and of the data order."),
-  ]
-  for define, name, default, help_text in common:
-    if name not in FLAGS:
-      define(name, default, help_text)
+  ], module_name=__name__)
+  define_once(own)
+
+
+def check_at_least_one(*names: str) -> None:
+  """`errors.UserError` unless each named integer flag is >= 1 (an optional one left unset,
+  None, passes): `--NAME must be >= 1.` for one name, `Need --A >= 1 and --B >= 1.` for
+  several."""
+  if any(getattr(FLAGS, n) is not None and getattr(FLAGS, n) < 1 for n in names):
+    if len(names) == 1:
+      raise errors.UserError(f"--{names[0]} must be >= 1.")
+    raise errors.UserError("Need " + " and ".join(f"--{n} >= 1" for n in names) + ".")
+
+
+def output_and_runs(*at_least_one: str) -> tuple:
+  """How every analysis command starts: the integer flags named in `at_least_one` checked
+  (`check_at_least_one`), then `(output folder, loaded runs)` of the shared flags (`--out`,
+  `--workdir`, `--step`), all before any compute."""
+  check_at_least_one(*at_least_one)
+  out = output_dir(FLAGS.out, FLAGS.workdir)
+  return out, load_runs(FLAGS.workdir, FLAGS.step)
 
 
 def load_runs(workdirs: Sequence[str], steps: Optional[Sequence[int]] = None) -> list:

@@ -34,12 +34,16 @@ from vitreg_jax.analysis import fourier
 from vitreg_jax.analysis import runs
 
 
+_FLAG_SPECS = [
+    (flags.DEFINE_bool, "log_scale", False,
+     "Log-scale variance axis (models of different scales)."),
+]
+
+
 def define_flags() -> None:
   """This command's flags, defined when it runs (its `__main__`), not at import."""
   fourier.define_flags()  # --num_examples, and the common flags
-  if "log_scale" in flags.FLAGS:  # Defined already: another main ran in this process.
-    return
-  flags.DEFINE_bool("log_scale", False, "Log-scale variance axis (models of different scales).")
+  runs.define_once(_FLAG_SPECS)
 
 
 def map_variance(fmap) -> jax.Array:
@@ -126,16 +130,12 @@ def plot(results: List[dict], path: str, log_scale: bool = False) -> str:
 # ----------------------------------------------------------------------------- main
 def main(argv):
   del argv
-  f = runs.FLAGS
-  if f.num_examples < 1:
-    raise errors.UserError("--num_examples must be >= 1.")
-  out = runs.output_dir(f.out, f.workdir)
+  out, loaded = runs.output_and_runs("num_examples")
   mesh = sharding.make_mesh()
   results = fourier.per_block_over_examples(
-      runs.load_runs(f.workdir, f.step),
-      lambda run, batches: variances(run.model, run.variables, batches, mesh))
+      loaded, lambda run, batches: variances(run.model, run.variables, batches, mesh))
   print("wrote", runs.write_summary(f"{out}/variance.json", results))
-  print("wrote", plot(results, f"{out}/variance.png", f.log_scale))
+  print("wrote", plot(results, f"{out}/variance.png", runs.FLAGS.log_scale))
   for r in results:
     print(r["label"] + ": " + ", ".join(f"{b['name']} {b['variance']:.3g}" for b in r["blocks"]))
 

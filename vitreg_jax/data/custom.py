@@ -120,12 +120,18 @@ _IMAGE_OPTIONS = {
 }
 
 
+def _require(found: bool, message: str) -> None:
+  """`DatasetNotPreparedError(message)` unless the dataset's file or folder was `found`:
+  the message says how to make it."""
+  if not found:
+    raise DatasetNotPreparedError(message)
+
+
 @functools.lru_cache(maxsize=8)
 def _read_npz(path: str) -> dict:
-  if not os.path.exists(path):
-    raise DatasetNotPreparedError(
-        f'npz file {path} does not exist. Write it with numpy.savez(path, images=uint8 '
-        '[n, H, W, C], labels=int [n], <attribute>=int [n], ...) and set data.path.')
+  _require(os.path.exists(path),
+           f'npz file {path} does not exist. Write it with numpy.savez(path, images=uint8 '
+           '[n, H, W, C], labels=int [n], <attribute>=int [n], ...) and set data.path.')
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
@@ -226,15 +232,13 @@ class FileSource:
 @functools.lru_cache(maxsize=8)
 def scan_folder(root: str) -> tuple:
   """-> (class_names, {split: (files, labels)})."""
-  if not os.path.isdir(root):
-    raise DatasetNotPreparedError(
-        f'Image folder {root} does not exist. Expected layout: {root}/<split>/<class>/'
-        '<image>.jpg (e.g. train/cat/1.jpg, test/dog/7.png); set data.path.')
+  _require(os.path.isdir(root),
+           f'Image folder {root} does not exist. Expected layout: {root}/<split>/<class>/'
+           '<image>.jpg (e.g. train/cat/1.jpg, test/dog/7.png); set data.path.')
   splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   classes = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
                     if os.path.isdir(os.path.join(root, s, c))})
-  if not classes:
-    raise DatasetNotPreparedError(f'No <split>/<class>/ sub-folders found under {root}.')
+  _require(bool(classes), f'No <split>/<class>/ sub-folders found under {root}.')
   index = {c: i for i, c in enumerate(classes)}
   out = {}
   for s in splits:
@@ -253,8 +257,7 @@ def scan_folder(root: str) -> tuple:
 
 class ImageFolderDataset(DatasetSpec):
   """Bring-your-own image folder (tfds.folder_dataset.ImageFolder layout)."""
-  options = {'path': None, **_IMAGE_OPTIONS, 'image_size': 224, 'crop_fraction': 0.875,
-             'mean': preprocess.IMAGENET_MEAN, 'std': preprocess.IMAGENET_STD}
+  options = {'path': None, **_IMAGE_OPTIONS, **preprocess.imagenet_options()}
   description = 'folder path/<split>/<class>/<image>'
 
   def _root(self, config: dict) -> str:

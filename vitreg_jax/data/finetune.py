@@ -28,15 +28,9 @@ from vitreg_jax.data.base import (CorruptDataError, DatasetInfo, DatasetNotPrepa
 
 
 def image_options(size: int, crop_fraction: float, crop_scale=(0.08, 1.0)) -> dict:
-  return {
-      'image_size': size,
-      'augment': True,
-      'crop_scale': tuple(crop_scale),
-      'crop_fraction': crop_fraction,
-      'mean': preprocess.IMAGENET_MEAN,
-      'std': preprocess.IMAGENET_STD,
-      **preprocess.AUGMENT_OPTIONS,
-  }
+  """`preprocess.imagenet_options` plus the train-augmentation options."""
+  return {**preprocess.imagenet_options(size, crop_scale, crop_fraction),
+          **preprocess.AUGMENT_OPTIONS}
 
 
 # Per-channel statistics of the CIFAR training sets, as the "How do ViTs work?" authors'

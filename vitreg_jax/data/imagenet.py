@@ -63,15 +63,7 @@ class RotationTransform:
 
 class ImageNetRotationDataset(TfdsDataset):
   """Registry entry 'imagenet_rotation'."""
-  options = {
-      'image_size': 224,
-      'augment': True,
-      'crop_scale': (0.08, 1.0),
-      'crop_fraction': 0.875,
-      'mean': preprocess.IMAGENET_MEAN,
-      'std': preprocess.IMAGENET_STD,
-      'eval_all_rotations': True,
-  }
+  options = {**preprocess.imagenet_options(), 'eval_all_rotations': True}
   tfds_name = 'imagenet2012'
   split_map = {'train': 'train', 'validation': 'validation'}
   num_classes = NUM_ROTATIONS

@@ -181,6 +181,21 @@ def rotate90(image: np.ndarray, k: int) -> np.ndarray:
   return np.ascontiguousarray(np.rot90(image, k=int(k), axes=(0, 1)))
 
 
+def imagenet_options(image_size: int = 224, crop_scale: Sequence[float] = (0.08, 1.0),
+                     crop_fraction: float = 0.875) -> dict:
+  """The base of an ImageNet-style dataset's `options` (what `ImageTransform` reads): the
+  random-resized crop of `crop_scale` when training, the centre crop of `crop_fraction` for
+  evaluation, ImageNet mean / std. Each such dataset extends it with its own keys."""
+  return {
+      'image_size': image_size,
+      'augment': True,
+      'crop_scale': tuple(crop_scale),
+      'crop_fraction': crop_fraction,
+      'mean': IMAGENET_MEAN,
+      'std': IMAGENET_STD,
+  }
+
+
 # Train-augmentation options of the image datasets (cifar10/100, the fine-tuning and corrupted
 # sets, npz, image_folder); `augmentation_kwargs` turns them into ImageTransform arguments.
 AUGMENT_OPTIONS = {

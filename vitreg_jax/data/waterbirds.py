@@ -143,14 +143,7 @@ def builder_class():
 
 class WaterbirdsDataset(TfdsDataset):
   """Registry entry 'waterbirds'."""
-  options = {
-      'image_size': 224,
-      'augment': True,
-      'crop_scale': (0.7, 1.0),
-      'crop_fraction': 0.875,
-      'mean': preprocess.IMAGENET_MEAN,
-      'std': preprocess.IMAGENET_STD,
-  }
+  options = preprocess.imagenet_options(crop_scale=(0.7, 1.0))
   split_map = {'train': 'train', 'val': 'val', 'test': 'test'}
   num_classes = 2
   attributes = ('place', 'group')
