@@ -30,6 +30,7 @@ import functools
 from typing import Any
 
 import numpy as np
+from skimage import data as skimage_data
 
 from vitreg_jax import errors
 from vitreg_jax.data import tiles as tiles_lib
@@ -72,14 +73,13 @@ _MIN_STD = 0.03  # floor of the per-crop std, so flat crops are not blown up to 
 
 def _photo(name: str) -> np.ndarray:
   """One source photo as float32 gray `[h, w]` in [0, 1] (scikit-image or scikit-learn)."""
-  # Imported lazily: only needed when the dataset is built.
   if name in ('china', 'flower'):
+    # Imported lazily: scikit-learn's datasets module is slow to import.
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     bunch = datasets.load_sample_images()
     image = bunch.images[[f.endswith(f'{name}.jpg') for f in bunch.filenames].index(True)]
   else:
-    from skimage import data  # pylint: disable=g-import-not-at-top
-    image = getattr(data, name)()
+    image = getattr(skimage_data, name)()
     image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: the left view
   image = np.asarray(image, np.float32) / 255.0
   return image[..., :3] @ _LUMA if image.ndim == 3 else image
