@@ -126,8 +126,9 @@ def embedded_size(config, arg, pretraining: bool) -> None:
   (a few minutes each on 2 cores)."""
   del config.data.image_size  # the embedded datasets generate 32 x 32 crops
   if arg.variant == "vit_tiny":
-    config.model = dict(config.model.to_dict(), variant=None, patch_size=4, width=96, depth=6,
-                        num_heads=12, mlp_dim=192)
+    # The explicit fields override the variant's geometry; the variant stays as the row's
+    # marker (reports.papers.arvit_row reads it).
+    config.model.update(patch_size=4, width=96, mlp_dim=192)
   else:
     config.model.update(patch_size=4, width=96)
   config.eval_batch_size = 500
