@@ -141,6 +141,30 @@ def embedded_size(config, arg, pretraining: bool) -> None:
   config.eval_every_steps = config.checkpoint_every_steps = 250
 
 
+def shrink_to_runlocal(config, arg, pretraining: bool) -> None:
+  """`runlocal`: 10 steps, narrow model, batch 8 (module docstring)."""
+  if arg.variant == "vit_tiny":
+    config.model = dict(config.model.to_dict(), variant=None, width=48,
+                        patch_size=4 if arg.dataset in EMBEDDED else 16,
+                        depth=6, num_heads=12, mlp_dim=96)
+  else:
+    config.model.width = 48
+  if arg.dataset in EMBEDDED:  # the crops have one size, 32 px; fewer of them
+    config.data.update(num_train=256, num_val=64)
+    if not pretraining:
+      config.data.num_test = 64
+  else:
+    config.data.image_size = 64
+  config.batch_size = 8
+  config.eval_batch_size = 32
+  config.total_epochs = None
+  config.total_steps = 10
+  config.schedule = dict(name="cosine", warmup_steps=1)
+  config.log_every_steps = 5
+  config.eval_every_steps = 10
+  config.checkpoint_every_steps = 5
+
+
 def get_config(arg=None):
   """Returns the config of one ARViT Table 1 row on one dataset (argument string `arg`)."""
   arg = config_lib.parse_arg(arg, variant="base", dataset="cifar10", impl="paper",
@@ -187,24 +211,5 @@ def get_config(arg=None):
   if arg.dataset in EMBEDDED:
     embedded_size(config, arg, pretraining)
   if arg.runlocal:
-    if arg.variant == "vit_tiny":
-      config.model = dict(config.model.to_dict(), variant=None, width=48,
-                          patch_size=4 if arg.dataset in EMBEDDED else 16,
-                          depth=6, num_heads=12, mlp_dim=96)
-    else:
-      config.model.width = 48
-    if arg.dataset in EMBEDDED:  # the crops have one size, 32 px; fewer of them
-      config.data.update(num_train=256, num_val=64)
-      if not pretraining:
-        config.data.num_test = 64
-    else:
-      config.data.image_size = 64
-    config.batch_size = 8
-    config.eval_batch_size = 32
-    config.total_epochs = None
-    config.total_steps = 10
-    config.schedule = dict(name="cosine", warmup_steps=1)
-    config.log_every_steps = 5
-    config.eval_every_steps = 10
-    config.checkpoint_every_steps = 5
+    shrink_to_runlocal(config, arg, pretraining)
   return config
