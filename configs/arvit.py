@@ -16,6 +16,12 @@ Imagewoof (top-1 accuracy). Patch 16 (Table 1), batch 80 (Section 4.3).
   # the authors' protocol instead (their encoder, 256 px, no penalty while fine-tuning)
   python -m vitreg_jax.main --config=configs/arvit.py:variant=R1-1,dataset=cifar10,impl=code,\
 init=/runs/r1-1_rot_code --workdir=/runs/r1-1_cifar10_code
+  # the same chain on embedded data (no download; a few minutes per run on 2 CPU cores)
+  python -m vitreg_jax.main --config=configs/arvit.py:variant=base,dataset=embedded_rotation \
+      --workdir=/runs/base_rot
+  python -m vitreg_jax.main \
+      --config=configs/arvit.py:variant=base,dataset=embedded,init=/runs/base_rot \
+      --workdir=/runs/base_embedded
   # laptop smoke run (10 steps, 64 px, narrow model; the dataset must still be prepared)
   python -m vitreg_jax.main --config=configs/arvit.py:variant=L3,dataset=cifar10,runlocal \
       --workdir=/tmp/arvit_local
@@ -28,15 +34,20 @@ Arguments (`:key=value,...`):
             baseline: `vit` with `variant='Ti6x12/16'`, ViT-Tiny width/MLP with ARViT's 6 blocks
             and 12 heads, CLS token, learned position embedding).
   dataset   'imagenet_rotation' (pretraining) | 'cifar10' | 'cifar100' | 'oxford_flowers102' |
-            'imagenette' | 'imagewoof'.
+            'imagenette' | 'imagewoof'; or the embedded pair (docs/embedded.md):
+            'embedded_rotation' (pretraining) | 'embedded' (fine-tuning), at a CPU scale: 32 px
+            crops, patch 4, width 96 (ViT-Tiny: width 96, MLP 192), 6 blocks, 12 heads, batch
+            80, EMBEDDED_STEPS steps (1000 pretraining, 500 fine-tuning) unless `epochs` is set,
+            cosine decay without warmup.
   impl      'paper' (default, as the library's rule is the paper's definition first: the
             Section 3.4 model, P = D / max D, S = MSE of Gram matrices, 224 px, the row's
             penalty in both stages) | 'code' (the authors' code and protocol, see below).
   weight    lambda; < 0 (default) = 0.01 for either penalty (see "lambda" below).
   init      for fine-tuning: the workdir (or checkpoints folder) of the rotation pretraining
             run (`config.init_from = dict(path=init, kind='checkpoint')`); '' = from scratch.
-  epochs    training epochs; 0 (default) = 30 for imagenet_rotation, 100 for fine-tuning.
-  lr        Adam learning rate (default 1e-4).
+  epochs    training epochs; 0 (default) = 30 for imagenet_rotation, 100 for fine-tuning
+            (embedded data: EMBEDDED_STEPS steps).
+  lr        Adam learning rate; 0 (default) = 1e-4 (EMBEDDED_LR = 1e-3 on the embedded pair).
   seed      run seed.
   runlocal  10 steps at 64 px (a 4 x 4 patch grid), width 48, batch 8; depth and heads kept
             so every row's regularized block exists. `init` must then name a runlocal
@@ -70,7 +81,9 @@ from vitreg_jax import config_lib
 VARIANTS = (("base",) + tuple(f"L{k}" for k in range(1, 7))
             + tuple(f"R1-{k}" for k in range(1, 7)) + ("vit_tiny",))
 DATASETS = ("imagenet_rotation", "cifar10", "cifar100", "oxford_flowers102", "imagenette",
-            "imagewoof")
+            "imagewoof", "embedded_rotation", "embedded")
+PRETRAINING = ("imagenet_rotation", "embedded_rotation")
+EMBEDDED = ("embedded_rotation", "embedded")
 IMPLS = ("paper", "code")
 
 # The authors' code's penalty options (module docstring). Both read the attention map min-max
@@ -84,6 +97,10 @@ DEFAULT_WEIGHT = 0.01
 # impl=code geometry per penalty family (their launch scripts): (width, heads).
 _CODE_GEOMETRY = {"L": (516, 12), "R": (512, 8)}
 IMAGE_SIZE = {"paper": 224, "code": 256}
+# Steps of the embedded chain (`dataset=embedded_rotation` / `embedded`) at `epochs=0`.
+EMBEDDED_STEPS = {"pretraining": 1000, "fine-tuning": 500}
+# Adam's lr on the embedded chain: the small model and few steps of the quickstart's ViT.
+EMBEDDED_LR = 1e-3
 
 
 def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) -> list:
@@ -103,17 +120,62 @@ def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) ->
   return [entry]
 
 
+def embedded_size(config, arg, pretraining: bool) -> None:
+  """The 2-core CPU scale of the embedded chain: 32 px crops, patch 4 (an 8 x 8 grid), width 96,
+  the paper's 6 blocks and 12 heads (head size 8), batch 80; `epochs=0` means the steps below
+  (a few minutes each on 2 cores)."""
+  del config.data.image_size  # the embedded datasets generate 32 x 32 crops
+  if arg.variant == "vit_tiny":
+    # The explicit fields override the variant's geometry; the variant stays as the row's
+    # marker (reports.papers.arvit_row reads it).
+    config.model.update(patch_size=4, width=96, mlp_dim=192)
+  else:
+    config.model.update(patch_size=4, width=96)
+  config.eval_batch_size = 500
+  if not arg.epochs:
+    config.total_epochs = None
+    config.total_steps = EMBEDDED_STEPS["pretraining" if pretraining else "fine-tuning"]
+    # No warmup: a step override (`--config.total_steps=20`) must not fall below it.
+    config.schedule = dict(name="cosine")
+  config.log_every_steps = 50
+  config.eval_every_steps = config.checkpoint_every_steps = 250
+
+
+def shrink_to_runlocal(config, arg, pretraining: bool) -> None:
+  """`runlocal`: 10 steps, narrow model, batch 8 (module docstring)."""
+  if arg.variant == "vit_tiny":
+    config.model = dict(config.model.to_dict(), variant=None, width=48,
+                        patch_size=4 if arg.dataset in EMBEDDED else 16,
+                        depth=6, num_heads=12, mlp_dim=96)
+  else:
+    config.model.width = 48
+  if arg.dataset in EMBEDDED:  # the crops have one size, 32 px; fewer of them
+    config.data.update(num_train=256, num_val=64)
+    if not pretraining:
+      config.data.num_test = 64
+  else:
+    config.data.image_size = 64
+  config.batch_size = 8
+  config.eval_batch_size = 32
+  config.total_epochs = None
+  config.total_steps = 10
+  config.schedule = dict(name="cosine", warmup_steps=1)
+  config.log_every_steps = 5
+  config.eval_every_steps = 10
+  config.checkpoint_every_steps = 5
+
+
 def get_config(arg=None):
   """Returns the config of one ARViT Table 1 row on one dataset (argument string `arg`)."""
   arg = config_lib.parse_arg(arg, variant="base", dataset="cifar10", impl="paper",
-                             weight=-1.0, init="", epochs=0, lr=1e-4, seed=0, runlocal=False)
+                             weight=-1.0, init="", epochs=0, lr=0.0, seed=0, runlocal=False)
   if arg.variant not in VARIANTS:
     raise ValueError(f"variant must be one of {list(VARIANTS)}, got {arg.variant!r}.")
   if arg.dataset not in DATASETS:
     raise ValueError(f"dataset must be one of {list(DATASETS)}, got {arg.dataset!r}.")
   if arg.impl not in IMPLS:
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {arg.impl!r}.")
-  pretraining = arg.dataset == "imagenet_rotation"
+  pretraining = arg.dataset in PRETRAINING
 
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed
@@ -133,7 +195,8 @@ def get_config(arg=None):
   config.batch_size = 80
   config.eval_batch_size = 400
   config.total_epochs = arg.epochs or (30 if pretraining else 100)
-  config.optimizer = dict(name="adam", lr=arg.lr, grad_clip_norm=1.0)
+  lr = arg.lr or (EMBEDDED_LR if arg.dataset in EMBEDDED else 1e-4)
+  config.optimizer = dict(name="adam", lr=lr, grad_clip_norm=1.0)
   config.schedule = dict(name="cosine", warmup_epochs=1 if pretraining else 0)
   # The authors fine-tune with plain cross-entropy (launch-Finetune.py); the paper's protocol
   # is read here as keeping the row's penalty in both stages.
@@ -145,19 +208,8 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 2000 if pretraining else 1000
   config.keep_checkpoints = 2
 
+  if arg.dataset in EMBEDDED:
+    embedded_size(config, arg, pretraining)
   if arg.runlocal:
-    if arg.variant == "vit_tiny":
-      config.model = dict(config.model.to_dict(), variant=None, patch_size=16, width=48,
-                          depth=6, num_heads=12, mlp_dim=96)
-    else:
-      config.model.width = 48
-    config.data.image_size = 64
-    config.batch_size = 8
-    config.eval_batch_size = 32
-    config.total_epochs = None
-    config.total_steps = 10
-    config.schedule = dict(name="cosine", warmup_steps=1)
-    config.log_every_steps = 5
-    config.eval_every_steps = 10
-    config.checkpoint_every_steps = 5
+    shrink_to_runlocal(config, arg, pretraining)
   return config

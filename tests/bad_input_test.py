@@ -12,6 +12,7 @@ and more. The last test checks the other half of the contract: a bug keeps its t
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -162,7 +163,10 @@ def _cases(p):
 
 def _analysis_cases(missing):
   """Every analysis without a run or with a bad flag value (checked before the run is read)."""
-  analyses = ["calibration", "fourier", "hessian", "landscape", "noise", "variance"]
+  # Every analysis command: each module of vitreg_jax/analysis with a `main`.
+  analyses = sorted(p.stem for p in pathlib.Path(ROOT, "vitreg_jax", "analysis").glob("*.py")
+                    if "\ndef main(" in p.read_text())
+  assert {"calibration", "hessian", "attention_distance"} <= set(analyses)
   table = [(f"vitreg_jax.analysis.{a}", [missing], "is not a vitreg_jax run directory")
            for a in analyses]
   table += [(f"vitreg_jax.analysis.{a}", [], "Pass at least one --workdir") for a in analyses]
@@ -173,6 +177,8 @@ def _analysis_cases(missing):
       ("vitreg_jax.analysis.landscape", [missing, "--grid_points=1"], "must be 0 (skip) or >= 2"),
       ("vitreg_jax.analysis.fourier", [missing, "--num_examples=0"], "--num_examples must be"),
       ("vitreg_jax.analysis.variance", [missing, "--num_examples=0"], "--num_examples must be"),
+      ("vitreg_jax.analysis.attention_distance", [missing, "--num_examples=0"],
+       "--num_examples must be"),
       ("vitreg_jax.analysis.noise", [missing, "--num_freqs=1"], "--num_freqs >= 2"),
       ("vitreg_jax.analysis.calibration", [missing, "--bins=0"], "--bins >= 1"),
   ]

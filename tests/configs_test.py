@@ -43,6 +43,8 @@ DATASETS = {
     "oxford_flowers102": (102, 1020, None),
     "imagenette": (10, 9469, None),
     "imagewoof": (10, 9025, None),
+    "embedded": (10, 2000, (32, 32, 3)),
+    "embedded_rotation": (4, 20000, (32, 32, 3)),
 }
 CIFAR_SIZE = 32
 
@@ -64,7 +66,11 @@ CASES = (
     + [("arvit", a) for a in ("variant=L3,impl=code", "variant=R1-5,impl=code,dataset=cifar100",
                               "variant=vit_tiny,dataset=imagewoof", "variant=L6,runlocal",
                               "variant=vit_tiny,runlocal",
-                              "variant=R1-2,dataset=imagenet_rotation,runlocal")]
+                              "variant=R1-2,dataset=imagenet_rotation,runlocal",
+                              "variant=base,dataset=embedded_rotation",
+                              "variant=L3,dataset=embedded,init=/runs/rot",
+                              "variant=vit_tiny,dataset=embedded,runlocal",
+                              "variant=R1-5,dataset=embedded_rotation,runlocal")]
     + [("arvit_r1", None), ("arvit_r1", "variant=R1-4,dataset=oxford_flowers102"),
        ("arvit_r1", "runlocal")]
     + [("how_vits_work", a) for a in (

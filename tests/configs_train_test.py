@@ -55,7 +55,8 @@ SLOW_CASES = (
     + [("arvit", a + ",runlocal") for a in (
         "variant=base", "variant=L6", "variant=vit_tiny",
         "variant=L3,impl=code,dataset=imagenet_rotation",
-        "variant=R1-5,impl=code,dataset=imagenet_rotation")]
+        "variant=R1-5,impl=code,dataset=imagenet_rotation",
+        "variant=base,dataset=embedded_rotation", "variant=vit_tiny,dataset=embedded")]
     + [("how_vits_work", a + ",runlocal") for a in (
         "model=vit,classifier=gap", "model=vit,local_window=3", "model=resnet",
         "model=alternet", "model=resnet,robustness,dataset=cifar10",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vitreg_jax import data
-from vitreg_jax.data import corrupted, device_normalization, imagenet, prepare, preprocess
+from vitreg_jax.data import corrupted, device_normalization, imagenet, prepare, preprocess, rotation
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_prepare_option_parsing_and_rotation_transform():
       'agreement': 0.8, 'seed': 2, 'variant': '320px-v2'}
   with pytest.raises(ValueError, match='key=value'):
     prepare.parse_options(['oops'])
-  t = imagenet.RotationTransform(preprocess.ImageTransform(
+  t = rotation.RotationTransform(preprocess.ImageTransform(
       size=4, train=False, crop_fraction=1.0, mean=(0, 0, 0), std=(1, 1, 1)))
   img = np.arange(16 * 3, dtype=np.uint8).reshape(4, 4, 3)
   out = t({'image': img, 'label': 7, 'rotation': 1})

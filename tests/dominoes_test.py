@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax.data import dominoes
+from vitreg_jax.data import tiles
 
 SMALL = dict(num_train=400, num_val=200, num_test=201)  # odd size: checks exact class counts
 
@@ -143,7 +144,7 @@ def test_bilinear_matches_pointwise_reference():
   photo = np.array([1, 0])
   ys = np.array([[0.0, 2.5, 7.25, 8.0], [3.0, 3.9, 1.1, 5.5]])
   xs = np.array([[0.0, 10.0, 4.75], [9.5, 2.2, 6.0]])
-  out = dominoes._bilinear(photos, photo, ys, xs)
+  out = tiles.bilinear(photos, photo, ys, xs)
 
   def reference(p, y, x):
     y0, x0 = int(np.floor(y)), int(np.floor(x))

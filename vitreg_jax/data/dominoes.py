@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from vitreg_jax import errors
+from vitreg_jax.data import tiles as tiles_lib
 
 SPLITS = ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
 NUM_CLASSES = 2
@@ -131,7 +132,8 @@ def _sources() -> dict[str, Any]:
   pools_digits = {pool: {} for pool in _POOLS}
   for value, digit in enumerate(_SPURIOUS_DIGITS):
     images = digits.images[digits.target == digit].astype(np.float32) / 16.0
-    for pool, part in zip(_POOLS, _partition(rng.permutation(len(images)))):
+    parts = tiles_lib.partition(rng.permutation(len(images)), _POOL_FRACTIONS)
+    for pool, part in zip(_POOLS, parts):
       pools_digits[pool][value] = images[np.sort(part)]
 
   photos = []
@@ -147,19 +149,13 @@ def _sources() -> dict[str, Any]:
   pools_tiles = {pool: [] for pool in _POOLS}
   for photo in range(len(photos)):
     cells = np.array([(photo, r, c) for r in range(grid_h) for c in range(grid_w)], np.int32)
-    for pool, part in zip(_POOLS, _partition(rng.permutation(len(cells)))):
+    parts = tiles_lib.partition(rng.permutation(len(cells)), _POOL_FRACTIONS)
+    for pool, part in zip(_POOLS, parts):
       pools_tiles[pool].append(cells[np.sort(part)])
   tiles = {pool: np.concatenate(parts) for pool, parts in pools_tiles.items()}
   # Centre the tile grid in the photo (the remainder is split evenly between the borders).
   origin = ((photos.shape[1] - grid_h * TILE) // 2, (photos.shape[2] - grid_w * TILE) // 2)
   return {'digits': pools_digits, 'photos': photos, 'tiles': tiles, 'origin': origin}
-
-
-def _partition(order: np.ndarray) -> list[np.ndarray]:
-  """Splits a permutation into consecutive train / val / test parts by _POOL_FRACTIONS."""
-  n = len(order)
-  cuts = np.round(np.cumsum(_POOL_FRACTIONS)[:-1] * n).astype(int)
-  return np.split(order, cuts)
 
 
 def _assign_attributes(n: int, agreement: float, rng: np.random.Generator):
@@ -231,10 +227,9 @@ def _crops(label: np.ndarray, photos: np.ndarray, tiles: np.ndarray, origin: tup
            opts: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
   """Random 16x16 crops of ``photos[label[i]]``, each read only from one tile of ``tiles``.
 
-  A crop of side ``s ~ U{min_crop..max_crop}`` is placed uniformly inside a random tile (of the
-  label's photo) among ``tiles`` (rows of photo, tile row, tile col), resampled bilinearly at the
-  centres of a 16x16 grid and flipped horizontally with probability 1/2. Samples are clamped to
-  the tile, so no pixel outside the pool's tiles contributes (this is what prevents leakage).
+  A random tile (of the label's photo) among ``tiles`` (rows of photo, tile row, tile col) is
+  drawn per example; ``tiles_lib.sample_crops`` places a crop of side
+  ``U{min_crop..max_crop}`` in it, clamped to the tile (this is what prevents leakage).
 
   Returns float32 ``[n, 16, 16, C]``.
   """
@@ -245,42 +240,9 @@ def _crops(label: np.ndarray, photos: np.ndarray, tiles: np.ndarray, origin: tup
     where = np.flatnonzero(label == c)
     tile_idx[where] = candidates[rng.integers(0, len(candidates), size=len(where))]
   photo, tile_r, tile_c = tiles[tile_idx].T.astype(np.int64)
-  tile_top, tile_left = origin[0] + tile_r * TILE, origin[1] + tile_c * TILE
-  size = rng.integers(opts['min_crop'], opts['max_crop'] + 1, size=n).astype(np.float32)
-  top = tile_top + rng.uniform(0.0, 1.0, n) * (TILE - size)
-  left = tile_left + rng.uniform(0.0, 1.0, n) * (TILE - size)
-  # Sample at the centres of a HALF x HALF grid covering [top, top + size) x [left, left + size).
-  grid = (np.arange(HALF, dtype=np.float32) + 0.5) / HALF  # [HALF]
-  ys = top[:, None] + grid[None] * size[:, None] - 0.5  # [n, HALF], photo pixel coordinates
-  xs = left[:, None] + grid[None] * size[:, None] - 0.5
-  flip = rng.random(n) < 0.5
-  xs[flip] = xs[flip, ::-1]
-  ys = np.clip(ys, tile_top[:, None], tile_top[:, None] + TILE - 1)
-  xs = np.clip(xs, tile_left[:, None], tile_left[:, None] + TILE - 1)
-  return _bilinear(photos, photo, ys, xs)
-
-
-def _bilinear(photos: np.ndarray, photo: np.ndarray, ys: np.ndarray, xs: np.ndarray):
-  """Bilinear samples ``photos[photo[i], ys[i, a], xs[i, b]]`` -> ``[n, len(a), len(b), C]``.
-
-  Corner pixels are taken so that a coordinate lying exactly on a pixel reads only that pixel
-  (``floor`` and ``ceil``), so clamped coordinates never touch pixels beyond the clamp.
-  """
-  num, h, w, channels = photos.shape
-  y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
-  y1, x1 = np.ceil(ys).astype(np.int64), np.ceil(xs).astype(np.int64)
-  wy = (ys - y0)[:, :, None, None].astype(np.float32)
-  wx = (xs - x0)[:, None, :, None].astype(np.float32)
-  # One flat gather per corner (much faster than three broadcast index arrays).
-  flat = photos.reshape(num * h * w, channels)
-  rows = photo[:, None] * h
-
-  def corner(yy, xx):
-    return np.take(flat, ((rows + yy)[:, :, None] * w + xx[:, None, :]), axis=0)
-
-  top = corner(y0, x0) * (1 - wx) + corner(y0, x1) * wx
-  bottom = corner(y1, x0) * (1 - wx) + corner(y1, x1) * wx
-  return top * (1 - wy) + bottom * wy
+  return tiles_lib.sample_crops(photos, photo, origin[0] + tile_r * TILE,
+                                origin[1] + tile_c * TILE, TILE, HALF, opts['min_crop'],
+                                opts['max_crop'], rng)
 
 
 def load(split: str, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 From TFDS `imagenet2012` (ILSVRC-2012, manual download). Each image is rotated
 counter-clockwise by `k * 90` degrees and the model predicts `k` in {0, 1, 2, 3}
-(Gidaris et al. 2018, "Unsupervised Representation Learning by Predicting Image Rotations").
+(Gidaris et al. 2018; the task's transform and eval source are `data/rotation.py`'s).
 Train: random-resized crop to `image_size` + flip, then a rotation `k` drawn from the
 example's generator (seeded by (seed, epoch, index)), so every epoch sees fresh rotations.
 Eval: resize + centre crop, and every image appears four times, once per rotation
@@ -18,48 +18,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from vitreg_jax import errors
 from vitreg_jax.data import preprocess
 from vitreg_jax.data.base import DatasetNotPreparedError, TfdsDataset
+from vitreg_jax.data.rotation import NUM_ROTATIONS, RotatedSource, RotationTransform
 
-NUM_ROTATIONS = 4
 MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
-
-
-class RotatedSource:
-  """Each example of `source` repeated `NUM_ROTATIONS` times with key `rotation`."""
-
-  def __init__(self, source, all_rotations: bool = True):
-    self._source, self._all = source, all_rotations
-
-  def __len__(self) -> int:
-    return len(self._source) * (NUM_ROTATIONS if self._all else 1)
-
-  def __getitem__(self, index: int) -> dict:
-    if self._all:
-      image_index, k = divmod(int(index), NUM_ROTATIONS)
-    else:
-      image_index, k = int(index), int(index) % NUM_ROTATIONS
-    return {**self._source[image_index], 'rotation': k}
-
-
-class RotationTransform:
-  """Crop/resize with `image_transform`, rotate by k (from the example or drawn); uint8 out
-  (normalized on the device with `image_transform`'s mean / std)."""
-
-  def __init__(self, image_transform: preprocess.ImageTransform):
-    self.image_transform = image_transform
-
-  def __call__(self, example, rng=None) -> dict:
-    t = self.image_transform
-    img = t.image(example, rng)
-    k = example['rotation'] if 'rotation' in example else int(rng.integers(NUM_ROTATIONS))
-    img = preprocess.rotate90(img, k)
-    return {'image': np.ascontiguousarray(img, np.uint8), 'label': np.int32(k),
-            'object_label': np.int32(example['label'])}
-
 
 class ImageNetRotationDataset(TfdsDataset):
   """Registry entry 'imagenet_rotation'."""

@@ -15,6 +15,7 @@ from vitreg_jax.data import custom
 from vitreg_jax.data import finetune
 from vitreg_jax.data import imagenet
 from vitreg_jax.data import mnist_cifar
+from vitreg_jax.data import rotation
 from vitreg_jax.data import waterbirds
 
 DATASETS: dict = {
@@ -25,6 +26,11 @@ DATASETS: dict = {
     'mnist_cifar': mnist_cifar.MnistCifarDataset(),
     'waterbirds': waterbirds.WaterbirdsDataset(),
     'imagenet_rotation': imagenet.ImageNetRotationDataset(),
+    'embedded': custom.EmbeddedDataset(
+        'vitreg_jax.data.embedded', 'embedded photo crops, which photo (ARViT fine-tuning)'),
+    'embedded_rotation': rotation.EmbeddedRotationDataset(
+        'vitreg_jax.data.embedded_rotation',
+        'embedded photo crops, 4-way rotation (ARViT pretraining)'),
     **finetune.DATASETS,
     **corrupted.DATASETS,
 }

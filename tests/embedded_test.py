@@ -1,0 +1,115 @@
+"""The embedded ARViT datasets (data/embedded.py, data/embedded_rotation.py): shapes, splits,
+determinism, the rotation task, and no pixel of a downstream test tile in pretraining or
+downstream training. Small sizes, no training."""
+
+import numpy as np
+import pytest
+
+from vitreg_jax import data
+from vitreg_jax import errors
+from vitreg_jax.data import embedded
+from vitreg_jax.data import embedded_rotation
+from vitreg_jax.data import rotation
+from vitreg_jax.data import tiles
+
+SMALL = dict(num_train=200, num_val=40, num_test=60)
+
+
+def test_downstream_splits_shapes_and_balance():
+  for split, n in (("train", 200), ("val", 40), ("test", 60)):
+    ds = embedded.load(split, seed=0, **SMALL)
+    assert ds["image"].shape == (n, 32, 32, 3) and ds["image"].dtype == np.uint8
+    assert ds["label"].dtype == np.int32 and set(ds["label"]) <= set(range(10))
+    np.testing.assert_array_equal(np.bincount(ds["label"], minlength=10), n // 10)
+    # Gray (three equal channels), and the jitter leaves real contrast in most crops.
+    np.testing.assert_array_equal(ds["image"][..., 0], ds["image"][..., 2])
+    assert np.median(ds["image"][..., 0].reshape(n, -1).std(-1)) > 10
+    assert not ds["image"].flags.writeable
+  info = data.get_info(dict(name="embedded"))
+  assert (info.num_classes, info.image_shape, info.splits) == (10, (32, 32, 3),
+                                                               ("train", "val", "test"))
+  assert info.default_eval_splits == ("val", "test")
+
+
+def test_deterministic_in_seed_and_options():
+  a = embedded.load("test", seed=1, **SMALL)
+  b = embedded.load("test", seed=1, **{**SMALL, "noise": 0.02})
+  c = embedded.load("test", seed=2, **SMALL)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert not np.array_equal(a["image"], c["image"])
+
+
+def test_tile_pools_are_disjoint_and_cover_each_photo_once():
+  src = embedded.sources()
+  seen = {}
+  for pool, rows in src["tiles"].items():
+    for row in map(tuple, rows):
+      assert row not in seen, (row, pool, seen.get(row))
+      seen[row] = pool
+  pools = {pool: set(rows[:, 0]) for pool, rows in src["tiles"].items()}
+  classes = set(range(embedded.NUM_CLASSES))
+  for pool in ("train", "val", "test"):
+    assert pools[pool] == classes  # downstream pools: only, and every, class photo
+  assert pools["pretrain"] == set(range(len(embedded.SOURCES)))
+
+
+@pytest.mark.parametrize("pool", ["pretrain", "pretrain_val", "train", "val"])
+def test_no_pixel_of_a_test_tile_outside_the_test_pool(pool):
+  # A probe image that is 1 on test tiles and 0 elsewhere: crops of every other pool, at every
+  # crop scale, read only zeros, while test crops read only ones (the probe is right).
+  src = embedded.sources()
+  probe = np.zeros_like(src["photos"])
+  for photo, top, left in src["tiles"]["test"]:
+    probe[photo, top:top + embedded.TILE, left:left + embedded.TILE] = 1.0
+  opts = embedded.check_options(dict(min_crop=2, max_crop=embedded.TILE, noise=0.0),
+                                embedded.DEFAULT_OPTIONS, "embedded")
+  rng = np.random.default_rng(0)
+
+  def raw(p):  # the geometry of embedded.crops, before photometric normalization
+    rows = src["tiles"][p]
+    index = rng.integers(0, len(rows), 3000)
+    photo, top, left = rows[index].T
+    return tiles.sample_crops(probe, photo, top, left, embedded.TILE, embedded.SIZE,
+                              opts["min_crop"], opts["max_crop"], rng)
+
+  assert raw(pool).max() == 0.0
+  assert raw("test").min() == 1.0
+
+
+def test_rotation_dataset_rotates_and_keeps_the_photo():
+  cfg = dict(name="embedded_rotation", num_train=64, num_val=8)
+  info = data.get_info(cfg)
+  assert info.num_classes == 4 and info.splits == ("train", "val")
+  assert info.attributes == ("object_label",)
+  assert info.attribute_classes == {"object_label": len(embedded.SOURCES)}
+  raw = embedded_rotation.load("val", num_train=64, num_val=8)
+  batch = next(iter(data.make_eval_iterator(cfg, "val", global_batch_size=32)))
+  assert batch["image"].shape == (32, 32, 32, 3) and batch["mask"].sum() == 32
+  np.testing.assert_array_equal(batch["label"], np.tile(np.arange(4), 8))
+  np.testing.assert_array_equal(batch["object_label"], np.repeat(raw["label"], 4))
+  for i in range(8):
+    for k in range(4):
+      np.testing.assert_array_equal(batch["image"][4 * i + k], np.rot90(raw["image"][i], k))
+  train = next(data.make_train_iterator(cfg, global_batch_size=16, seed=0))
+  assert set(train["label"]) <= set(range(4)) and len(set(train["label"])) > 1
+
+
+def test_rotation_crops_come_from_pretraining_tiles_only():
+  ds = embedded_rotation.load("train", seed=0, num_train=300)
+  assert ds["image"].shape == (300, 32, 32, 3)
+  assert set(ds["label"]) <= set(range(len(embedded.SOURCES)))
+  assert embedded_rotation.POOL == {"train": "pretrain", "val": "pretrain_val"}
+  assert isinstance(data.DATASETS["embedded_rotation"], rotation.EmbeddedRotationDataset)
+
+
+@pytest.mark.parametrize("load,kwargs,field", [
+    (embedded.load, dict(split="train", bogus=1), "bogus"),
+    (embedded.load, dict(split="pretrain"), "split"),
+    (embedded.load, dict(split="train", max_crop=embedded.TILE + 1), "max_crop"),
+    (embedded.load, dict(split="train", num_train=0), "num_train"),
+    (embedded.load, dict(split="train", seed=-1), "seed"),
+    (embedded_rotation.load, dict(split="test"), "split"),
+])
+def test_mistakes_are_user_errors(load, kwargs, field):
+  with pytest.raises(errors.UserError, match=field):
+    load(**kwargs)
