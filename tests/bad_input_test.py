@@ -178,7 +178,7 @@ def _analysis_cases(missing):
       ("vitreg_jax.analysis.fourier", [missing, "--num_examples=0"], "--num_examples must be"),
       ("vitreg_jax.analysis.variance", [missing, "--num_examples=0"], "--num_examples must be"),
       ("vitreg_jax.analysis.attention_distance", [missing, "--num_examples=0"],
-       "--num_examples must be"),
+       "Need --num_examples >= 1 and --batch_size >= 1."),
       ("vitreg_jax.analysis.noise", [missing, "--num_freqs=1"], "--num_freqs >= 2"),
       ("vitreg_jax.analysis.calibration", [missing, "--bins=0"], "--bins >= 1"),
   ]

@@ -120,7 +120,7 @@ def analyse(run, split: str, num_examples: int, batch_size: int) -> dict:
   name_batches = runs.eval_batches(run, split, batch_size, num_examples)
   blocks = per_block(run.model, run.variables,
                      runs.progress(name_batches, -(-num_examples // batch_size), split))
-  image_hw = tuple(run.info.image_shape[:2])
+  image_hw = tuple(run.dataset.info.image_shape[:2])
   gh, gw, prefix = run.model.token_layout(image_hw)
   return dict(workdir=run.workdir, step=run.step, split=split, num_examples=num_examples,
               model_name=run.config.model_name, grid=[gh, gw], num_prefix_tokens=prefix,
