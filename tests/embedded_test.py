@@ -25,7 +25,7 @@ def test_downstream_splits_shapes_and_balance():
     np.testing.assert_array_equal(ds["image"][..., 0], ds["image"][..., 2])
     assert np.median(ds["image"][..., 0].reshape(n, -1).std(-1)) > 10
     assert not ds["image"].flags.writeable
-  info = data.get_info(dict(name="embedded"))
+  info = data.open(dict(name="embedded")).info
   assert (info.num_classes, info.image_shape, info.splits) == (10, (32, 32, 3),
                                                                ("train", "val", "test"))
   assert info.default_eval_splits == ("val", "test")
@@ -78,19 +78,20 @@ def test_no_pixel_of_a_test_tile_outside_the_test_pool(pool):
 
 def test_rotation_dataset_rotates_and_keeps_the_photo():
   cfg = dict(name="embedded_rotation", num_train=64, num_val=8)
-  info = data.get_info(cfg)
+  ds = data.open(cfg)
+  info = ds.info
   assert info.num_classes == 4 and info.splits == ("train", "val")
   assert info.attributes == ("object_label",)
   assert info.attribute_classes == {"object_label": len(embedded.SOURCES)}
   raw = embedded_rotation.load("val", num_train=64, num_val=8)
-  batch = next(iter(data.make_eval_iterator(cfg, "val", global_batch_size=32)))
+  batch = next(iter(ds.eval_iterator("val", global_batch_size=32)))
   assert batch["image"].shape == (32, 32, 32, 3) and batch["mask"].sum() == 32
   np.testing.assert_array_equal(batch["label"], np.tile(np.arange(4), 8))
   np.testing.assert_array_equal(batch["object_label"], np.repeat(raw["label"], 4))
   for i in range(8):
     for k in range(4):
       np.testing.assert_array_equal(batch["image"][4 * i + k], np.rot90(raw["image"][i], k))
-  train = next(data.make_train_iterator(cfg, global_batch_size=16, seed=0))
+  train = next(ds.train_iterator(global_batch_size=16, seed=0))
   assert set(train["label"]) <= set(range(4)) and len(set(train["label"])) > 1
 
 
