@@ -228,7 +228,7 @@ class TfdsDataset(DatasetSpec):
             f'random access ({detail}). It must be stored as array_record: re-run\n  '
             f'{self.prepare_command(config)}') from None
       # TFDS's reason for a dataset that was never built is noise (no file of it exists).
-      logging.info('TFDS on opening %s: %s', tfds_name, detail)
+      logging.vlog(1, 'TFDS on opening %s: %s', tfds_name, detail)  # --v=1 shows it
       raise DatasetNotPreparedError(self.not_prepared_message(config)) from None
 
   def builder_for(self, config: dict, tfds_name: str):
