@@ -267,8 +267,8 @@ def test_jpeg_reduced_scale_decode_is_close_to_full_decode():
 
 @pytest.mark.parametrize('max_table', [2**24, 8])
 def test_permutation_is_a_fresh_bijection_per_epoch(monkeypatch, max_table):
-  monkeypatch.setattr(pipeline._Permutation, 'MAX_TABLE', max_table)  # 8: index_shuffle path
-  perm = pipeline._Permutation(50, seed=7)
+  monkeypatch.setattr(pipeline.Permutation, 'MAX_TABLE', max_table)  # 8: index_shuffle path
+  perm = pipeline.Permutation(50, seed=7)
   epochs = [[perm(e * 50 + i) for i in range(50)] for e in range(3)]
   for e, values in enumerate(epochs):
     assert sorted(values) == list(range(e * 50, e * 50 + 50))
