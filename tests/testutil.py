@@ -9,8 +9,12 @@ import importlib.util
 import os
 import types
 
+from absl import flags
 import jax
 import numpy as np
+
+from vitreg_jax import config_lib
+from vitreg_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(ROOT, "configs")
@@ -55,7 +59,6 @@ def make_run_dir(workdir, model_name: str, model: dict, data: dict, steps=(1,),
   initial weights plus 0.01 * step, so the head is non-zero and the steps differ)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vitreg_jax import models  # pylint: disable=g-import-not-at-top
   from vitreg_jax.training import rundir  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
@@ -95,7 +98,6 @@ def run_analysis_main(analysis: str, *args):
   command line (every other flag back at its default): no interpreter and JAX start-up per
   command. The command-line wrapper itself (usage errors on stderr) is tested through
   subprocesses."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"vitreg_jax.analysis.{analysis}")
   module.define_flags()  # as its `__main__` does: no flag is defined at import
   flags.FLAGS.unparse_flags()
@@ -138,15 +140,13 @@ def load_config_module(name: str):
 
 def get_config(name: str, arg=None):
   """configs/<name>.py's `get_config(arg)`, filled with `config_lib.with_defaults`."""
-  from vitreg_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.with_defaults(load_config_module(name).get_config(arg))
 
 
 def image_shape(config) -> tuple[int, int, int]:
   """The config's image shape from `DATASET_FACTS` (its data section validated by
   `data.get_spec`: names and options, no file opened)."""
-  from vitreg_jax import data  # pylint: disable=g-import-not-at-top
-  _, cfg = data.get_spec(config.data)
+  _, cfg = data_lib.get_spec(config.data)
   shape = DATASET_FACTS[cfg["name"]][2]
   if shape is None:
     size = cfg["image_size"]
