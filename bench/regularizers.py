@@ -73,8 +73,8 @@ def loop_div_loss(model, layer, weight):
 
   def loss_fn(params, images, labels):
     variables = {'params': params}
-    shapes = reg_div._perturbation_shapes(model, variables, images, (layer,), {})
-    ((path, leaf),) = reg_div._head_input_leaves(shapes)
+    shapes = reg_div.perturbation_shapes(model, variables, images, (layer,), {})
+    ((path, leaf),) = reg_div.head_input_leaves(shapes)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def p_star(delta, head):

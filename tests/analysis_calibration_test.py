@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from analysis_overlay_test import _make_run, run_main  # pylint: disable=g-bad-import-order
+import testutil  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
 from vitreg_jax import metrics
 from vitreg_jax.training import rundir
@@ -23,9 +23,9 @@ def _command(*args):
 
 
 def test_command_matches_classification_metrics(tmp_path):
-  workdir = _make_run(tmp_path / "vit_a", "vit_a")
-  run_main("calibration", f"--workdir={workdir}", "--batch_size=12",
-           "--calibration_split=test_ood")
+  workdir = testutil.make_analysis_run(tmp_path / "vit_a", "vit_a")
+  testutil.run_analysis_main("calibration", f"--workdir={workdir}", "--batch_size=12",
+                             "--calibration_split=test_ood")
   got = json.load(open(tmp_path / "vit_a" / "calibration.json"))
   assert got["split"] == "test_ood" and got["step"] == 1
   cal = got["calibration"]
@@ -58,7 +58,7 @@ def test_bad_flags_are_usage_errors(tmp_path):
   res = _command(f"--workdir={tmp_path}", "--bins=0")
   assert res.returncode != 0 and "--bins >= 1" in res.stderr
   assert "Traceback" not in res.stderr
-  workdir = _make_run(tmp_path / "vit_a", "vit_a")
+  workdir = testutil.make_analysis_run(tmp_path / "vit_a", "vit_a")
   res = _command(f"--workdir={workdir}", "--calibration_split=test")
   assert res.returncode != 0 and "valid splits" in res.stderr and "test_ood" in res.stderr
   assert "Traceback" not in res.stderr

@@ -11,6 +11,8 @@ import pytest
 from vitreg_jax import models
 from vitreg_jax.analysis import noise
 
+import testutil  # pylint: disable=g-bad-import-order
+
 
 @pytest.mark.parametrize("freq", [0.0, 0.5, 1.0])
 def test_band_noise_lives_in_its_band_with_fixed_norm(freq):
@@ -152,8 +154,7 @@ class _SeverityReader(nn.Module):
 def test_corruption_accuracy_reads_every_severity_split(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_sources_test import _write_c100c  # pylint: disable=g-import-not-at-top
-  _write_c100c(tmp_path / "CIFAR-100-C")
+  testutil.write_cifar100_corrupted(tmp_path / "CIFAR-100-C")
   model = _SeverityReader()
   run = type("Run", (), dict(
       model=model, variables=model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))),

@@ -5,22 +5,16 @@ Two tiny ViTs of different widths keep this fast (a ResNet's Hessian-vector prod
 compiles for a minute on the shared CPU); the ViT-vs-ResNet overlay is the same code path and
 is run on the quickstart models in docs/analysis.md."""
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 
-from absl import flags
 import pytest
 
 import testutil
 
-DATA = dict(name="dominoes", num_train=64, num_val=32, num_test=32, eval_splits=("val_id",))
-MODELS = {
-    "vit_a": dict(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=8),
-    "vit_b": dict(width=16, depth=1, num_heads=2, mlp_dim=16, patch_size=8),
-}
+MODELS = testutil.ANALYSIS_VITS
 # Tiny settings: the point is the plumbing (both runs in one JSON and one PNG), not the figures.
 ARGS = {
     "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
@@ -35,15 +29,10 @@ FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep", "lan
            "variance": "blocks", "calibration": "calibration"}
 
 
-def _make_run(workdir, name):
-  """A run directory with a saved config and a step-1 checkpoint of a tiny ViT."""
-  return testutil.make_run_dir(workdir, "vit", MODELS[name], DATA)
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
-  return [_make_run(root / name, name) for name in MODELS]
+  return [testutil.make_analysis_run(root / name, name) for name in MODELS]
 
 
 def _command(analysis, workdirs, out=None):
@@ -53,23 +42,10 @@ def _command(analysis, workdirs, out=None):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def run_main(analysis, *args):
-  """The command's `main` in this process, its flags parsed from `args` as on the command
-  line (every other flag back at its default): no interpreter and JAX start-up per command.
-  The command-line wrapper itself (usage errors on stderr) is tested through subprocesses."""
-  module = importlib.import_module(f"vitreg_jax.analysis.{analysis}")
-  module.define_flags()  # as its `__main__` does: no flag is defined at import
-  flags.FLAGS.unparse_flags()
-  argv = flags.FLAGS([analysis, *args])
-  try:
-    return module.main(argv)
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize("analysis", sorted(ARGS))
 def test_two_workdirs_give_one_json_and_one_png(analysis, two_runs, tmp_path):
-  run_main(analysis, *ARGS[analysis], *[f"--workdir={w}" for w in two_runs], f"--out={tmp_path}")
+  testutil.run_analysis_main(analysis, *ARGS[analysis], *[f"--workdir={w}" for w in two_runs],
+                             f"--out={tmp_path}")
   result = json.load(open(tmp_path / f"{analysis}.json"))
   assert [r["label"] for r in result["runs"]] == list(MODELS)
   for run in result["runs"]:

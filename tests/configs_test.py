@@ -5,12 +5,12 @@ Each config is loaded from its file (as `config_flags` does), filled with
 no files opened), its model built with `models.create` and initialized on the config's image
 shape under `jax.eval_shape` (shapes only, no compute), its regularizers built and traced on
 that model, and its optimizer and schedule built with `optim.make_optimizer`. No dataset is
-read: the number of classes and training-set sizes below are the datasets' published figures.
+read: the number of classes and training-set sizes are the datasets' published figures
+(`testutil.DATASET_FACTS`).
 """
 
 import functools
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,31 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitreg_jax import config_lib
 from vitreg_jax import data
 from vitreg_jax import models
 from vitreg_jax import regularizers
 from vitreg_jax.training import optim
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+from testutil import (  # pylint: disable=g-bad-import-order
+    CONFIGS_DIR, DATASET_FACTS, ROOT, get_config, image_shape, load_config_module, num_classes,
+    steps_per_epoch)
 
-# name -> (num_classes, train examples, default image shape or None = image_size square).
-DATASETS = {
-    "dominoes": (2, 10000, (32, 16, 3)),
-    "mnist_cifar": (2, 10000, (64, 32, 3)),
-    "waterbirds": (2, 4795, None),
-    "imagenet_rotation": (4, 1281167, None),
-    "cifar10": (10, 50000, None),
-    "cifar100": (100, 50000, None),
-    "cifar10_corrupted": (10, 50000, None),
-    "cifar100_corrupted": (100, 50000, None),
-    "oxford_flowers102": (102, 1020, None),
-    "imagenette": (10, 9469, None),
-    "imagewoof": (10, 9025, None),
-    "embedded": (10, 2000, (32, 32, 3)),
-    "embedded_rotation": (4, 20000, (32, 32, 3)),
-}
 CIFAR_SIZE = 32
 
 ARVIT_VARIANTS = (["base"] + [f"L{k}" for k in range(1, 7)] + [f"R1-{k}" for k in range(1, 7)]
@@ -91,36 +75,6 @@ CASES = (
         "method=group_dro,data=waterbirds", "method=jtt,stage=identify,data=waterbirds")])
 
 
-def load(name):
-  """Imports configs/<name>.py by path, as ml_collections' config_flags does."""
-  spec = importlib.util.spec_from_file_location(f"config_{name}",
-                                                os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def get(name, arg=None):
-  return config_lib.with_defaults(load(name).get_config(arg))
-
-
-def image_shape(config):
-  _, cfg = data.get_spec(config.data)   # validates the dataset name and options
-  shape = DATASETS[cfg["name"]][2]
-  if shape is None:
-    size = cfg["image_size"]
-    shape = (size, size, 3)
-  return shape
-
-
-def num_classes(config):
-  return DATASETS[config.data.name][0]
-
-
-def steps_per_epoch(config):
-  return int(np.ceil(DATASETS[config.data.name][1] / config.batch_size))
-
-
 @functools.lru_cache(maxsize=None)
 def _abstract_model(model_name, model_json, classes, shape):
   """One trace of `init_with_output`: abstract variables and logits (shapes only)."""
@@ -143,13 +97,13 @@ def num_params(variables):
 
 
 def test_every_config_file_is_covered():
-  files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py"))}
+  files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS_DIR, "*.py"))}
   assert files == {name for name, _ in CASES}, "add new config files to CASES"
 
 
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_builds_model_regularizers_and_optimizer(name, arg):
-  config = get(name, arg)
+  config = get_config(name, arg)
   model, variables, logits, shape = build(config)
   assert num_params(variables) > 0
   assert logits.shape == (2, num_classes(config))
@@ -181,8 +135,8 @@ def test_config_builds_model_regularizers_and_optimizer(name, arg):
 
 @pytest.mark.parametrize("k", range(1, 7))
 def test_arvit_rows_regularize_the_papers_layer(k):
-  distance = get("arvit", f"variant=L{k}")
-  similarity = get("arvit", f"variant=R1-{k}")
+  distance = get_config("arvit", f"variant=L{k}")
+  similarity = get_config("arvit", f"variant=R1-{k}")
   for config, name, weight in ((distance, "distance", 0.01), (similarity, "similarity", 0.01)):
     assert config.model_name == "arvit" and config.model.variant == "paper"
     assert config.model.patch_size == 16 and config.data.image_size == 224
@@ -199,26 +153,26 @@ def test_arvit_rows_regularize_the_papers_layer(k):
 
 
 def test_arvit_base_vit_tiny_and_rotation_pretraining():
-  base = get("arvit", "variant=base")
+  base = get_config("arvit", "variant=base")
   assert base.model_name == "arvit" and not base.regularizers
-  tiny = get("arvit", "variant=vit_tiny")
+  tiny = get_config("arvit", "variant=vit_tiny")
   assert tiny.model_name == "vit" and tiny.model.variant == "Ti6x12/16"
   model, variables, *_ = build(tiny)
   assert (model.depth, model.num_heads) == (6, 12)   # ARViT's blocks and heads
   assert num_params(variables) == 2_857_162          # README.md
-  rotation = get("arvit", "variant=R1-1,dataset=imagenet_rotation")
+  rotation = get_config("arvit", "variant=R1-1,dataset=imagenet_rotation")
   assert rotation.data.name == "imagenet_rotation" and num_classes(rotation) == 4
   _, variables, *_ = build(rotation)
   assert variables["params"]["head"]["kernel"].shape[-1] == 4
   assert num_params(variables) == 8_816_896          # README.md
-  finetune = get("arvit", "variant=R1-1,dataset=cifar100,init=/runs/rot")
+  finetune = get_config("arvit", "variant=R1-1,dataset=cifar100,init=/runs/rot")
   assert dict(finetune.init_from) == {"path": "/runs/rot", "kind": "checkpoint"}
 
 
 def test_arvit_code_impl_and_weight_override():
   # The authors' protocol: their encoder at 256 px (16 x 16 grid), their penalty options
   # including the min-max normalized attention, and no penalty while fine-tuning.
-  pretrain = get("arvit", "variant=R1-2,impl=code,dataset=imagenet_rotation")
+  pretrain = get_config("arvit", "variant=R1-2,impl=code,dataset=imagenet_rotation")
   assert pretrain.model.variant == "code" and pretrain.data.image_size == 256
   assert (pretrain.model.width, pretrain.model.num_heads) == (512, 8)
   (entry,) = pretrain.regularizers
@@ -227,27 +181,27 @@ def test_arvit_code_impl_and_weight_override():
   assert entry["bias"] == -0.17 and entry["log"] and entry["batch_reduction"] == "sum"
   model = models.create("arvit", 4, **pretrain.model)
   assert model.token_layout((256, 256)) == (16, 16, 0)
-  assert not get("arvit", "variant=R1-2,impl=code,dataset=cifar10").regularizers
-  distance = get("arvit", "variant=L2,impl=code,dataset=imagenet_rotation")
+  assert not get_config("arvit", "variant=R1-2,impl=code,dataset=cifar10").regularizers
+  distance = get_config("arvit", "variant=L2,impl=code,dataset=imagenet_rotation")
   (entry,) = distance.regularizers
   assert entry["penalty"] == "smooth_sign" and entry["normalize_attention"]
   assert (distance.model.width, distance.model.num_heads) == (516, 12)
   # The paper protocol keeps the penalty in both stages.
-  assert get("arvit", "variant=L2,dataset=cifar10").regularizers
-  (entry,) = get("arvit", "variant=L2,weight=0.2").regularizers
+  assert get_config("arvit", "variant=L2,dataset=cifar10").regularizers
+  (entry,) = get_config("arvit", "variant=L2,weight=0.2").regularizers
   assert entry["weight"] == 0.2
 
 
 def test_arvit_r1_wrapper_is_r1_1_on_cifar10():
-  config = get("arvit_r1")
+  config = get_config("arvit_r1")
   assert config.data.name == "cifar10" and config.model_name == "arvit"
   assert [dict(r) for r in config.regularizers] == [
       dict(name="similarity", weight=0.01, layers=(0,))]
-  assert get("arvit_r1", "variant=R1-5").regularizers[0]["layers"] == (4,)
+  assert get_config("arvit_r1", "variant=R1-5").regularizers[0]["layers"] == (4,)
 
 
 def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
-  erm, div = get("mnist_cifar", "reg=erm"), get("mnist_cifar", "reg=div")
+  erm, div = get_config("mnist_cifar", "reg=erm"), get_config("mnist_cifar", "reg=div")
   for config in (erm, div):
     assert config.data.name == "mnist_cifar" and config.batch_size == 80
     assert config.total_epochs == 100 and config.optimizer.name == "adam"
@@ -267,20 +221,20 @@ def test_mnist_cifar_erm_and_div_match_the_authors_recipe():
   _, schedule = optim.make_optimizer(div, 100 * spe, spe)
   lrs = [float(schedule(e * spe)) for e in (0, 69, 70, 79, 80, 99)]
   np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-5)
-  paper = get("mnist_cifar", "reg=div,div=paper")
+  paper = get_config("mnist_cifar", "reg=div,div=paper")
   (entry,) = paper.regularizers
-  module = load("mnist_cifar")
+  module = load_config_module("mnist_cifar")
   assert entry["weight"] == pytest.approx(
       module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["mnist_cifar"])
   assert "normalize" not in entry and paper.model.last_attn_residual is False
-  assert get("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
+  assert get_config("mnist_cifar", "reg=div,div=paper,weight=3").regularizers[0]["weight"] == 3.0
 
 
 def test_mnist_cifar_on_the_embedded_data_and_its_lambda_sweep():
-  config = get("mnist_cifar", "reg=div,div=paper,data=dominoes,steps=300")
+  config = get_config("mnist_cifar", "reg=div,div=paper,data=dominoes,steps=300")
   assert config.data.name == "dominoes" and image_shape(config) == (32, 16, 3)
   assert config.total_steps == 300 and tuple(config.schedule.boundaries) == (210, 240)
-  module = load("mnist_cifar")
+  module = load_config_module("mnist_cifar")
   assert config.regularizers[0]["weight"] == pytest.approx(
       module.PAPER_WEIGHT_FACTOR * module.MATCHED_SCALE["dominoes"])
   model = config.model.to_dict()  # the authors' model, unchanged (with_defaults adds fields)
@@ -293,9 +247,9 @@ def test_mnist_cifar_on_the_embedded_data_and_its_lambda_sweep():
                              [1, 10, 100, 1000], rtol=0.05)
   for point in points:  # every point is a valid config of this file
     arg = ",".join(f"{k}={v}" for k, v in point.items())
-    assert get("mnist_cifar", arg).data.name == "dominoes"
+    assert get_config("mnist_cifar", arg).data.name == "dominoes"
   with pytest.raises(ValueError, match="data must be one of"):
-    get("mnist_cifar", "data=cifar")
+    get_config("mnist_cifar", "data=cifar")
 
 
 def test_mnist_cifar_uses_the_authors_model():
@@ -306,7 +260,7 @@ def test_mnist_cifar_uses_the_authors_model():
   # + FF 64 x 128 + 128 + 128 x 64 + 64 = 16,576 -> 82,432, x 6 = 494,592; head LN 128
   # + Linear(64, 2) 130.
   expected = 3_136 + 8_256 + 64 + 6 * 82_432 + 128 + 130
-  config = get("mnist_cifar", "reg=div")
+  config = get_config("mnist_cifar", "reg=div")
   model, variables, *_ = build(config)
   assert num_params(variables) == expected == 506_306
   attn = variables["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
@@ -318,37 +272,37 @@ def test_mnist_cifar_uses_the_authors_model():
 
 
 def test_waterbirds_div_and_pretrained_init():
-  config = get("waterbirds", "reg=div,init=/ckpt/ViT-B_16.npz")
+  config = get_config("waterbirds", "reg=div,init=/ckpt/ViT-B_16.npz")
   assert config.data.name == "waterbirds" and tuple(config.data.eval_splits) == ("val", "test")
   assert config.model.variant == "B/16" and image_shape(config) == (224, 224, 3)
   assert dict(config.init_from) == {"path": "/ckpt/ViT-B_16.npz", "kind": "npz"}
   assert config.regularizers[0]["weight"] == 100.0
   assert config.regularizers[0]["normalize"]  # the authors' recipe by default (docstring)
-  assert get("waterbirds").init_from is None
+  assert get_config("waterbirds").init_from is None
   with pytest.raises(ValueError, match=r"div=paper on Waterbirds needs an explicit lambda"):
-    get("waterbirds", "reg=div,div=paper")
-  paper = get("waterbirds", "reg=div,div=paper,weight=5e9").regularizers[0]
+    get_config("waterbirds", "reg=div,div=paper")
+  paper = get_config("waterbirds", "reg=div,div=paper,weight=5e9").regularizers[0]
   assert paper["weight"] == 5e9 and "normalize" not in paper
 
 
 def test_optimizer_study_and_msa_buildup_points():
-  sam = get("optimizer_study", "model=resnet,opt=sam")
+  sam = get_config("optimizer_study", "model=resnet,opt=sam")
   assert sam.optimizer.name == "sam" and sam.optimizer.base == "sgd"
   assert sam.optimizer.rho == 0.05 and sam.optimizer.momentum == 0.9
-  adamw = get("optimizer_study", "model=vit,opt=adamw,lr=3e-3,wd=0")
+  adamw = get_config("optimizer_study", "model=vit,opt=adamw,lr=3e-3,wd=0")
   assert (adamw.optimizer.lr, adamw.optimizer.weight_decay) == (3e-3, 0.0)
-  c100 = get("optimizer_study", "model=vit,opt=adam,data=cifar100")
-  hvw = get("how_vits_work", "model=vit")   # the paper's model and data; only the optimizer
+  c100 = get_config("optimizer_study", "model=vit,opt=adam,data=cifar100")
+  hvw = get_config("how_vits_work", "model=vit")   # the paper's model and data; only the optimizer
   assert c100.model == hvw.model and c100.data == hvw.data and c100.optimizer.name == "adam"
   for msa in ("0000", "0012", "0132"):
-    model, *_ = build(get("msa_buildup", f"msa={msa}"))
+    model, *_ = build(get_config("msa_buildup", f"msa={msa}"))
     assert model.block_kinds().count("msa") == sum(map(int, msa))
   with pytest.raises(ValueError, match="at most"):
-    load("msa_buildup").get_config("msa=0300")
+    load_config_module("msa_buildup").get_config("msa=0300")
 
 
 def test_how_vits_work_variants():
-  vit = get("how_vits_work", "model=vit")
+  vit = get_config("how_vits_work", "model=vit")
   assert vit.data.name == "cifar100" and image_shape(vit) == (32, 32, 3)
   model, *_ = build(vit)
   assert model.token_layout((32, 32)) == (16, 16, 1)   # the authors' CIFAR ViT: patch 2
@@ -359,32 +313,32 @@ def test_how_vits_work_variants():
   assert (vit.data.crop_padding, vit.data.randaugment) == (4, "rand-m9-n2-mstd1.0")
   assert dict(vit.data.mixup) == dict(mixup_alpha=1.0, cutmix_alpha=0.8, prob=1.0,
                                       switch_prob=0.5)
-  assert get("how_vits_work", "model=vit,classifier=gap").model.classifier == "gap"
-  local = get("how_vits_work", "model=vit,local_window=5")
+  assert get_config("how_vits_work", "model=vit,classifier=gap").model.classifier == "gap"
+  local = get_config("how_vits_work", "model=vit,local_window=5")
   assert local.model.local_window == 5
   model, *_ = build(local)
   assert model.token_layout((32, 32)) == (8, 8, 1)   # the slides' 8 x 8 global MSA grid
-  small = get("how_vits_work", "model=resnet,train_split=train[:6%]")
+  small = get_config("how_vits_work", "model=resnet,train_split=train[:6%]")
   assert small.data.train_split == "train[:6%]" and small.batch_size == 96
-  alternet = get("how_vits_work", "model=alternet")
+  alternet = get_config("how_vits_work", "model=alternet")
   model, *_ = build(alternet)
   assert model.block_kinds().count("msa") == 6      # Alter-ResNet-50: 0 + 1 + 3 + 2 MSAs
   # The authors' AttentionBlockB in 4 x 4 windows (7 does not divide the 16/8/4 CIFAR maps).
   assert model.msa_block == "authors" and alternet.model.msa_window == 4
-  robust = get("how_vits_work", "model=resnet,robustness")
+  robust = get_config("how_vits_work", "model=resnet,robustness")
   assert robust.data.name == "cifar100_corrupted" and len(robust.data.corruptions) == 15
   with pytest.raises(ValueError, match="model=vit only"):
-    get("how_vits_work", "model=resnet,classifier=gap")
+    get_config("how_vits_work", "model=resnet,classifier=gap")
   # The slides' "spatial smoothing at the end of a stage" row: the authors' blur block.
-  smooth = get("how_vits_work", "model=resnet,smoothing")
+  smooth = get_config("how_vits_work", "model=resnet,smoothing")
   assert smooth.model.smoothing and smooth.model.smoothing_padding == "authors"
   model, *_ = build(smooth)
   assert model.smoothing_temperature == 10.0
-  smooth = get("how_vits_work", "model=alternet,smoothing")
+  smooth = get_config("how_vits_work", "model=alternet,smoothing")
   assert smooth.model.smoothing_padding == "same"   # its 4 x 4 windows must tile the maps
   build(smooth)
   with pytest.raises(ValueError, match="smoothing applies to model=resnet or model=alternet"):
-    get("how_vits_work", "model=vit,smoothing")
+    get_config("how_vits_work", "model=vit,smoothing")
 
 
 # ----------------------------------------------------------------------- runlocal
@@ -395,8 +349,8 @@ def test_how_vits_work_variants():
     ("arvit", "variant=vit_tiny"), ("arvit_r1", None), ("how_vits_work", "model=vit"),
     ("how_vits_work", "model=resnet"), ("how_vits_work", "model=alternet")])
 def test_runlocal_shrinks_the_run(name, arg):
-  full = get(name, arg)
-  local = get(name, ",".join(filter(None, [arg, "runlocal"])))
+  full = get_config(name, arg)
+  local = get_config(name, ",".join(filter(None, [arg, "runlocal"])))
   assert local.runlocal and not full.runlocal
   assert local.total_steps is not None and local.total_steps <= 20
   assert local.batch_size < full.batch_size
@@ -430,7 +384,7 @@ def test_runlocal_shrinks_the_run(name, arg):
 ])
 def test_bad_argument_names_the_valid_choices(name, arg, message):
   with pytest.raises(ValueError, match=message):
-    load(name).get_config(arg)
+    load_config_module(name).get_config(arg)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -452,5 +406,5 @@ def test_main_rejects_a_bad_override_in_one_line(tmp_path, override, message):
 def test_dataset_table_matches_the_embedded_dataset():
   # The one dataset available without preparation keeps this table honest.
   info = data.open({"name": "dominoes"}).info
-  assert DATASETS["dominoes"] == (info.num_classes, info.num_examples["train"],
-                                  tuple(info.image_shape))
+  assert DATASET_FACTS["dominoes"] == (info.num_classes, info.num_examples["train"],
+                                       tuple(info.image_shape))

@@ -6,7 +6,7 @@ config's image shape (with the Mixup/CutMix recipe when the config mixes) throug
 own device transfer (`train.device_batches`), and checks that both steps are finite and move
 the parameters. A renamed or removed field, a model that no longer builds at that shape or a
 regularizer that no longer traces fails here. No dataset is read (shapes and class counts:
-configs_test.DATASETS).
+testutil.DATASET_FACTS).
 
 Budget: one case per config file runs in the default suite (~2.5 min on the loaded 2-core
 machine, 10-30 s a case); the other variants (every model, penalty, DIV flavour and optimizer the configs offer) are `slow`:
@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import pytest
 
-from configs_test import CONFIGS, get, image_shape, load, num_classes, steps_per_epoch  # pylint: disable=g-bad-import-order
 from vitreg_jax import data
 from vitreg_jax.data import groups as groups_lib
 from vitreg_jax.data import mixing
@@ -30,6 +29,9 @@ from vitreg_jax.training import objective as objective_lib
 from vitreg_jax.training import optim
 from vitreg_jax.training import steps
 from vitreg_jax.training import train
+
+from testutil import (  # pylint: disable=g-bad-import-order
+    CONFIGS_DIR, get_config, image_shape, load_config_module, num_classes, steps_per_epoch)
 
 # Every config file at its runlocal size, and every argument that builds a different model,
 # regularizer, optimizer or data layout; `test_two_step_cases_cover_every_choice` keeps this
@@ -116,7 +118,7 @@ def train_two_steps(config):
 @pytest.mark.parametrize("name,arg", FAST_CASES + [
     pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES])
 def test_config_trains_two_steps_at_runlocal_size(name, arg):
-  config = get(name, arg)
+  config = get_config(name, arg)
   assert config.total_steps <= 30 and config.batch_size <= 64   # the runlocal size
   before, state, measured = train_two_steps(config)
   assert int(state.step) == 2
@@ -129,29 +131,29 @@ def test_config_trains_two_steps_at_runlocal_size(name, arg):
 
 def test_two_step_cases_cover_every_choice():
   covered = {name for name, _ in TRAIN_CASES}
-  files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py"))}
+  files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS_DIR, "*.py"))}
   assert covered == files, "add new config files to TRAIN_CASES"
   assert {name for name, _ in FAST_CASES} == files   # each file in the default suite
   args = {name: [dict(kv.partition("=")[::2] for kv in a.split(",")) for _, a in cases]
           for name, cases in itertools.groupby(TRAIN_CASES, key=lambda c: c[0])}
   choices = lambda name, key: {a.get(key) for a in args[name]}
   for name in ("mnist_cifar", "waterbirds"):
-    assert set(load(name).DIV_VARIANTS) <= choices(name, "div")
-  assert set(load("how_vits_work").MODELS) <= choices("how_vits_work", "model")
-  assert (set(load("how_vits_work").CLASSIFIERS) - {"token"}
+    assert set(load_config_module(name).DIV_VARIANTS) <= choices(name, "div")
+  assert set(load_config_module("how_vits_work").MODELS) <= choices("how_vits_work", "model")
+  assert (set(load_config_module("how_vits_work").CLASSIFIERS) - {"token"}
           <= choices("how_vits_work", "classifier"))
-  study = load("optimizer_study")
+  study = load_config_module("optimizer_study")
   assert set(study.OPTIMIZERS) <= choices("optimizer_study", "opt")
   assert set(study.MODELS) <= choices("optimizer_study", "model")
   assert set(study.DATASETS) - {"dominoes"} <= choices("optimizer_study", "data")
   arvit = choices("arvit", "variant")   # every kind of row: base, L (distance), R1, ViT-Tiny
   assert {"base", "vit_tiny"} <= arvit and any(v[0] == "L" for v in arvit if v)
   assert any(v.startswith("R1") for v in arvit if v)
-  assert set(load("arvit").IMPLS) - {"paper"} <= choices("arvit", "impl")
+  assert set(load_config_module("arvit").IMPLS) - {"paper"} <= choices("arvit", "impl")
 
 
 def test_two_steps_fail_when_a_config_rots():
-  config = get("quickstart", "runlocal")
+  config = get_config("quickstart", "runlocal")
   model = config.model.to_dict()
   model["hidden_mlp"] = model.pop("mlp_dim")   # a field renamed in the config, not the model
   config.model = model
@@ -162,10 +164,11 @@ def test_two_steps_fail_when_a_config_rots():
 def test_mixup_recipe_reaches_the_train_step():
   # how_vits_work trains with Mixup/CutMix: the recipe the pipeline puts on each batch must
   # cross to the device with the images, or the step silently trains without mixing.
-  config = get("how_vits_work", "model=vit,runlocal")
+  config = get_config("how_vits_work", "model=vit,runlocal")
   assert config.data.mixup
   mesh = train.make_mesh(config)
   batch = next(train.device_batches(generated_batches(config, (32, 32, 3), 100), mesh))
   assert set(mixing.BATCH_KEYS) <= set(batch)
-  no_mix = next(train.device_batches(generated_batches(get("quickstart"), (32, 16, 3), 2), mesh))
+  no_mix = next(train.device_batches(
+      generated_batches(get_config("quickstart"), (32, 16, 3), 2), mesh))
   assert set(no_mix) == {"image", "label"}

@@ -7,7 +7,6 @@ batch holds.
 
 import importlib
 import sys
-import types
 
 import ml_collections
 import numpy as np
@@ -17,34 +16,15 @@ from vitreg_jax import data
 from vitreg_jax import metrics
 from vitreg_jax.data import custom, pipeline, preprocess
 
-N_TRAIN = 20
-N_EVAL = 10
+import testutil  # pylint: disable=g-bad-import-order
 
-
-def _fake_load(split, seed=0, size=None):
-  """Stand-in dominoes.load: images encode uid; spurious = label on train, random elsewhere."""
-  n = N_TRAIN if split == 'train' else N_EVAL
-  n = size or n
-  rng = np.random.default_rng([seed, len(split)])
-  uid = np.arange(n, dtype=np.int32) + (0 if split == 'train' else 1000)
-  label = (np.arange(n) % 2).astype(np.int32)
-  spurious = label if split == 'train' else rng.integers(0, 2, n).astype(np.int32)
-  image = np.zeros((n, 8, 4, 3), np.uint8) + (uid % 256).astype(np.uint8)[:, None, None, None]
-  return {'image': image, 'label': label, 'spurious': spurious, 'uid': uid}
-
-
-def _fake_module(name):
-  mod = types.ModuleType(name)
-  mod.SPLITS = ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
-  mod.NUM_CLASSES = 2
-  mod.IMAGE_SHAPE = (8, 4, 3)
-  mod.load = _fake_load
-  return mod
+N_TRAIN, N_EVAL = testutil.FAKE_N_TRAIN, testutil.FAKE_N_EVAL
 
 
 @pytest.fixture(autouse=True)
 def fake_dataset(monkeypatch):
-  monkeypatch.setitem(sys.modules, 'fake_embedded', _fake_module('fake_embedded'))
+  monkeypatch.setitem(sys.modules, 'fake_embedded',
+                      testutil.fake_embedded_module('fake_embedded'))
   monkeypatch.setitem(data.DATASETS, 'fake', custom.EmbeddedDataset('fake_embedded'))
 
 
@@ -195,7 +175,7 @@ def test_dominoes_is_the_registered_default(monkeypatch):
     importlib.import_module('vitreg_jax.data.dominoes')
   except ImportError:  # not written yet: check the hook with the stand-in.
     monkeypatch.setitem(sys.modules, 'vitreg_jax.data.dominoes',
-                        _fake_module('vitreg_jax.data.dominoes'))
+                        testutil.fake_embedded_module('vitreg_jax.data.dominoes'))
   info = data.open({}).info
   assert info.name == 'dominoes' and info.num_classes == 2
   assert info.splits == ('train', 'val_id', 'val_ood', 'test_id', 'test_ood')
@@ -287,8 +267,8 @@ def test_jpeg_reduced_scale_decode_is_close_to_full_decode():
 
 @pytest.mark.parametrize('max_table', [2**24, 8])
 def test_permutation_is_a_fresh_bijection_per_epoch(monkeypatch, max_table):
-  monkeypatch.setattr(pipeline._Permutation, 'MAX_TABLE', max_table)  # 8: index_shuffle path
-  perm = pipeline._Permutation(50, seed=7)
+  monkeypatch.setattr(pipeline.Permutation, 'MAX_TABLE', max_table)  # 8: index_shuffle path
+  perm = pipeline.Permutation(50, seed=7)
   epochs = [[perm(e * 50 + i) for i in range(50)] for e in range(3)]
   for e, values in enumerate(epochs):
     assert sorted(values) == list(range(e * 50, e * 50 + 50))

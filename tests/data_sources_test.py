@@ -15,6 +15,8 @@ from PIL import Image
 from vitreg_jax import data
 from vitreg_jax.data import corrupted, device_normalization, imagenet, prepare, preprocess, rotation
 
+import testutil  # pylint: disable=g-bad-import-order
+
 
 @pytest.fixture
 def mock_tfds():
@@ -72,18 +74,8 @@ def test_imagenet_rotation(mock_tfds):
   assert len(set(labels)) > 1 and labels.max() < 4  # drawn per example on train
 
 
-def _write_c100c(folder, n_per_severity=3, corruptions=('fog', 'snow')):
-  os.makedirs(folder, exist_ok=True)
-  labels = np.arange(5 * n_per_severity) % 100
-  np.save(folder / 'labels.npy', labels.astype(np.uint8))
-  for c in corruptions:
-    images = np.repeat(np.arange(1, 6, dtype=np.uint8) * 40, n_per_severity)
-    np.save(folder / f'{c}.npy', np.broadcast_to(
-        images[:, None, None, None], (5 * n_per_severity, 32, 32, 3)).copy())
-
-
 def test_cifar100_corrupted_reads_npy_severity_blocks(mock_tfds, tmp_path):
-  _write_c100c(tmp_path / 'CIFAR-100-C')
+  testutil.write_cifar100_corrupted(tmp_path / 'CIFAR-100-C')
   config = {'name': 'cifar100_corrupted', 'manual_dir': str(tmp_path),
             'corruptions': ('fog', 'snow'), 'num_threads': 1,
             'mean': (0, 0, 0), 'std': (1, 1, 1)}
@@ -111,7 +103,7 @@ def test_cifar100_corrupted_missing_and_truncated_files(mock_tfds, tmp_path):
   spec, cfg = data.get_spec(config)
   with pytest.raises(data.DatasetNotPreparedError, match='labels.npy'):
     spec.check_files(cfg)
-  _write_c100c(tmp_path / 'CIFAR-100-C', corruptions=('fog',))
+  testutil.write_cifar100_corrupted(tmp_path / 'CIFAR-100-C', corruptions=('fog',))
   spec.check_files(cfg)
   path = tmp_path / 'CIFAR-100-C' / 'fog.npy'
   path.write_bytes(path.read_bytes()[:5000])

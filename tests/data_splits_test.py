@@ -10,14 +10,15 @@ import pytest
 from vitreg_jax import data
 from vitreg_jax.data import custom, splits
 
-from data_pipeline_test import _fake_module  # pylint: disable=g-bad-import-order
+import testutil  # pylint: disable=g-bad-import-order
 
-N_TRAIN = 20  # _fake_load's train size.
+N_TRAIN = testutil.FAKE_N_TRAIN
 
 
 @pytest.fixture(autouse=True)
 def fake_dataset(monkeypatch):
-  monkeypatch.setitem(sys.modules, 'fake_embedded', _fake_module('fake_embedded'))
+  monkeypatch.setitem(sys.modules, 'fake_embedded',
+                      testutil.fake_embedded_module('fake_embedded'))
   monkeypatch.setitem(data.DATASETS, 'fake', custom.EmbeddedDataset('fake_embedded'))
 
 

@@ -62,7 +62,7 @@ def test_spurious_agreement_option_and_ood_independence():
 
 def test_deterministic_from_seed_without_cache():
   first = dominoes.load('train', seed=5, num_train=64)
-  dominoes._load_cached.cache_clear()
+  dominoes.clear_cache()
   second = dominoes.load('train', seed=5, num_train=64)
   assert first is not second  # really rebuilt, not the cached object
   for key in first:
@@ -92,7 +92,7 @@ def _upscaled_digit(image):
 
 
 def test_top_half_is_the_spurious_digit(small_splits):
-  src = dominoes._sources()
+  src = dominoes.sources()
   ds = small_splits['test_ood']
   top = ds['image'][:, :16]
   # Nearest upscaling: 2x2 blocks constant, three equal channels.
@@ -106,7 +106,7 @@ def test_top_half_is_the_spurious_digit(small_splits):
 
 
 def test_source_pools_do_not_leak():
-  src = dominoes._sources()
+  src = dominoes.sources()
   # Digits: train / val / test pools hold disjoint images (compared by content).
   for value in (0, 1):
     pools = [{p.tobytes() for p in src['digits'][pool][value]} for pool in ('train', 'val', 'test')]
@@ -124,17 +124,17 @@ def test_source_pools_do_not_leak():
 def test_crops_read_only_their_pool_tiles(pool):
   # A probe "photo" that is 1 inside train tiles and 0 elsewhere: crops of a held-out pool,
   # at every crop scale including upsampling, must read only zeros.
-  src = dominoes._sources()
+  src = dominoes.sources()
   probe = np.zeros(src['photos'].shape[:3] + (1,), np.float32)
   oy, ox, t = *src['origin'], dominoes.TILE
   for photo, r, c in src['tiles']['train']:
     probe[photo, oy + r * t:oy + (r + 1) * t, ox + c * t:ox + (c + 1) * t] = 1.0
   label = np.arange(4000) % 2
-  opts = dominoes._check_options({'min_crop': 2, 'max_crop': t})
+  opts = {**dominoes.DEFAULT_OPTIONS, 'min_crop': 2, 'max_crop': t}
   rng = np.random.default_rng(0)
-  held_out = dominoes._crops(label, probe, src['tiles'][pool], src['origin'], opts, rng)
+  held_out = dominoes.crops(label, probe, src['tiles'][pool], src['origin'], opts, rng)
   assert held_out.max() == 0.0
-  train = dominoes._crops(label, probe, src['tiles']['train'], src['origin'], opts, rng)
+  train = dominoes.crops(label, probe, src['tiles']['train'], src['origin'], opts, rng)
   assert train.min() == 1.0  # the probe is right: train crops read only train tiles
 
 

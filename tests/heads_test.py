@@ -94,9 +94,13 @@ def test_masks_of_several_layers_pass_from_the_block_they_change(tiny):
   masks = np.concatenate([np.ones((1, 2, 4), np.float32), alone, removed])
   masks = masks[np.random.RandomState(0).permutation(len(masks))]  # 17 masks, layers mixed.
   evaluator = evaluate_lib.MaskEvaluator(model, layers=(0, 1), masks_per_pass=4)
-  starts = []
-  fn = evaluator._fn
-  evaluator._fn = lambda *a: starts.append(a[-1]) or fn(*a)
+  starts, plan = [], evaluator.mask_passes
+
+  def recorded_plan(m):  # Each pass's first block, as the call plans its passes.
+    order, pass_starts = plan(m)
+    starts.extend(pass_starts)
+    return order, pass_starts
+  evaluator.mask_passes = recorded_plan
   pred, loss, _ = evaluator(variables, x, labels, masks)
   for i, m in enumerate(masks):
     logits, _ = apply(variables, x, m)
@@ -278,16 +282,16 @@ def test_run_eval_reads_the_splits_once_and_scores_each_mask_once_per_weights(mo
   variables = testutil.np_init(model, np.zeros((1, 32, 16, 3), np.float32))
   run_eval = evaluate_lib.RunEval(model, variables, config, data.open(config.data),
                                   ("val_id", "val_ood"), layers=(1,))
-  fn, passes = run_eval.evaluator._fn, []
-  run_eval.evaluator._fn = lambda *a: passes.append(1) or fn(*a)
+  predict, scorings = run_eval.evaluator.predict, []  # One entry per call that scores.
+  run_eval.evaluator.predict = lambda *a, **k: scorings.append(1) or predict(*a, **k)
   masks = np.concatenate([np.ones((1, 2, 2), np.float32),
                           masks_lib.head_masks(2, 2, (1,), "alone")[0]])
   first = run_eval(masks)
-  assert passes and first["val_id"][0]["num_examples"] == 100
-  scored = len(passes)
-  again = run_eval(masks[::-1], ["val_ood"])  # Already scored: no pass.
-  assert again["val_ood"] == first["val_ood"][::-1] and len(passes) == scored
+  assert scorings and first["val_id"][0]["num_examples"] == 100
+  scored = len(scorings)
+  again = run_eval(masks[::-1], ["val_ood"])  # Already scored: nothing to score.
+  assert again["val_ood"] == first["val_ood"][::-1] and len(scorings) == scored
   run_eval.variables = variables  # New weights: scored again, from the data read before.
   assert run_eval(masks[:1], ["val_ood"])["val_ood"][0] == first["val_ood"][0]
-  assert len(passes) > scored and reads == ["val_id", "val_ood"]
+  assert len(scorings) > scored and reads == ["val_id", "val_ood"]
   assert run_eval.evaluator.traces == 1

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import configs_test
 from vitreg_jax import models
+
+import testutil  # pylint: disable=g-bad-import-order
 
 # Every poster row: the rows of the tables and the other arguments that change the model.
 ROWS = {
@@ -42,7 +43,7 @@ PAIRS = [("mnist_cifar", "reg=erm", "reg=div"), ("mnist_cifar", "reg=erm", "reg=
 
 
 def _sweep_rows(name):
-  module = configs_test.load(name)
+  module = testutil.load_config_module(name)
   return [",".join(f"{k}={v}" for k, v in point.items() if not k.startswith("config."))
           for point in module.get_sweep()]
 
@@ -56,22 +57,22 @@ def _all_rows():
 
 @pytest.mark.parametrize("name,arg", _all_rows())
 def test_every_poster_row_has_no_last_residual_and_logs_every_head(name, arg):
-  config = configs_test.get(name, arg)
+  config = testutil.get_config(name, arg)
   assert config.model.last_attn_residual is False
   assert config.head_eval == "-1"
-  model = models.create(config.model_name, configs_test.num_classes(config),
+  model = models.create(config.model_name, testutil.num_classes(config),
                         **config.model.to_dict())
   assert model.last_attn_residual is False
 
 
 @pytest.mark.parametrize("name,erm_arg,div_arg", PAIRS)
 def test_erm_and_div_build_the_same_model(name, erm_arg, div_arg):
-  erm, div = configs_test.get(name, erm_arg), configs_test.get(name, div_arg)
+  erm, div = testutil.get_config(name, erm_arg), testutil.get_config(name, div_arg)
   assert not erm.regularizers and div.regularizers[0]["name"] == "div"
   assert erm.model.to_dict() == div.model.to_dict()
   assert erm.data.to_dict() == div.data.to_dict() and erm.batch_size == div.batch_size
   # The built modules are equal dataclasses, and so the same function of the parameters.
-  classes = configs_test.num_classes(erm)
+  classes = testutil.num_classes(erm)
   assert (models.create(erm.model_name, classes, **erm.model.to_dict())
           == models.create(div.model_name, classes, **div.model.to_dict()))
   # Only the regularizer and the authors' per-method learning rate may differ.
@@ -86,9 +87,9 @@ def test_erm_and_div_build_the_same_model(name, erm_arg, div_arg):
 def test_erm_and_div_models_compute_the_same_logits(name, erm_arg, div_arg):
   outputs = []
   for arg in (erm_arg, div_arg):
-    config = configs_test.get(name, arg)
+    config = testutil.get_config(name, arg)
     model = models.create(config.model_name, 2, **config.model.to_dict())
-    x = jax.random.normal(jax.random.PRNGKey(1), (2,) + configs_test.image_shape(config))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2,) + testutil.image_shape(config))
     variables = model.init(jax.random.PRNGKey(0), x, train=False)
     outputs.append(_features(model, variables, x))
   np.testing.assert_array_equal(outputs[0], outputs[1])
@@ -104,11 +105,11 @@ def _features(model, variables, x):
                                       ("quickstart", "reg=div"), ("waterbirds", "reg=erm")])
 def test_residual_argument_restores_the_last_residual(name, arg):
   """`residual=true` is the ablation: a different function of the same parameters."""
-  without, with_res = configs_test.get(name, arg), configs_test.get(name, arg + ",residual")
+  without, with_res = testutil.get_config(name, arg), testutil.get_config(name, arg + ",residual")
   assert with_res.model.last_attn_residual is True
   if name == "waterbirds":
     return  # ViT-B/16: the field is enough; the computation is checked on the small ones.
-  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + configs_test.image_shape(without))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + testutil.image_shape(without))
   logits = []
   for config in (without, with_res):
     model = models.create(config.model_name, 2, **config.model.to_dict())
@@ -118,22 +119,22 @@ def test_residual_argument_restores_the_last_residual(name, arg):
 
 
 def test_the_quickstart_resnet_has_no_head_eval():
-  config = configs_test.get("quickstart", "model=resnet")
+  config = testutil.get_config("quickstart", "model=resnet")
   assert config.head_eval == ""
 
 
 def test_quickstart_sweep_is_erm_and_div_over_seeds():
-  points = configs_test.load("quickstart").get_sweep("seeds=3,steps=300")
+  points = testutil.load_config_module("quickstart").get_sweep("seeds=3,steps=300")
   assert [(p["reg"], p["seed"]) for p in points] == [
       (r, s) for s in range(3) for r in ("erm", "div")]
   assert {p["steps"] for p in points} == {300}
   assert {p["config.eval_every_steps"] for p in points} == {100}
-  small = configs_test.get("quickstart", "eval_examples=1000")
+  small = testutil.get_config("quickstart", "eval_examples=1000")
   assert small.data.num_val == small.data.num_test == 1000
-  assert configs_test.get("quickstart", "seed=2").seed == 2
+  assert testutil.get_config("quickstart", "seed=2").seed == 2
 
 
 def test_model_fields_are_json_round_trippable():
   # config.json must rebuild the same model for `heads` and `report`.
-  config = configs_test.get("mnist_cifar", "reg=div")
+  config = testutil.get_config("mnist_cifar", "reg=div")
   assert json.loads(json.dumps(config.model.to_dict()))["last_attn_residual"] is False

@@ -22,7 +22,7 @@ HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "workers", "init_from_worker.py")
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from train_log_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
+from testutil import TINY_TRAIN  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _free_port():
@@ -33,7 +33,7 @@ def _free_port():
 
 def _source_run(workdir):
   """A checkpoint of the same model with another seed (so it differs from a fresh init)."""
-  config = config_lib.with_defaults(train_worker.load_config({**TINY, "seed": 3}))
+  config = config_lib.with_defaults(train_worker.load_config({**TINY_TRAIN, "seed": 3}))
   info = data.open(config.data).info
   model = steps.create_model(config, info.num_classes)
   tx, _ = optim.make_optimizer(config, config.total_steps)

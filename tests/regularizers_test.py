@@ -676,8 +676,8 @@ def _vit(dtype='float32'):
 
 def vit_loop_head_grads(model, variables, images, layer, head_mask):
   """Reference on the real ViT: one jax.grad per head, the perturbation on that head only."""
-  shapes = div._perturbation_shapes(model, variables, images, (layer,), {})
-  ((path, leaf),) = div._head_input_leaves(shapes)
+  shapes = div.perturbation_shapes(model, variables, images, (layer,), {})
+  ((path, leaf),) = div.head_input_leaves(shapes)
   grads = []
   for h in range(leaf.shape[1]):
     def p_star(delta):

@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import remote_fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from train_log_test import TINY  # pylint: disable=g-import-not-at-top,wrong-import-position
+from testutil import TINY_TRAIN  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORKDIR = "fake://bucket/run"
 
@@ -50,7 +50,7 @@ def _flat(tree):
 
 
 def test_train_crash_resume_and_read_back_on_a_remote_workdir(remote, monkeypatch, caplog):
-  config = train_worker.load_config(TINY)
+  config = train_worker.load_config(TINY_TRAIN)
   original = train_log.Reporter.train
 
   def crash_at_step_7(self, step, measured, *extra):

@@ -150,10 +150,10 @@ def test_runs_table_steps_and_time_to_target_across_a_resume(tmp_path):
            + evals(50, 0.6, 0.5) + [train(75, 0.6, 20.0)] + evals(75, 0.8, 0.5)
            + [train(100, 0.5, 35.0)] + evals(100, 0.9, 0.5))
   run = runs_lib.load(os.path.join(root, "a"))
-  assert tables_lib._time_to(run, "test_id", 0.75) == (75, 50.0)
-  assert tables_lib._time_to(run, "test_id", 0.95) == (None, None)
   table = tables_lib.runs_table(runs_lib.group_runs([run]), 0.75, "test_id")
   assert table.rows[0][-2:] == ["75", "50.0"]
+  missed = tables_lib.runs_table(runs_lib.group_runs([run]), 0.95, "test_id")
+  assert missed.rows[0][-2:] == ["not reached", None]
 
 
 def test_groups_are_labelled_by_what_differs(tmp_path):

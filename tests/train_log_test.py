@@ -12,16 +12,8 @@ from vitreg_jax.training import train_log
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "workers"))
+import testutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-TINY = {
-    "model.width": 16, "model.depth": 1, "model.mlp_dim": 32, "model.num_heads": 2,
-    "data.num_train": 128, "data.num_val": 32, "data.num_test": 32,
-    "batch_size": 16, "eval_batch_size": 32, "total_steps": 12,
-    "checkpoint_every_steps": 4, "log_every_steps": 2, "eval_every_steps": 4,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    "schedule": {"name": "cosine", "warmup_steps": 2},
-}
 
 
 def _keys(workdir):
@@ -43,7 +35,7 @@ def test_jsonl_writer_drops_lines_past_the_restored_step(tmp_path):
 
 
 def test_crashed_then_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
-  config = train_worker.load_config(TINY)
+  config = train_worker.load_config(testutil.TINY_TRAIN)
   original = train_log.Reporter.train
 
   def crash_at_step_7(self, step, measured, *extra):

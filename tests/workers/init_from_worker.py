@@ -3,7 +3,7 @@
   python init_from_worker.py OUT_DIR '[init_from, ...]' --coordinator=host:port
       --num_processes=P --process_id=I
 
-Builds the quickstart ViT of tests/train_log_test.py's TINY config with `sharding.fsdp=True`
+Builds the quickstart ViT of tests/testutil.py's TINY_TRAIN config with `sharding.fsdp=True`
 (`fsdp_min_size=16`, so the weight matrices are split over the processes' devices), then for
 each `init_from` runs `pretrained.init_state_from` as the training loop does. Process 0 writes
 the resulting params, gathered, to OUT_DIR/<i>.npz and a JSON line saying how many arrays
@@ -35,9 +35,9 @@ def main():
   from vitreg_jax.training import train  # pylint: disable=g-import-not-at-top
   from vitreg_jax.models import convert  # pylint: disable=g-import-not-at-top
   import train_worker  # pylint: disable=g-import-not-at-top
-  from train_log_test import TINY  # pylint: disable=g-import-not-at-top
+  from testutil import TINY_TRAIN  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(train_worker.load_config(
-      {**TINY, "sharding": {"fsdp": True, "fsdp_min_size": 16}}))
+      {**TINY_TRAIN, "sharding": {"fsdp": True, "fsdp_min_size": 16}}))
   info = data.open(config.data).info
   model = steps.create_model(config, info.num_classes)
   tx, _ = optim.make_optimizer(config, config.total_steps)

@@ -116,13 +116,17 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def _sources() -> dict[str, Any]:
+def sources() -> dict[str, Any]:
   """Loads and partitions the bundled source data (digits and photos) into pools.
+
+  The partition is what keeps held-out splits free of training material (the module
+  docstring's "No leakage"); it is fixed, independent of the data seed, and cached.
 
   Returns:
     dict with ``digits[pool][d]`` (float32 ``[m, 8, 8]`` in [0, 1] for spurious value d),
-    ``photos`` (float32 ``[2, 213, 320, 3]`` in [0, 1], downscaled 2x by 2x2 averaging) and
-    ``tiles[pool]`` (int32 ``[t, 3]`` rows of (photo index, tile row, tile col)).
+    ``photos`` (float32 ``[2, 213, 320, 3]`` in [0, 1], downscaled 2x by 2x2 averaging),
+    ``tiles[pool]`` (int32 ``[t, 3]`` rows of (photo index, tile row, tile col)) and
+    ``origin`` (the (row, col) pixel of the tile grid's top-left corner in the photos).
   """
   # scikit-learn is imported lazily: it is only needed when the dataset is built.
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
@@ -194,7 +198,7 @@ def _robust_halves(label: np.ndarray, src: dict[str, Any], pool: str, opts: dict
                    rng: np.random.Generator) -> np.ndarray:
   """Bottom halves: jittered crops of the class's photo from tiles of ``pool``.
 
-  Crops come from ``_crops`` (geometry), taken from the photos desaturated to
+  Crops come from ``crops`` (geometry), taken from the photos desaturated to
   ``Y + robust_saturation * (RGB - Y)`` with luma ``Y = 0.299 R + 0.587 G + 0.114 B``
   (``robust_saturation = 0``: gray). The per-crop mean is removed, the result scaled by a
   contrast ``c ~ U[0.7, 1.3]``, shifted to a brightness ``b ~ U[0.35, 0.65]`` and Gaussian noise
@@ -211,7 +215,7 @@ def _robust_halves(label: np.ndarray, src: dict[str, Any], pool: str, opts: dict
   luma = photos @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
   sat = float(opts['robust_saturation'])
   photos = luma if sat == 0.0 else luma + sat * (photos - luma)
-  out = _crops(label, photos, src['tiles'][pool], src['origin'], opts, rng)
+  out = crops(label, photos, src['tiles'][pool], src['origin'], opts, rng)
   out = out - out.mean(axis=(1, 2, 3), keepdims=True)
   contrast = rng.uniform(0.7, 1.3, size=(n, 1, 1, 1)).astype(np.float32)
   brightness = rng.uniform(0.35, 0.65, size=(n, 1, 1, 1)).astype(np.float32)
@@ -223,13 +227,14 @@ def _robust_halves(label: np.ndarray, src: dict[str, Any], pool: str, opts: dict
   return np.broadcast_to(np.clip(out, 0.0, 1.0), (n, HALF, HALF, 3))
 
 
-def _crops(label: np.ndarray, photos: np.ndarray, tiles: np.ndarray, origin: tuple[int, int],
-           opts: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+def crops(label: np.ndarray, photos: np.ndarray, tiles: np.ndarray, origin: tuple[int, int],
+          opts: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
   """Random 16x16 crops of ``photos[label[i]]``, each read only from one tile of ``tiles``.
 
-  A random tile (of the label's photo) among ``tiles`` (rows of photo, tile row, tile col) is
-  drawn per example; ``tiles_lib.sample_crops`` places a crop of side
-  ``U{min_crop..max_crop}`` in it, clamped to the tile (this is what prevents leakage).
+  A random tile (of the label's photo) among ``tiles`` (rows of photo, tile row, tile col, as in
+  ``sources()['tiles'][pool]``) is drawn per example; ``tiles_lib.sample_crops`` places a crop
+  of side ``U{min_crop..max_crop}`` (``opts``, as ``DEFAULT_OPTIONS``) in it, clamped to the
+  tile: this is what prevents leakage. ``origin`` is ``sources()['origin']``.
 
   Returns float32 ``[n, 16, 16, C]``.
   """
@@ -277,6 +282,11 @@ def load(split: str, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:
   return _load_cached(split, int(seed), tuple(sorted(opts.items())))
 
 
+def clear_cache() -> None:
+  """Forgets the splits built so far (frees their memory): the next ``load`` rebuilds them."""
+  _load_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _load_cached(split: str, seed: int, opts_items: tuple[tuple[str, Any], ...]):
   opts = dict(opts_items)
@@ -284,7 +294,7 @@ def _load_cached(split: str, seed: int, opts_items: tuple[tuple[str, Any], ...])
   n = opts[f'num_{pool}']
   agreement = 0.5 if split.endswith('_ood') else float(opts['spurious_agreement'])
   rng = np.random.default_rng([seed, SPLITS.index(split)])
-  src = _sources()
+  src = sources()
   label, spurious = _assign_attributes(n, agreement, rng)
   top = _spurious_halves(spurious, src['digits'][pool], rng)
   bottom = _robust_halves(label, src, pool, opts, rng)

@@ -10,7 +10,7 @@ every batch, so group metrics, group-balanced sampling and GroupDRO work on it u
 Training order (`config.data.sampler`), each a pure function of (seed, global position), so a
 resumed run sees exactly the stream of an uninterrupted one:
 
-- `'uniform'` (default): a fresh permutation of the split per epoch (`pipeline._Permutation`).
+- `'uniform'` (default): a fresh permutation of the split per epoch (`pipeline.Permutation`).
 - `'group_balanced'`: every position draws a group uniformly among the groups present in the
   split, then an example uniformly within it (with replacement). This is the sampling of the
   GroupDRO authors' `--reweight_groups` (kohpangwei/group_DRO, `data/dro_dataset.py`,

@@ -8,7 +8,7 @@ README.md).
 
 Train stream (infinite). With `n` examples and global batch `G`, global position
 `p = step * G + j` (j < G) holds the example `perm_e(p mod n)` of epoch `e = p // n`, where
-`perm_e` is a permutation seeded by (`seed`, `e`) (`_Permutation`: a NumPy permutation table
+`perm_e` is a permutation seeded by (`seed`, `e`) (`Permutation`: a NumPy permutation table
 for up to 2**24 examples, grain's O(1)-memory `index_shuffle` beyond): every epoch
 is a fresh permutation and consecutive epochs run on without dropping examples (a global batch
 may straddle two epochs). Process `i` of `P` takes the `L = G / P` consecutive positions
@@ -57,8 +57,11 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-class _Permutation:
+class Permutation:
   """Global position p -> `epoch * n + perm_epoch(p mod n)` (the example's pre-shuffle index).
+
+  The default `order` of `train_iterator` (the 'uniform' sampler): a pure function of
+  (`seed`, position), a fresh bijection of the `n` examples per epoch.
 
   Up to `MAX_TABLE` examples the permutation is a NumPy table per epoch (generated on first
   use, ~30 ms per million examples, the last two epochs kept): grain's `index_shuffle`
@@ -112,7 +115,7 @@ class _Augment:
 class _TrainBatch:
   """Step -> this process's slice of the global batch of that step."""
 
-  def __init__(self, examples, permutation: _Permutation, global_batch: int, local_batch: int,
+  def __init__(self, examples, permutation: Permutation, global_batch: int, local_batch: int,
                process_index: int, mix: Optional[dict] = None, seed: int = 0):
     self._examples, self._permutation = examples, permutation
     self._global, self._local, self._pi = global_batch, local_batch, process_index
@@ -196,7 +199,7 @@ def train_iterator(source: Sequence[Example], transform: Transform, *, global_ba
   examples = grain.MapDataset.source(source).map_with_index(_Augment(transform, seed, n))
   max_step = (sys.maxsize - global_batch_size) // global_batch_size
   steps = grain.MapDataset.range(int(start_step), max_step)
-  order = _Permutation(n, seed) if order is None else order
+  order = Permutation(n, seed) if order is None else order
   batches = steps.map(_TrainBatch(examples, order, global_batch_size, local,
                                   process_index, mix=mix, seed=seed))
   return _to_iterator(batches, num_threads, prefetch_batches, num_workers)

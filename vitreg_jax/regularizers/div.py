@@ -104,8 +104,15 @@ def strip_perturbations(variables: Mapping[str, Any]) -> dict:
   return {k: v for k, v in variables.items() if k != 'perturbations'}
 
 
-def _perturbation_shapes(model, variables, images, div_layers, apply_kwargs):
-  """Abstract shapes of the model's 'perturbations' collection (no FLOPs: eval_shape)."""
+def perturbation_shapes(model, variables, images, div_layers, apply_kwargs):
+  """Abstract shapes of the model's 'perturbations' collection (no FLOPs: eval_shape).
+
+  The tree the model creates when applied with `div_layers` (docs/design.md, Models): zeros
+  of these shapes are the point `div_head_input_grads` differentiates at, and a reference that
+  perturbs one head at a time builds its perturbations on them. `apply_kwargs` are the
+  `model.apply` arguments of the real call (head_mask, ...); rngs, mutable and train are
+  dropped (the shapes are those of an evaluation pass).
+  """
   kwargs = {k: v for k, v in apply_kwargs.items() if k not in ('rngs', 'mutable', 'train')}
 
   def init_perturbations(v, x):
@@ -116,7 +123,9 @@ def _perturbation_shapes(model, variables, images, div_layers, apply_kwargs):
   return jax.eval_shape(init_perturbations, variables, images)
 
 
-def _head_input_leaves(tree) -> list:
+def head_input_leaves(tree) -> list:
+  """The `(path, leaf)` pairs of `tree` (e.g. `perturbation_shapes`) named 'head_inputs': one
+  per DIV block, each `[B, H, N, D]` (the per-head copies of the block's attention input)."""
   leaves = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if path and getattr(path[-1], 'key', None) == 'head_inputs':
@@ -128,8 +137,8 @@ def _head_input_paths(model, variables, images, div_layers, apply_kwargs):
   """Maps each DIV block index to the tree path of its 'head_inputs' perturbation."""
   paths = {}
   for layer in div_layers:
-    leaves = _head_input_leaves(
-        _perturbation_shapes(model, variables, images, (layer,), apply_kwargs))
+    leaves = head_input_leaves(
+        perturbation_shapes(model, variables, images, (layer,), apply_kwargs))
     if len(leaves) != 1:
       raise ValueError(
           f'With div_layers=({layer},) the model created {len(leaves)} perturbations named '
@@ -174,9 +183,9 @@ def div_head_input_grads(model, variables, images, *, div_layers: Sequence[int],
   """
   variables = strip_perturbations(variables)
   div_layers = tuple(sorted(set(div_layers)))
-  shapes = _perturbation_shapes(model, variables, images, div_layers, apply_kwargs)
+  shapes = perturbation_shapes(model, variables, images, div_layers, apply_kwargs)
   if len(div_layers) == 1:
-    leaves = _head_input_leaves(shapes)
+    leaves = head_input_leaves(shapes)
     if len(leaves) != 1:
       raise ValueError(
           f'With div_layers={div_layers} the model created {len(leaves)} perturbations '
