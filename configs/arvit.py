@@ -155,14 +155,7 @@ def shrink_to_runlocal(config, arg, pretraining: bool) -> None:
       config.data.num_test = 64
   else:
     config.data.image_size = 64
-  config.batch_size = 8
-  config.eval_batch_size = 32
-  config.total_epochs = None
-  config.total_steps = 10
-  config.schedule = dict(name="cosine", warmup_steps=1)
-  config.log_every_steps = 5
-  config.eval_every_steps = 10
-  config.checkpoint_every_steps = 5
+  config_lib.set_runlocal(config)
 
 
 def get_config(arg=None):

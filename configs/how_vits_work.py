@@ -152,14 +152,7 @@ def get_config(arg=None):
     else:
       config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),
                           msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=4)
-    config.batch_size = 8
-    config.eval_batch_size = 32
-    config.total_epochs = None
-    config.total_steps = 10
-    config.schedule = dict(name="cosine", warmup_steps=1)
-    config.log_every_steps = 5
-    config.eval_every_steps = 10**9 if arg.robustness else 10
-    config.checkpoint_every_steps = 5
+    config_lib.set_runlocal(config, eval_every=10**9 if arg.robustness else None)
   if arg.smoothing:
     config.model = dict(config.model, smoothing=True,
                         smoothing_padding="same" if arg.model == "alternet" else "authors")

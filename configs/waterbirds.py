@@ -104,12 +104,5 @@ def get_config(arg=None):
                         depth=2, num_heads=4, mlp_dim=128)
     config.data.image_size = 64
     config.init_from = None
-    config.batch_size = 8
-    config.eval_batch_size = 32
-    config.total_epochs = None
-    config.total_steps = 20
-    config.schedule = dict(name="cosine", warmup_steps=2)
-    config.log_every_steps = 5
-    config.eval_every_steps = 20
-    config.checkpoint_every_steps = 10
+    config_lib.set_runlocal(config, steps=20, warmup_steps=2, checkpoint_every=10)
   return config

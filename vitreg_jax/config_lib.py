@@ -235,6 +235,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 DIV_CODE_WEIGHT = 100.0
 
 
+def set_runlocal(config, *, steps: int = 10, warmup_steps: int = 1,
+                 eval_every: int | None = None, checkpoint_every: int = 5) -> None:
+  """The schedule of a config's `runlocal` smoke run (big_vision's `runlocal`): batch 8, eval
+  batch 32, `steps` steps (no epochs), cosine with `warmup_steps`, a log line every 5 steps,
+  an evaluation every `eval_every` steps (default: at the end) and a checkpoint every
+  `checkpoint_every`."""
+  config.batch_size, config.eval_batch_size = 8, 32
+  config.total_epochs, config.total_steps = None, steps
+  config.schedule = dict(name="cosine", warmup_steps=warmup_steps)
+  config.log_every_steps = 5
+  config.eval_every_steps = eval_every or steps
+  config.checkpoint_every_steps = checkpoint_every
+
+
 def set_div_regularizer(config, *, impl: str, weight: float, layers=(-1,)) -> None:
   """Adds the head-diversity (DIV) regularizer to `config`, as the paper or its code has it.
 
