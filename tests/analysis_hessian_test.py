@@ -1,13 +1,15 @@
 """Hessian analysis maths against slow, obviously correct references.
 
 Dense references (`jax.hessian`, `jax.jacobian`, `numpy.linalg.eigvalsh`) on an MLP and a
-1-block ViT of ~250 parameters; solver checks on explicit matrices with known spectra; one
-command-line run of the new options on a tiny saved run.
+1-block ViT of ~250 parameters; the L2 terms' Hessians against autodiff and their closed
+forms; solver checks on explicit matrices with known spectra; one command-line run of the
+new options (the pair with and without L2 among them) on a tiny saved run.
 """
 
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,21 +50,26 @@ def _batch(key=1, size=6):
   return {"image": x, "label": jnp.arange(size) % 3}
 
 
-def _objective(name, weight_decay=0.1, x=None, init=None):
+def _objective(name, weight_decay=0.1, x=None, init=None, shift=0.0, **kwargs):
   """`init=np_init`: NumPy-filled variables of the right shapes (no JAX compilation), for
-  tests that only trace the objective."""
+  tests that only trace the objective. `shift` moves every parameter (biases start at 0);
+  `kwargs` go to `Objective` (`l2`, `decay_1d`)."""
   model = MLP() if name == "mlp" else models.create(name, 3, **TINY[name])
   x = _batch()["image"] if x is None else x
   variables = model.init(jax.random.PRNGKey(0), x) if init is None else init(model, x)
   if name == "mlp":  # away from zero, so the tanh's curvature is not negligible
     variables = jax.tree.map(lambda p: 2.0 * p, variables)
-  return objective.Objective(model, variables, num_classes=3, weight_decay=weight_decay)
+  variables = jax.tree.map(lambda p: p + shift, variables)
+  return objective.Objective(model, variables, num_classes=3, weight_decay=weight_decay,
+                             **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def dense_hessian(name):
   """(objective, batch, exact Hessian by jax.hessian) of a tiny model, in fp64 NumPy."""
-  obj, batch = _objective(name), _batch()
+  # The squared L2 form these checks were calibrated on (the SLQ moments' probe count, a
+  # negative eigenvalue among the ViT's top 2); the authors' form: test_l2_hessians_*.
+  obj, batch = _objective(name, l2="squared"), _batch()
   h = jax.jit(jax.hessian(obj.loss))(obj.theta, batch)
   return obj, batch, np.asarray(h, np.float64)
 
@@ -114,6 +121,55 @@ def test_subset_hessian_is_the_exact_block_of_jax_hessian(name, regex):
       operators.masked(functools.partial(operators.hvp, obj.loss, obj.theta, batch), mask),
       obj.theta.size, 2, jax.random.PRNGKey(4), max_iter=3000, tol=1e-7, mask=mask)[0])()
   np.testing.assert_allclose(top, _top(np.linalg.eigvalsh(block), 2), rtol=1e-3)
+
+
+def _l2_objectives(name):
+  """The tiny model's objective with each L2 form, parameters moved off zero (biases start
+  at 0, where the authors' term has no curvature) and a large wd (visible curvature); the
+  squared form over every parameter (`decay_1d`)."""
+  base = _objective(name, weight_decay=0.3, shift=0.1)
+  objs = {form: base.with_l2(form) for form in objective.L2_FORMS}
+  objs["squared"] = _objective(name, weight_decay=0.3, shift=0.1, l2="squared", decay_1d=True)
+  return objs
+
+
+def _dense_hvp(obj, batch, loss=None):
+  return np.asarray(jax.jit(lambda: operators.dense(functools.partial(
+      operators.hvp, loss or obj.loss, obj.theta, batch), obj.theta.size))(), np.float64)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_l2_hessians_authors_form_and_squared_form(name):
+  objs, batch = _l2_objectives(name), _batch()
+  authors, none = objs["authors"], objs["none"]
+  # The authors' term through the analyses' HVP equals the dense autodiff Hessian ...
+  h_pen = _dense_hvp(authors, batch, lambda t, _: authors.penalty(t))
+  np.testing.assert_allclose(h_pen, jax.jit(jax.hessian(authors.penalty))(authors.theta),
+                             rtol=1e-4, atol=1e-6)
+  # ... and the closed form, per tensor wd (I - u u^T) / |w|, zero between tensors.
+  theta, expected = np.asarray(authors.theta, np.float64), np.zeros_like(h_pen)
+  for param in authors.names:
+    idx = np.flatnonzero(np.asarray(authors.mask("^" + re.escape(param) + "$")))
+    w = theta[idx]
+    u = w / np.linalg.norm(w)
+    expected[np.ix_(idx, idx)] = 0.3 * (np.eye(len(idx)) - np.outer(u, u)) / np.linalg.norm(w)
+  np.testing.assert_allclose(h_pen, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+  # The objective's Hessian is the NLL's plus that term (test_hvp_and_power_iteration checks
+  # the whole loss's HVP against jax.hessian too, at the unshifted parameters).
+  h_none, h_authors = _dense_hvp(none, batch), _dense_hvp(authors, batch)
+  if name == "mlp":  # the dense autodiff Hessian of the whole objective (cheap here)
+    np.testing.assert_allclose(h_authors, jax.jit(jax.hessian(authors.loss))(
+        authors.theta, batch), rtol=1e-3, atol=1e-4 * np.abs(h_authors).max())
+  np.testing.assert_allclose(h_authors - h_none, expected, rtol=0,
+                             atol=1e-5 * np.abs(h_none).max())
+  # The squared form over every parameter (decay_1d) adds exactly wd * I: every eigenvalue
+  # moves up by wd, so negative ones smaller than wd disappear.
+  h_squared = _dense_hvp(objs["squared"], batch)
+  np.testing.assert_allclose(h_squared - h_none, 0.3 * np.eye(len(h_none)), rtol=0,
+                             atol=1e-5 * np.abs(h_none).max())
+  np.testing.assert_allclose(np.linalg.eigvalsh((h_squared + h_squared.T) / 2),
+                             np.linalg.eigvalsh((h_none + h_none.T) / 2) + 0.3, rtol=0,
+                             atol=1e-4 * np.abs(h_none).max())
 
 
 def test_dataset_hessian_is_the_mean_of_batch_hessians_and_of_the_pooled_loss():
@@ -291,6 +347,13 @@ def test_command_with_every_new_option(mixup_run, tmp_path):
   assert [r["step"] for r in result["runs"]] == [1, 2]
   for r in result["runs"]:
     assert r["operator"] == "ggn" and r["mixup"] and r["label_smoothing"] == 0.1
+    assert r["l2"] == "authors" and r["objective"] == "CE + 0.05 * sum_t ||w_t||_2"
+    bare = r["without_l2"]  # the pair: the same figures without the L2 term
+    assert bare["objective"] == "CE (no L2)" and np.shape(bare["eigenvalues"]) == (2, 2)
+    assert len(bare["blocks"]) == 4 and "density" in bare and "dataset" in bare
+    for b, b0 in zip(r["blocks"], bare["blocks"]):  # same random vectors, PSD L2 Hessian
+      assert np.all(np.asarray(b["trace"]) >= np.asarray(b0["trace"]) - 1e-6), (b, b0)
+      assert np.any(np.asarray(b["trace"]) > np.asarray(b0["trace"])), (b, b0)
     assert np.shape(r["eigenvalues"]) == (2, 2) and len(r["dataset"]["eigenvalues"]) == 2
     assert r["dataset"]["num_examples"] == 16 and "density" in r
     assert [b["label"] for b in r["blocks"]] == ["block0/msa", "block0/mlp", "block1/msa",

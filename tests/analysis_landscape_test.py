@@ -1,5 +1,7 @@
-"""Loss landscapes: a grid point equals the directly computed loss of the perturbed parameters;
-directions are filter-normalized, zero on 1-D and excluded parameters."""
+"""Loss landscapes: a grid point equals the directly computed loss of the perturbed parameters
+(with the authors' L2 term and with the squared one); directions are normalized as the
+authors' code does (the default: PyTorch's dim 0, q/k/v fused) or per filter (Li et al.),
+zero on 1-D and excluded parameters."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from vitreg_jax.analysis import objective
 
 VIT = dict(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4)
 WD = 0.1
+_QKV = ("query", "key", "value")
 
 
 def _vit():
@@ -29,22 +32,27 @@ def _batch(seed, n=4):
           "label": jax.random.randint(k2, (n,), 0, 3)}
 
 
-def _direct(model, params, batch):
-  """NLL + WD / 2 * sum of squares of the >= 2-D parameters, accuracy and |theta|, by hand."""
+def _direct(model, params, batch, l2):
+  """NLL + the L2 term (`squared`: WD / 2 * sum of squares of the >= 2-D parameters;
+  `authors`: WD * the sum of every tensor's norm), accuracy, |theta| and the sum of norms,
+  by hand."""
   logits, _ = model.apply({"params": params}, batch["image"])
   z = np.asarray(logits, np.float64)
   logp = z - scipy.special.logsumexp(z, axis=-1, keepdims=True)
   nll = -np.mean(logp[np.arange(len(logp)), np.asarray(batch["label"])])
   leaves = [np.asarray(p, np.float64) for p in jax.tree.leaves(params)]
-  l2 = 0.5 * WD * sum(np.sum(p**2) for p in leaves if p.ndim >= 2)
+  norm_sum = sum(np.sqrt(np.sum(p**2)) for p in leaves)
+  penalty = (0.5 * WD * sum(np.sum(p**2) for p in leaves if p.ndim >= 2) if l2 == "squared"
+             else WD * norm_sum)
   acc = np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"]))
-  return nll + l2, nll, acc, np.sqrt(sum(np.sum(p**2) for p in leaves))
+  return nll + penalty, nll, acc, np.sqrt(sum(np.sum(p**2) for p in leaves)), norm_sum
 
 
-def test_grid_point_equals_loss_of_perturbed_parameters():
+@pytest.mark.parametrize("l2", ["squared", "authors"])
+def test_grid_point_equals_loss_of_perturbed_parameters(l2):
   model, variables = _vit()
   d1, d2 = landscape.random_directions(variables["params"], jax.random.PRNGKey(3))
-  obj = objective.Objective(model, variables, num_classes=3, weight_decay=WD)
+  obj = objective.Objective(model, variables, num_classes=3, weight_decay=WD, l2=l2)
   # Flattened in the objective's order: a wrong order would move the wrong parameters.
   evaluate = landscape.make_evaluator(obj, obj.theta, landscape.flat_directions(obj, [d1, d2]))
   coords = np.array([[0.0, 0.0], [0.3, -0.7], [-1.0, 0.5]], np.float32)
@@ -53,11 +61,12 @@ def test_grid_point_equals_loss_of_perturbed_parameters():
   got = landscape.evaluate_points(evaluate, coords, batches, points_per_call=2)
   for i, (a, b) in enumerate(coords):
     params = jax.tree.map(lambda p, u, v: p + a * u + b * v, variables["params"], d1, d2)
-    want = np.mean([_direct(model, params, batch) for batch in batches], axis=0)
+    want = np.mean([_direct(model, params, batch, l2) for batch in batches], axis=0)
     np.testing.assert_allclose(got["loss"][i], want[0], rtol=1e-5)
     np.testing.assert_allclose(got["ce"][i], want[1], rtol=1e-4)
     np.testing.assert_allclose(got["accuracy"][i], want[2])
     np.testing.assert_allclose(got["l2_norm"][i], want[3], rtol=1e-5)
+    np.testing.assert_allclose(got["norm_sum"][i], want[4], rtol=1e-5)
   assert got["loss"][1] != got["loss"][0]  # the directions do move the loss
 
 
@@ -71,7 +80,7 @@ def test_directions_are_filter_normalized(name):
   model = models.create(name, 3, **kw)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 8, 3)))["params"]
   params = jax.tree.map(lambda p: p + 0.05, params)
-  d, = landscape.random_directions(params, jax.random.PRNGKey(1), 1)
+  d, = landscape.random_directions(params, jax.random.PRNGKey(1), 1, normalization="filter")
   flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   flat_d = dict(jax.tree_util.tree_flatten_with_path(d)[0])
   checked = set()
@@ -113,3 +122,25 @@ def test_coordinates_layout():
   np.testing.assert_allclose(parts["grid"][:3], [[-2, -2], [0, -2], [2, -2]])  # row = y
   np.testing.assert_allclose(parts["line"][:, 0], [-2, -1, 0, 1, 2])
   assert not parts["line"][:, 1].any() and not parts["center"].any()
+
+
+def test_authors_normalization_is_their_dim0_with_qkv_fused_and_the_default():
+  _, variables = _vit()
+  params = variables["params"]
+  d, = landscape.random_directions(params, jax.random.PRNGKey(1), 1, exclude=())
+  authors, = landscape.random_directions(params, jax.random.PRNGKey(1), 1, exclude=(),
+                                         normalization="authors")
+  jax.tree.map(np.testing.assert_array_equal, d, authors)  # the default is the authors'
+  attn_w = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  attn_d = d["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  # Their timm ViT's fused qkv weight [3 width, width]: one norm per input feature over the
+  # q, k and v outputs together (ours: three kernels [width, heads, head_dim]).
+  fused = lambda a: np.sqrt(sum(_filter_norms(a[k]["kernel"], (1, 2)) ** 2 for k in _QKV))
+  np.testing.assert_allclose(fused(attn_d), fused(attn_w), rtol=1e-5)
+  q_d, q_w = (_filter_norms(a["query"]["kernel"], (1, 2)) for a in (attn_d, attn_w))
+  assert not np.allclose(q_d, q_w, rtol=1e-2)  # not normalized kernel by kernel
+  # The attention output kernel [heads, head_dim, width]: over its output axis (dim 0 of
+  # PyTorch's [width, width]); the class token [1, 1, width]: over its axis 0, like theirs.
+  np.testing.assert_allclose(_filter_norms(attn_d["out"]["kernel"], (2,)),
+                             _filter_norms(attn_w["out"]["kernel"], (2,)), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(d["cls"]), np.abs(params["cls"]), rtol=1e-4)

@@ -2,7 +2,8 @@
 
 One batch with a Mixup/CutMix recipe drawn by the pipeline's own `mixing.draw`, label
 smoothing 0.1 and weight decay 0.05: the objective equals the train step's cross-entropy plus
-the L2 penalty whose gradient is the optimizer's coupled weight decay."""
+an L2 term: the authors' (every tensor's unsquared norm, summed: the default) or the squared
+one, whose gradient is the optimizer's coupled weight decay."""
 
 import functools
 
@@ -57,12 +58,17 @@ def test_objective_is_the_training_loss_with_mixing_and_smoothing(step):
   model, variables, batch, recipe = _setup(step)
   assert float(recipe["mix_lam"]) < 1.0  # the batch is really mixed
   obj = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD,
-                            label_smoothing=SMOOTHING)
+                            label_smoothing=SMOOTHING, l2="squared")
   l2 = objective.l2_penalty(variables["params"], WD)
-  expected = _train_step_ce(model, variables, batch) + float(l2)
+  train_ce = _train_step_ce(model, variables, batch)
+  expected = train_ce + float(l2)
   np.testing.assert_allclose(float(obj.loss(obj.theta, batch)), expected, rtol=1e-6)
+  authors = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD,
+                                label_smoothing=SMOOTHING)  # the default L2 term
+  np.testing.assert_allclose(float(authors.loss(authors.theta, batch)),
+                             train_ce + WD * _norm_sum(variables["params"]), rtol=1e-6)
   plain = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD,
-                              label_smoothing=SMOOTHING, augment=False)
+                              label_smoothing=SMOOTHING, augment=False, l2="squared")
   unmixed = {"image": batch["image"], "label": batch["label"]}
   np.testing.assert_allclose(float(plain.loss(plain.theta, batch)),
                              float(obj.loss(obj.theta, unmixed)) - _smoothing_gap(obj, unmixed),
@@ -78,9 +84,54 @@ def _smoothing_gap(obj, batch):
                - steps.soft_cross_entropy(logits, onehot))
 
 
+def _norm_sum(params) -> float:
+  """The authors' `ops/norm.py` `l2` by hand: every tensor's Frobenius norm, summed."""
+  return sum(np.sqrt(np.sum(np.asarray(p, np.float64) ** 2)) for p in jax.tree.leaves(params))
+
+
+def test_authors_l2_is_every_tensors_unsquared_norm_summed():
+  model, variables, batch, _ = _setup(0)
+  params = variables["params"]
+  leaves = jax.tree.leaves(params)
+  assert any(p.ndim == 1 for p in leaves)  # biases and LayerNorm scales are covered too
+  obj = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD)
+  assert obj.l2 == "authors" and obj.description == f"CE + {WD:g} * sum_t ||w_t||_2"
+  np.testing.assert_allclose(float(obj.penalty(obj.theta)), WD * _norm_sum(params), rtol=1e-6)
+  np.testing.assert_allclose(float(objective.norm_sum(params)), _norm_sum(params), rtol=1e-6)
+  # Not the squared form: the two differ on these parameters.
+  assert abs(float(obj.penalty(obj.theta)) - float(objective.l2_penalty(params, WD))) > 1e-3
+  # A restricted vector keeps the fixed tensors' norms as a constant; "none" drops the term.
+  sub = obj.restrict("MlpBlock_0")
+  np.testing.assert_allclose(float(sub.loss(sub.theta, batch)), float(obj.loss(obj.theta, batch)),
+                             rtol=1e-6)
+  none = obj.with_l2("none")
+  measured = obj.measure(obj.theta, batch)
+  np.testing.assert_allclose(float(none.loss(none.theta, batch)), float(measured["ce"]),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="l2 must be one of"):
+    obj.with_l2("l1")
+
+
+def test_safe_norm_derivatives_are_the_norms_and_zero_at_zero():
+  x = jnp.array([3.0, -4.0, 0.0])
+  np.testing.assert_allclose(objective.safe_norm(x), 5.0)
+  np.testing.assert_allclose(jax.grad(objective.safe_norm)(x), x / 5.0, rtol=1e-6)
+  u = np.asarray(x, np.float64) / 5.0
+  np.testing.assert_allclose(jax.hessian(objective.safe_norm)(x),
+                             (np.eye(3) - np.outer(u, u)) / 5.0, rtol=1e-5, atol=1e-7)
+  zero = jnp.zeros(3)  # a zero-initialized tensor: gradient and Hessian 0, not NaN
+  assert float(objective.safe_norm(zero)) == 0.0
+  assert not np.asarray(jax.grad(objective.safe_norm)(zero)).any()
+  assert not np.asarray(jax.hessian(objective.safe_norm)(zero)).any()
+  v = jnp.ones(3)
+  hv = jax.jvp(jax.grad(objective.safe_norm), (zero,), (v,))[1]  # the HVP the analyses use
+  assert not np.asarray(hv).any()
+
+
 def test_l2_gradient_is_the_optimizers_weight_decay():
   model, variables, batch, _ = _setup(0)
-  obj = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD)
+  obj = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD,
+                            l2="squared")
   grad = obj.params(jax.grad(obj.penalty)(obj.theta))
   config = ml_collections.ConfigDict(dict(optimizer=dict(name="sgd", lr=1.0, momentum=0.0,
                                                          weight_decay=WD), schedule={}))
@@ -96,6 +147,7 @@ def test_restrict_keeps_the_loss_and_selects_by_regex():
   model, variables, batch, _ = _setup(0)
   obj = objective.Objective(model, variables, num_classes=CLASSES, weight_decay=WD)
   sub = obj.restrict("MlpBlock_0/Dense_0")
+  assert sub.l2 == obj.l2 == "authors"
   assert sub.names == ("Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias",
                        "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")
   assert sub.theta.size == 8 + 8 * 8

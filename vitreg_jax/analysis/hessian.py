@@ -2,9 +2,22 @@ r"""Hessian eigenvalue spectra ("How do ViTs work?", Section 2, Fig. 1c, 4 and 1
 
 The analysed loss is the run's training loss, NLL + L2 on the training batches with their
 Mixup/CutMix and label smoothing (`objective.py`; `--augment_loss=false` for the plain NLL +
-L2); the model runs in inference mode (BatchNorm frozen, no dropout). The paper's spectrum is
-the distribution of the top-k eigenvalues of many mini-batch Hessians: `hessian.json` stores
-`eigenvalues` per batch (its top-k, ordered by magnitude). Beyond one mini-batch:
+L2); the model runs in inference mode (BatchNorm frozen, no dropout). The L2 term is the
+authors' by default, `wd * sum_t ||w_t||_2` over every parameter tensor (their `ops/norm.py`,
+`l2`, added as in `losslandscape.ipynb`; their repository holds no Hessian code, so the
+Hessian takes the objective of their landscapes, "NLL + L2"); `--l2=squared` is `wd / 2 * |w|^2`, whose Hessian
+`wd * I` (on the decayed parameters) would shift the spectrum up by wd; `--l2=none` drops it.
+The paper's spectrum is the distribution of the top-k eigenvalues of many mini-batch
+Hessians: `hessian.json` stores `eigenvalues` per batch (its top-k, ordered by magnitude),
+with `l2` (the form) and `objective` (in words). With and without L2:
+
+* `--without_l2` (default on, when the run has weight decay): the same figures for the
+  objective without its L2 term, from the same batches and random start vectors, under
+  `without_l2`, and a second row in `hessian.png` (and `hessian_steps.png`, dashed lines in
+  `hessian_blocks.png`): negative eigenvalues smaller than the L2 term's curvature, which
+  the term hides, are visible there.
+
+Beyond one mini-batch:
 
 * `--over=dataset`: the Hessian of the mean loss over `num_batches x batch_size` examples
   (products summed over the stacked batches in one compiled `lax.scan`, `operators.py`),
@@ -23,6 +36,7 @@ the distribution of the top-k eigenvalues of many mini-batch Hessians: `hessian.
       [--step=N ...] [--top_k=5] [--num_batches=10] [--method=power|lanczos] [--density]
       [--trace] [--over=batch|dataset ...] [--params=REGEX | --per_block]
       [--operator=hessian|ggn] [--basis=device|bf16|host] [--augment_loss=false]
+      [--l2=authors|squared|none] [--without_l2=false]
 """
 
 import functools
@@ -71,6 +85,9 @@ _FLAG_SPECS = [
      "generalized Gauss-Newton matrix J^T H_out J + L2 (positive semi-definite)."),
     (flags.DEFINE_enum, "basis", "device", spectrum.BASES, "Where Lanczos / SLQ keep the "
      "Krylov basis: device (fp32), bf16 (device, half the memory) or host (RAM)."),
+    (flags.DEFINE_bool, "without_l2", True, "Also the same figures for the objective without "
+     "its L2 term (under 'without_l2'), so negative eigenvalues the term hides are visible "
+     "(skipped with --l2=none or no weight decay)."),
 ]
 
 
@@ -210,21 +227,30 @@ def _check_flags(f) -> None:
 
 
 def _analyse(run, loaded, mesh, f, options) -> dict:
-  obj = objective.from_run(run, augment=f.augment_loss, params=f.params)
+  obj = objective.from_run(run, augment=f.augment_loss, params=f.params, l2=f.l2)
   if f.per_block:
     objective.param_blocks(obj.names)  # a model without blocks fails before any compute
   batch_size = f.batch_size or int(run.config.batch_size)
   name = runs.label(run, loaded)
   batches = list(runs.train_batches(run, batch_size, f.num_batches, f.seed))
-  res = spectra(obj, batches, mesh=mesh, key=jax.random.PRNGKey(f.seed), over=f.over,
-                operator=f.operator, per_block=f.per_block, desc=name, **options)
+  objectives = {"": obj}
+  if f.without_l2 and obj.l2 != "none" and obj.weight_decay:
+    objectives["without_l2"] = obj.with_l2("none")
+  found = {}
+  for key, o in objectives.items():  # the same batches and random vectors for both
+    found[key] = spectra(o, batches, mesh=mesh, key=jax.random.PRNGKey(f.seed), over=f.over,
+                         operator=f.operator, per_block=f.per_block,
+                         desc=f"{name} {key}".strip(), **options)
+    found[key]["objective"] = o.description
+    if f.density and "slq_nodes" in found[key]:
+      add_density(found[key])
+  res = found.pop("")
+  res.update(found)
   res.update(label=name, workdir=run.workdir, step=run.step, model_name=run.config.model_name,
              batch_size=batch_size, top_k=f.top_k, method=f.method, operator=f.operator,
-             over=list(f.over), params=f.params, weight_decay=obj.weight_decay,
+             over=list(f.over), params=f.params, weight_decay=obj.weight_decay, l2=obj.l2,
              label_smoothing=obj.label_smoothing,
              mixup=bool(f.augment_loss and run.config.data.get("mixup")))
-  if f.density and "slq_nodes" in res:
-    add_density(res)
   return res
 
 
@@ -234,7 +260,7 @@ def main(argv):
   _check_flags(f)
   out, loaded = runs.output_and_runs("num_batches")
   for run in loaded:  # bad --params / --per_block fail here, before any compute
-    obj = objective.from_run(run, augment=f.augment_loss, params=f.params)
+    obj = objective.from_run(run, augment=f.augment_loss, params=f.params, l2=f.l2)
     if f.per_block:
       objective.param_blocks(obj.names)
   mesh = sharding.make_mesh()

@@ -1,36 +1,49 @@
-r"""Loss landscapes along random filter-normalized directions ("How do ViTs work?", Fig. 1a).
+r"""Loss landscapes along random normalized directions ("How do ViTs work?", Fig. 1a).
 
 The visualization of Li et al. 2018 ("Visualizing the loss landscape of neural nets"), as the
 authors run it (xxxnell/how-do-vits-work, ops/loss_landscapes.py, `get_loss_landscape`, and
-losslandscape.ipynb):
+losslandscape.ipynb). This command reproduces their Fig. 1a, so its defaults are their code's
+(`--normalization=authors`, `--l2=authors`); Li et al.'s per-filter scheme and the squared L2
+term are one flag away. The JSON and the plots name both.
 
 1. Draw two random Gaussian directions `d1, d2` shaped like the parameters.
-2. Filter-normalize them: for every filter j of a parameter w (one output unit: a conv's output
-   channel, a dense layer's output feature, one (head, feature) pair of an attention q/k/v
-   kernel), `d_j <- d_j ||w_j|| / (||d_j|| + 1e-10)`, norms over the filter's inputs. The
-   authors' `normalize_filter` takes the PyTorch norm over dim 0, i.e. over a weight's
-   *output* channels, one norm per input position: `--normalization=authors`.
+2. Normalize them (`NORMALIZATIONS`):
+   * `authors` (default): their `normalize_filter`, `d <- d ||w||_0 / (||d||_0 + 1e-7)` with
+     the norms taken over PyTorch's dim 0 of each weight, i.e. over its *output* channels, one
+     norm per input position (a conv's (in, kh, kw), a dense layer's input feature). Flax
+     kernels are `[..., in, out]`, so that is the output axes here; other tensors (the class
+     token) use axis 0, whose layout PyTorch shares. Their ViT (timm) fuses q, k and v into
+     one `qkv` weight `[3 width, width]`, so the norm over its dim 0 spans q, k and v
+     together: here the three kernels of one attention layer share one norm per input
+     feature, over (q/k/v, heads, head_dim).
+   * `filter` (Li et al., the paper's wording "filter normalization"): for every filter j of
+     a parameter w (one output unit: a conv's output channel, a dense layer's output feature,
+     one (head, feature) pair of an attention q/k/v kernel), `d_j <- d_j ||w_j|| /
+     (||d_j|| + 1e-10)`, norms over the filter's inputs (Li et al.'s `normalize_direction`).
 3. Zero the directions on 1-D parameters (LayerNorm / BatchNorm scales and biases, every bias:
    the authors' `ignore_bn`) and on parameters whose path matches an `--exclude` pattern
    (theirs: `pos_embed`, `relative_position`; here `pos_embedding`, `relative_position`).
 4. Evaluate, at `theta0 + a d1 + b d2` for (a, b) on a `grid_points` x `grid_points` grid over
    `[-extent, extent]^2` (theirs: 21 x 21 over [-1, 1]) and on the 1-D line (a, 0):
-   * `loss`: the run's training loss with its L2 weight penalty (`objective.py`, the one
-     objective of the analyses: the authors' "loss landscapes with L2 regularization on
-     augmented datasets"), on the same `--landscape_batches` training batches with the
+   * `loss`: the run's training loss with its L2 term (`objective.py`, the one objective of
+     the analyses: the authors' "loss landscapes with L2 regularization on augmented
+     datasets"; by default their `NLL + weight_decay * l2`, l2 the sum of every parameter
+     tensor's unsquared norm), on the same `--landscape_batches` training batches with the
      training augmentation (and Mixup/CutMix, label smoothing: `--augment_loss`) at every
      point, BatchNorm with its frozen running statistics;
    * `ce`: the same without its L2 term;
    * `accuracy` of the perturbed model on those batches;
-   * `l2_norm`: `||theta||_2` over all parameters (the authors record the sum of per-tensor
-     norms, `ops/norm.py`).
+   * `l2_norm`: `||theta||_2` over all parameters;
+   * `norm_sum`: `sum_t ||theta_t||_2` over the parameter tensors, the `l2` column the
+     authors record (`ops/norm.py`, `l2`).
 
 Every point is a forward pass: one jitted function maps (`lax.map`, a scan) over a chunk of
 `--points_per_call` points for one batch, so the whole grid compiles once.
 
   python -m vitreg_jax.analysis.landscape --workdir=DIR [--workdir=DIR2 --out=OUT]
       [--grid_points=21] [--line_points=41] [--extent=1] [--landscape_batches=4]
-      [--exclude=REGEX ...] [--normalization=filter|authors] [--points_per_call=21]
+      [--exclude=REGEX ...] [--normalization=authors|filter] [--points_per_call=21]
+      [--l2=authors|squared|none] [--augment_loss=false]
 """
 
 import itertools
@@ -47,12 +60,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax import errors
-from vitreg_jax import plotting
 from vitreg_jax import sharding
+from vitreg_jax.analysis import landscape_plots
 from vitreg_jax.analysis import objective
 from vitreg_jax.analysis import runs
 
-NORMALIZATIONS = ("filter", "authors")
+NORMALIZATIONS = ("authors", "filter")
+# Each scheme's epsilon in `d * |w| / (|d| + eps)`: the authors' `normalize_filter`, Li et
+# al.'s `normalize_direction` (tomgoldstein/loss-landscape, net_plotter.py).
+EPS = {"authors": 1e-7, "filter": 1e-10}
 DEFAULT_EXCLUDE = ("pos_embedding", "relative_position")
 
 
@@ -65,8 +81,9 @@ _FLAG_SPECS = [
     (flags.DEFINE_integer, "landscape_batches", 4, "Training batches averaged at every point."),
     (flags.DEFINE_multi_string, "exclude", list(DEFAULT_EXCLUDE), "Regex on parameter paths "
      "('a/b/kernel') kept fixed (repeatable; 'none' excludes nothing)."),
-    (flags.DEFINE_enum, "normalization", "filter", NORMALIZATIONS, "filter: per-filter norms "
-     "(Li et al.); authors: norms over output channels (their code)."),
+    (flags.DEFINE_enum, "normalization", "authors", NORMALIZATIONS, "authors: norms over "
+     "a weight's output channels, PyTorch's dim 0 (their ops/loss_landscapes.py); filter: "
+     "per-filter norms (Li et al.)."),
     (flags.DEFINE_integer, "points_per_call", 21, "Grid points per compiled call (a scan)."),
 ]
 
@@ -78,7 +95,6 @@ def define_flags() -> None:
 
 
 _QKV = ("query", "key", "value")
-EPS = 1e-10
 
 
 # ----------------------------------------------------------------------------- directions
@@ -103,37 +119,59 @@ def output_axes(path, leaf) -> tuple:
   return (leaf.ndim - 1,)
 
 
-def normalize_direction(path, d, w, normalization: str = "filter"):
-  """`d` rescaled so each filter's norm is w's (norms over the filter's input axes), or with
-  `normalization='authors'` over the output axes of kernels / axis 0 of other parameters."""
+def _norm_axes(path, w, normalization: str) -> tuple:
+  """The axes a norm runs over: a filter's inputs (`filter`), or PyTorch's dim 0 (`authors`:
+  a kernel's output axes, axis 0 of other tensors)."""
   out = output_axes(path, w)
   if normalization == "filter":
-    axes = tuple(a for a in range(w.ndim) if a not in out)
-  elif _name(path).endswith("kernel"):
-    axes = out  # PyTorch's dim 0 of a weight `[out, in, ...]`
-  else:
-    axes = (0,)  # same layout as PyTorch
-  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
-  return d * norm(w) / (norm(d) + EPS)
+    return tuple(a for a in range(w.ndim) if a not in out)
+  return out if _name(path).endswith("kernel") else (0,)
+
+
+def _fused_qkv(path):
+  """The attention layer of a q/k/v kernel (one fused `qkv` weight in the authors' ViT)."""
+  keys = _name(path).split("/")
+  if len(keys) > 2 and keys[-1] == "kernel" and keys[-2] in _QKV:
+    return "/".join(keys[:-2])
+  return None
+
+
+def normalize_directions(leaves: Sequence, ds: Sequence, normalization: str = "authors"):
+  """`d * |w| / (|d| + eps)` for every `(path, w)` of `leaves` and its direction in `ds`,
+  the norms over `_norm_axes` (keepdims); `authors`: the squared norms of one attention
+  layer's q, k and v kernels summed (their fused `qkv` weight)."""
+  sq = lambda x, axes: jnp.sum(jnp.square(x), axis=axes, keepdims=True)
+  axes = [_norm_axes(p, w, normalization) for p, w in leaves]
+  d_sq = [sq(d, a) for d, a in zip(ds, axes)]
+  w_sq = [sq(w, a) for (_, w), a in zip(leaves, axes)]
+  if normalization == "authors":
+    groups = [_fused_qkv(p) for p, _ in leaves]
+    for sums in (d_sq, w_sq):
+      total = {}
+      for g, s in zip(groups, sums):
+        if g is not None:
+          total[g] = total.get(g, 0.0) + s
+      sums[:] = [s if g is None else total[g] for g, s in zip(groups, sums)]
+  eps = EPS[normalization]
+  return [d * jnp.sqrt(w2) / (jnp.sqrt(d2) + eps) for d, d2, w2 in zip(ds, d_sq, w_sq)]
 
 
 def random_directions(params, key, num: int = 2, *, exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                      normalization: str = "filter") -> list:
-  """`num` random Gaussian directions shaped like `params`, normalized, zero where not `moved`."""
+                      normalization: str = "authors") -> list:
+  """`num` random Gaussian directions shaped like `params`, normalized, zero where not `moved`
+  (as the authors do: normalized first, then zeroed)."""
   if normalization not in NORMALIZATIONS:
     raise errors.UserError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [(p, jnp.asarray(w, jnp.float32)) for p, w in leaves]
   directions = []
   for i in range(num):
     keys = jax.random.split(jax.random.fold_in(key, i), len(leaves))
-    new = []
-    for k, (path, w) in zip(keys, leaves):
-      w = jnp.asarray(w, jnp.float32)
-      if moved(path, w, exclude):
-        new.append(normalize_direction(path, jax.random.normal(k, w.shape), w, normalization))
-      else:
-        new.append(jnp.zeros_like(w))
-    directions.append(jax.tree.unflatten(treedef, new))
+    ds = [jax.random.normal(k, w.shape) for k, (_, w) in zip(keys, leaves)]
+    normed = normalize_directions(leaves, ds, normalization)
+    directions.append(jax.tree.unflatten(treedef, [
+        d if moved(p, w, exclude) else jnp.zeros_like(w)
+        for d, (p, w) in zip(normed, leaves)]))
   return directions
 
 
@@ -153,7 +191,8 @@ def flat_directions(obj, directions: Sequence) -> jax.Array:
 
 
 def make_evaluator(obj, theta0, directions):
-  """A jitted `f(coords [P, k], batch) -> {'loss', 'ce', 'accuracy', 'l2_norm'}` (each `[P]`)
+  """A jitted `f(coords [P, k], batch) -> {'loss', 'ce', 'accuracy', 'l2_norm', 'norm_sum'}`
+  (each `[P]`)
   at the points `theta0 + coords @ directions`, one point after another (a scan: the memory
   of one forward pass; one forward pass a point).
 
@@ -167,7 +206,8 @@ def make_evaluator(obj, theta0, directions):
       theta = theta0 + c @ directions
       m = obj.measure(theta, batch)
       return {"loss": m["loss"], "ce": m["ce"], "accuracy": m["accuracy"],
-              "l2_norm": jnp.linalg.norm(theta)}
+              "l2_norm": jnp.linalg.norm(theta),
+              "norm_sum": objective.norm_sum(obj.params(theta))}
     return jax.lax.map(one, coords)
 
   return lambda coords, batch: evaluate(coords, batch, theta0, directions)
@@ -179,7 +219,7 @@ def evaluate_points(evaluate: Callable, coords: np.ndarray, batches: list, *,
   `points_per_call` (the last one padded, so one compilation serves all).
 
   Returns:
-    `{'loss', 'accuracy', 'l2_norm'}`, each `[P]` (float64).
+    `evaluate`'s figures, each `[P]` (float64).
   """
   starts = range(0, len(coords), points_per_call)
   calls = itertools.product(starts, range(len(batches)))
@@ -208,17 +248,19 @@ def coordinates(grid_points: int, line_points: int, extent: float) -> dict:
 
 def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_points: int = 41,
                 extent: float = 1.0, exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                normalization: str = "filter", points_per_call: int = 21,
-                augment: bool = True, progress_desc: str = "landscape") -> dict:
+                normalization: str = "authors", points_per_call: int = 21,
+                augment: bool = True, l2: str = "authors",
+                progress_desc: str = "landscape") -> dict:
   """The landscape of `run` on `batches` (training batches, sharded over `mesh`'s data axis).
 
   Returns:
-    dict with `grid` (`x`, `y`, and `loss` / `accuracy` / `l2_norm` as `[len(y)][len(x)]`),
-    `line` (`alpha` and the three figures), `center` (the three at theta0), `num_params`,
-    `num_moved` (entries the directions move), `excluded`, `weight_decay`, `seconds`,
-    `points_per_s` (forward passes of one batch per second, compilation included).
+    dict with `grid` (`x`, `y`, and the figures of `make_evaluator` as `[len(y)][len(x)]`),
+    `line` (`alpha` and the figures), `center` (the figures at theta0), `num_params`,
+    `num_moved` (entries the directions move), `excluded`, `normalization`, `l2` (the L2
+    term's form), `objective` (in words), `weight_decay`, `seconds`, `points_per_s` (forward
+    passes of one batch per second, compilation included).
   """
-  obj = objective.from_run(run, augment=augment)
+  obj = objective.from_run(run, augment=augment, l2=l2)
   directions = random_directions(run.variables["params"], key, 2, exclude=exclude,
                                  normalization=normalization)
   flat = flat_directions(obj, directions)
@@ -232,7 +274,8 @@ def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_po
   seconds = time.perf_counter() - start
   result = {"num_params": int(obj.theta.size), "num_moved": int(jnp.sum(flat[0] != 0)),
             "excluded": excluded_names(run.variables["params"], exclude),
-            "weight_decay": obj.weight_decay, "label_smoothing": obj.label_smoothing,
+            "weight_decay": obj.weight_decay, "l2": obj.l2, "objective": obj.description,
+            "label_smoothing": obj.label_smoothing,
             "augment_loss": obj.augment, "normalization": normalization, "extent": extent,
             "num_batches": len(batches), "seconds": seconds,
             "points_per_s": len(coords) * len(batches) / seconds}
@@ -250,71 +293,6 @@ def analyse_run(run, batches: list, *, mesh, key, grid_points: int = 21, line_po
     elif name == "center":
       result["center"] = {k: float(v[0]) for k, v in vals.items()}
   return result
-
-
-# ----------------------------------------------------------------------------- plots
-def _levels(z: np.ndarray, n: int = 24):
-  """Contour levels of a loss: logarithmic when it spans more than a factor 20."""
-  lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
-  if lo > 0 and hi / lo > 20:
-    return np.geomspace(lo, hi, n), "log"
-  return np.linspace(lo, hi, n), "linear"
-
-
-def plot_contours(results: list, path: str) -> str:
-  """Per run, contours of the loss (top) and accuracy (bottom) over the grid; the last column
-  overlays every run's 1-D line."""
-  plt = plotting.pyplot()
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  gridded = [r for r in results if "grid" in r]
-  lined = [r for r in results if "line" in r]
-  cols = len(gridded) + bool(lined)
-  fig, axes = plt.subplots(2, cols, figsize=(3.7 * cols, 6.6), squeeze=False)
-  for col, r in enumerate(gridded):
-    g = r["grid"]
-    for row, (name, cmap) in enumerate((("loss", "viridis"), ("accuracy", "magma"))):
-      z = np.asarray(g[name])
-      levels, scale = _levels(z) if name == "loss" else (np.linspace(0, 1, 21), "linear")
-      norm = colors.LogNorm(levels[0], levels[-1]) if scale == "log" else None
-      ax = axes[row, col]
-      cs = ax.contourf(g["x"], g["y"], z, levels=levels, cmap=cmap, norm=norm)
-      ax.contour(g["x"], g["y"], z, levels=levels[::3], colors="w", linewidths=0.4, norm=norm)
-      ax.plot(0, 0, "r+", ms=8)
-      fig.colorbar(cs, ax=ax, format="%.3g")
-      ax.set(title=f"{r['label']}: {name}", xlabel="direction 1", ylabel="direction 2")
-      ax.set_aspect("equal")
-  if lined:
-    for r in lined:
-      line = r["line"]
-      l, = axes[0, -1].plot(line["alpha"], line["loss"], label=r["label"])
-      axes[0, -1].plot(line["alpha"], line["ce"], "--", color=l.get_color())
-      axes[1, -1].plot(line["alpha"], line["accuracy"], label=r["label"])
-    if min(min(r["line"]["ce"]) for r in lined) > 0:
-      axes[0, -1].set_yscale("log")
-    axes[0, -1].set(title="loss (dashed: without L2) along d1", xlabel="alpha")
-    axes[1, -1].set(title="accuracy along direction 1", xlabel="alpha", ylim=(0, 1))
-    axes[0, -1].legend(fontsize=7)
-  r0 = results[0]
-  fig.suptitle(f"Training loss (CE + L2) around the trained parameters, {r0['normalization']}"
-               f"-normalized random directions", fontsize=10)
-  fig.tight_layout()
-  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
-
-
-def plot_surfaces(results: list, path: str) -> str:
-  """3-D surfaces of the loss minus its minimum, one panel per run (as the authors' Fig. 1a)."""
-  plt = plotting.pyplot()
-  gridded = [r for r in results if "grid" in r]
-  fig = plt.figure(figsize=(4.2 * len(gridded), 4))
-  for i, r in enumerate(gridded, start=1):
-    g = r["grid"]
-    x, y = np.meshgrid(g["x"], g["y"])
-    z = np.asarray(g["loss"])
-    ax = fig.add_subplot(1, len(gridded), i, projection="3d")
-    ax.plot_surface(x, y, z - z.min(), cmap="plasma", linewidth=0, antialiased=True)
-    ax.view_init(elev=25, azim=35)
-    ax.set(title=r["label"], xlabel="d1", ylabel="d2", zlabel="loss - min")
-  return plotting.save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- main
@@ -349,19 +327,20 @@ def main(argv):
     res = analyse_run(run, batches, mesh=mesh, key=jax.random.PRNGKey(f.seed),
                       grid_points=f.grid_points, line_points=f.line_points, extent=f.extent,
                       exclude=exclude, normalization=f.normalization,
-                      points_per_call=f.points_per_call, augment=f.augment_loss,
+                      points_per_call=f.points_per_call, augment=f.augment_loss, l2=f.l2,
                       progress_desc=name)
     res.update(label=name, workdir=run.workdir, step=run.step, batch_size=batch_size,
                model_name=run.config.model_name)
     results.append(res)
   print("wrote", runs.write_summary(f"{out}/landscape.json", results))
-  print("wrote", plot_contours(results, f"{out}/landscape.png"))
+  print("wrote", landscape_plots.plot_contours(results, f"{out}/landscape.png"))
   if f.grid_points:
-    print("wrote", plot_surfaces(results, f"{out}/landscape_surface.png"))
+    print("wrote", landscape_plots.plot_surfaces(results, f"{out}/landscape_surface.png"))
   for r in results:
     c = r["center"]
     span = r.get("grid") or r["line"]
-    print(f"{r['label']}: centre loss {c['loss']:.4g} (without L2 {c['ce']:.4g}), "
+    print(f"{r['label']} [{r['objective']}, {r['normalization']} normalization]: "
+          f"centre loss {c['loss']:.4g} (without L2 {c['ce']:.4g}), "
           f"accuracy {c['accuracy']:.3f}, "
           f"|theta| {c['l2_norm']:.4g}; loss over the points {np.min(span['loss']):.4g} .. "
           f"{np.max(span['loss']):.4g}; {r['points_per_s']:.3g} point-batches/s")

@@ -3,10 +3,11 @@ over a dataset.
 
 * Hessian (`hessian`): forward-over-reverse, `Hv = jvp(grad L, (w,), (v,))`.
 * Generalized Gauss-Newton (`ggn`, Schraudolph 2002; Martens 2020, Sec. 6):
-  `G = J^T H_out J + wd * D`, J the Jacobian of the logits in the parameters, H_out the
+  `G = J^T H_out J + H_L2`, J the Jacobian of the logits in the parameters, H_out the
   Hessian of the cross-entropy in the logits (`(diag(p) - p p^T) / B` per example, PSD; label
-  smoothing and soft targets do not change it), D the 0/1 diagonal of the decayed
-  parameters. G is positive semi-definite and drops the second-order term
+  smoothing and soft targets do not change it), H_L2 the Hessian of the objective's L2 term
+  (`objective.l2_term`: PSD in each form; `wd` times the 0/1 diagonal of the decayed
+  parameters for `squared`). G is positive semi-definite and drops the second-order term
   `sum dCE/dz * d^2 z/dw^2` of H. One product: a linearization (forward + JVP) of the logits,
   one JVP in the logits, one transpose (VJP).
 * Over a dataset (`over_dataset`): the operator of the mean loss over N examples in batches
