@@ -28,7 +28,7 @@ Arguments (`:key=value,...`):
                   {0, 1, 2, 3, 4, 5} on validation worst-group accuracy).
   stage           JTT: 'identify' (ERM for the identification steps / epochs, then stop) or
                   'upweight' (retrain from the same initialization on the train split with the
-                  identification model's errors repeated `lambda_up` times per epoch).
+                  identification model's errors upsampled per epoch, see `copies`).
   identification  JTT stage 'upweight': the workdir of stage 'identify'. Its error set is
                   written there (`jtt_error_set.json`, `python -m vitreg_jax.jtt`) when
                   missing.
@@ -36,8 +36,13 @@ Arguments (`:key=value,...`):
                   `identification` run instead of its last (e.g. an ERM run of this config
                   at step T: no separate stage 'identify' run; its error set is
                   `jtt_error_set_step<T>.json`). 0: the last checkpoint.
-  lambda_up       JTT's upsampling factor (dominoes 6, our choice; Waterbirds 100, Liu et al.
-                  2021, App. B).
+  lambda_up       JTT's upsampling factor lambda_up (dominoes 5, our choice; Waterbirds 100,
+                  Liu et al. 2021, App. B), in the authors' meaning by default (`copies`).
+  copies          'authors' (default): each error appears lambda_up + 1 times per epoch, as
+                  the authors' `run_expt.py` (`main`) concatenates the training set with
+                  lambda_up copies of the error set | 'lambda': lambda_up times (this
+                  config's meaning before; dominoes' lambda_up=5 here = the 6 copies of the
+                  earlier README runs). `data.upsample['copies']`, vitreg_jax/data/groups.py.
   id_steps        JTT's identification length T on dominoes (150 steps, ~1 epoch; our choice).
   id_epochs       ... on Waterbirds (2 epochs of the 30-epoch fine-tuning; our choice: Liu et al.
                   use 60 of 300 epochs training a ResNet-50 with other hyper-parameters).
@@ -55,6 +60,7 @@ from vitreg_jax import config_lib
 METHODS = ("erm", "div", "group_dro", "jtt")
 STAGES = ("identify", "upweight")
 ERROR_SET_FILE = "jtt_error_set.json"  # vitreg_jax.baselines.jtt.ERROR_SET_FILE
+UPSAMPLE_COPIES = ("authors", "lambda")  # vitreg_jax.data.groups.UPSAMPLE_COPIES
 
 
 def _base(arg):
@@ -78,7 +84,8 @@ def _base(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(
       arg, method="erm", data="dominoes", seed=0, step_size=0.01, adjustment=0.0,
-      stage="", identification="", id_step=0, lambda_up=-1, id_steps=150, steps=600, id_epochs=2.0, init="",
+      stage="", identification="", id_step=0, lambda_up=-1, copies="authors", id_steps=150,
+      steps=600, id_epochs=2.0, init="",
       variant="B/16", epochs=30, lr=1e-3, runlocal=False)
   if arg.method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {arg.method!r}.")
@@ -115,10 +122,13 @@ def _jtt(config, arg):
     return
   if not arg.identification:
     raise ValueError("JTT stage=upweight needs identification=WORKDIR (the stage=identify run).")
-  lambda_up = arg.lambda_up if arg.lambda_up > 0 else (6 if arg.data == "dominoes" else 100)
+  lambda_up = arg.lambda_up if arg.lambda_up > 0 else (5 if arg.data == "dominoes" else 100)
+  if arg.copies not in UPSAMPLE_COPIES:
+    raise ValueError(f"copies must be one of {UPSAMPLE_COPIES}, got {arg.copies!r}.")
   config.data.sampler = "upsample"
   name = ERROR_SET_FILE.replace(".json", f"_step{arg.id_step}.json") if arg.id_step \
       else ERROR_SET_FILE
-  config.data.upsample = dict(file=os.path.join(arg.identification, name), factor=lambda_up)
+  config.data.upsample = dict(file=os.path.join(arg.identification, name), factor=lambda_up,
+                              copies=arg.copies)
   if arg.id_step:
     config.data.upsample["step"] = arg.id_step

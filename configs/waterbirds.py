@@ -1,9 +1,14 @@
 r"""Waterbirds with ERM or DIV: the head-diversity poster's Table 2 ("ViT+ERM", "ViT+DIV").
 
 Label: landbird / waterbird; spurious attribute: the background (land / water); groups
-`2 * label + place`. Evaluated on `val` and `test` with accuracy, per-group and worst-group
-accuracy (`worst_group_accuracy`, Sagawa et al. 2020). The poster reports its "OOD Acc." on the
-minority groups; the worst group is the standard summary.
+`2 * label + place`. Evaluated on `val` and `test` with accuracy and the group figures
+(vitreg_jax/metrics.py). The tables' "ID acc." is `test`'s `train_weighted_mean_accuracy` (its
+group accuracies weighted as the groups occur in training) and "OOD acc." its
+`mean_group_accuracy` (the unweighted mean over the four groups); the worst-group accuracy
+(`worst_group_accuracy`, Sagawa et al. 2020, the field's headline) is its own column. The
+poster does not define its Table 2 metrics and the authors' code has no Waterbirds
+experiment: these are the analogues of their MNIST-CIFAR testID / testOOD splits (drawn like
+training / spurious attribute independent of the label), our reading, in roles.py.
 
 Users almost always fine-tune from pretrained weights (a ViT trained from scratch on 4,795
 Waterbirds images barely learns birds). Download a public AugReg / big_vision ViT `.npz`

@@ -10,6 +10,7 @@ from vitreg_jax.heads import select
 from vitreg_jax.reports import __main__ as report_main
 from vitreg_jax.reports import baselines
 from vitreg_jax.roles import Roles
+from vitreg_jax.roles import split_roles
 
 SPLITS = ("val_id", "val_ood", "test_id", "test_ood")
 
@@ -87,3 +88,26 @@ def test_head_rules_without_ood_data_or_group_labels():
   no_groups = [{"layer": 0, "head": 0, "alone": {"val_id": {"accuracy": .5}}}]
   with pytest.raises(ValueError, match="worst_group_accuracy"):
     select.select("worst_group", no_groups, roles, np.ones((1, 1)), {})
+
+
+def test_waterbirds_id_is_the_train_weighted_mean_and_id_val_reads_no_groups():
+  # Waterbirds' `test` is group-balanced within each class: its plain accuracy is not ID.
+  roles = split_roles(("train", "val", "test"), dataset="waterbirds")
+  assert (roles.id_metric, roles.ood_metric) == ("train_weighted_mean_accuracy",
+                                                 "mean_group_accuracy")
+  assert split_roles(SPLITS).id_metric == "accuracy"  # dominoes: test_id is drawn like training
+  counts = (3498, 184, 56, 1057)  # Waterbirds' training groups
+  test = {"accuracy": .80, "worst_group_accuracy": .5, "group0_accuracy": .99,
+          "group1_accuracy": .70, "group2_accuracy": .50, "group3_accuracy": .95}
+  weighted = sum(c * test[f"group{g}_accuracy"] for g, c in enumerate(counts)) / sum(counts)
+  logged = baselines.figures({"test": {**test, "train_weighted_mean_accuracy": weighted}},
+                             roles, {})
+  assert logged["id"] == pytest.approx(100 * weighted) and logged["id"] != 80.0
+  assert logged["mean"] == logged["id"] and logged["worst"] == 50.0
+  # id_val keeps reading plain `accuracy` on val (no group labels), whatever id_metric is.
+  heads = [{"layer": 0, "head": h, "alone": {"val": {"accuracy": a,
+                                                     "train_weighted_mean_accuracy": w}}}
+           for h, (a, w) in enumerate([(.9, .5), (.6, .99)])]
+  _, info = select.select("id_val", heads, roles, np.ones((1, 2), np.float32),
+                          {"val": {"accuracy": .7, "train_weighted_mean_accuracy": .8}})
+  assert info["chosen"] == "layer 0 head 0" and info["metric"] == "accuracy"

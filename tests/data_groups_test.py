@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vitreg_jax import data
+from vitreg_jax import errors
 from vitreg_jax.data import groups
 
 DOMINOES = dict(name='dominoes', num_train=400, num_val=40, num_test=40, num_threads=1)
@@ -57,15 +58,38 @@ def test_resume_and_process_split_give_the_same_stream(sampler, tmp_path):
         np.concatenate([halves[0][k]['image'], halves[1][k]['image']]), full[11 + k]['image'])
 
 
-def test_upsample_repeats_the_error_set_factor_times_per_epoch():
-  order = groups.UpsampleOrder(10, [2, 7], factor=3, seed=0)
+def test_upsample_counts_equal_the_authors_concat_dataset(tmp_path):
+  # anniesch/jtt run_expt.py: ConcatDataset([train, Subset(train, aug_indices * up_weight)]),
+  # i.e. every example once plus up_weight more copies of each error: lambda + 1 in all.
+  n, errors_set, factor = 10, [2, 7, 9], 4
+  authors = np.bincount(list(range(n)) + errors_set * factor, minlength=n)
+  (tmp_path / 'e.json').write_text(json.dumps({'indices': errors_set}))
+  for copies, expected in ((None, authors), ('authors', authors),
+                           ('lambda', authors - np.isin(np.arange(n), errors_set))):
+    upsample = dict(file=str(tmp_path / 'e.json'), factor=factor)
+    if copies:
+      upsample['copies'] = copies
+    order = groups.make_order(dict(sampler='upsample', upsample=upsample), range(n), None,
+                              seed=0, global_batch=4)
+    epoch = [order(p) % n for p in range(len(order))]
+    assert np.bincount(epoch, minlength=n).tolist() == expected.tolist(), copies
+  assert groups.upsample_repeats(dict(factor=5)) == 6  # the authors' 5 = the old 6
+  assert groups.upsample_repeats(dict(factor=6, copies='lambda')) == 6
+  for bad, match in ((dict(factor=2, copies='paper'), "valid: \\['authors', 'lambda'\\]"),
+                     (dict(factor=0), 'must be >= 1'), (dict(factr=2), 'Unknown data.upsample')):
+    with pytest.raises(errors.UserError, match=match):
+      groups.upsample_repeats(bad)
+
+
+def test_upsample_repeats_the_error_set_per_epoch():
+  order = groups.UpsampleOrder(10, [2, 7], repeats=3, seed=0)
   assert len(order) == 14
   epoch = [order(p) % 10 for p in range(14)]
   assert np.bincount(epoch, minlength=10).tolist() == [1, 1, 3, 1, 1, 1, 1, 3, 1, 1]
   assert len({order(p) for p in range(14)}) == 14  # copies get their own augmentation index
   assert [order(p) % 10 for p in range(14, 28)] != epoch  # a fresh permutation per epoch
   with pytest.raises(ValueError, match=r'\[0, 10\)'):
-    groups.UpsampleOrder(10, [10], factor=2, seed=0)
+    groups.UpsampleOrder(10, [10], repeats=2, seed=0)
 
 
 def test_npz_groups_and_a_dataset_without_groups(tmp_path):

@@ -171,8 +171,9 @@ def test_selection_rules_on_known_heads():
   with pytest.raises(errors.UserError, match="reads ID validation attribute"):
     select_lib.select("id_conflict", [{"layer": 1, "head": 0, "alone": {"val_id": {}}}], roles,
                       full, {"val_id": {"accuracy": 1.0}})
-  assert roles_lib.split_roles(("train", "val", "test"), ("place", "group")).ood_metric == \
-      "mean_group_accuracy"
+  grouped = roles_lib.split_roles(("train", "val", "test"), ("place", "group"))
+  assert (grouped.id_metric, grouped.ood_metric) == ("train_weighted_mean_accuracy",
+                                                     "mean_group_accuracy")
   with pytest.raises(ValueError, match="Cannot tell"):
     roles_lib.split_roles(("train", "test"))
 

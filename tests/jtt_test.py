@@ -36,6 +36,7 @@ def test_jtt_two_stages(tmp_path):
   train.train_and_evaluate(tiny("method=jtt,stage=identify,id_steps=4"), stage1)
   config = tiny(f"method=jtt,stage=upweight,identification={stage1},lambda_up=5")
   assert config.data.sampler == "upsample" and config.data.upsample.factor == 5
+  assert config.data.upsample.copies == "authors"  # 6 appearances of each error
   train.train_and_evaluate(config, stage2)
   record = json.loads(open(os.path.join(stage1, jtt.ERROR_SET_FILE)).read())
   out = features.extract(rundir.load_run(stage1), "train")
@@ -50,6 +51,15 @@ def test_group_dro_run_checkpoints_its_weights(tmp_path):
   tree, _ = rundir.load_state_tree(str(tmp_path))
   q = np.asarray(tree["loss_state"]["group_weights"])
   assert q.shape == (4,) and abs(q.sum() - 1) < 1e-5 and not np.allclose(q, 0.25)
+
+
+def test_lambda_up_is_the_authors_by_default():
+  up = lambda extra="": config_lib.load_config_file(
+      f"{CONFIG}:method=jtt,stage=upweight,identification=/tmp/w{extra}").data.upsample
+  assert (up().factor, up().copies) == (5, "authors")  # = the 6 copies of the earlier runs
+  assert (up(",copies=lambda,lambda_up=6").factor, up(",copies=lambda").copies) == (6, "lambda")
+  with pytest.raises(ValueError, match="copies must be one of"):
+    up(",copies=paper")
 
 
 def test_config_errors():

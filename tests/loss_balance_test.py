@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from vitreg_jax import config_lib
+from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax.baselines import group_dro
 from vitreg_jax.training import loss_balance
@@ -132,6 +133,81 @@ def test_an_exactly_zero_term_is_judged_later():
   check(50, {"div_grad_ratio": 0.3})
   assert not check.pending
   check(100, {"div_grad_ratio": 1e-12})  # judged once: no second verdict
+
+
+def test_a_term_that_stays_exactly_zero_is_refused_after_three_measurements():
+  # One unmasked head in the regularized block: DIV's pairwise sum is exactly 0, measured.
+  regs = [dict(name="div", weight=100.0, layers=(-1,), normalize=True, reduction="mean")]
+  config, model, state, batch = _setup(regs)
+  one_head = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+  balance = loss_balance.make_balance_fn(_objective(config, model), head_mask=one_head)
+  measured = jax.device_get(balance(state, batch))
+  assert measured["div"] == 0.0 and measured["div_grad_ratio"] == 0.0
+  check = loss_balance.BalanceCheck(balance.checked)
+  check(0, measured)
+  check(5, measured)   # the pre-update measurement and one log step: no verdict yet
+  with pytest.raises(loss_balance.ZeroTermError, match=r"exactly 0 at steps 0, 5, 10"):
+    check(10, measured)
+  assert issubclass(loss_balance.ZeroTermError, errors.UserError)
+
+
+def test_a_zero_initialized_head_turns_the_term_non_zero_after_one_update():
+  # The legitimate zero: under a zero-initialized classifier head the top logit does not
+  # depend on the input, so DIV is exactly 0 before the first update and not after it.
+  regs = [dict(name="div", weight=100.0, layers=(-1,), normalize=True, reduction="mean")]
+  config = config_lib.with_defaults(ml_collections.ConfigDict(dict(
+      model_name="vit", model=dict(TINY, head_zeroinit=True), regularizers=regs,
+      batch_size=4, total_steps=1, data=dict(name="dominoes"))))
+  model = steps.create_model(config, 2)
+  images, _ = _init()
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), images)["params"]
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
+                           model_state={}, rng=jax.random.PRNGKey(2))
+  batch = {"image": images, "label": jnp.array([0, 1, 1, 0])}
+  balance = loss_balance.make_balance_fn(_objective(config, model))
+  check = loss_balance.BalanceCheck(balance.checked)
+  before = jax.device_get(balance(state, batch))
+  assert before["div_grad_ratio"] == 0.0
+  check(0, before)
+
+  @jax.jit
+  def sgd_step(p):  # one plain cross-entropy update moves the head off zero
+    ce = lambda q: steps.soft_cross_entropy(model.apply({"params": q}, images)[0],
+                                            jax.nn.one_hot(batch["label"], 2))
+    return jax.tree_util.tree_map(lambda w, g: w - 0.5 * g, p, jax.grad(ce)(p))
+  after = jax.device_get(balance(state.replace(params=sgd_step(params)), batch))
+  assert after["div_grad_ratio"] > 0.0
+  check(1, after)
+  assert not check.pending  # judged (and kept): no refusal
+
+
+def test_a_div_block_with_one_unmasked_head_is_refused_before_any_step():
+  regs = [dict(name="div", weight=100.0, layers=(-1,), normalize=True, reduction="mean")]
+  config, model, _, _ = _setup(regs)
+  reg = _objective(config, model).regularizer
+  loss_balance.check_heads(reg, model, None)                        # 2 heads: fine
+  loss_balance.check_heads(reg, model, np.array([[1, 0], [1, 1]]))  # block 0 is not DIV's
+  with pytest.raises(errors.UserError, match=r"block 1 .* 1 unmasked head\(s\) of 2"):
+    loss_balance.check_heads(reg, model, np.array([[1, 1], [0, 1]]))
+  off = [dict(regs[0], weight=0.0)]  # a switched-off term is plain ERM, not a mistake
+  config_off, _, _, _ = _setup(off)
+  loss_balance.check_heads(_objective(config_off, model).regularizer, model,
+                           np.array([[1, 1], [0, 1]]))
+  # A one-head model: refused with no mask at all.
+  one = models.create("vit", 2, **dict(TINY, num_heads=1))
+  with pytest.raises(errors.UserError, match=r"1 unmasked head\(s\) of 1"):
+    loss_balance.check_heads(_objective(config, one).regularizer, one, None)
+
+
+def test_training_with_one_unmasked_head_under_div_fails_before_the_first_step(tmp_path):
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs/quickstart.py:runlocal,reg=div"))
+  config.head_eval = ""
+  config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2)
+  config.data.update(num_train=64, num_val=64, num_test=64)
+  config.head_mask = [[1, 1], [1, 0]]  # DIV's block (the last) keeps one head
+  with pytest.raises(errors.UserError, match="block 1 would be exactly 0 at every step"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()  # refused before the data or the workdir
 
 
 def test_other_regularizers_are_logged_not_refused():

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from vitreg_jax import errors
 from vitreg_jax.reports import __main__ as reports_main
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
@@ -207,10 +208,12 @@ def _head_eval(workdir, lines):
 
 def test_report_and_heads_table_are_one_table(tmp_path, capsys):
   # One implementation (tables.poster_table) behind the report's poster rows and `python -m
-  # vitreg_jax.heads --table`; Waterbirds' OOD is the mean group accuracy, worst group beside.
+  # vitreg_jax.heads --table`; Waterbirds' ID is the train-weighted mean accuracy, its OOD
+  # the mean group accuracy, worst group beside.
   from vitreg_jax.heads import __main__ as heads_main  # pylint: disable=g-import-not-at-top
   root = str(tmp_path)
   fig = lambda acc, wg: {"accuracy": acc, "mean_group_accuracy": acc - 0.05,
+                         "train_weighted_mean_accuracy": acc + 0.01,
                          "worst_group_accuracy": wg, "conflict_accuracy": wg}
   workdirs = []
   for seed, (acc, wg) in enumerate(((0.96, 0.80), (0.94, 0.70))):
@@ -229,6 +232,7 @@ def test_report_and_heads_table_are_one_table(tmp_path, capsys):
   rows = {(r[1], r[2].split(":")[0]): r for r in table.rows}
   erm, sel = rows[("ViT+ERM", "-")], rows[("ViT+ERM+SEL", "oracle")]
   # Step 100 (val mean-group 0.92 / 0.90 beats step 50's); OOD = test mean group accuracy.
+  np.testing.assert_allclose(erm[4][:2], (97.0, math.sqrt(2.0)))   # ID: not `accuracy` (96)
   np.testing.assert_allclose(erm[7][:2], (91.0, math.sqrt(2.0)))
   np.testing.assert_allclose(erm[10][:2], (76.0, math.sqrt(50.0)))   # worst group, own column
   np.testing.assert_allclose(sel[7][0], 93.0)                         # head 0 at step 100
@@ -236,3 +240,15 @@ def test_report_and_heads_table_are_one_table(tmp_path, capsys):
   assert rows[("ViT+ERM+SEL", "id_val")][8] == "-"                   # no poster figure
   assert heads_main.main(["--table", *workdirs]) == 0
   assert table.markdown() in capsys.readouterr().out
+  # The spread is labelled; --std=authors is their np.std (ddof 0): 90, 92 -> 1, not sqrt(2).
+  assert "sample std over runs (ddof=1)" in table.note
+  authors = tables_lib.poster_table(workdirs, std="authors")
+  erm_authors = {(r[1], r[2].split(":")[0]): r for r in authors.rows}[("ViT+ERM", "-")]
+  np.testing.assert_allclose(erm_authors[7][:2], (91.0, 1.0))
+  np.testing.assert_allclose(erm_authors[10][:2], (76.0, 5.0))
+  assert "ddof=0" in authors.note and "ddof=1" not in authors.note
+  assert heads_main.main(["--table", *workdirs, "--std=authors"]) == 0
+  assert authors.markdown() in capsys.readouterr().out
+  assert tables_lib.report_poster_table(groups, std="authors").rows == authors.rows
+  with pytest.raises(errors.UserError, match="--std must be one of"):
+    tables_lib.poster_table(workdirs, std="ddof0")

@@ -2,17 +2,27 @@ r"""JTT, "Just Train Twice" (Liu et al. 2021, ICML, Sec. 3, Algorithm 1): the er
 
 Stage 1 trains ERM for T steps (the identification model); its error set is the training
 examples it misclassifies, `E = {i : f_id(x_i) != y_i}`. Stage 2 trains a fresh model on the
-training set with every example of E repeated `lambda_up` times (the authors' code,
-anniesch/jtt, builds the upsampled index list the same way). Here stage 2 is the same config
-with `data.sampler='upsample'` and `data.upsample=dict(file=<stage 1>/jtt_error_set.json,
+training set with E upsampled: each example of E appears `lambda_up + 1` times per epoch by
+default, as the authors' code builds it (anniesch/jtt, `run_expt.py`, `main`: the training set
+concatenated with `lambda_up` more copies of E), or `lambda_up` times with
+`data.upsample['copies']='lambda'` (vitreg_jax/data/groups.py). Here stage 2 is the same
+config with `data.sampler='upsample'` and `data.upsample=dict(file=<stage 1>/jtt_error_set.json,
 factor=lambda_up)` (configs/baselines.py, `method=jtt`); the trainer writes the error set when
 it is missing, or run
 
   python -m vitreg_jax.jtt --workdir=STAGE1 [--step=N]
 
-The error set is computed on the train split with evaluation preprocessing (no augmentation),
-as the authors do. No group labels are used; the file records the groups of E only as a
-diagnostic (how much of E is minority groups). `ErrorSetHook` is the training loop's part
+How E is computed here, and how that differs from the authors: here E is the mistakes of one
+checkpoint (stage 1's last, or `--step`) evaluated after training, in evaluation mode
+(dropout off), over the train split once with evaluation preprocessing (no augmentation).
+The authors' E (`train.py`, `run_epoch`, whose training pass writes
+`output_train_epoch_{T}.csv`, read by `process_training.py`) is the *online* predictions of
+epoch T's training pass: each batch predicted in training mode (dropout on, BatchNorm batch
+statistics, training augmentation when `--augment_data`) just before that batch's update, so
+its examples are judged by models that differ along the epoch. The two sets agree when
+the model barely changes within an epoch and training-mode noise is small; they are not the
+same set. No group labels are used; the file records the groups of E only as a diagnostic
+(how much of E is minority groups). `ErrorSetHook` is the training loop's part
 (`ensure_error_set` before anything reads the data).
 """
 

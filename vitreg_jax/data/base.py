@@ -34,7 +34,7 @@ COMMON_OPTIONS = {
     'num_workers': 0,         # >0: grain worker processes (mp_prefetch) for heavy decoding.
     'mixup': None,            # Mixup/CutMix options (data/mixing.py), applied in the train step.
     'sampler': 'uniform',     # training order: 'uniform' | 'group_balanced' | 'upsample' (groups.py)
-    'upsample': None,         # sampler='upsample': dict(file=JSON with `indices`, factor=lambda_up)
+    'upsample': None,         # sampler='upsample': dict(file=, factor=, copies=) (groups.py)
 }
 
 Example = Mapping[str, Any]

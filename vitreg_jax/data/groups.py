@@ -19,8 +19,16 @@ resumed run sees exactly the stream of an uninterrupted one:
   `default_rng([seed, s, TAG])`, identical on every process; each process takes its slice.
 - `'upsample'`: JTT's upsampled training set (Liu et al. 2021, "Just Train Twice", Sec. 3):
   the examples listed in `data.upsample['file']` (JSON with an `indices` list into the train
-  split, as `vitreg_jax.baselines.jtt` writes it) appear `data.upsample['factor']` (lambda_up) times per
-  epoch, every other example once; each epoch is a fresh permutation of that list.
+  split, as `vitreg_jax.baselines.jtt` writes it) appear more often per epoch, every other
+  example once; each epoch is a fresh permutation of that list. How often, from
+  `data.upsample['factor']` (lambda_up) and `data.upsample['copies']`:
+  `'authors'` (default): `factor + 1` times, as the authors' code builds it (anniesch/jtt,
+  `run_expt.py`, `main`: `ConcatDataset([train_data, Subset(train_data, aug_indices *
+  up_weight)])`, the original plus `up_weight` copies), so `factor` is the lambda_up of
+  their commands and of Liu et al.'s App. B; `'lambda'`: `factor` times (the paper's
+  Algorithm 1 as written, the error set lambda_up times and every other example once, and
+  this package's meaning before; `factor=6` there equals `factor=5` here). The authors'
+  count is the default because configs/baselines.py uses their published lambda_up.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import numpy as np
 from vitreg_jax import errors
 
 SAMPLERS = ('uniform', 'group_balanced', 'upsample')
+UPSAMPLE_COPIES = ('authors', 'lambda')  # data.upsample['copies'] (module docstring)
+UPSAMPLE_KEYS = ('file', 'factor', 'copies', 'step')
 _BALANCED_TAG = 0x6B41  # separates the balanced draws from the permutations' streams
 _UPSAMPLE_TAG = 0x7A77
 
@@ -131,22 +141,23 @@ class GroupBalancedOrder:
 
 
 class UpsampleOrder:
-  """JTT's upsampled epochs: position -> `(epoch * factor + copy) * n + example`."""
+  """JTT's upsampled epochs: each of `indices` `repeats` times per epoch, every other example
+  once; position -> `(epoch * repeats + copy) * n + example` (each copy its own augmentation
+  index)."""
 
-  def __init__(self, n: int, indices: Sequence[int], factor: int, seed: int):
+  def __init__(self, n: int, indices: Sequence[int], repeats: int, seed: int):
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
       raise errors.UserError(f'Upsampled indices must lie in [0, {n}) (the train split), got '
                        f'{indices.min()}..{indices.max()}.')
-    factor = int(factor)
-    if factor < 1:
-      raise errors.UserError(
-          f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
-    extra = np.repeat(indices, factor - 1)
-    copies = np.concatenate([np.arange(1, factor)] * len(indices)) if len(indices) else []
+    repeats = int(repeats)
+    if repeats < 1:
+      raise errors.UserError(f'Each upsampled example must appear at least once, got {repeats}.')
+    extra = np.repeat(indices, repeats - 1)
+    copies = np.concatenate([np.arange(1, repeats)] * len(indices)) if len(indices) else []
     self._table = np.concatenate([np.arange(n), extra]).astype(np.int64)
     self._copy = np.concatenate([np.zeros(n, np.int64), np.asarray(copies, np.int64)])
-    self._n, self._factor, self._seed, self._perms = n, factor, int(seed), {}
+    self._n, self._repeats, self._seed, self._perms = n, repeats, int(seed), {}
 
   def __len__(self) -> int:
     return len(self._table)
@@ -159,22 +170,46 @@ class UpsampleOrder:
           len(self._table))
       self._perms = {epoch: perm}
     k = perm[k]
-    return (epoch * self._factor + int(self._copy[k])) * self._n + int(self._table[k])
+    return (epoch * self._repeats + int(self._copy[k])) * self._n + int(self._table[k])
+
+
+def upsample_repeats(upsample) -> int:
+  """How many times each listed example appears per epoch under `data.upsample` (`factor`
+  and `copies`, module docstring).
+
+  Raises:
+    errors.UserError: an unknown key or `copies`, or a `factor` below 1.
+  """
+  unknown = sorted(set(dict(upsample)) - set(UPSAMPLE_KEYS))
+  if unknown:
+    raise errors.UserError(
+        f'Unknown data.upsample key(s) {unknown}; valid: {list(UPSAMPLE_KEYS)}.')
+  copies = upsample.get('copies') or 'authors'
+  if copies not in UPSAMPLE_COPIES:
+    raise errors.UserError(f"Unknown data.upsample['copies'] {copies!r}; valid: "
+                           f"{list(UPSAMPLE_COPIES)} ('authors': factor + 1 appearances).")
+  factor = upsample.get('factor')
+  factor = 1 if factor is None else int(factor)
+  if factor < 1:
+    raise errors.UserError(f"data.upsample['factor'] (lambda_up) must be >= 1, got {factor}.")
+  return factor + 1 if copies == 'authors' else factor
 
 
 def read_upsample(upsample) -> tuple[list, int]:
-  """`(indices, factor)` of `data.upsample` = dict(file=JSON with `indices`, factor=L)."""
+  """`(indices, repeats)` of `data.upsample` = dict(file=JSON with `indices`, factor=L,
+  copies='authors' | 'lambda'): `repeats` from `upsample_repeats`."""
   if not upsample or not upsample.get('file'):
     raise errors.UserError(
         "data.sampler='upsample' needs data.upsample=dict(file=PATH, factor=L): PATH a JSON "
         "with an `indices` list (`python -m vitreg_jax.jtt` writes it as "
         "WORKDIR/jtt_error_set.json).")
+  repeats = upsample_repeats(upsample)
   path = epath.Path(upsample['file'])
   if not path.exists():
     raise errors.PathNotFoundError(
         f'{path} not found: write the error set of the identification run '
         'with `python -m vitreg_jax.jtt --workdir=RUN`.')
-  return list(json.loads(path.read_text())['indices']), int(upsample.get('factor') or 1)
+  return list(json.loads(path.read_text())['indices']), repeats
 
 
 def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: int):
@@ -190,6 +225,6 @@ def make_order(cfg: dict, source: Sequence, info, *, seed: int, global_batch: in
   if sampler == 'group_balanced':
     return GroupBalancedOrder(group_ids(source, info), seed, global_batch)
   if sampler == 'upsample':
-    indices, factor = read_upsample(cfg.get('upsample'))
-    return UpsampleOrder(len(source), indices, factor, seed)
+    indices, repeats = read_upsample(cfg.get('upsample'))
+    return UpsampleOrder(len(source), indices, repeats, seed)
   return None

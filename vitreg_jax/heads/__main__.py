@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
                  help="--table: 'authors' (step and head chosen on validation, as the "
                       "authors' get_experiment_summary) or 'final' (the final checkpoint)")
+  p.add_argument("--std", default="sample", choices=sorted(summary.STDS),
+                 help="--table: the spread over runs, 'sample' (ddof=1) or 'authors' (ddof=0, "
+                      "the np.std of their scripts/reporting.py); the table's note names it")
   p.add_argument("--rules_module", action="append", default=[], metavar="MODULE",
                  help="import MODULE first, so that the rules it registers can be named")
   p.add_argument("--no_progress", action="store_true")
@@ -61,7 +64,8 @@ def _import_rule_modules(argv) -> None:
 
 def _table(args) -> int:
   rule_names = tuple(args.select.split(",")) if args.select else summary.TABLE_RULES
-  table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names)
+  table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names,
+                              std=args.std)
   if table is None:
     raise errors.UserError("none of these runs has evaluations to tabulate.")
   table = table.markdown()

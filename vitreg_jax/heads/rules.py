@@ -268,8 +268,9 @@ def _id_conflict(ctx: Context) -> Choice | None:
 
 
 def _id_val(ctx: Context) -> Choice | None:
-  return best_of(ctx.table.where(kinds=("full", "alone")), ctx.roles.val_id,
-                 ctx.roles.id_metric)
+  # Plain accuracy, not `roles.id_metric`: Waterbirds' ID figure weights the groups by the
+  # training proportions, which needs the split's group labels; this rule reads none.
+  return best_of(ctx.table.where(kinds=("full", "alone")), ctx.roles.val_id, "accuracy")
 
 
 def _worst_group(ctx: Context) -> Choice | None:

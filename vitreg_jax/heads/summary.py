@@ -12,7 +12,8 @@ Ties go to the earliest epoch, then the lowest head, as their `idxmax` / `argmax
 Here an "epoch" is an evaluation step (the poster configs evaluate once per epoch, as the
 authors' `run_training` does; the quickstart three times per run). `STATISTICS`: `authors`
 (above, the default) or `final` (every figure at the last evaluation: the final checkpoint,
-one flag away).
+one flag away). The spread over runs (`STDS`): `sample` (ddof 1, the default) or `authors`
+(ddof 0, the `np.std` of their `compute_overview_all_runs`); tables name theirs.
 
 The +SEL rows' rules are those of heads/rules.py (`TABLE_RULES` by default: `oracle`, the
 authors' BEST HEAD and the ceiling; `id_conflict`; `id_val`), each choosing among the full
@@ -36,9 +37,20 @@ from vitreg_jax.roles import Roles
 HEAD_EVAL_FILE = "heads_eval.jsonl"
 
 STATISTICS = ("authors", "final")
+# The spread over runs (`--std`): name -> (numpy's ddof, how a table's note names it). The
+# authors' scripts/reporting.py (`compute_overview_all_runs`) calls `np.std`: ddof=0.
+STDS = {"sample": (1, "sample std over runs (ddof=1)"),
+        "authors": (0, "population std over runs (ddof=0, the authors' np.std)")}
 # The +SEL rows of the poster table, by default (any rule that needs no mask evaluation can
 # be named instead: `rules.names(records=True)`).
 TABLE_RULES = ("oracle", "id_conflict", "id_val")
+
+
+def spread(std: str) -> tuple[int, str]:
+  """`STDS[std]`, or a UserError naming the valid names."""
+  if std not in STDS:
+    raise errors.UserError(f"--std must be one of {sorted(STDS)}, got {std!r}.")
+  return STDS[std]
 
 
 def read_head_eval(workdir: str) -> list[dict]:

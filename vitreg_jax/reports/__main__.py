@@ -17,8 +17,10 @@ Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tabl
   same layout), the same table as `python -m vitreg_jax.heads --table`: ID and OOD accuracy
   per method (ViT+ERM, ViT+DIV) and per selection rule (+SEL: oracle, id_conflict, id_val),
   in the authors' statistics from each run's heads_eval.jsonl (`--statistic=final`: the final
-  checkpoint); Waterbirds' OOD column is the mean group accuracy, the worst group in its own
-  column; the poster's figure beside ours with the difference.
+  checkpoint); Waterbirds' ID column is the train-weighted mean accuracy and its OOD column the
+  mean group accuracy (roles.py), the worst group in its own column; the poster's figure
+  beside ours with the difference; its spread the sample std (`--std=authors`: ddof 0, the
+  authors' `np.std`).
 - `baselines`: head selection beside the spurious-correlation baselines on one dataset: ERM,
   DIV, +SEL, DFR, DFR+SEL, GroupDRO and JTT, each at the level of information it uses, with
   ID, train-weighted mean and worst-group accuracy and the published Waterbirds figures
@@ -50,13 +52,13 @@ from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
 
 
-def write_report(paths, out: str, target=None, target_split=None, statistic="authors"
-                 ) -> tuple[str, list]:
+def write_report(paths, out: str, target=None, target_split=None, statistic="authors",
+                 std="sample") -> tuple[str, list]:
   """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
   runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
   groups = runs_lib.group_runs(runs)
   tables = [t for t in [baselines.baselines_table(groups)] if t is not None]
-  tables += tables_lib.build_tables(groups, target, target_split, statistic)
+  tables += tables_lib.build_tables(groups, target, target_split, statistic, std)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   labels = {r.workdir: g.label + (f" s{r.seed}" if len(g.runs) > 1 else "")
@@ -90,12 +92,15 @@ def main(argv=None) -> int:
   parser.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
                       help="poster table: 'authors' (evaluation and head chosen on validation,"
                            " the authors' get_experiment_summary) or 'final' (final checkpoint)")
+  parser.add_argument("--std", default="sample", choices=sorted(summary.STDS),
+                      help="poster table: the spread over runs, 'sample' (ddof=1) or 'authors'"
+                           " (ddof=0, the np.std of their scripts/reporting.py)")
   args = parser.parse_args(argv)
   if args.target is not None and not 0 < args.target <= 1:
     parser.error(f"--target is an accuracy in (0, 1], got {args.target}.")
   with errors.exit_on_user_error():  # A mistake is one line; a bug keeps its traceback.
     text, _ = write_report(args.workdirs, args.out, args.target, args.target_split,
-                           args.statistic)
+                           args.statistic, args.std)
   print(text)
   print(f"Written to {args.out}/ (report.md, *.csv, curves_*.png)")
   return 0

@@ -28,11 +28,12 @@ from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports.runs import Run
 
 
-def mean_std(values, scale=100.0) -> tuple[float | None, float | None, int]:
+def mean_std(values, scale=100.0, ddof: int = 1) -> tuple[float | None, float | None, int]:
+  """`(mean, std with ddof (None below two values), n)` of `values * scale`."""
   if not values:
     return None, None, 0
   v = np.asarray(values, np.float64) * scale
-  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None), len(v)
+  return float(v.mean()), (float(v.std(ddof=ddof)) if len(v) > 1 else None), len(v)
 
 
 def fmt(mean, std=None, n=None) -> str:
@@ -301,18 +302,21 @@ def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
 
 
 def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
-                 rules: Sequence[str] = summary.TABLE_RULES, labels: dict | None = None
-                 ) -> Table | None:
+                 rules: Sequence[str] = summary.TABLE_RULES, labels: dict | None = None,
+                 std: str = "sample") -> Table | None:
   """The head-diversity poster's Tables 1-2, ours beside theirs: the one implementation that
   `python -m vitreg_jax.heads --table` and `python -m vitreg_jax.reports` print.
 
   `statistic='authors'` (default): ERM / DIV rows at the evaluation with the best OOD
   validation accuracy of the full model, +SEL rows at each rule's (evaluation, head) choice,
   tested there (heads/summary.py; the authors' scripts/reporting.py, `get_experiment_summary`).
-  `'final'`: every row at the last evaluation (the final checkpoint). OOD = accuracy on the
-  OOD test split; Waterbirds: the mean of the group accuracies of `test` (roles.py), with the
-  worst group in its own column. Mean ± sample std over runs, in percent.
+  `'final'`: every row at the last evaluation (the final checkpoint). ID / OOD = accuracy on
+  the ID / OOD test split; Waterbirds: the train-weighted mean and the mean of the group
+  accuracies of `test` (`roles.split_roles`), with the worst group in its own column. Mean ±
+  std over runs, in percent: `std='sample'` (ddof 1, default) or `'authors'` (ddof 0, their
+  `np.std`); the note says which.
   """
+  ddof = summary.spread(std)[0]
   data = poster_rows(workdirs, statistic=statistic, rules=rules, labels=labels)
   if not data["rows"]:
     return None
@@ -328,44 +332,45 @@ def poster_table(workdirs: Sequence[str], *, statistic: str = "authors",
     method, dataset = row["method"], row["dataset"]
     paper = papers.POSTER.get(dataset, {}).get(method) if rule in ("full", "oracle") else None
     (pid, pood) = paper if paper else ((None, None), (None, None))
-    ours_id, ours_ood = _stat(row["id"]), _stat(row["ood"])
+    ours_id, ours_ood = _stat(row["id"], ddof), _stat(row["ood"], ddof)
     name = label if rule == "full" else label + "+SEL"
     rows.append([dataset, name, f"{rule}: {rules_lib.get(rule).reads}" if rule != "full" else "-",
                  len(row["workdirs"]), ours_id, fmt(*pid), diff(ours_id[0], pid[0]),
                  ours_ood, fmt(*pood), diff(ours_ood[0], pood[0])]
-                + ([_stat(row["worst_group"])] if waterbirds else [])
+                + ([_stat(row["worst_group"], ddof)] if waterbirds else [])
                 + [",".join("-" if s is None else str(s) for s in row["steps"])])
   return Table("poster", "Head diversity (poster Tables 1-2)", header, rows,
                [runs_lib.load(w) for w in dict.fromkeys(w for r in data["rows"].values()
                                                          for w in r["workdirs"])],
-               _poster_note(statistic, data["missing"], waterbirds))
+               _poster_note(statistic, data["missing"], waterbirds, std))
 
 
-def _stat(values):
-  finite = [v for v in values if v is not None and np.isfinite(v)]
-  return mean_std(finite, scale=1.0)
+def _stat(values, ddof: int = 1):
+  return mean_std([v for v in values if v is not None and np.isfinite(v)], 1.0, ddof)
 
 
-def _poster_note(statistic: str, missing: list, waterbirds: bool) -> str:
+def _poster_note(statistic: str, missing: list, waterbirds: bool, std: str = "sample") -> str:
   chosen = ("the authors' statistic (scripts/reporting.py, `get_experiment_summary`): ERM / "
             "DIV rows at the evaluation with the best OOD-validation accuracy of the full "
             "model; +SEL rows at each rule's (evaluation, head) choice, tested there (the "
             "oracle row is the authors' BEST HEAD, the ceiling)"
             if statistic == "authors" else
             "FINAL CHECKPOINT (not the authors' statistic): every row at the last evaluation")
-  note = (f"Test splits, mean ± std over runs; {chosen}. Poster figures beside the ERM / DIV "
-          "and oracle rows only (the poster has no other rules).")
+  note = (f"Test splits, mean ± {summary.spread(std)[1]}; {chosen}. Poster figures beside the ERM / "
+          "DIV and oracle rows only (the poster has no other rules; its ± is undefined).")
   if waterbirds:
-    note += (" Waterbirds: OOD = mean of the four group accuracies of `test` (accuracy with "
-             "the background independent of the label, as the authors' OOD test split is); "
-             "worst-group in its own column.")
+    note += (" Waterbirds (roles.py): ID = `test`'s group accuracies weighted as the training "
+             "groups (the training distribution, as the authors' ID test split), OOD = their "
+             "plain mean (the background independent of the label, as their OOD test split);"
+             " worst-group in its own column.")
   if missing:
     note += (f" {len(missing)} run(s) without heads_eval.jsonl (train with "
              "config.head_eval='-1'): full-model rows only, from metrics.jsonl.")
   return note
 
 
-def report_poster_table(groups, statistic: str = "authors") -> Table | None:
+def report_poster_table(groups, statistic: str = "authors", std: str = "sample"
+                        ) -> Table | None:
   """`poster_table` over the report's ViT groups on the poster's datasets (dominoes too); a
   method with several groups (e.g. a lambda sweep) gets one row per group."""
   groups = [g for g in groups if g.config.get("model_name") == "vit"
@@ -378,13 +383,14 @@ def report_poster_table(groups, statistic: str = "authors") -> Table | None:
   labels = {r.workdir: (papers.method(g.config) if len(per_method[papers.method(g.config)]) == 1
                         else f"{papers.method(g.config)} [{g.label}]")
             for g in groups for r in g.runs}
-  return poster_table(list(labels), statistic=statistic, labels=labels)
+  return poster_table(list(labels), statistic=statistic, labels=labels, std=std)
 
 
-def build_tables(groups, target=None, target_split=None, statistic: str = "authors"
-                 ) -> list[Table]:
-  """The report's tables of `groups` (those that apply to them), the runs table last."""
-  tables = [report_poster_table(groups, statistic), arvit_table(groups),
+def build_tables(groups, target=None, target_split=None, statistic: str = "authors",
+                 std: str = "sample") -> list[Table]:
+  """The report's tables of `groups` (those that apply), the runs table last; `std`: the
+  poster table's spread (`summary.STDS`)."""
+  tables = [report_poster_table(groups, statistic, std), arvit_table(groups),
             how_vits_work_table(groups),
             runs_table(groups, target, target_split)]
   return [t for t in tables if t is not None]
