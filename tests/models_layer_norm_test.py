@@ -3,7 +3,6 @@ LayerNorm call, intercepted, equals a hand-written LayerNorm with that epsilon; 
 configs that build the head-diversity authors' PyTorch model use PyTorch's 1e-5."""
 
 import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
