@@ -13,6 +13,7 @@ ViT vs ResNet vs AlterNet (Fig. 12), the GAP vs CLS classifier ("GAP improves ac
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=resnet --workdir=/runs/r50
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=resnet,smoothing \
       --workdir=/runs/r50_smooth
+  python -m vitreg_jax.main --config=configs/how_vits_work.py:model=preresnet --workdir=/runs/pr50
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=alternet,robustness \
       --workdir=/runs/alternet
   python -m vitreg_jax.main --config=configs/how_vits_work.py:model=vit,train_split=train[:6%] \
@@ -22,7 +23,10 @@ ViT vs ResNet vs AlterNet (Fig. 12), the GAP vs CLS classifier ("GAP improves ac
 
 Arguments (`:key=value,...`):
   model         'vit' (ViT-Ti, patch 2: a 16 x 16 grid on 32 px, the authors' CIFAR ViT) |
-                'resnet' (pre-activation ResNet-50, CIFAR stem) | 'alternet' (Alter-ResNet-50,
+                'resnet' (the authors' post-activation ResNet-50, CIFAR stem: what the slides
+                compare with; their models/resnet.py, `dnn_50`, `get_model('resnet_50')`) |
+                'preresnet' (pre-activation ResNet-50, their models/preresnet.py; this
+                config's `resnet` before, AlterNet's backbone) | 'alternet' (Alter-ResNet-50,
                 Fig. 11, with the authors' MSA block `AttentionBlockB`, models/alternet.py;
                 windows of 4 x 4: the authors' default window 7 does not divide the 16 x 16,
                 8 x 8 and 4 x 4 maps of the MSA stages at 32 px, and their CIFAR config
@@ -34,14 +38,16 @@ Arguments (`:key=value,...`):
                 so 8 is the global MSA of the slides' "8 x 8 kernel (Global MSA)"; 3, 5 the
                 local ones) unless `patch` says otherwise.
   patch         ViT patch size; 0 (default): 2, or 4 with a local window.
-  depth         ResNet depth (50 default; 18 for a quick baseline).
-  smoothing     ResNet / AlterNet: the slides' "applying spatial smoothing at the end of a stage
-                improves accuracy": the authors' blur block (models/smoothing_block.py,
-                `TanhBlurBlock`: 10 tanh(x / 10), ReLU, 2x2 average pool with stride 1) after
-                every stage, as their `num_sblocks=(1, 1, 1, 1)` (models/resnet.py). The ResNet
-                pads as theirs (each smoothed map grows by one pixel); AlterNet keeps the map
-                size (`smoothing_padding='same'`) so its 4 x 4 windows still tile the maps
-                (their AlterNet has no smoothing option).
+  depth         ResNet / PreResNet depth (50 default; 18 for a quick baseline).
+  smoothing     CNNs: the slides' "applying spatial smoothing at the end of a stage improves
+                accuracy": the authors' blur block (models/smoothing_block.py,
+                `TanhBlurBlock`: 10 tanh(x / 10), ReLU, 2x2 average pool with stride 1) placed
+                as theirs: after every stage of the post-activation `resnet`
+                (models/resnet.py, `num_sblocks=(1, 1, 1, 1)`), after every stage but the
+                last of the pre-activation `preresnet` and AlterNet (models/preresnet.py,
+                `(1, 1, 1, 0)`). The ResNets pad as theirs (each smoothed map grows by one
+                pixel); AlterNet keeps the map size (`smoothing_padding='same'`) so its 4 x 4
+                windows still tile the maps (their AlterNet has no smoothing option).
   dataset       'cifar100' (default) | 'cifar10'.
   train_split   'train' (default) or a slice in TFDS syntax for the small-data runs, e.g.
                 `train_split=train[:6%]` (the "6% dataset" of Fig. 4; the first 6% of TFDS's
@@ -53,6 +59,9 @@ Arguments (`:key=value,...`):
   seed          run seed.
   runlocal      10 steps, batch 8, narrow 2-block ViT / ResNet-18 width 16 / small AlterNet.
 
+Earlier workdirs of `model=resnet` (before the post-activation ResNet, issue 26) hold a
+pre-activation ResNet: set `model_name` to 'preresnet' in their config.json to read them.
+
 Recipe: the authors' (the slides give none). Source: xxxnell/how-do-vits-work,
 `configs/cifar100_vit.yaml` ("the configuration ... mostly used in the paper ... for both
 CNNs and ViTs"; `cifar10_vit.yaml` for CIFAR-10), the same for every model: AdamW, lr 1.25e-4,
@@ -63,8 +72,9 @@ Mixup (alpha 1.0) or CutMix (alpha 0.8) on every batch (`vitreg_jax/data/mixing.
 normalization with the CIFAR mean/std of their configs; the ViT with patch 2 and stochastic
 depth 0.1 and no q/k/v bias (timm's `VisionTransformer(qkv_bias=False)` in their code).
 Differences that remain: their warmup epochs come before the 300 cosine epochs
-(here the 5 are inside the 300), and stochastic depth 0.1 is applied to the ViT and to AlterNet's MSA blocks only (our
-`resnet` and AlterNet's conv blocks have none).
+(here the 5 are inside the 300), and stochastic depth 0.1 is applied to the ViT and to
+AlterNet's MSA blocks only (the ResNets and AlterNet's conv blocks have none; their ResNet's
+`sd` is 0 too).
 
 The Hessian, Fourier and noise analyses are commands over a trained run's workdir
 (`python -m vitreg_jax.analysis.hessian --workdir=DIR`, docs/analysis.md), not configs.
@@ -72,7 +82,7 @@ The Hessian, Fourier and noise analyses are commands over a trained run's workdi
 
 from vitreg_jax import config_lib
 
-MODELS = ("vit", "resnet", "alternet")
+MODELS = ("vit", "resnet", "preresnet", "alternet")
 CLASSIFIERS = ("token", "gap")
 DATASETS = ("cifar100", "cifar10")
 
@@ -102,8 +112,8 @@ def get_config(arg=None):
     raise ValueError("classifier, local_window and patch apply to model=vit only "
                      f"(got model={arg.model!r}).")
   if arg.smoothing and arg.model == "vit":
-    raise ValueError("smoothing applies to model=resnet or model=alternet (a blur after every "
-                     "CNN stage), not the ViT.")
+    raise ValueError("smoothing applies to model=resnet, preresnet or alternet (a blur at "
+                     "the end of CNN stages), not the ViT.")
   if arg.local_window < 0:
     raise ValueError(f"local_window must be 0 (global) or a window size k > 0, got "
                      f"{arg.local_window}.")
@@ -117,7 +127,7 @@ def get_config(arg=None):
     config.model = dict(variant=f"Ti/{patch}", classifier=arg.classifier, posemb="learn",
                         local_window=arg.local_window or None, drop_path=0.1,
                         qkv_bias=False)  # timm VisionTransformer(qkv_bias=False) in their code.
-  elif arg.model == "resnet":
+  elif arg.model in ("resnet", "preresnet"):
     config.model = dict(depth=arg.depth, stem="cifar")
   else:
     # Alter-ResNet-50 (CCC | CCCM | CMCMCM | CMCM) with the authors' MSA block; window 4, since
@@ -147,7 +157,7 @@ def get_config(arg=None):
     if arg.model == "vit":
       config.model = dict(config.model.to_dict(), variant=None, patch_size=4, width=48,
                           depth=2, num_heads=3, mlp_dim=96)
-    elif arg.model == "resnet":
+    elif arg.model in ("resnet", "preresnet"):
       config.model = dict(depth=18, stem="cifar", width=16)
     else:
       config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),

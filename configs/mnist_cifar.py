@@ -52,9 +52,10 @@ bias, CLS token, learned position embedding: 506,306 parameters, as theirs. Thei
 head_init='pytorch'`) because with a zero head the top logit does not depend on the input, so
 DIV's input gradients, its value and its parameter gradients are exactly zero at step 0 and the
 regularizer only starts once cross-entropy has moved the head. The MLP's GELU is exact, as
-PyTorch's (`gelu_approximate=False`). Remaining differences, kept as in the rest of the
-library: their position embedding and CLS token start from N(0, 1) (ours N(0, 0.02) and
-zeros) and their LayerNorm eps is 1e-5 (ours 1e-6).
+PyTorch's (`gelu_approximate=False`), and every LayerNorm has PyTorch's eps 1e-5
+(`layer_norm_eps=1e-5`: their `PreNorm` and `mlp_head` use `nn.LayerNorm(dim)`; flax's default
+is 1e-6). Remaining difference, kept as in the rest of the library: their position embedding
+and CLS token start from N(0, 1) (ours N(0, 0.02) and zeros).
 """
 
 from vitreg_jax import config_lib
@@ -73,7 +74,7 @@ PAPER_WEIGHT_FACTOR = 10.0
 # The authors' MNIST-CIFAR ViT (module docstring): 506,306 parameters with 2 classes.
 AUTHORS_MODEL = dict(patch_size=4, width=64, depth=6, num_heads=4, head_dim=64, mlp_dim=128,
                      qkv_bias=False, classifier="token", posemb="learn", head_zeroinit=False,
-                     head_init="pytorch", gelu_approximate=False,
+                     head_init="pytorch", gelu_approximate=False, layer_norm_eps=1e-5,
                      **config_lib.AUTHORS_ARCHITECTURE)
 
 

@@ -11,11 +11,14 @@ Arguments (`--config=configs/quickstart.py:steps=200,reg=div`): `steps`, `reg` (
 'div', the head-diversity regularizer on the last block), `div_weight` (DIV's weight),
 `seed`, `eval_examples` (examples per validation and test split; 0 = the dataset's 2000),
 `runlocal` (a 30-step smoke run), `seeds` (the sweep's number of seeds, below), `model` ('vit', default, 'resnet': a narrow
-pre-activation ResNet-18, or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
+ResNet-18, post-activation as the "How do ViTs work?" authors' (models/resnet.py; as `resnet`
+everywhere in this library), 'preresnet': the same pre-activation (this config's `resnet` before
+issue 26), or 'alternet': a small AlterNet (ResNet bottleneck stages 1-2-2-2
 of width 16 whose stages 2-4 end in an MSA block, 2 x 2 windows, which tile the 16 x 8 ... 4 x 2
 maps), to contrast with the ViT in the analyses of docs/analysis.md; `reg=div` needs the ViT),
-`smoothing` (resnet / alternet: the authors' spatial-smoothing block after every stage,
-models/resnet.py). `residual` (keep the residual around the last block's attention).
+`smoothing` (CNNs: the authors' spatial-smoothing block at stage ends, placed as theirs: every
+stage of `resnet`, every stage but the last of `preresnet` / `alternet`; models/resnet.py).
+`residual` (keep the residual around the last block's attention).
 
 The ViT is the head-diversity authors' architecture: no residual around the last block's
 attention, in ERM and DIV alike (ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py,
@@ -50,16 +53,17 @@ def get_config(arg=None):
   if arg.model == "vit":
     config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=4,
                         classifier="token", posemb="learn", last_attn_residual=arg.residual)
-  elif arg.model == "resnet":
+  elif arg.model in ("resnet", "preresnet"):
     config.model = dict(depth=18, width=16, stem="cifar")
   elif arg.model == "alternet":
     config.model = dict(stem="cifar", width=16, blocks_per_stage=(1, 2, 2, 2),
                         msa_per_stage=(0, 1, 1, 1), head_dim=8, msa_window=2)
   else:
-    raise ValueError(f"model must be 'vit', 'resnet' or 'alternet', got {arg.model!r}.")
+    raise ValueError("model must be 'vit', 'resnet', 'preresnet' or 'alternet', got "
+                     f"{arg.model!r}.")
   if arg.smoothing:
     if arg.model == "vit":
-      raise ValueError("smoothing applies to model=resnet or model=alternet, not the ViT.")
+      raise ValueError("smoothing applies to model=resnet, preresnet or alternet, not the ViT.")
     # AlterNet's windows must tile the maps: keep their size ('same'; models/alternet.py).
     config.model = dict(config.model, smoothing=True,
                         smoothing_padding="same" if arg.model == "alternet" else "authors")

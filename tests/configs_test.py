@@ -40,7 +40,8 @@ ARVIT_DATASETS = ["imagenet_rotation", "cifar10", "cifar100", "oxford_flowers102
 # (config file, argument) pairs that must load, build and trace.
 CASES = (
     [("quickstart", None), ("quickstart", "reg=div"), ("quickstart", "model=alternet"),
-     ("quickstart", "model=resnet,smoothing"), ("quickstart", "model=alternet,smoothing")]
+     ("quickstart", "model=resnet,smoothing"), ("quickstart", "model=alternet,smoothing"),
+     ("quickstart", "model=preresnet,smoothing")]
     + [("mnist_cifar", a) for a in ("reg=erm", "reg=div", "reg=div,div=code", "runlocal",
                                     "reg=div,runlocal")]
     + [("waterbirds", a) for a in ("reg=erm", "reg=div,variant=S/16", "reg=div,div=code",
@@ -63,7 +64,8 @@ CASES = (
         "model=resnet,depth=18,dataset=cifar10", "model=alternet", "model=alternet,robustness",
         "model=vit,runlocal", "model=resnet,runlocal", "model=alternet,runlocal",
         "model=vit,train_split=train[:6%]", "model=vit,patch=4", "model=resnet,smoothing",
-        "model=alternet,smoothing", "model=alternet,smoothing,runlocal")]
+        "model=alternet,smoothing", "model=alternet,smoothing,runlocal", "model=preresnet",
+        "model=preresnet,smoothing,runlocal")]
     + [("optimizer_study", a) for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw,lr=3e-3,wd=0",
         "model=resnet,opt=adam,data=cifar100", "model=vit,opt=sam,data=cifar100,runlocal")]
@@ -337,8 +339,13 @@ def test_how_vits_work_variants():
   smooth = get_config("how_vits_work", "model=alternet,smoothing")
   assert smooth.model.smoothing_padding == "same"   # its 4 x 4 windows must tile the maps
   build(smooth)
-  with pytest.raises(ValueError, match="smoothing applies to model=resnet or model=alternet"):
+  with pytest.raises(ValueError, match="smoothing applies to model=resnet, preresnet or alternet"):
     get_config("how_vits_work", "model=vit,smoothing")
+  # 'resnet' is the authors' post-activation ResNet-50, 'preresnet' the pre-activation one.
+  post, *_ = build(get_config("how_vits_work", "model=resnet"))
+  pre, *_ = build(get_config("how_vits_work", "model=preresnet,smoothing"))
+  assert (type(post).__name__, post.depth, post.stem) == ("ResNet", 50, "cifar")
+  assert (type(pre).__name__, pre.depth, pre.smoothing) == ("PreResNet", 50, True)
 
 
 # ----------------------------------------------------------------------- runlocal
@@ -374,7 +381,8 @@ def test_runlocal_shrinks_the_run(name, arg):
     ("arvit", "dataset=imagenet", r"dataset must be one of .*'imagenette'"),
     ("arvit", "impl=torch", r"impl must be one of \['paper', 'code'\]"),
     ("arvit_r1", "variant=R2-1", r"variant must be one of"),
-    ("how_vits_work", "model=swin", r"model must be one of \('vit', 'resnet', 'alternet'\)"),
+    ("how_vits_work", "model=swin",
+     r"model must be one of \('vit', 'resnet', 'preresnet', 'alternet'\)"),
     ("how_vits_work", "classifier=cls", r"classifier must be one of"),
     ("how_vits_work", "data_fraction=0.06", r"Unknown config argument 'data_fraction'"),
     ("baselines", "method=irm", r"method must be one of"),

@@ -62,7 +62,7 @@ SLOW_CASES = (
     + [("how_vits_work", a + ",runlocal") for a in (
         "model=vit,classifier=gap", "model=vit,local_window=3", "model=resnet",
         "model=alternet", "model=resnet,robustness,dataset=cifar10",
-        "model=resnet,smoothing")]
+        "model=resnet,smoothing", "model=preresnet,smoothing")]
     + [("optimizer_study", a + ",runlocal") for a in (
         "model=vit,opt=sgd", "model=resnet,opt=sam", "model=vit,opt=adamw",
         "model=resnet,opt=adam", "model=vit,opt=sam,data=cifar100")]

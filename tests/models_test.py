@@ -46,7 +46,8 @@ def test_vit_variants_and_arvit_baseline_geometry():
 
 
 def test_create_fails_fast_with_valid_choices():
-  with pytest.raises(ValueError, match=r"valid names: \['alternet', 'arvit', 'resnet', 'vit'\]"):
+  with pytest.raises(ValueError,
+                     match=r"valid names: \['alternet', 'arvit', 'preresnet', 'resnet', 'vit'\]"):
     models.create('vitt', 10)
   with pytest.raises(ValueError, match=r"Unknown field\(s\) \['widht'\].*'variant'"):
     models.create('vit', 10, variant='Ti/16', widht=3)

@@ -12,13 +12,15 @@ import flax.linen as nn
 from vitreg_jax import errors
 from vitreg_jax.models.alternet import AlterNet
 from vitreg_jax.models.arvit import ARViT
+from vitreg_jax.models.preresnet import PreResNet
 from vitreg_jax.models.resnet import ResNet
 from vitreg_jax.models.vit import ViT
 
 MODELS = {
     'vit': ViT,
     'arvit': ARViT,
-    'resnet': ResNet,
+    'resnet': ResNet,          # the authors' post-activation ResNet
+    'preresnet': PreResNet,    # pre-activation (AlterNet's backbone)
     'alternet': AlterNet,
 }
 

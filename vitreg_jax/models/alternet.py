@@ -25,11 +25,18 @@ MSA block, `msa_block='authors'` (default): the authors' `AttentionBlockB`
 `x + Conv1x1_{4f}(ReLU(BN(MSA(LN(Conv1x1_f(ReLU(BN(x))))))))`, global MSA (or `msa_window`
 windows) with no position bias and head size 32 (Swin's).
 
-Spatial smoothing (`smoothing=True`): the authors' blur block after every stage, as in
-`resnet.py` (their AlterNet has none; the slides' "spatial smoothing at the end of a stage
-improves accuracy" is shown on ResNets). The attention windows must tile every map, so with
-smoothing AlterNet needs `smoothing_padding='same'` (the default 'authors' padding makes each
-map one pixel larger, so later maps have odd sides); construction fails with that advice.
+AlterNet is pre-activation, as the authors' (models/alternet.py: `preresnet_dnn` blocks,
+`AttentionBlockB` "with pre-activation", `StemB`, `BNGAPBlock`), so its Conv blocks are
+`preresnet.BottleneckBlock`.
+
+Spatial smoothing (`smoothing=True`): the authors' blur block of `resnet.py` (their AlterNet
+has none; the slides' "spatial smoothing at the end of a stage improves accuracy" is shown on
+ResNets), placed by their rule for pre-activation nets: after every stage but the last
+(models/preresnet.py, `num_sblocks=(1, 1, 1, 0)`); `smoothing_stages` sets the blocks per
+stage (`(1, 1, 1, 1)`: after every stage, this model's placement before). The attention
+windows must tile every map, so when a smoothed stage is followed by a stage with MSAs,
+AlterNet needs `smoothing_padding='same'` (the default 'authors' padding makes each map one
+pixel larger, so later maps have odd sides); construction fails with that advice.
 
 `out` follows `resnet.py` ('stem', 'block{i}', 'stage{s}', 'encoded', 'pre_logits', 'logits');
 `AlterNet(...).block_kinds()` says which global block index is 'conv' or 'msa'.
@@ -44,6 +51,7 @@ import numpy as np
 from vitreg_jax import errors
 from vitreg_jax.checks import check_choice
 from vitreg_jax.models import attention
+from vitreg_jax.models import preresnet
 from vitreg_jax.models import resnet
 
 
@@ -207,8 +215,8 @@ class AlterNet(nn.Module):
     stem: 'cifar' or 'imagenet' (see resnet.py).
     width: bottleneck width of stage 1 (64); doubles per stage.
     dtype: compute dtype; parameters float32.
-    smoothing, smoothing_temperature, smoothing_padding: the blur block after every stage
-      (resnet.py).
+    smoothing, smoothing_temperature, smoothing_padding: the blur block (resnet.py).
+    smoothing_stages: blur blocks after each stage; None = every stage but the last.
   """
   num_classes: int
   blocks_per_stage: Sequence[int] = (3, 4, 6, 4)
@@ -222,6 +230,7 @@ class AlterNet(nn.Module):
   width: int = 64
   dtype: str = 'float32'
   smoothing: bool = False
+  smoothing_stages: Optional[Sequence[int]] = None
   smoothing_temperature: float = 10.0
   smoothing_padding: str = 'authors'
 
@@ -238,10 +247,11 @@ class AlterNet(nn.Module):
     if self.msa_block == 'figure' and self.drop_path:
       raise errors.UserError("drop_path applies to msa_block='authors' only.")
     attention.resolve_dtype(self.dtype)
-    resnet.check_smoothing(self)
+    resnet.check_smoothing(self, len(self.blocks_per_stage))
     windowed = self.msa_block == 'authors' or self.msa_window
-    if (self.smoothing and self.smoothing_padding == 'authors' and windowed
-        and any(self.msa_per_stage[1:])):
+    counts = resnet.smoothing_counts(self, len(self.blocks_per_stage), post_activation=False)
+    grows = [s for s, n in enumerate(counts) if n and any(self.msa_per_stage[s + 1:])]
+    if self.smoothing_padding == 'authors' and windowed and grows:
       raise errors.UserError(
           "smoothing_padding='authors' makes every smoothed map one pixel larger, "
           'so the MSA windows of later stages cannot tile them: use '
@@ -280,8 +290,9 @@ class AlterNet(nn.Module):
         if kind == 'msa':
           stage.append(self._msa_block(features, self.heads[s], rate, dtype, name))
         else:
-          stage.append(resnet.BottleneckBlock(features, strides=2 if s > 0 and b == 0 else 1,
-                                              dtype=dtype, name=name))
+          stage.append(preresnet.BottleneckBlock(
+              features, strides=2 if s > 0 and b == 0 else 1, dtype=dtype, name=name))
       blocks.append(stage)
-    x = resnet.run_stages(x, blocks, train, out, resnet.stage_smoothing(self))
+    x = resnet.run_stages(x, blocks, train, out, resnet.stage_smoothing(self),
+                          resnet.smoothing_counts(self, len(blocks), post_activation=False))
     return resnet.classify(x, self.num_classes, train, dtype, out), out

@@ -30,10 +30,11 @@ encoder (a PyTorch `nn.TransformerEncoderLayer` copy, `normalize_before=False`):
   dropout, attn_dropout 0, 0                  0.1, 0.1 (residual branches, FFN hidden layer,
                                               attention probabilities)
   pre_head_norm         False                 True (LayerNorm before flattening)
+  layer_norm_eps        1e-6 (flax's)         1e-5 (PyTorch's `nn.LayerNorm` default)
   ===================== ===================== ==========================================
 
 Each field can be set on its own (fields override the variant). Left as in the rest of the
-library: LayerNorm eps (theirs 1e-5, ours 1e-6), parameter initialization, and the order in
+library: parameter initialization, and the order in
 which the head flattens the N x D features (theirs channel-major, a fixed permutation of the
 head's rows). Their code also averages the attention map over heads (PyTorch's
 `nn.MultiheadAttention` returns head-averaged weights); this affects only what the regularizer
@@ -58,10 +59,10 @@ from vitreg_jax.models.vit import grid_size
 VARIANTS = {
     'paper': dict(width=516, num_heads=12, norm='pre', posemb='sincos2d', posemb_scale=1.0,
                   posemb_at='input', mlp_dim=0, activation='gelu', dropout=0.0,
-                  attn_dropout=0.0, pre_head_norm=False),
+                  attn_dropout=0.0, pre_head_norm=False, layer_norm_eps=1e-6),
     'code': dict(width=512, num_heads=8, norm='post', posemb='sincos2d_detr', posemb_scale=0.3,
                  posemb_at='qkv', mlp_dim=256, activation='relu', dropout=0.1,
-                 attn_dropout=0.1, pre_head_norm=True),
+                 attn_dropout=0.1, pre_head_norm=True, layer_norm_eps=1e-5),
 }
 
 
@@ -81,6 +82,7 @@ class ARViT(nn.Module):
     dropout, attn_dropout: on residual branches and FFN hidden layer / on the attention
       probabilities (training only).
     pre_head_norm: LayerNorm ('encoder_norm') on the last block's output before flattening.
+    layer_norm_eps: epsilon of every LayerNorm: 1e-6 (paper) / 1e-5 (code, PyTorch's).
     head_dim, qkv_bias: attention head size (default width / heads) and q/k/v biases.
     local_window, drop_path, dtype, last_attn_residual, attention_impl, remat: as in ViT.
   """
@@ -97,6 +99,7 @@ class ARViT(nn.Module):
   posemb_scale: Optional[float] = None
   posemb_at: Optional[str] = None
   pre_head_norm: Optional[bool] = None
+  layer_norm_eps: Optional[float] = None
   head_dim: Optional[int] = None
   qkv_bias: bool = True
   local_window: Optional[int] = None
@@ -148,7 +151,8 @@ class ARViT(nn.Module):
         dtype=dtype, final_norm=self.pre_head_norm, last_attn_residual=self.last_attn_residual,
         attention_impl=self.attention_impl, remat=self.remat, head_dim=self.head_dim,
         qkv_bias=self.qkv_bias, norm=self.norm, activation=self.activation,
-        attn_dropout=self.attn_dropout, posemb_at=self.posemb_at, name='Transformer')(
+        attn_dropout=self.attn_dropout, posemb_at=self.posemb_at,
+        layer_norm_eps=self.layer_norm_eps, name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=0, attn_mask=mask, head_mask=head_mask,
             capture=capture, div_layers=div, train=train,
             expand_masks_at=expand_masks_at)

@@ -75,6 +75,7 @@ class EncoderBlock(nn.Module):
     activation: feed-forward nonlinearity, 'gelu' or 'relu'.
     attn_dropout: dropout on the attention probabilities while training.
     gelu_approximate: tanh GELU in the MLP (True) or exact erf GELU (timm), see `MlpBlock`.
+    layer_norm_eps: epsilon of both LayerNorms (flax's 1e-6; PyTorch's `nn.LayerNorm` 1e-5).
   """
   num_heads: int
   mlp_dim: int
@@ -89,6 +90,7 @@ class EncoderBlock(nn.Module):
   activation: str = 'gelu'
   attn_dropout: float = 0.0
   gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, head_mask=None, explicit=False, per_head_inputs=False,
@@ -112,7 +114,8 @@ class EncoderBlock(nn.Module):
     # Stochastic depth: one Bernoulli per example, shared across tokens and channels.
     drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(
         y, deterministic=not train)
-    layer_norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    layer_norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                           param_dtype=jnp.float32, name=name)
     pre = self.norm == 'pre'
     y = layer_norm('LayerNorm_0')(x) if pre else x
     if per_head_inputs:
@@ -178,6 +181,7 @@ class Encoder(nn.Module):
       for large batches, about one extra forward of compute; same parameters and results.
     head_dim, qkv_bias, norm, activation, attn_dropout: per block, see `EncoderBlock`.
     gelu_approximate: tanh GELU (True) or exact erf GELU (timm) in every block's MLP.
+    layer_norm_eps: epsilon of every LayerNorm (the blocks' and 'encoder_norm').
   """
   depth: int
   num_heads: int
@@ -198,6 +202,7 @@ class Encoder(nn.Module):
   attn_dropout: float = 0.0
   posemb_at: str = 'input'
   gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
 
   def _position_encoding(self, x, grid_hw, num_prefix_tokens):
     """Returns `(x, pos)`: tokens with the embedding added at the input, or the `[N, D]`
@@ -255,13 +260,14 @@ class Encoder(nn.Module):
           attn_residual=self.last_attn_residual or i < self.depth - 1,
           attention_impl=self.attention_impl, head_dim=self.head_dim, qkv_bias=self.qkv_bias,
           norm=self.norm, activation=self.activation, attn_dropout=self.attn_dropout,
-          gelu_approximate=self.gelu_approximate,
+          gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
           name=f'encoderblock_{i}')(
               x, attn_mask, block_mask, i in capture, i in div_layers, train, pos,
               self.posemb_at == 'qkv')
     x, _ = expand(x, self.depth)
     if self.final_norm:
-      x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='encoder_norm')(x)
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
+                       name='encoder_norm')(x)
     return x, out
 
 

@@ -58,11 +58,13 @@ class MAPHead(nn.Module):
     mlp_dim: hidden width of the MLP (big_vision: the encoder's).
     gelu_approximate: tanh GELU in the MLP (as big_vision) or the exact erf form.
     dtype: compute dtype; parameters are float32.
+    layer_norm_eps: epsilon of its LayerNorm (flax's 1e-6, as big_vision).
   """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +73,8 @@ class MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe.astype(x.dtype), (b, 1, d))
     y = ProbeAttention(self.num_heads, dtype=self.dtype,
                        name='MultiHeadDotProductAttention_0')(probe, x)
-    z = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='LayerNorm_0')(y)
+    z = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
+                     name='LayerNorm_0')(y)
     y = y + encoder.MlpBlock(self.mlp_dim, dtype=self.dtype,
                                gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(z)
     return y[:, 0]

@@ -131,6 +131,9 @@ class ViT(nn.Module):
     remat: recompute block activations in the backward pass (less memory, same results).
     gelu_approximate: tanh GELU in the MLPs (flax default, big_vision, the AugReg checkpoints)
       or, with False, the exact erf GELU of PyTorch / timm (needed to reproduce timm's logits).
+    layer_norm_eps: epsilon of every LayerNorm (blocks, 'encoder_norm', the MAP head): 1e-6,
+      flax's default and timm's ViT's; 1e-5 is PyTorch's `nn.LayerNorm` default, the DIV
+      authors' (ArmandNM/diverse-vit, diverse_vit/models/vision_transformer.py, `PreNorm`).
   """
   num_classes: int
   variant: Optional[str] = None
@@ -154,6 +157,7 @@ class ViT(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
 
   def __post_init__(self):
     # Fill the geometry from `variant` so `module.depth` / `module.num_heads` are ints.
@@ -165,6 +169,8 @@ class ViT(nn.Module):
       raise errors.UserError(f'ViT needs a variant (e.g. "Ti/16") or explicit {missing}.')
     check_choice('classifier', self.classifier, CLASSIFIERS)
     check_choice('posemb', self.posemb, encoder.POSEMBS)
+    if not self.layer_norm_eps > 0:
+      raise errors.UserError(f'layer_norm_eps must be > 0, got {self.layer_norm_eps}.')
     if self.head_dim is None and self.width % self.num_heads:
       raise errors.UserError(f'width {self.width} is not divisible by num_heads {self.num_heads}; '
                              'set head_dim to use heads of another size.')
@@ -199,14 +205,15 @@ class ViT(nn.Module):
         drop_path=self.drop_path, dtype=dtype, last_attn_residual=self.last_attn_residual,
         attention_impl=self.attention_impl, remat=self.remat, head_dim=self.head_dim,
         qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
-        name='Transformer')(
+        layer_norm_eps=self.layer_norm_eps, name='Transformer')(
             x, grid_hw=(gh, gw), num_prefix_tokens=num_prefix, attn_mask=mask,
             head_mask=head_mask, capture=capture, div_layers=div, train=train,
             expand_masks_at=expand_masks_at)
     out['encoded'] = x
     if self.classifier == 'map':
       x = map_head.MAPHead(self.num_heads, self.mlp_dim, dtype=dtype,
-                           gelu_approximate=self.gelu_approximate, name='MAPHead_0')(x)
+                           gelu_approximate=self.gelu_approximate,
+                           layer_norm_eps=self.layer_norm_eps, name='MAPHead_0')(x)
     else:
       x = x[:, 0] if self.classifier == 'token' else x.mean(axis=1)
     if self.representation_size:

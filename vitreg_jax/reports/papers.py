@@ -147,8 +147,8 @@ def how_vits_work_row(config: dict) -> str:
     label = f"ViT ({'GAP' if model.get('classifier') == 'gap' else 'CLS'})"
     k = model.get("local_window")
     return label + (f", local {k}x{k}" if k else "")
-  if name == "resnet":
-    return f"ResNet-{model.get('depth', 18)}"
+  if name in ("resnet", "preresnet"):  # the authors' post-activation one, or pre-activation
+    return f"{'Pre' if name == 'preresnet' else ''}ResNet-{model.get('depth', 18)}"
   msa = model.get("msa_per_stage")
   return "AlterNet" + (f" (MSAs per stage {','.join(map(str, msa))})" if msa else "")
 

@@ -211,7 +211,7 @@ PREDICTIVE = (("accuracy", "acc.", 100.0), ("nll", "NLL", 1.0), ("ece", "ECE", 1
 
 def how_vits_work_table(groups) -> Table | None:
   """The slides' CIFAR comparisons: accuracy, NLL and ECE, clean and under corruption."""
-  groups = [g for g in groups if g.config.get("model_name") in ("vit", "resnet", "alternet")
+  groups = [g for g in groups if g.config.get("model_name") in ("vit", "resnet", "preresnet", "alternet")
             and g.config.get("data", {}).get("name", "").startswith("cifar")
             and papers.arvit_row(g.config) is None]
   if not groups:
