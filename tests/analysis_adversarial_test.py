@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import testutil
-from analysis_overlay_test import _make_run, run_main  # pylint: disable=g-bad-import-order
 from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax.analysis import adversarial
@@ -171,9 +170,10 @@ def test_accuracy_at_eps_0_is_the_clean_accuracy(linear, space):
 
 
 def test_the_command_overlays_two_runs(tmp_path):
-  workdirs = [_make_run(tmp_path / name, name) for name in ("vit_a", "vit_b")]
-  run_main("adversarial", *[f"--workdir={w}" for w in workdirs], f"--out={tmp_path}",
-           "--num_examples=16", "--batch_size=8", "--attack_eps=0,0.05,0.3", "--pgd_steps=2")
+  workdirs = [testutil.make_analysis_run(tmp_path / name, name) for name in ("vit_a", "vit_b")]
+  testutil.run_analysis_main("adversarial", *[f"--workdir={w}" for w in workdirs],
+                             f"--out={tmp_path}", "--num_examples=16", "--batch_size=8",
+                             "--attack_eps=0,0.05,0.3", "--pgd_steps=2")
   result = json.load(open(tmp_path / "adversarial.json"))
   assert [r["label"] for r in result["runs"]] == ["vit_a", "vit_b"]
   for r in result["runs"]:
@@ -186,10 +186,10 @@ def test_the_command_overlays_two_runs(tmp_path):
 
 
 def test_the_command_on_one_run_in_pixel_space(tmp_path):
-  workdir = _make_run(tmp_path / "vit_a", "vit_a")
-  run_main("adversarial", f"--workdir={workdir}", "--num_examples=8", "--batch_size=8",
-           "--attacks=pgd", "--attack_eps=0.01", "--attack_space=pixel", "--pgd_steps=1",
-           "--pgd_random_start=false")
+  workdir = testutil.make_analysis_run(tmp_path / "vit_a", "vit_a")
+  testutil.run_analysis_main("adversarial", f"--workdir={workdir}", "--num_examples=8",
+                             "--batch_size=8", "--attacks=pgd", "--attack_eps=0.01",
+                             "--attack_space=pixel", "--pgd_steps=1", "--pgd_random_start=false")
   result = json.load(open(tmp_path / "vit_a" / "adversarial.json"))
   assert result["attack_space"] == "pixel" and list(result["attacks"]) == ["pgd"]
   assert not result["pgd_random_start"] and result["label"] == "vit_a @1"
@@ -203,7 +203,7 @@ def test_the_command_on_one_run_in_pixel_space(tmp_path):
 ])
 def test_bad_flags_are_user_errors_before_any_run_is_read(tmp_path, args, message):
   with pytest.raises(errors.UserError, match=message):
-    run_main("adversarial", f"--workdir={tmp_path / 'missing'}", *args)
+    testutil.run_analysis_main("adversarial", f"--workdir={tmp_path / 'missing'}", *args)
 
 
 def test_pgd_random_start_is_clamped_as_the_authors_do(linear):
