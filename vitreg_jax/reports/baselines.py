@@ -111,7 +111,7 @@ def run_rows(run, roles) -> dict:
   last = {s: run.final(s) for s in run.evals}
   wg = _at(run, best_step(run, val, "worst_group_accuracy"))
   if base in ("GroupDRO", "JTT"):
-    info = "train groups; val-WG ckpt" if base == "GroupDRO" else "val-WG ckpt, lambda, T"
+    info = "train groups; val-WG ckpt" if base == "GroupDRO" else "val-WG ckpt (lambda, T fixed)"
     return {(base, info): wg}
   rows = {(base, "none (last ckpt)"): last, (base, "val groups (WG ckpt)"): wg}
   heads = run.heads or _read(run.workdir, "heads.json")
