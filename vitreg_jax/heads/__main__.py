@@ -38,12 +38,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--table", nargs="+", metavar="WORKDIR",
                  help="print the poster's table over these runs, from their per-eval head "
                       "figures (heads_eval.jsonl), one row per selection rule")
-  p.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
-                 help="--table: 'authors' (step and head chosen on validation, as the "
-                      "authors' get_experiment_summary) or 'final' (the final checkpoint)")
-  p.add_argument("--std", default="sample", choices=sorted(summary.STDS),
-                 help="--table: the spread over runs, 'sample' (ddof=1) or 'authors' (ddof=0, "
-                      "the np.std of their scripts/reporting.py); the table's note names it")
+  summary.add_arguments(p, "--table")
   p.add_argument("--rules_module", action="append", default=[], metavar="MODULE",
                  help="import MODULE first, so that the rules it registers can be named")
   p.add_argument("--no_progress", action="store_true")

@@ -112,3 +112,15 @@ def strip(record: dict) -> dict:
   """A record's metrics, without its (step, split, kind, layer, head) key."""
   return {k: v for k, v in record.items()
           if k not in ("step", "split", "kind", "layer", "head")}
+
+
+def add_arguments(parser, where: str) -> None:
+  """The poster table's `--statistic` and `--std` flags on an argparse `parser` (`heads
+  --table` and `reports` both print that table); `where` starts each help text."""
+  parser.add_argument("--statistic", default="authors", choices=STATISTICS,
+                      help=f"{where}: 'authors' (step and head chosen on validation, as the "
+                           "authors' get_experiment_summary) or 'final' (the final checkpoint)")
+  parser.add_argument("--std", default="sample", choices=sorted(STDS),
+                      help=f"{where}: the spread over runs, 'sample' (ddof=1) or 'authors' "
+                           "(ddof=0, the np.std of their scripts/reporting.py); the table's "
+                           "note names it")

@@ -89,12 +89,7 @@ def main(argv=None) -> int:
                       help="target accuracy (0-1) for steps / wall time to target")
   parser.add_argument("--target_split", default=None,
                       help="eval split of the target (default: the first, alphabetically)")
-  parser.add_argument("--statistic", default="authors", choices=summary.STATISTICS,
-                      help="poster table: 'authors' (evaluation and head chosen on validation,"
-                           " the authors' get_experiment_summary) or 'final' (final checkpoint)")
-  parser.add_argument("--std", default="sample", choices=sorted(summary.STDS),
-                      help="poster table: the spread over runs, 'sample' (ddof=1) or 'authors'"
-                           " (ddof=0, the np.std of their scripts/reporting.py)")
+  summary.add_arguments(parser, "poster table")
   args = parser.parse_args(argv)
   if args.target is not None and not 0 < args.target <= 1:
     parser.error(f"--target is an accuracy in (0, 1], got {args.target}.")
