@@ -6,9 +6,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-import configs_test
-from testutil import np_init
 from vitreg_jax import models
+
+import testutil  # pylint: disable=g-bad-import-order
 
 TINY_VIT = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=8, head_zeroinit=False)
 TINY_ARVIT = dict(width=16, depth=2, num_heads=2, patch_size=8, head_zeroinit=False)
@@ -50,7 +50,7 @@ def test_every_layer_norm_uses_the_field(name, kw, eps, count):
   model = models.create(name, 3, **kw)
   x = np.random.RandomState(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   # eps 0.5 is of the order of the inputs' variances: using it or not shows.
-  calls = _layer_norm_calls(model, np_init(model, x, 1), x)
+  calls = _layer_norm_calls(model, testutil.np_init(model, x, 1), x)
   assert len(calls) == count, [c[0] for c in calls]
   for path, inputs, outputs, params in calls:
     want = _np_layer_norm(inputs, params['scale'], params['bias'], eps)
@@ -63,7 +63,7 @@ def test_every_layer_norm_uses_the_field(name, kw, eps, count):
 def test_eps_changes_the_logits_and_is_checked():
   x = np.random.RandomState(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   default = models.create('vit', 3, **TINY_VIT)
-  variables = np_init(default, x, 1)
+  variables = testutil.np_init(default, x, 1)
   torch_eps = models.create('vit', 3, **TINY_VIT, layer_norm_eps=1e-5)
   a, b = default.apply(variables, x)[0], torch_eps.apply(variables, x)[0]
   assert not np.array_equal(a, b)
@@ -75,15 +75,18 @@ def test_eps_changes_the_logits_and_is_checked():
 @pytest.mark.parametrize('arg', ['reg=erm', 'reg=div', 'reg=div,data=dominoes', 'runlocal'])
 def test_the_authors_mnist_cifar_model_uses_pytorch_eps(arg):
   """configs/mnist_cifar.py builds ArmandNM/diverse-vit's ViT: `nn.LayerNorm(dim)`, eps 1e-5."""
-  config = configs_test.get('mnist_cifar', arg)
+  config = testutil.get_config('mnist_cifar', arg)
   assert config.model.layer_norm_eps == 1e-5
-  model, *_ = configs_test.build(config)
-  assert model.layer_norm_eps == 1e-5
+  assert _model(config).layer_norm_eps == 1e-5
 
 
 def test_other_vits_keep_flax_eps():
   """AugReg / big_vision and timm ViTs were trained with 1e-6 (Waterbirds fine-tunes them)."""
   for name, arg in [('waterbirds', 'reg=div'), ('quickstart', None),
                     ('how_vits_work', 'model=vit')]:
-    model, *_ = configs_test.build(configs_test.get(name, arg))
-    assert model.layer_norm_eps == 1e-6, name
+    assert _model(testutil.get_config(name, arg)).layer_norm_eps == 1e-6, name
+
+
+def _model(config):
+  """The model a config builds (the module only: its fields are what these tests read)."""
+  return models.create(config.model_name, testutil.num_classes(config), **config.model.to_dict())

@@ -101,7 +101,7 @@ def test_kill_and_resume_matches_uninterrupted_run(reference, tmp_path, caplog):
   killed = _run(tmp_path, None, "kill:8")
   assert killed.returncode == -9, killed.stderr[-2000:]  # Really died by SIGKILL.
   assert _final_params(tmp_path)[0] == 8
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # absl's own level may be left at WARNING
   train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
   assert "Resumed from step 8" in caplog.text
   _assert_same_params(_final_params(reference[0])[1], _final_params(tmp_path)[1])
@@ -268,7 +268,7 @@ def test_unreadable_newest_checkpoints_are_skipped_and_set_aside(reference, tmp_
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
   os.remove(tmp_path / "checkpoints" / "8" / "state" / "_METADATA")
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # absl's own level may be left at WARNING
   train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
   for step in (12, 8):
     assert re.search(rf"Skipping the checkpoint of step {step} .*cannot be read \(\w+",
@@ -284,7 +284,7 @@ def test_kill_during_async_save_resumes_from_previous_step(reference, tmp_path, 
   assert killed.returncode == -9, killed.stderr[-2000:]
   names = os.listdir(tmp_path / "checkpoints")
   assert "8" not in names and any(n.startswith("8.orbax-checkpoint-tmp") for n in names), names
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # absl's own level may be left at WARNING
   train.train_and_evaluate(train_worker.load_config(TINY), str(tmp_path))
   assert re.search(r"Removing the unfinished checkpoint save \S*/8\.orbax-checkpoint-tmp",
                    caplog.text)
