@@ -90,3 +90,19 @@ def head_shape(model, needed_by: str | None = None) -> tuple[int, int] | None:
     return None
   raise errors.UserError(f'{needed_by} needs an attention model with `depth` and `num_heads`; '
                          f'{type(model).__name__} has none (use a ViT-like model).')
+
+
+def integer_at_least(name: str, value: Any, minimum: int) -> None:
+  """`errors.UserError` unless `value` is an integer (not a bool) >= `minimum`."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    raise errors.UserError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+
+
+def number_in(name: str, value: Any, low: float, high: float | None = None) -> None:
+  """`errors.UserError` unless `value` is a number (not a bool) in `[low, high]` (`high`
+  None: no upper bound)."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low and (
+      high is None or value <= high)
+  if not ok:
+    bound = f'>= {low:g}' if high is None else f'in [{low:g}, {high:g}]'
+    raise errors.UserError(f'{name} must be a number {bound}, got {value!r}.')

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from vitreg_jax import checks
 from vitreg_jax import errors
 from vitreg_jax.data import tiles as tiles_lib
 
@@ -90,22 +91,12 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     raise errors.UserError(f'Unknown dominoes option(s) {unknown}; valid options are '
                            f'{sorted(DEFAULT_OPTIONS)}.')
   opts = {**DEFAULT_OPTIONS, **options}
-  p = opts['spurious_agreement']
-  if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-    raise errors.UserError(f'spurious_agreement must be a number in [0, 1], got {p!r}.')
+  checks.number_in('spurious_agreement', opts['spurious_agreement'], 0.0, 1.0)
   for key in ('num_train', 'num_val', 'num_test'):
-    n = opts[key]
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
-      raise errors.UserError(f'{key} must be an integer >= 2, got {n!r}.')
-  noise = opts['robust_noise']
-  if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
-    raise errors.UserError(f'robust_noise must be a number >= 0, got {noise!r}.')
-  jitter = opts['color_jitter']
-  if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not 0.0 <= jitter <= 1.0:
-    raise errors.UserError(f'color_jitter must be a number in [0, 1], got {jitter!r}.')
-  sat = opts['robust_saturation']
-  if not isinstance(sat, (int, float)) or isinstance(sat, bool) or not 0.0 <= sat <= 1.0:
-    raise errors.UserError(f'robust_saturation must be a number in [0, 1], got {sat!r}.')
+    checks.integer_at_least(key, opts[key], 2)
+  checks.number_in('robust_noise', opts['robust_noise'], 0.0)
+  checks.number_in('color_jitter', opts['color_jitter'], 0.0, 1.0)
+  checks.number_in('robust_saturation', opts['robust_saturation'], 0.0, 1.0)
   lo, hi = opts['min_crop'], opts['max_crop']
   if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))
           and 2 <= lo <= hi <= TILE):

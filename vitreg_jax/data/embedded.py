@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from skimage import data as skimage_data
 
+from vitreg_jax import checks
 from vitreg_jax import errors
 from vitreg_jax.data import tiles as tiles_lib
 
@@ -120,12 +121,8 @@ def check_options(options: dict[str, Any], defaults: dict[str, Any], dataset: st
                            f'{sorted(defaults)}.')
   opts = {**defaults, **options}
   for key in [k for k in opts if k.startswith('num_')]:
-    n = opts[key]
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-      raise errors.UserError(f'{dataset} option {key} must be an integer >= 1, got {n!r}.')
-  noise = opts['noise']
-  if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
-    raise errors.UserError(f'{dataset} option noise must be a number >= 0, got {noise!r}.')
+    checks.integer_at_least(f'{dataset} option {key}', opts[key], 1)
+  checks.number_in(f'{dataset} option noise', opts['noise'], 0.0)
   lo, hi = opts['min_crop'], opts['max_crop']
   if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))
           and 2 <= lo <= hi <= TILE):
