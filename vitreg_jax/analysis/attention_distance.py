@@ -145,6 +145,7 @@ def plot(results: List[dict], path: str) -> str:
       ax.axhline(r[ref], color=line.get_color(), ls="--", lw=0.8)
     ax.set(xlabel="block", ylabel="mean attention distance (patches)" if key == "distance"
            else "attention entropy (nats)")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # blocks are whole numbers
   axes[0].set_title("Mean attention distance (dots: heads, dashed: uniform)", fontsize=8)
   axes[1].set_title("Attention entropy (dashed: log N, uniform)", fontsize=8)
   axes[0].legend(fontsize=7)
