@@ -11,6 +11,7 @@ import pytest
 from vitreg_jax import config_lib
 from vitreg_jax.baselines import jtt
 from vitreg_jax.training import features
+from vitreg_jax.training import preflight
 from vitreg_jax.training import run_files
 from vitreg_jax.training import rundir
 from vitreg_jax.training import train
@@ -37,6 +38,10 @@ def test_jtt_two_stages(tmp_path):
   config = tiny(f"method=jtt,stage=upweight,identification={stage1},lambda_up=5")
   assert config.data.sampler == "upsample" and config.data.upsample.factor == 5
   assert config.data.upsample.copies == "authors"  # 6 appearances of each error
+  # The command's checks come first (`python -m vitreg_jax.main`): they open the dataset, whose
+  # upsampling sampler reads the error set, so they must write it as training does.
+  preflight.check(config)
+  assert os.path.exists(os.path.join(stage1, jtt.ERROR_SET_FILE))
   train.train_and_evaluate(config, stage2)
   record = json.loads(open(os.path.join(stage1, jtt.ERROR_SET_FILE)).read())
   out = features.extract(rundir.load_run(stage1), "train")

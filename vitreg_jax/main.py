@@ -24,17 +24,12 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 from ml_collections import config_flags
 
-from vitreg_jax import checks
 from vitreg_jax import config_lib
-from vitreg_jax import data
 from vitreg_jax import errors
-from vitreg_jax import regularizers
 from vitreg_jax import sharding
-from vitreg_jax.training import optim
-from vitreg_jax.training import steps
+from vitreg_jax.training import preflight
 from vitreg_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -75,57 +70,10 @@ def main(argv):
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   with errors.exit_on_user_error("FATAL"):
-    config = preflight(_CONFIG.value, prepare_data=_PREPARE_DATA.value)
+    config = preflight.check(_CONFIG.value, prepare_data=_PREPARE_DATA.value)
     logging.info("Config:\n%s", config)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                              accept_config_change=_ACCEPT_CHANGE.value)
-
-
-def preflight(config, *, prepare_data: bool = False):
-  """The run's checks that need no compute, so that a mistake stops here as one line.
-
-  The config's fields and names (`config_lib.with_defaults`), the dataset (known, prepared:
-  `open_dataset`), the model's and the regularizers' fields, the optimizer and schedule, both
-  batch sizes against the devices, `config.init_from`'s path and `config.head_eval`'s layers.
-  Each is the check training itself runs (it fails the same way when called without this),
-  run here before the config is logged and anything is compiled.
-
-  Returns:
-    The config with every default filled in.
-  """
-  config = config_lib.with_defaults(config)
-  dataset = open_dataset(config.data, prepare_data=prepare_data)
-  model = steps.create_model(config, dataset.info.num_classes)
-  regularizers.build(config.regularizers, model)  # each term's layers against the model
-  total_steps, steps_per_epoch = train.num_train_steps(config, dataset)
-  optim.make_optimizer(config, total_steps, steps_per_epoch)
-  train.make_mesh(config)
-  if config.init_from and not epath.Path(config.init_from["path"]).exists():
-    raise errors.PathNotFoundError(
-        f"config.init_from.path {config.init_from['path']!r} does not exist.")
-  if config.head_eval not in (None, "", False):
-    depth, _ = checks.head_shape(model, needed_by="config.head_eval")
-    checks.resolve_layers(config.head_eval, depth, "config.head_eval")
-  return config
-
-
-def open_dataset(data_config, *, prepare_data: bool = False):
-  """`data.open`, preparing the dataset first when asked and needed.
-
-  A dataset that is not prepared is a `UserError` (a `data.DatasetNotPreparedError`) whose
-  message says how to prepare it and, where TFDS downloads it, that `--prepare_data` does.
-  """
-  try:
-    return data.open(data_config)
-  except data.DatasetNotPreparedError as e:
-    spec, cfg = data.get_spec(data_config)
-    if not prepare_data:
-      hint = (" (or add --prepare_data to this command to do it first)"
-              if getattr(spec, "downloads", False) else "")
-      raise data.DatasetNotPreparedError(f"{e}{hint}") from None
-  logging.info("Preparing dataset %r in %s (--prepare_data).", cfg["name"], cfg["data_dir"])
-  spec.prepare(cfg)
-  return data.open(data_config)
 
 
 class _QuietLibraries(std_logging.Filter):
