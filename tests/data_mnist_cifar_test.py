@@ -40,7 +40,7 @@ def test_stack_images_layout():
 
 def test_construct_agreement_groups_and_content():
   mnist, cifar = fake_inputs()
-  splits = mnist_cifar.construct(mnist, cifar, agreement=0.9, seed=0)
+  splits = mnist_cifar.construct(mnist, cifar, agreement=0.9, seed=0, val_ratio=0.5)
   assert set(splits) == set(mnist_cifar.SPLITS)
   tr = splits['train']
   # n = min(#automobile=20, #truck=20, #zeros=30, #ones=30) = 20 per class.
@@ -87,22 +87,39 @@ def test_construct_large_rates_and_determinism():
   assert np.mean(a['test_ood']['spurious'] == a['test_ood']['label']) == pytest.approx(0.5)
   with pytest.raises(ValueError, match='agreement'):
     mnist_cifar.construct(mnist, cifar, agreement=1.5)
+  with pytest.raises(ValueError, match='val_ratio'):
+    mnist_cifar.construct(mnist, cifar, val_ratio=1.0)
+
+
+def test_val_ratio_is_the_authors_20_80_split_by_default():
+  mnist, cifar = fake_inputs(4000, 2000, 2000, 1000)
+  test_per_class = np.bincount(cifar['test'][1])[list(mnist_cifar.CIFAR_CLASSES)]
+  for ratio in (0.2, 0.5):
+    kw = {} if ratio == 0.2 else {'val_ratio': ratio}
+    s = mnist_cifar.construct(mnist, cifar, agreement=0.9, seed=0, **kw)
+    val, test = set(s['val_id']['photo_index']), set(s['test_id']['photo_index'])
+    assert not val & test and not val & set(s['test_ood']['photo_index'])
+    # The val part holds round(ratio * n_c) CIFAR images of each class, the test part the rest.
+    assert len(val) == sum(round(ratio * n) for n in test_per_class)
+    assert len(test) == sum(n - round(ratio * n) for n in test_per_class)
+  assert mnist_cifar.config_name(0.9, 0) == 'agree0.9_seed0_val0.2'
+  assert mnist_cifar.config_name(0.9, 0, 0.5) == 'agree0.9_seed0'  # data prepared before
 
 
 def test_tfds_build_and_pipeline(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  mnist, cifar = fake_inputs(60, 40, 40, 40)
+  mnist, cifar = fake_inputs(60, 40, 40, 100)
   config = {'name': 'mnist_cifar', 'data_dir': str(tmp_path), 'num_threads': 1}
   with pytest.raises(data.DatasetNotPreparedError, match='vitreg_jax.data.prepare mnist_cifar'):
     data.open(config)
   monkeypatch.setattr(mnist_cifar, 'load_inputs', lambda *a, **k: (mnist, cifar))
   from vitreg_jax.data import prepare
   info = prepare.prepare('mnist_cifar', data_dir=str(tmp_path))
-  assert (tmp_path / 'mnist_cifar' / 'agree0.9_seed0' / '1.0.0').is_dir()
+  assert (tmp_path / 'mnist_cifar' / 'agree0.9_seed0_val0.2' / '1.0.0').is_dir()
   assert info.image_shape == (64, 32, 3) and info.num_classes == 2
   assert info.num_examples['train'] == 8 and set(info.attributes) == {'spurious', 'group'}
-  expected = mnist_cifar.construct(mnist, cifar, 0.9, 0)
+  expected = mnist_cifar.construct(mnist, cifar, 0.9, 0, 0.2)
   batches = list(data.open(config).eval_iterator('test_ood', global_batch_size=4,
                                                  process_index=0, process_count=1))
   got = {k: np.concatenate([b[k] for b in batches])[

@@ -14,10 +14,15 @@ Construction of one split from pools of digits and CIFAR images (`construct_spli
    distribution (val_ood, test_ood: the digit is independent of the label and the four groups
    have equal size).
 3. The examples are shuffled.
-Splits: `train` from the MNIST and CIFAR train sets; the CIFAR test set is split per class in
-two halves (val / test), and `val_id`, `val_ood` (`test_id`, `test_ood`) pair the val (test)
-half with digits drawn afresh from the MNIST test set. Everything is a deterministic function
-of `seed` (a separate random stream per split).
+Splits: `train` from the MNIST and CIFAR train sets; the CIFAR test set is split per class
+into a val part (a fraction `val_ratio`, default 0.2) and a test part (the rest), and `val_id`,
+`val_ood` (`test_id`, `test_ood`) pair the val (test) part with digits drawn afresh from the
+MNIST test set. `val_ratio=0.2` is the authors' (config/vision_diverse_mnist_cifar.yaml
+`val_ratio`, applied by `split_dataset` in diverse_vit/utils.py `get_dataset`); theirs splits
+the ID and the OOD validation sets independently and unstratified (so a CIFAR image can be in
+`valID` and in `testOOD`), ours once per class for both domains, so no val image is a test
+image. `val_ratio=0.5` is this library's split before 2026-12-06. Everything is a
+deterministic function of `seed` (a separate random stream per split).
 
 Built by a TFDS builder (`builder_class()`) from the TFDS `mnist` and `cifar10` datasets:
 `python -m vitreg_jax.data.prepare mnist_cifar --data_dir=DIR` prepares those two (download
@@ -95,7 +100,8 @@ def construct_split(digit_images, digit_labels, photo_images, photo_labels, agre
   }
 
 
-def construct(mnist: dict, cifar: dict, agreement: float = 0.9, seed: int = 0) -> dict:
+def construct(mnist: dict, cifar: dict, agreement: float = 0.9, seed: int = 0,
+              val_ratio: float = 0.2) -> dict:
   """All five splits from `mnist` / `cifar` = {'train'|'test': (images, labels)}.
 
   Returns: split -> dict of arrays (see `construct_split`); indices of val/test splits refer
@@ -103,17 +109,20 @@ def construct(mnist: dict, cifar: dict, agreement: float = 0.9, seed: int = 0) -
   """
   if not 0.0 <= agreement <= 1.0:
     raise errors.UserError(f'agreement must be in [0, 1], got {agreement}.')
+  if not 0.0 < val_ratio < 1.0:
+    raise errors.UserError(f'val_ratio must be in (0, 1) (the authors\' 0.2), got {val_ratio}.')
   rngs = {s: np.random.default_rng([seed, i]) for i, s in enumerate(SPLITS)}
   out = {'train': construct_split(*mnist['train'], *cifar['train'], agreement, rngs['train'])}
-  # Split the CIFAR test set per class into a val half and a test half.
+  # Split the CIFAR test set per class into a val part and a test part.
   test_images, test_labels = cifar['test']
   test_labels = np.asarray(test_labels)
   half_rng = np.random.default_rng([seed, len(SPLITS)])
   val_idx, test_idx = [], []
   for c in CIFAR_CLASSES:
     idx = half_rng.permutation(np.flatnonzero(test_labels == c))
-    val_idx.append(idx[:len(idx) // 2])
-    test_idx.append(idx[len(idx) // 2:])
+    cut = int(round(len(idx) * val_ratio))
+    val_idx.append(idx[:cut])
+    test_idx.append(idx[cut:])
   for part, idx in (('val', np.concatenate(val_idx)), ('test', np.concatenate(test_idx))):
     for domain in ('id', 'ood'):
       split = f'{part}_{domain}'
@@ -147,8 +156,11 @@ def load_inputs(data_dir=None, download: bool = True) -> tuple:
   return tuple(out)
 
 
-def config_name(agreement: float, seed: int) -> str:
-  return f'agree{agreement:g}_seed{int(seed)}'
+def config_name(agreement: float, seed: int, val_ratio: float = 0.2) -> str:
+  """The TFDS config's name; `val_ratio` 0.5 (the split before 2026-12-06) keeps its old name,
+  so data prepared then is still found."""
+  suffix = '' if val_ratio == 0.5 else f'_val{val_ratio:g}'
+  return f'agree{agreement:g}_seed{int(seed)}{suffix}'
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,13 +169,14 @@ def builder_class():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class MnistCifarConfig(tfds.core.BuilderConfig):
-    """Agreement rate and seed of the construction."""
+    """Agreement rate, seed and validation fraction of the construction."""
 
-    def __init__(self, *, agreement: float = 0.9, seed: int = 0, **kwargs):
-      super().__init__(name=config_name(agreement, seed),
-                       description=f'P(digit == label) = {agreement} in distribution, seed {seed}',
-                       **kwargs)
-      self.agreement, self.seed = float(agreement), int(seed)
+    def __init__(self, *, agreement: float = 0.9, seed: int = 0, val_ratio: float = 0.2,
+                 **kwargs):
+      super().__init__(name=config_name(agreement, seed, val_ratio),
+                       description=(f'P(digit == label) = {agreement} in distribution, seed '
+                                    f'{seed}, val_ratio {val_ratio}'), **kwargs)
+      self.agreement, self.seed, self.val_ratio = float(agreement), int(seed), float(val_ratio)
 
   class MnistCifar(tfds.core.GeneratorBasedBuilder):
     """MNIST 0/1 over CIFAR-10 automobile/truck (see vitreg_jax/data/mnist_cifar.py)."""
@@ -172,7 +185,7 @@ def builder_class():
     # TFDS derives this from the module via importlib_resources, which is not a dependency of
     # the pinned TFDS; the file itself is what it needs (no checksums or metadata files here).
     code_path = epath.Path(__file__)
-    BUILDER_CONFIGS = [MnistCifarConfig(agreement=0.9, seed=0)]
+    BUILDER_CONFIGS = [MnistCifarConfig(agreement=0.9, seed=0, val_ratio=0.2)]
 
     def _info(self):
       return self.dataset_info_from_configs(
@@ -189,7 +202,8 @@ def builder_class():
       del dl_manager
       # The inputs live next to this dataset (same data_dir); read them once.
       mnist, cifar = load_inputs(str(self.data_dir_root))
-      splits = construct(mnist, cifar, self.builder_config.agreement, self.builder_config.seed)
+      cfg = self.builder_config
+      splits = construct(mnist, cifar, cfg.agreement, cfg.seed, cfg.val_ratio)
       return {name: self._generate_examples(arrays) for name, arrays in splits.items()}
 
     def _generate_examples(self, arrays):
@@ -200,8 +214,10 @@ def builder_class():
 
 
 class MnistCifarDataset(TfdsDataset):
-  """Registry entry 'mnist_cifar' (options: `agreement`, `seed` of the construction)."""
-  options = {'agreement': 0.9, 'seed': 0, 'mean': preprocess.HALF, 'std': preprocess.HALF}
+  """Registry entry 'mnist_cifar' (options: `agreement`, `seed`, `val_ratio` of the
+  construction)."""
+  options = {'agreement': 0.9, 'seed': 0, 'val_ratio': 0.2, 'mean': preprocess.HALF,
+             'std': preprocess.HALF}
   split_map = {s: s for s in SPLITS}
   num_classes = 2
   attributes = ('spurious', 'group')
@@ -214,10 +230,11 @@ class MnistCifarDataset(TfdsDataset):
 
   def builder(self, config: dict):
     cls, cfg_cls = builder_class()
-    name = config_name(config['agreement'], config['seed'])
+    name = config_name(config['agreement'], config['seed'], config['val_ratio'])
     # TFDS refuses a custom config object named like a predefined one: pass the name then.
     builder_config = (name if name in cls.builder_configs else
-                      cfg_cls(agreement=config['agreement'], seed=config['seed']))
+                      cfg_cls(agreement=config['agreement'], seed=config['seed'],
+                              val_ratio=config['val_ratio']))
     return cls(data_dir=config['data_dir'], config=builder_config)
 
   def image_shape(self, config: dict) -> tuple:
