@@ -21,7 +21,12 @@ Arguments (`:key=value,...`):
   weight    lambda; < 0 (default) = the variant's value above.
   data      'mnist_cifar' (default) | 'dominoes': the same model and recipe on the embedded
             stand-in (32 x 16 images), for choosing lambda where MNIST-CIFAR is not at hand.
-  steps     training steps with data=dominoes (default 600).
+  steps     training steps with data=dominoes (default 600), when `epochs` is 0.
+  epochs    data=dominoes: train this many epochs of the 10,000 training images at batch 80
+            (125 steps each), evaluate after every epoch and decay at 70% and 80% of them, as
+            the authors' 100-epoch schedule does (default 0: `steps` steps instead).
+  lr        one learning rate for ERM and DIV alike (default < 0: the authors' per-method
+            rates, ERM 1e-4 and DIV 1e-3); the equal-LR control of the poster's table.
   seed      run seed (the poster reports mean +- std over seeds).
   agreement P(digit = label) in train / `*_id` (0.9 as in the poster).
   residual  keep the residual around the last block's attention (default false: the authors'
@@ -81,8 +86,8 @@ AUTHORS_MODEL = dict(patch_size=4, width=64, depth=6, num_heads=4, head_dim=64, 
 def get_config(arg=None):
   """Returns the MNIST-CIFAR ERM / DIV config for the argument string `arg`."""
   arg = config_lib.parse_arg(arg, reg="erm", div="code", weight=-1.0, seed=0,
-                             agreement=0.9, data="mnist_cifar", steps=600, residual=False,
-                             runlocal=False)
+                             agreement=0.9, data="mnist_cifar", steps=600, epochs=0,
+                             lr=-1.0, residual=False, runlocal=False)
   _check_choices(arg)
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed
@@ -94,7 +99,7 @@ def get_config(arg=None):
   config.batch_size = 80
   config.eval_batch_size = 400
   config.total_epochs = 100
-  config.optimizer = dict(name="adam", lr=1e-4 if arg.reg == "erm" else 1e-3)
+  config.optimizer = dict(name="adam", lr=_learning_rate(arg))
   config.schedule = dict(name="step", boundary_epochs=(70, 80), decay_factor=0.1)
   if arg.reg == "div":
     config_lib.set_div_regularizer(config, impl=arg.div, weight=_div_weight(arg))
@@ -127,26 +132,52 @@ def _check_choices(arg):
       raise ValueError(f"{name} must be one of {choices}, got {arg[name]!r}.")
   if arg.steps <= 0:
     raise ValueError(f"steps must be positive, got {arg.steps}.")
+  if arg.epochs < 0:
+    raise ValueError(f"epochs must be >= 0 (0: use `steps`), got {arg.epochs}.")
+  if arg.epochs and arg.data != "dominoes":
+    raise ValueError("epochs=N sets the dominoes schedule; MNIST-CIFAR trains the authors' 100 "
+                     "epochs (override --config.total_epochs instead).")
+
+
+def _learning_rate(arg) -> float:
+  """`lr` when given, else the authors' per-method rate (their README: ERM 1e-4, DIV 1e-3)."""
+  if arg.lr > 0:
+    return arg.lr
+  return 1e-4 if arg.reg == "erm" else 1e-3
 
 
 def _use_dominoes(config, arg):
   """The authors' model and recipe on the embedded stand-in (32 x 16 images: an 8 x 4 grid).
 
-  For choosing lambda on validation where MNIST-CIFAR is not at hand, and for the poster's
-  table at small scale: `steps` steps with the learning rate x0.1 at 70% and 80% of them (the
-  authors' epochs 70 and 80 of 100), evaluated (every head alone too) every 100 steps on the
-  four splits; selection reads the validation ones only.
+  Batch 80 and Adam at the per-method rates as on MNIST-CIFAR; validation and test splits in
+  the authors' 20/80 ratio (`val_ratio=0.2`: 1000 and 4000 images per domain); the learning
+  rate x0.1 at 70% and 80% of training (the authors' epochs 70 and 80 of 100). `epochs=N`:
+  N epochs of 125 steps, evaluated (every head alone too) after each, as their
+  `run_training`; else `steps` steps evaluated every 100. Selection reads the validation
+  splits only.
   """
   config.data = dict(name="dominoes", train_split="train",
                      eval_splits=("val_id", "val_ood", "test_id", "test_ood"),
-                     spurious_agreement=arg.agreement, num_train=10000)
-  config.eval_every_steps = 100
-  config.batch_size = 64
+                     spurious_agreement=arg.agreement, num_train=10000, num_val=1000,
+                     num_test=4000)
+  config.batch_size = 80
   config.eval_batch_size = 500
   config.total_epochs = None
-  config.total_steps = arg.steps
-  config.schedule = dict(name="step", boundaries=(int(0.7 * arg.steps), int(0.8 * arg.steps)),
-                         decay_factor=0.1)
+  if arg.epochs:
+    per_epoch = 10000 // config.batch_size
+    config.total_steps = arg.epochs * per_epoch
+    config.eval_every_steps = per_epoch
+    # At epoch boundaries, as MultiStepLR steps once per epoch (milestones 70, 80 of 100).
+    milestones = (round(0.7 * arg.epochs), round(0.8 * arg.epochs))
+    config.schedule = dict(name="step", boundaries=tuple(m * per_epoch for m in milestones),
+                           decay_factor=0.1)
+  else:
+    config.total_steps = arg.steps
+    config.eval_every_steps = 100
+    config.schedule = dict(name="step",
+                           boundaries=(int(0.7 * arg.steps), int(0.8 * arg.steps)),
+                           decay_factor=0.1)
+  config.checkpoint_every_steps = config.eval_every_steps * 4
 
 
 def _div_weight(arg):
@@ -159,15 +190,28 @@ def _div_weight(arg):
 
 
 def get_sweep(arg=None):
-  """Choosing `div=paper`'s lambda on validation: ERM, the authors' DIV, and the paper's DIV at
-  1x, 10x, 100x and 1000x the data's matched scale (MATCHED_SCALE), over `seeds` seeds.
+  """Two sweeps, over `seeds` seeds (every method once before the next seed):
 
-    python -m vitreg_jax.sweep configs/mnist_cifar.py:data=dominoes --workdir=/runs/div_lambda
-    python -m vitreg_jax.reports /runs/div_lambda
+  * `table` (the poster's table with the authors' recipe on the embedded data): ERM and DIV at
+    the authors' per-method learning rates, and ERM at DIV's rate (`lr=0.001`: the equal-LR
+    control), each `epochs` epochs (`data=dominoes`).
+
+      python -m vitreg_jax.sweep configs/mnist_cifar.py:table,epochs=10,seeds=3 --workdir=/runs/poster
+      python -m vitreg_jax.heads --table /runs/poster/*
+
+  * otherwise, choosing `div=paper`'s lambda on validation: ERM, the authors' DIV, and the
+    paper's DIV at 1x, 10x, 100x and 1000x the data's matched scale (MATCHED_SCALE).
+
+      python -m vitreg_jax.sweep configs/mnist_cifar.py:data=dominoes --workdir=/runs/div_lambda
+      python -m vitreg_jax.reports /runs/div_lambda
 
   Read `val_ood` (and `val_id`); never the test splits.
   """
-  arg = config_lib.parse_arg(arg, data="dominoes", steps=600, seeds=2)
+  arg = config_lib.parse_arg(arg, data="dominoes", steps=600, epochs=0, seeds=2, table=False)
+  if arg.table:
+    methods = [dict(reg="erm"), dict(reg="div"), dict(reg="erm", lr="0.001")]
+    return [dict(data="dominoes", epochs=arg.epochs or 10, **method, seed=seed)
+            for seed in range(arg.seeds) for method in methods]
   scale = MATCHED_SCALE[arg.data]
   methods = ([dict(reg="erm"), dict(reg="div", div="code")]
              + [dict(reg="div", div="paper", weight=f"{f * scale:.2g}")  # a readable name

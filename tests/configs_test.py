@@ -254,6 +254,28 @@ def test_mnist_cifar_on_the_embedded_data_and_its_lambda_sweep():
     get_config("mnist_cifar", "data=cifar")
 
 
+def test_mnist_cifar_poster_recipe_on_the_embedded_data():
+  # The authors' recipe: batch 80, epochs of 10000 / 80 = 125 steps, evaluation after every
+  # epoch, x0.1 at 70% and 80% of the epochs (on epoch boundaries), 20/80 val/test split.
+  config = get_config("mnist_cifar", "reg=erm,data=dominoes,epochs=10")
+  assert config.batch_size == 80 and config.total_steps == 1250
+  assert config.eval_every_steps == 125
+  assert tuple(config.schedule.boundaries) == (875, 1000)
+  assert (config.data.num_val, config.data.num_test) == (1000, 4000)
+  assert config.optimizer.lr == 1e-4
+  assert get_config("mnist_cifar", "reg=div,data=dominoes,epochs=10").optimizer.lr == 1e-3
+  assert get_config("mnist_cifar", "reg=erm,data=dominoes,epochs=10,lr=0.001").optimizer.lr == 1e-3
+  module = load_config_module("mnist_cifar")
+  points = module.get_sweep("table,epochs=4,seeds=3")
+  assert len(points) == 9 and {p["seed"] for p in points} == {0, 1, 2}
+  rates = sorted({get_config("mnist_cifar", ",".join(f"{k}={v}" for k, v in p.items())
+                            ).optimizer.lr for p in points if p["reg"] == "erm"})
+  assert rates == [1e-4, 1e-3]  # ERM at its own rate and at DIV's (the equal-LR control)
+  for arg in ("reg=erm,epochs=-1,data=dominoes", "reg=erm,epochs=3"):
+    with pytest.raises(ValueError, match="epochs"):
+      get_config("mnist_cifar", arg)
+
+
 def test_mnist_cifar_uses_the_authors_model():
   # ArmandNM/diverse-vit: dim 64, depth 6, heads 4, dim_head 64, mlp 128, to_qkv without bias,
   # patch 4 on 64 x 32, CLS + learned position embedding, LayerNorm + Linear head. Their count,
