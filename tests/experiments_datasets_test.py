@@ -4,6 +4,7 @@ experiments' configs read it through the `npz` loader, evaluating the four held-
 `head_eval` on."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -67,16 +68,20 @@ def test_source_pools_are_disjoint(maker):
     assert not train.intersection(held)
 
 
-def test_crop_stays_in_its_tile(maker):
-  # A tile whose left half is 0 and right half 1: every standardized crop of it keeps the
-  # tile's pixels only, so it takes at most the two values of the tile.
-  tile = np.zeros((1, maker.TILE, maker.TILE), np.float32)
-  tile[:, :, maker.TILE // 2:] = 1.0
-  rng = np.random.default_rng(0)
-  for _ in range(20):
-    crop = maker.background(rng, tile, contrast=0.1)
-    assert crop.shape == (maker.SIZE, maker.SIZE)
-    assert len(np.unique(np.round(crop, 6))) <= 2
+def test_pool_tiles_are_the_image_tiles_they_name(maker, monkeypatch):
+  # A probe texture whose 64x64 tile at grid (r, c) holds the value 8 r + c everywhere: each
+  # pool tile must be exactly the tile its grid index names (no crop across tiles).
+  probe = np.kron(np.arange(64, dtype=np.uint8).reshape(8, 8), np.ones((64, 64), np.uint8))
+  monkeypatch.setattr(maker, "skdata", types.SimpleNamespace(brick=lambda: probe,
+                                                             gravel=lambda: probe))
+  textures = maker.texture_pools(0)
+  for pool in maker.POOLS:
+    for tiles, index in zip(textures[pool]["tiles"], textures[pool]["index"]):
+      assert tiles.shape[1:] == (maker.TILE, maker.TILE)
+      values = np.round(tiles * 255).astype(int)
+      np.testing.assert_array_equal(values, np.broadcast_to(index[:, None, None], values.shape))
+  crop = maker.background(np.random.default_rng(0), textures["train"]["tiles"][0], 0.1)
+  assert crop.shape == (maker.SIZE, maker.SIZE)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
