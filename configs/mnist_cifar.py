@@ -193,8 +193,8 @@ def get_sweep(arg=None):
   """Two sweeps, over `seeds` seeds (every method once before the next seed):
 
   * `table` (the poster's table with the authors' recipe on the embedded data): ERM and DIV at
-    the authors' per-method learning rates, and ERM at DIV's rate (`lr=0.001`: the equal-LR
-    control), each `epochs` epochs (`data=dominoes`).
+    the authors' per-method learning rates, or both at `lr` (the equal-LR control: with
+    `lr=0.001`, DIV's runs are the same as the first sweep's), each `epochs` epochs.
 
       python -m vitreg_jax.sweep configs/mnist_cifar.py:table,epochs=10,seeds=3 --workdir=/runs/poster
       python -m vitreg_jax.heads --table /runs/poster/*
@@ -207,11 +207,12 @@ def get_sweep(arg=None):
 
   Read `val_ood` (and `val_id`); never the test splits.
   """
-  arg = config_lib.parse_arg(arg, data="dominoes", steps=600, epochs=0, seeds=2, table=False)
+  arg = config_lib.parse_arg(arg, data="dominoes", steps=600, epochs=0, seeds=2, table=False,
+                             lr=-1.0)
   if arg.table:
-    methods = [dict(reg="erm"), dict(reg="div"), dict(reg="erm", lr="0.001")]
-    return [dict(data="dominoes", epochs=arg.epochs or 10, **method, seed=seed)
-            for seed in range(arg.seeds) for method in methods]
+    rate = {"lr": f"{arg.lr:g}"} if arg.lr > 0 else {}
+    return [dict(data="dominoes", epochs=arg.epochs or 10, reg=reg, **rate, seed=seed)
+            for seed in range(arg.seeds) for reg in ("erm", "div")]
   scale = MATCHED_SCALE[arg.data]
   methods = ([dict(reg="erm"), dict(reg="div", div="code")]
              + [dict(reg="div", div="paper", weight=f"{f * scale:.2g}")  # a readable name
