@@ -87,7 +87,8 @@ def get_config(arg=None):
   """Returns the MNIST-CIFAR ERM / DIV config for the argument string `arg`."""
   arg = config_lib.parse_arg(arg, reg="erm", div="code", weight=-1.0, seed=0,
                              agreement=0.9, data="mnist_cifar", steps=600, epochs=0,
-                             lr=-1.0, residual=False, runlocal=False)
+                             lr=-1.0, residual=False, runlocal=False,
+                             seeds=2, table=False)  # seeds, table: get_sweep's, unused here
   _check_choices(arg)
   config = config_lib.ml_collections.ConfigDict()
   config.seed = arg.seed

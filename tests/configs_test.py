@@ -271,6 +271,9 @@ def test_mnist_cifar_poster_recipe_on_the_embedded_data():
   points = module.get_sweep("table,epochs=4,seeds=3")
   assert len(points) == 6 and {p["seed"] for p in points} == {0, 1, 2}
   assert sorted({(p["reg"], rate(p)) for p in points}) == [("div", 1e-3), ("erm", 1e-4)]
+  # The sweep command hands its own argument to every point's config too.
+  assert get_config("mnist_cifar", "table,epochs=4,seeds=3,data=dominoes,reg=erm,seed=1"
+                    ).total_steps == 500
   equal = module.get_sweep("table,epochs=4,seeds=1,lr=0.001")  # the equal-LR control
   assert sorted((p["reg"], rate(p)) for p in equal) == [("div", 1e-3), ("erm", 1e-3)]
   for arg in ("reg=erm,epochs=-1,data=dominoes", "reg=erm,epochs=3"):
