@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -210,13 +211,16 @@ class RunEval:
     dataset: the run's `data.Dataset`.
     splits: the splits scored (default `dataset.held_out_splits`: every split but the
       training one).
+    keep_examples: splits whose per-example `pred` and `confidence` are kept beside the
+      metrics (`examples`: what heads/examples.py writes during training).
   """
 
   def __init__(self, model, variables, config, dataset, splits=None, *, layers=None,
-               progress: bool = False):
+               progress: bool = False, keep_examples: Sequence[str] = ()):
     self.evaluator = MaskEvaluator(model, layers=layers)
     self.dataset, self.show = dataset, progress
     self.splits = tuple(dataset.held_out_splits if splits is None else splits)
+    self.keep_examples = tuple(keep_examples)
     self.batch_size = int(config.get("eval_batch_size") or config.batch_size)
     self.variables = variables
     self._pool = None
@@ -228,7 +232,7 @@ class RunEval:
   @variables.setter
   def variables(self, value):  # New weights (the training hook's evaluations): a new cache.
     self._variables = None if value is None else jax.device_put(value)
-    self._cache = {}
+    self._cache, self._examples = {}, {}
 
   @property
   def pool(self) -> SplitPool:
@@ -252,6 +256,14 @@ class RunEval:
       self._score(masks[todo], [keys[i] for i in todo], splits, desc)
     return {s: [dict(self._cache[(s, k)]) for k in keys] for s in splits}
 
+  def examples(self, masks, split: str) -> dict[str, np.ndarray]:
+    """`{pred [M, n], confidence [M, n], label [n], <attributes> [n]}` of masks already scored
+    on `split` (one of `keep_examples`) with the current `variables`."""
+    keys = [m.tobytes() for m in np.asarray(masks, np.float32)]
+    pred, conf = zip(*[self._examples[(split, k)] for k in keys])
+    arrays = {k: v for k, v in self.pool.arrays[split].items() if k != "mask"}
+    return {"pred": np.stack(pred), "confidence": np.stack(conf), **arrays}
+
   def _score(self, masks, keys, splits, desc) -> None:
     pool = self.pool
     index = np.concatenate([pool.rows[s] for s in splits])
@@ -267,5 +279,9 @@ class RunEval:
       end = start + len(pool.rows[s])
       for key, p, l, c in zip(keys, pred[:, start:end], loss[:, start:end],
                               conf[:, start:end]):
-        self._cache[(s, key)] = self.dataset.metrics(p, l, pool.arrays[s], confidence=c)
+        # `mean_confidence`: what Difference of Confidences reads (heads/estimators.py).
+        self._cache[(s, key)] = {**self.dataset.metrics(p, l, pool.arrays[s], confidence=c),
+                                 "mean_confidence": float(np.mean(c))}
+        if s in self.keep_examples:
+          self._examples[(s, key)] = (p, c)
       start = end

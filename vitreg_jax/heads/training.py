@@ -13,7 +13,9 @@ import jax
 import numpy as np
 
 from vitreg_jax import errors
+from vitreg_jax import roles as roles_lib
 from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import examples as examples_lib
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.training import hooks
 from vitreg_jax.training import train_log
@@ -26,8 +28,11 @@ class TrainingHeadEval:
   """Appends every head's figures, at each evaluation, to `WORKDIR/heads_eval.jsonl`.
 
   One line per (step, split, mask): `{"step", "split", "kind": "full"|"alone", "layer",
-  "head", "accuracy", "spurious_accuracy", ...}` for the full model and each head alone of
-  the layers `config.head_eval` names, on every split but the training one.
+  "head", "accuracy", "spurious_accuracy", "mean_confidence", ...}` for the full model and
+  each head alone of the layers `config.head_eval` names, on every split but the training
+  one; and, on the validation splits only, the same evaluation's per-example predictions and
+  confidences in `WORKDIR/heads_examples/step_*.npz` (heads/examples.py), what the
+  label-free rules read.
   """
 
   def __init__(self, config, model, dataset, workdir: str, start_step: int = 0):
@@ -35,9 +40,13 @@ class TrainingHeadEval:
     self.layers = masks_lib.parse_layers(config.head_eval, depth)
     alone, self.index = masks_lib.head_masks(depth, num_heads, self.layers, "alone")
     self.masks = np.concatenate([np.ones((1, depth, num_heads), np.float32), alone])
-    self.run_eval = evaluate.RunEval(model, None, config, dataset, layers=self.layers)
-    # Lines past `start_step` (written after the checkpoint a resumed run restarts from) go.
+    self.val_splits = validation_splits(dataset)
+    self.run_eval = evaluate.RunEval(model, None, config, dataset, layers=self.layers,
+                                     keep_examples=self.val_splits)
+    # Lines and files past `start_step` (written after the checkpoint a resumed run restarts
+    # from) go.
     self.out = train_log.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
+    self.examples = examples_lib.ExamplesWriter(workdir, start_step)
 
   def __call__(self, step: int, state) -> None:
     """Evaluates the train state's (`params`, `model_state`) masks and appends the lines."""
@@ -48,6 +57,18 @@ class TrainingHeadEval:
                              "head": head, **m}
                             for split, metrics in results.items()
                             for (kind, layer, head), m in zip(keys, metrics)])
+    if self.val_splits:  # The same forward passes' per-example outputs (RunEval keeps them).
+      self.examples.write(step, examples_lib.pack(keys, {
+          s: self.run_eval.examples(self.masks, s) for s in self.val_splits}))
+
+
+def validation_splits(dataset) -> tuple[str, ...]:
+  """The roles' validation splits the dataset evaluates (`val_id`, `val_ood`; one split on
+  Waterbirds' layout; none when the splits fit no layout)."""
+  roles = roles_lib.split_roles(dataset.held_out_splits, dataset.info.attributes,
+                                missing_ok=True)
+  return tuple(s for s in dict.fromkeys((roles.val_id, roles.val_ood))
+               if s in dataset.held_out_splits)
 
 
 class HeadEvalHook(hooks.Hook):
