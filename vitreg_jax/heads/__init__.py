@@ -40,3 +40,7 @@ Command (`__main__.py`)::
 writes `heads.json`, `heads.md`, `heads.png` and the selected mask `head_mask.json` (usable as
 `config.head_mask=DIR/head_mask.json`); `--table` writes `table.md`. See docs/heads.md.
 """
+
+# The rules of heads/label_free.py register on import: any import of the package (the
+# command, the report's table, `rules.get`) can name them.
+from vitreg_jax.heads import label_free  # pylint: disable=unused-import,g-bad-import-order

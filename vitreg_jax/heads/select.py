@@ -22,6 +22,7 @@ import numpy as np
 
 from vitreg_jax import errors
 from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import examples as examples_lib
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import rules
 from vitreg_jax.heads import summary
@@ -47,7 +48,8 @@ def candidate_table(heads: Sequence[dict], full: dict, full_mask, step: int | No
 
 def select(rule: str, heads: Sequence[dict], roles: Roles, full_mask, full: dict, *,
            layers: Sequence[int] = (), score_masks: Callable | None = None,
-           step: int | None = None, **options) -> tuple[np.ndarray, dict]:
+           step: int | None = None, examples: dict | None = None,
+           **options) -> tuple[np.ndarray, dict]:
   """Rule `rule` on one checkpoint's figures: `(mask [depth, heads], selection details)`.
 
   Args:
@@ -55,30 +57,36 @@ def select(rule: str, heads: Sequence[dict], roles: Roles, full_mask, full: dict
     full: the full model's metrics per split.
     layers: the layers a mask search may change; `score_masks(masks, split) -> [metrics]`
       scores new masks (rules with `needs_score_masks` refuse to run without it).
-    options: the rule options (`k`, `topk_score`).
+    examples: the per-example validation outputs of the full model and each head alone
+      (`{"keys", split: {...}}`, heads/examples.py), what the label-free rules read.
+    options: the rule options (`k`, `topk_score`, `ood_labels`, `ood_draw`).
   Raises:
     UserError: an unknown rule, or one that finds nothing it reads on these figures.
   """
   context = rules.Context(candidate_table(heads, full, full_mask, step), roles, options,
-                          tuple(layers), score_masks)
+                          tuple(layers), score_masks,
+                          {"examples": {step: examples} if examples else {}})
   choice = rules.choose(rule, context)
   if choice is None:
     rule_obj = rules.get(rule)
     raise errors.UserError(
         f"Selection rule {rule!r} reads {rule_obj.reads}, which this run's figures lack (a "
         "dataset without groups has no worst_group_accuracy, one without a spurious "
-        "attribute no conflict_accuracy): use another --select.")
+        "attribute no conflict_accuracy, one whose ID and OOD validation roles are one split "
+        "no separate OOD inputs): use another --select.")
   return np.asarray(choice.candidate.mask, np.float32), dict(choice.details)
 
 
 def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = None,
-            topk_score: str = "ood", step: int | None = None, progress: bool = True) -> dict:
+            topk_score: str = "ood", step: int | None = None, progress: bool = True,
+            ood_labels: int | None = None, ood_draw: int = 0) -> dict:
   """Per-head evaluation of a run's checkpoint and a head selection (the `heads.json` dict).
 
   Args:
     workdir: a training run's workdir (`config.json` + checkpoints).
     layer: the layer(s) whose heads are evaluated and selected: -1 (last), 'all', '0,3'.
-    rule: a registered selection rule (`rules.names()`); `k`, `topk_score` for `topk`.
+    rule: a registered selection rule (`rules.names()`); `k`, `topk_score` for `topk`;
+      `ood_labels` (k) and `ood_draw` (the draw's seed) for `ood_k`.
     step: the checkpoint (default: newest).
   Returns:
     dict with `heads` (per head: `layer`, `head`, per split head-alone `accuracy` and
@@ -93,8 +101,9 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   layers = masks_lib.parse_layers(layer, depth)
   splits = dataset.held_out_splits
   roles = split_roles(splits, dataset.info.attributes)
+  val_splits = tuple(dict.fromkeys((roles.val_id, roles.val_ood)))
   run_eval = evaluate.RunEval(run.model, run.variables, run.config, dataset, splits,
-                              layers=layers, progress=progress)
+                              layers=layers, progress=progress, keep_examples=val_splits)
   full_mask = np.ones((depth, num_heads), np.float32)
   alone, index = masks_lib.head_masks(depth, num_heads, layers, "alone")
   removed, _ = masks_lib.head_masks(depth, num_heads, layers, "removed")
@@ -108,10 +117,15 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
             "removed": {s: results[s][1 + n + i] for s in splits}}
            for i, (l, h) in enumerate(index)]
   full = {s: results[s][0] for s in splits}
+  scored = np.concatenate([full_mask[None], alone])  # The label-free rules' candidates.
+  examples = examples_lib.unpack(examples_lib.pack(
+      [("full", None, None)] + [("alone", l, h) for l, h in index],
+      {s: run_eval.examples(scored, s) for s in val_splits}))
   def score_masks(masks, split):
     return run_eval(masks, [split], desc=rule)[split]
   mask, selection = select(rule, heads, roles, full_mask, full, layers=layers,
-                           score_masks=score_masks, step=run.step, k=k, topk_score=topk_score)
+                           score_masks=score_masks, step=run.step, examples=examples, k=k,
+                           topk_score=topk_score, ood_labels=ood_labels, ood_draw=ood_draw)
   selected = run_eval(mask[None], desc="selected")
   result = {
       "workdir": workdir if "://" in str(workdir) else os.path.abspath(workdir),
