@@ -139,3 +139,11 @@ def test_subset_scores_and_first_best_equal_the_loops(grouped):
     assert estimators.first_best(scores)[d] == best
   assert estimators.draw_weights(n, n + 3, 6).shape == (n, 1)  # All: one draw.
   assert estimators.first_best(np.full((2, 1), np.nan))[0] == -1
+
+
+def test_first_best_breaks_ties_on_the_estimate():
+  scores = np.array([[0.5, 1.0], [0.75, 1.0], [0.75, 0.25]])
+  np.testing.assert_array_equal(estimators.first_best(scores), [1, 0])
+  # Rows 1 and 2 tie in column 0 (row 2's estimate wins), rows 0 and 1 in column 1.
+  np.testing.assert_array_equal(estimators.first_best(scores, np.array([0.9, 0.1, 0.3])), [2, 0])
+  np.testing.assert_array_equal(estimators.first_best(scores, np.array([0.1, 0.5, 0.5])), [1, 1])

@@ -22,7 +22,8 @@ from vitreg_jax.roles import split_roles
 
 import testutil
 
-NEW_RULES = ("id_errors", "id_low_confidence", "atc", "doc", "aline", "disagreement", "ood_k")
+NEW_RULES = ("id_errors", "id_low_confidence", "atc", "doc", "aline", "disagreement", "ood_k",
+             "ood_k_atc")
 ROLES = split_roles(["val_id", "val_ood", "test_id", "test_ood"])
 
 
@@ -92,6 +93,10 @@ def test_each_rule_chooses_over_the_logs_of_a_tiny_run(runs):
   bare = summary.summarize(records, ROLES, NEW_RULES)
   assert bare["doc"] == got["doc"]
   assert all(bare[n] is None for n in NEW_RULES if n != "doc")
+  # Estimate, then confirm: on k labels ood_k_atc keeps a head tied best with ood_k's.
+  ctx4 = rules.Context(table, ROLES, {"ood_labels": 4}, data={"examples": examples})
+  plain, confirmed = rules.choose("ood_k", ctx4), rules.choose("ood_k_atc", ctx4)
+  assert confirmed.score == plain.score
 
 
 @pytest.mark.parametrize("rule", NEW_RULES)
@@ -141,6 +146,7 @@ def test_k_label_curve_ends_at_the_oracle(runs):
           best, top = (step, layer, head), hits
     chosen.append(test[best])
   assert curve["ood"][0] == pytest.approx(100 * np.mean(chosen))
+  assert len(curve["ood_atc"]) == len(curve["k"]) and all(0 <= v <= 100 for v in curve["ood_atc"])
   assert label_free.DEFAULT_OOD_LABELS == 16
 
 

@@ -143,12 +143,19 @@ def subset_scores(correct, weights, groups=None) -> np.ndarray:
   return np.nanmean(np.stack(per_group), axis=0)
 
 
-def first_best(scores) -> np.ndarray:
+def first_best(scores, tiebreak=None) -> np.ndarray:
   """`[D]`: per column of `scores` `[M, D]`, the first row with the highest score (nan never
-  wins; a column of nans gives -1)."""
+  wins; a column of nans gives -1); with `tiebreak` `[M]`, the rows tied at the highest
+  score are compared on it first (estimate, then confirm: the k labels decide, an estimate
+  breaks their ties)."""
   scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
-  best = np.argmax(scores, axis=0)
-  return np.where(np.isneginf(scores.max(axis=0)), -1, best)
+  top = scores.max(axis=0)
+  if tiebreak is None:
+    best = np.argmax(scores, axis=0)
+  else:
+    tiebreak = np.where(np.isnan(tiebreak), -np.inf, np.asarray(tiebreak, np.float64))
+    best = np.argmax(np.where(scores == top, tiebreak[:, None], -np.inf), axis=0)
+  return np.where(np.isneginf(top), -1, best)
 
 
 def low_confidence_set(confidence, correct) -> np.ndarray:

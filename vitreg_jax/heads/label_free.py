@@ -29,7 +29,9 @@ holds, and the first best in the authors' tie order wins (`rules.tie_key`):
    (Waterbirds' layout) there are no separate OOD inputs: these rules choose nothing.
 3. k OOD validation labels: `ood_k`, the oracle on a random draw of k labelled OOD validation
    examples (`--ood_labels`, default 16; draw seed `--ood_draw`, default 0): all of them give
-   the oracle. heads/k_labels.py averages it over draws for the k-label curve.
+   the oracle. `ood_k_atc` (estimate, then confirm) breaks the ties among the heads best on
+   the k labels by their ATC estimate (it reads the unlabeled OOD inputs too). The k-label
+   curve (heads/k_labels.py) averages both over draws.
 """
 
 from __future__ import annotations
@@ -187,24 +189,67 @@ def ood_split_groups(ctx: rules.Context, data: dict) -> np.ndarray | None:
   return data.get("group") if ctx.roles.ood_metric == "mean_group_accuracy" else None
 
 
-def _ood_k(ctx: rules.Context) -> rules.Choice | None:
-  o = ctx.roles.val_ood
-  all_steps = steps(ctx, kinds=("alone",))
-  if not all_steps:
-    return None
+class KLabelCandidates:
+  """The k-label rules' candidates: every step's heads alone (the oracle's), in the tie
+  order, with what choosing on k labels reads.
+
+  Attributes:
+    candidates: `rules.Candidate`s; correct: `[C, n]` bool on the OOD validation split;
+    groups: `[n]` group labels where the OOD metric averages over groups, else None;
+    atc: `[C]` ATC estimates (the tie-break of `ood_k_atc`; nan without separate OOD inputs).
+  """
+
+  def __init__(self, ctx: rules.Context, all_steps: list[Step]):
+    o, i = ctx.roles.val_ood, ctx.roles.val_id
+    rows = sorted(((st, r, c) for st in all_steps for r, c in enumerate(st.candidates)),
+                  key=lambda t: rules.tie_key(t[2]))
+    self.candidates = [c for _, _, c in rows]
+    self.correct = np.stack([st.correct(o)[r] for st, r, _ in rows])
+    self.groups = ood_split_groups(ctx, all_steps[0].data[o])
+    self.atc = np.array([estimators.atc(st.data[i]["confidence"][r], st.correct(i)[r],
+                                        st.data[o]["confidence"][r])
+                         if _separate_ood(ctx) else np.nan for st, r, _ in rows])
+
+  @classmethod
+  def of(cls, ctx: rules.Context) -> "KLabelCandidates | None":
+    all_steps = steps(ctx, kinds=("alone",))
+    return cls(ctx, all_steps) if all_steps else None
+
+  @property
+  def num_examples(self) -> int:
+    return self.correct.shape[1]
+
+  def choose(self, weights, confirm: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`(chosen row [D], its score [D])` per draw (`weights` `[n, D]`,
+    `estimators.draw_weights`): the first best on the drawn labels, ties broken by the ATC
+    estimate when `confirm`."""
+    scores = estimators.subset_scores(self.correct, weights, self.groups)
+    chosen = estimators.first_best(scores, self.atc if confirm else None)
+    return chosen, scores[chosen, np.arange(scores.shape[1])]
+
+
+def ood_labels(ctx: rules.Context) -> int:
   k = int(ctx.options.get("ood_labels") or DEFAULT_OOD_LABELS)
   if k < 1:
     raise errors.UserError(f"--ood_labels must be at least 1 (the labelled OOD validation "
-                           f"examples ood_k reads), got {k}.")
-  seed = int(ctx.options.get("ood_draw") or 0)
-  labels = all_steps[0].data[o]
-  weights = estimators.draw_weights(len(labels["label"]), k, 1, seed)
-  groups = ood_split_groups(ctx, labels)
-  scored = []
-  for st in all_steps:
-    scores = estimators.subset_scores(st.correct(o), weights, groups)[:, 0]
-    scored += list(zip(st.candidates, scores))
-  return best(scored, "ood_k", ood_labels=min(k, len(labels["label"])), ood_draw=seed)
+                           f"examples the k-label rules read), got {k}.")
+  return k
+
+
+def _k_label_rule(confirm: bool):
+  def choose(ctx: rules.Context) -> rules.Choice | None:
+    found = KLabelCandidates.of(ctx)
+    if found is None:
+      return None
+    k, seed = ood_labels(ctx), int(ctx.options.get("ood_draw") or 0)
+    weights = estimators.draw_weights(found.num_examples, k, 1, seed)
+    (row,), (score,) = found.choose(weights, confirm)
+    if row < 0:
+      return None
+    c = found.candidates[row]
+    return best([(c, score)], "ood_k_atc" if confirm else "ood_k",
+                ood_labels=min(k, found.num_examples), ood_draw=seed)
+  return choose
 
 
 for _rule in (
@@ -229,8 +274,13 @@ for _rule in (
                _disagreement,
                "at the step of the best full model on ID validation, the head alone whose "
                "disagreement with the full model grows most from ID to OOD inputs (DivDis)"),
-    rules.Rule("ood_k", "k OOD labels (--ood_labels=K, default 16, one random draw)", _ood_k,
+    rules.Rule("ood_k", "k OOD labels (--ood_labels=K, default 16, one random draw)",
+               _k_label_rule(False),
                "the head alone with the best OOD validation score on k random labelled "
                "examples (the oracle on k labels)"),
+    rules.Rule("ood_k_atc", "k OOD labels (--ood_labels=K, one random draw) and unlabeled OOD "
+               "inputs", _k_label_rule(True),
+               "as ood_k, the heads tied on the k labels compared on their ATC estimate "
+               "(estimate, then confirm)"),
 ):
   rules.register(_rule)
