@@ -42,7 +42,8 @@ def test_atc_recovers_the_accuracy_where_it_is_exact():
   correct = np.array([0, 0, 0, 1, 1, 1, 1, 1], bool)
   assert estimators.atc_threshold(conf, correct) == 0.7
   assert estimators.atc(conf, correct, conf) == 5 / 8
-  assert estimators.atc(conf, correct, conf - 0.2) == 3 / 8  # 0.9, 0.95, 0.99 shifted: still >= 0.7.
+  # 0.9, 0.95 and 0.99 shifted down by 0.2 stay at or above 0.7.
+  assert estimators.atc(conf, correct, conf - 0.2) == 3 / 8
   assert estimators.atc(conf, correct, conf - 0.3) == 0.0
   assert estimators.atc(conf, np.zeros(8, bool), conf) == 0.0  # All wrong: t = +inf.
   np.testing.assert_array_equal(estimators.low_confidence_set(conf, correct), ~correct)

@@ -85,8 +85,7 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   Args:
     workdir: a training run's workdir (`config.json` + checkpoints).
     layer: the layer(s) whose heads are evaluated and selected: -1 (last), 'all', '0,3'.
-    rule: a registered selection rule (`rules.names()`); `k`, `topk_score` for `topk`;
-      `ood_labels` (k) and `ood_draw` (the draw's seed) for `ood_k`.
+    rule: a registered rule (`rules.names()`); options: `k`, `topk_score`, `ood_labels`, `ood_draw`.
     step: the checkpoint (default: newest).
   Returns:
     dict with `heads` (per head: `layer`, `head`, per split head-alone `accuracy` and
@@ -101,7 +100,7 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   layers = masks_lib.parse_layers(layer, depth)
   splits = dataset.held_out_splits
   roles = split_roles(splits, dataset.info.attributes)
-  val_splits = tuple(dict.fromkeys((roles.val_id, roles.val_ood)))
+  val_splits = tuple(dict.fromkeys((roles.val_id, roles.val_ood)))  # One on Waterbirds.
   run_eval = evaluate.RunEval(run.model, run.variables, run.config, dataset, splits,
                               layers=layers, progress=progress, keep_examples=val_splits)
   full_mask = np.ones((depth, num_heads), np.float32)
@@ -117,15 +116,12 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
             "removed": {s: results[s][1 + n + i] for s in splits}}
            for i, (l, h) in enumerate(index)]
   full = {s: results[s][0] for s in splits}
-  scored = np.concatenate([full_mask[None], alone])  # The label-free rules' candidates.
-  examples = examples_lib.unpack(examples_lib.pack(
-      [("full", None, None)] + [("alone", l, h) for l, h in index],
-      {s: run_eval.examples(scored, s) for s in val_splits}))
   def score_masks(masks, split):
     return run_eval(masks, [split], desc=rule)[split]
-  mask, selection = select(rule, heads, roles, full_mask, full, layers=layers,
-                           score_masks=score_masks, step=run.step, examples=examples, k=k,
-                           topk_score=topk_score, ood_labels=ood_labels, ood_draw=ood_draw)
+  mask, selection = select(
+      rule, heads, roles, full_mask, full, layers=layers, score_masks=score_masks,
+      step=run.step, examples=candidate_examples(run_eval, full_mask, alone, index, val_splits),
+      k=k, topk_score=topk_score, ood_labels=ood_labels, ood_draw=ood_draw)
   selected = run_eval(mask[None], desc="selected")
   result = {
       "workdir": workdir if "://" in str(workdir) else os.path.abspath(workdir),
@@ -141,6 +137,16 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   if records:
     result["epoch_oracle"] = epoch_oracle(records, roles)
   return result
+
+
+def candidate_examples(run_eval, full_mask, alone, index, splits) -> dict:
+  """The full model's and each head alone's per-example outputs on `splits` (already scored
+  by `run_eval`), as the label-free rules read them over the logs: through heads/examples.py's
+  `pack` / `unpack` (float16 confidences), so one rule means the same on a checkpoint."""
+  masks = np.concatenate([full_mask[None], alone])
+  return examples_lib.unpack(examples_lib.pack(
+      [("full", None, None)] + [("alone", l, h) for l, h in index],
+      {s: run_eval.examples(masks, s) for s in splits}))
 
 
 def epoch_oracle(records: list[dict], roles: Roles) -> dict:
