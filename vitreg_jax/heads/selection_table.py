@@ -10,7 +10,8 @@ tested on the OOD test figure of the roles, roles.py):
   the authors' BEST HEAD; mean ± std over the runs where it is defined. A run where the
   oracle equals the full model has no gain to recover: it is left out and counted
   (`undefined`); a run where a rule chose nothing (it lacks what the rule reads) is counted
-  in `n/a`.
+  in `n/a`. Where the oracle tests below the full model the fraction's sign flips (the
+  per-run figures are in `table.json`).
 `--out DIR` writes `table.md` (both tables), `table.json` (these rows and the k-label
 curves, heads/k_labels.py) and `k_labels.png`.
 """
