@@ -14,9 +14,11 @@ from etils import epath
 
 from vitreg_jax import errors
 from vitreg_jax import heads
+from vitreg_jax.heads import label_free
 from vitreg_jax.heads import outputs
 from vitreg_jax.heads import rules
 from vitreg_jax.heads import select
+from vitreg_jax.heads import selection_table
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import tables
 from vitreg_jax.training import rundir
@@ -33,11 +35,19 @@ def _parser() -> argparse.ArgumentParser:
                       + rules.describe())
   p.add_argument("--k", type=int, default=None, help="heads kept per layer by --select=topk")
   p.add_argument("--topk_score", default="ood", choices=rules.TOPK_SCORES)
+  p.add_argument("--ood_labels", type=int, default=None, metavar="K",
+                 help="labelled OOD validation examples --select=ood_k reads (default "
+                      f"{label_free.DEFAULT_OOD_LABELS}; more than the split: all of them)")
+  p.add_argument("--ood_draw", type=int, default=0,
+                 help="the seed of --select=ood_k's random draw of --ood_labels examples")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--out", default=None, help="output directory (default: the workdir)")
   p.add_argument("--table", nargs="+", metavar="WORKDIR",
                  help="print the poster's table over these runs, from their per-eval head "
-                      "figures (heads_eval.jsonl), one row per selection rule")
+                      "figures (heads_eval.jsonl), one row per selection rule, then each "
+                      "rule's OOD accuracy and fraction of the oracle's gain recovered; with "
+                      "--out also table.json and k_labels.png (OOD test accuracy of the oracle "
+                      "on k OOD validation labels)")
   summary.add_arguments(p, "--table")
   p.add_argument("--rules_module", action="append", default=[], metavar="MODULE",
                  help="import MODULE first, so that the rules it registers can be named")
@@ -58,15 +68,23 @@ def _import_rule_modules(argv) -> None:
 
 
 def _table(args) -> int:
+  """The poster's table (its +SEL rows: `--select`, default `summary.TABLE_RULES`), then the
+  table of every rule's gain recovered (`--select`, default every rule that runs over
+  records) and, with `--out`, table.md, table.json and k_labels.png."""
   rule_names = tuple(args.select.split(",")) if args.select else summary.TABLE_RULES
   table = tables.poster_table(args.table, statistic=args.statistic, rules=rule_names,
                               std=args.std)
   if table is None:
     raise errors.UserError("none of these runs has evaluations to tabulate.")
-  table = table.markdown()
-  print(table)
+  selection = selection_table.build(
+      args.table, rule_names if args.select else rules.names(records=True),
+      statistic=args.statistic, std=args.std)
+  text = table.markdown() + "\n" + selection_table.markdown(selection)
+  print(text)
   if args.out:
-    rundir.write_text(epath.Path(args.out) / "table.md", table)
+    rundir.write_text(epath.Path(args.out) / "table.md", text)
+    paths = selection_table.write(selection, args.out)
+    print("Wrote " + ", ".join([str(epath.Path(args.out) / "table.md"), *paths.values()]))
   return 0
 
 
@@ -80,7 +98,8 @@ def main(argv=None) -> int:
       return _table(args)
     result = select.analyze(args.workdir, step=args.step, layer=args.layer,
                             rule=args.select or "oracle", k=args.k,
-                            topk_score=args.topk_score, progress=not args.no_progress)
+                            topk_score=args.topk_score, progress=not args.no_progress,
+                            ood_labels=args.ood_labels, ood_draw=args.ood_draw)
     paths = outputs.write_outputs(result, args.out or args.workdir)
     print(outputs.markdown(result))
     print("Wrote " + ", ".join(paths.values()))

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import io
 import re
+import collections.abc
 from typing import Mapping, Sequence
 
-import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -71,11 +71,13 @@ def pack(keys: Sequence[tuple], splits: Mapping[str, Mapping[str, np.ndarray]]) 
 
 
 class ExamplesWriter:
-  """Writes one step's per-example arrays (process 0); drops files past `start_step`."""
+  """Writes one step's per-example arrays; drops files past `start_step`. `enabled`: whether
+  this process writes (process 0's; the caller knows, so this module imports no jax and the
+  readers, the report's included, stay light)."""
 
-  def __init__(self, workdir, start_step: int = 0):
+  def __init__(self, workdir, start_step: int = 0, *, enabled: bool = True):
     self.folder = epath.Path(workdir) / EXAMPLES_DIR
-    self.enabled = jax.process_index() == 0
+    self.enabled = enabled
     if self.enabled and self.folder.exists():
       for step, path in _files(self.folder):
         if step > start_step:  # Written after the checkpoint the run resumes from.
@@ -106,12 +108,18 @@ def steps(workdir) -> tuple[int, ...]:
 
 
 def load(workdir, step: int) -> dict:
-  """One step's file as `{"keys": [(kind, layer, head)], split: {name: array}}` (float32
-  confidences, int32 predictions, labels and attributes; layer / head None for the full
-  model)."""
+  """One step's file, `unpack`ed."""
   path = epath.Path(workdir) / EXAMPLES_DIR / file_name(step)
   with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
+    return unpack({k: f[k] for k in f.files})
+
+
+def unpack(arrays: Mapping[str, np.ndarray]) -> dict:
+  """`pack`'s arrays as `{"keys": [(kind, layer, head)], split: {name: array}}` (float32
+  confidences, int32 predictions, labels and attributes; layer / head None for the full
+  model). `heads --select` reads its checkpoint's outputs through `pack` and this too, so a
+  rule sees the same float16 confidences on a checkpoint as over the logs."""
+  arrays = dict(arrays)
   none = lambda v: None if v < 0 else int(v)
   out = {"keys": [(str(k), none(l), none(h))
                   for k, l, h in zip(arrays.pop("kind"), arrays.pop("layer"),
@@ -126,3 +134,29 @@ def load(workdir, step: int) -> dict:
 def read(workdir) -> dict[int, dict]:
   """Every step's file (`load`), by step; empty for a run without them."""
   return {s: load(workdir, s) for s in steps(workdir)}
+
+
+class Lazy(collections.abc.Mapping):
+  """`read(workdir)` as a mapping that reads each step's file on first access (the rules that
+  need no per-example outputs read none)."""
+
+  def __init__(self, workdir):
+    self.workdir, self._loaded, self._steps = workdir, {}, None
+
+  def _all_steps(self) -> tuple[int, ...]:
+    if self._steps is None:
+      self._steps = steps(self.workdir)
+    return self._steps
+
+  def __getitem__(self, step):
+    if step not in self._all_steps():
+      raise KeyError(step)
+    if step not in self._loaded:
+      self._loaded[step] = load(self.workdir, step)
+    return self._loaded[step]
+
+  def __iter__(self):
+    return iter(self._all_steps())
+
+  def __len__(self) -> int:
+    return len(self._all_steps())

@@ -22,6 +22,7 @@ import numpy as np
 
 from vitreg_jax import errors
 from vitreg_jax.heads import evaluate
+from vitreg_jax.heads import examples as examples_lib
 from vitreg_jax.heads import masks as masks_lib
 from vitreg_jax.heads import rules
 from vitreg_jax.heads import summary
@@ -47,7 +48,8 @@ def candidate_table(heads: Sequence[dict], full: dict, full_mask, step: int | No
 
 def select(rule: str, heads: Sequence[dict], roles: Roles, full_mask, full: dict, *,
            layers: Sequence[int] = (), score_masks: Callable | None = None,
-           step: int | None = None, **options) -> tuple[np.ndarray, dict]:
+           step: int | None = None, examples: dict | None = None,
+           **options) -> tuple[np.ndarray, dict]:
   """Rule `rule` on one checkpoint's figures: `(mask [depth, heads], selection details)`.
 
   Args:
@@ -55,30 +57,35 @@ def select(rule: str, heads: Sequence[dict], roles: Roles, full_mask, full: dict
     full: the full model's metrics per split.
     layers: the layers a mask search may change; `score_masks(masks, split) -> [metrics]`
       scores new masks (rules with `needs_score_masks` refuse to run without it).
-    options: the rule options (`k`, `topk_score`).
+    examples: the per-example validation outputs of the full model and each head alone
+      (`{"keys", split: {...}}`, heads/examples.py), what the label-free rules read.
+    options: the rule options (`k`, `topk_score`, `ood_labels`, `ood_draw`).
   Raises:
     UserError: an unknown rule, or one that finds nothing it reads on these figures.
   """
   context = rules.Context(candidate_table(heads, full, full_mask, step), roles, options,
-                          tuple(layers), score_masks)
+                          tuple(layers), score_masks,
+                          {"examples": {step: examples} if examples else {}})
   choice = rules.choose(rule, context)
   if choice is None:
     rule_obj = rules.get(rule)
     raise errors.UserError(
         f"Selection rule {rule!r} reads {rule_obj.reads}, which this run's figures lack (a "
         "dataset without groups has no worst_group_accuracy, one without a spurious "
-        "attribute no conflict_accuracy): use another --select.")
+        "attribute no conflict_accuracy, one whose ID and OOD validation roles are one split "
+        "no separate OOD inputs): use another --select.")
   return np.asarray(choice.candidate.mask, np.float32), dict(choice.details)
 
 
 def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = None,
-            topk_score: str = "ood", step: int | None = None, progress: bool = True) -> dict:
+            topk_score: str = "ood", step: int | None = None, progress: bool = True,
+            ood_labels: int | None = None, ood_draw: int = 0) -> dict:
   """Per-head evaluation of a run's checkpoint and a head selection (the `heads.json` dict).
 
   Args:
     workdir: a training run's workdir (`config.json` + checkpoints).
     layer: the layer(s) whose heads are evaluated and selected: -1 (last), 'all', '0,3'.
-    rule: a registered selection rule (`rules.names()`); `k`, `topk_score` for `topk`.
+    rule: a registered rule (`rules.names()`); options: `k`, `topk_score`, `ood_labels`, `ood_draw`.
     step: the checkpoint (default: newest).
   Returns:
     dict with `heads` (per head: `layer`, `head`, per split head-alone `accuracy` and
@@ -93,8 +100,9 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   layers = masks_lib.parse_layers(layer, depth)
   splits = dataset.held_out_splits
   roles = split_roles(splits, dataset.info.attributes)
+  val_splits = tuple(dict.fromkeys((roles.val_id, roles.val_ood)))  # One on Waterbirds.
   run_eval = evaluate.RunEval(run.model, run.variables, run.config, dataset, splits,
-                              layers=layers, progress=progress)
+                              layers=layers, progress=progress, keep_examples=val_splits)
   full_mask = np.ones((depth, num_heads), np.float32)
   alone, index = masks_lib.head_masks(depth, num_heads, layers, "alone")
   removed, _ = masks_lib.head_masks(depth, num_heads, layers, "removed")
@@ -110,8 +118,10 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   full = {s: results[s][0] for s in splits}
   def score_masks(masks, split):
     return run_eval(masks, [split], desc=rule)[split]
-  mask, selection = select(rule, heads, roles, full_mask, full, layers=layers,
-                           score_masks=score_masks, step=run.step, k=k, topk_score=topk_score)
+  mask, selection = select(
+      rule, heads, roles, full_mask, full, layers=layers, score_masks=score_masks,
+      step=run.step, examples=candidate_examples(run_eval, full_mask, alone, index, val_splits),
+      k=k, topk_score=topk_score, ood_labels=ood_labels, ood_draw=ood_draw)
   selected = run_eval(mask[None], desc="selected")
   result = {
       "workdir": workdir if "://" in str(workdir) else os.path.abspath(workdir),
@@ -127,6 +137,16 @@ def analyze(workdir: str, *, layer="-1", rule: str = "oracle", k: int | None = N
   if records:
     result["epoch_oracle"] = epoch_oracle(records, roles)
   return result
+
+
+def candidate_examples(run_eval, full_mask, alone, index, splits) -> dict:
+  """The full model's and each head alone's per-example outputs on `splits` (already scored
+  by `run_eval`), as the label-free rules read them over the logs: through heads/examples.py's
+  `pack` / `unpack` (float16 confidences), so one rule means the same on a checkpoint."""
+  masks = np.concatenate([full_mask[None], alone])
+  return examples_lib.unpack(examples_lib.pack(
+      [("full", None, None)] + [("alone", l, h) for l, h in index],
+      {s: run_eval.examples(masks, s) for s in splits}))
 
 
 def epoch_oracle(records: list[dict], roles: Roles) -> dict:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from etils import epath
 
 from vitreg_jax import errors
+from vitreg_jax.heads import examples as examples_lib
 from vitreg_jax.heads import rules as rules_lib
+from vitreg_jax import roles as roles_lib
 from vitreg_jax.roles import Roles
 
 HEAD_EVAL_FILE = "heads_eval.jsonl"
@@ -67,8 +69,16 @@ def read_head_eval(workdir: str) -> list[dict]:
   return list(latest.values())
 
 
-def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "authors"
-           ) -> rules_lib.Choice | None:
+def run_roles(records: Sequence[dict], config: Mapping) -> Roles:
+  """The roles of the splits a run meant to evaluate (its records' and its config's
+  `data.eval_splits`): a lost split shows as missing, never as an error."""
+  splits = {r["split"] for r in records} | set(config["data"].get("eval_splits") or [])
+  return roles_lib.split_roles(sorted(splits), dataset=config["data"]["name"],
+                               missing_ok=True)
+
+
+def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "authors",
+           examples: Mapping | None = None) -> rules_lib.Choice | None:
   """The candidate a row reports (`rules.Choice`), None when nothing was logged for it.
 
   Args:
@@ -76,6 +86,8 @@ def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "a
     rule: 'full' (the ERM / DIV row: the full model at the step best on OOD validation) or a
       registered selection rule (`rules.names(records=True)`).
     statistic: 'authors' (choose the step too) or 'final' (the last evaluation only).
+    examples: the run's per-example validation outputs by step (`examples.read` or
+      `examples.Lazy`; `Context.data["examples"]`), what the label-free rules read.
   """
   if statistic not in STATISTICS:
     raise errors.UserError(f"--statistic must be one of {STATISTICS}, got {statistic!r}.")
@@ -83,7 +95,8 @@ def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "a
   if statistic == "final" and table.steps:
     table = table.where(step=table.steps[-1])
   if rule != "full":
-    return rules_lib.choose(rule, rules_lib.Context(table, roles))
+    return rules_lib.choose(rule, rules_lib.Context(table, roles,
+                                                    data={"examples": examples or {}}))
   full = table.where(kinds=("full",))
   if statistic == "final":  # No choice to make: the last evaluation's full model.
     return rules_lib.Choice(full.candidates[0], math.nan) if len(full) else None
@@ -91,16 +104,20 @@ def choose(records: Sequence[dict], roles: Roles, rule: str, statistic: str = "a
 
 
 def summarize(records: Sequence[dict], roles: Roles, rules: Sequence[str] = TABLE_RULES,
-              statistic: str = "authors") -> dict:
+              statistic: str = "authors", workdir: str | None = None) -> dict:
   """Per row (`full` and each rule): the chosen `step`, `kind`, `layer`, `head`, `score` and
-  the metrics of that choice on every logged split (`metrics`: {split: {...}})."""
+  the metrics of that choice on every logged split (`metrics`: {split: {...}}).
+
+  `workdir`: the run, whose `heads_examples/` files the label-free rules read (loaded on
+  first use; without it, or without the files, those rules choose nothing: an empty row)."""
   if not records:
     raise errors.UserError("No per-eval head figures: train with config.head_eval='-1' (the "
                            "poster configs and the quickstart do) to get the authors' "
                            "statistics.")
   out = {}
+  examples = examples_lib.Lazy(workdir) if workdir else None
   for rule in ("full", *rules):
-    choice = choose(records, roles, rule, statistic)
+    choice = choose(records, roles, rule, statistic, examples)
     c = choice and choice.candidate
     out[rule] = c and {"step": c.step, "kind": c.kind, "layer": c.layer, "head": c.head,
                        "score": choice.score, "metrics": {s: dict(m) for s, m in

@@ -46,7 +46,8 @@ class TrainingHeadEval:
     # Lines and files past `start_step` (written after the checkpoint a resumed run restarts
     # from) go.
     self.out = train_log.JsonlWriter(workdir, start_step, name=HEAD_EVAL_FILE)
-    self.examples = examples_lib.ExamplesWriter(workdir, start_step)
+    self.examples = examples_lib.ExamplesWriter(workdir, start_step,
+                                                enabled=jax.process_index() == 0)
 
   def __call__(self, step: int, state) -> None:
     """Evaluates the train state's (`params`, `model_state`) masks and appends the lines."""

@@ -20,7 +20,6 @@ from etils import epath
 import numpy as np
 
 from vitreg_jax import metrics
-from vitreg_jax import roles as roles_lib
 from vitreg_jax.heads import rules as rules_lib
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import papers
@@ -281,10 +280,9 @@ def poster_rows(workdirs: Sequence[str], *, statistic: str = "authors",
       continue
     dataset = config["data"]["name"]
     datasets.add(dataset)
-    # The roles of the splits the run meant to evaluate: a lost split shows as missing.
-    splits = {r["split"] for r in records} | set(config["data"].get("eval_splits") or [])
-    roles = roles_lib.split_roles(sorted(splits), dataset=dataset, missing_ok=True)
-    chosen = summary.summarize(records, roles, rules if has_heads else (), statistic)
+    roles = summary.run_roles(records, config)
+    chosen = summary.summarize(records, roles, rules if has_heads else (), statistic,
+                               workdir=workdir)
     method = papers.method(config)
     label = (labels or {}).get(workdir, method)
     for rule in ("full", *(rules if has_heads else ())):
