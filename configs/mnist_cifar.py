@@ -33,6 +33,15 @@ Arguments (`:key=value,...`):
             architecture, in every row, ERM included; true is our ablation, not theirs).
   runlocal  a 20-step smoke run: the same model with 2 blocks and heads of size 16, small
             batches.
+  init      path of one of the authors' released checkpoints (ArmandNM/diverse-vit,
+            `checkpoints/ckpt_erm_ep37.pth`, `ckpt_diverse_ep34.pth`) converted to `.npz` by
+            `tools/convert_diverse_vit.py` (default '': none). Sets `init_from` (kind
+            'diverse_vit', their head kept) and the input scaling their model expects: [0, 1]
+            pixels, no mean / std (their `utils.get_dataset`: `ToTensor()` only, on data built
+            with `normalize=False`), instead of this config's [-1, 1]. Import it as a run with
+            `python -m vitreg_jax.import_weights --config=configs/mnist_cifar.py:init=P.npz
+            --workdir=DIR`, then `heads` / the analyses read DIR; data=mnist_cifar only (the
+            checkpoints are of 64 x 32 MNIST-CIFAR), with the default `residual`.
 
 Every row (ERM, DIV code and paper) trains the authors' architecture: their
 `Transformer.forward` (diverse_vit/models/vision_transformer.py) has no residual around the
@@ -87,7 +96,7 @@ def get_config(arg=None):
   """Returns the MNIST-CIFAR ERM / DIV config for the argument string `arg`."""
   arg = config_lib.parse_arg(arg, reg="erm", div="code", weight=-1.0, seed=0,
                              agreement=0.9, data="mnist_cifar", steps=600, epochs=0,
-                             lr=-1.0, residual=False, runlocal=False,
+                             lr=-1.0, residual=False, runlocal=False, init="",
                              seeds=2, table=False)  # seeds, table: get_sweep's, unused here
   _check_choices(arg)
   config = config_lib.ml_collections.ConfigDict()
@@ -113,6 +122,8 @@ def get_config(arg=None):
   config.keep_checkpoints = 2
   if arg.data == "dominoes":
     _use_dominoes(config, arg)
+  if arg.init:
+    _use_authors_checkpoint(config, arg)
 
   if arg.runlocal:
     config.model.update(depth=2, head_dim=16)
@@ -179,6 +190,20 @@ def _use_dominoes(config, arg):
                            boundaries=(int(0.7 * arg.steps), int(0.8 * arg.steps)),
                            decay_factor=0.1)
   config.checkpoint_every_steps = config.eval_every_steps * 4
+
+
+# The authors' MNIST-CIFAR inputs: [0, 1] pixels (`ToTensor()` alone, module docstring `init`).
+UNIT_RANGE = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def _use_authors_checkpoint(config, arg):
+  """Starts from one of the authors' checkpoints (`init`): their weights, head included, and
+  their input scaling."""
+  if arg.data != "mnist_cifar" or arg.residual or arg.runlocal:
+    raise ValueError("init= loads the authors' MNIST-CIFAR model: use it with data=mnist_cifar, "
+                     "without residual or runlocal (the checkpoint fixes the architecture).")
+  config.init_from = dict(path=arg.init, kind="diverse_vit", reset_head=False)
+  config.data.update(UNIT_RANGE)
 
 
 def _div_weight(arg):

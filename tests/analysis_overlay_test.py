@@ -15,16 +15,7 @@ import pytest
 import testutil
 
 MODELS = testutil.ANALYSIS_VITS
-# Tiny settings: the point is the plumbing (both runs in one JSON and one PNG), not the figures.
-ARGS = {
-    "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
-    "fourier": ["--num_examples=16", "--batch_size=8"],
-    "noise": ["--noise_examples=16", "--num_freqs=2", "--batch_size=8", "--corruption=none"],
-    "landscape": ["--grid_points=3", "--line_points=3", "--landscape_batches=1",
-                  "--batch_size=8", "--points_per_call=5"],
-    "variance": ["--num_examples=16", "--batch_size=8"],
-    "calibration": ["--bins=5", "--batch_size=8"],
-}
+ARGS = testutil.TINY_ANALYSIS_ARGS
 FIGURES = {"hessian": "eigenvalues", "fourier": "blocks", "noise": "sweep", "landscape": "grid",
            "variance": "blocks", "calibration": "calibration"}
 

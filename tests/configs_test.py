@@ -43,7 +43,7 @@ CASES = (
      ("quickstart", "model=resnet,smoothing"), ("quickstart", "model=alternet,smoothing"),
      ("quickstart", "model=preresnet,smoothing")]
     + [("mnist_cifar", a) for a in ("reg=erm", "reg=div", "reg=div,div=code", "runlocal",
-                                    "reg=div,runlocal")]
+                                    "reg=div,runlocal", "reg=div,init=/ckpt/div.npz")]
     + [("waterbirds", a) for a in ("reg=erm", "reg=div,variant=S/16", "reg=div,div=code",
                                    "reg=erm,init=/ckpt/ViT-B_16.npz", "runlocal")]
     + [("arvit", f"variant={v}") for v in ARVIT_VARIANTS]
@@ -129,7 +129,7 @@ def test_config_builds_model_regularizers_and_optimizer(name, arg):
   assert jax.tree.leaves(opt_state)
 
   if config.init_from is not None:
-    assert config.init_from.kind in ("checkpoint", "npz") and config.init_from.path
+    assert config.init_from.kind in ("checkpoint", "npz", "diverse_vit") and config.init_from.path
 
 
 # ------------------------------------------------------------------- papers' settings

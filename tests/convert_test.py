@@ -216,7 +216,7 @@ def test_init_from_kinds():
   np.testing.assert_allclose(model.apply({'params': params}, image)[0], expected, atol=1e-5,
                              rtol=1e-5)
   with pytest.raises(ValueError, match=r"kind must be one of \['checkpoint', 'npz', "
-                                       r"'big_vision', 'timm'\]"):
+                                       r"'big_vision', 'timm', 'diverse_vit'\]"):
     pretrained.init_params_from(dict(path=path, kind='torch'), {}, model=model, image_hw=(32, 32))
   with pytest.raises(FileNotFoundError, match='is not a file'):
     pretrained.init_params_from(dict(path=FIXTURES, kind='big_vision'), {}, model=model,

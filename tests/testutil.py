@@ -87,6 +87,18 @@ ANALYSIS_VITS = {
 }
 
 
+# Tiny settings of each analysis command (`run_analysis_main`): the plumbing, not the figures.
+TINY_ANALYSIS_ARGS = {
+    "hessian": ["--num_batches=1", "--top_k=2", "--max_iter=3", "--batch_size=8"],
+    "fourier": ["--num_examples=16", "--batch_size=8"],
+    "noise": ["--noise_examples=16", "--num_freqs=2", "--batch_size=8", "--corruption=none"],
+    "landscape": ["--grid_points=3", "--line_points=3", "--landscape_batches=1",
+                  "--batch_size=8", "--points_per_call=5"],
+    "variance": ["--num_examples=16", "--batch_size=8"],
+    "calibration": ["--bins=5", "--batch_size=8"],
+}
+
+
 def make_analysis_run(workdir, name: str) -> str:
   """A run directory with a saved config and a step-1 checkpoint of the ViT `ANALYSIS_VITS[name]`
   on `ANALYSIS_DATA`."""

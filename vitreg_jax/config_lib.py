@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import numbers
 import os
+import sys
 import typing
 
 from absl import flags
@@ -52,7 +53,7 @@ DEFAULTS = dict(
                               # evaluating: an array, or a head_mask.json / run dir path
     head_eval="",             # per-head figures at every eval: '' off, '-1', 'all', '0,3'
     init_from=None,           # dict(path, kind, step, reset_head); kind: 'checkpoint' | 'npz'
-                              # | 'big_vision' | 'timm' (docs/finetuning.md)
+                              # | 'big_vision' | 'timm' | 'diverse_vit' (docs/finetuning.md)
     log_every_steps=50,
     eval_every_steps=500,
     checkpoint_every_steps=500,
@@ -385,3 +386,15 @@ def explain_override_error(argv, error) -> str:
           return unknown_override_message(config, field_path)
         node = node[part]
   return f"{type(error).__name__}: {error}"
+
+
+def parse_flags(argv):
+  """absl's flag parsing for `--config` commands: a bad `--config.*` is one line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (KeyError, AttributeError) as e:  # config_flags: an override of a missing field.
+    message = explain_override_error(argv, e)
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.exit(1)

@@ -19,7 +19,6 @@ runs (several hosts, or several processes on one machine) pass --coordinator_add
 """
 
 import logging as std_logging
-import sys
 
 from absl import app
 from absl import flags
@@ -51,16 +50,7 @@ _PREPARE_DATA = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with unknown `--config.*` fields reported cleanly (no traceback)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (KeyError, AttributeError) as e:  # config_flags: an override of a missing field.
-    message = config_lib.explain_override_error(argv, e)
-  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
-  sys.exit(1)
+parse_flags = config_lib.parse_flags  # Shared with `import_weights`.
 
 
 def main(argv):

@@ -75,7 +75,7 @@ def load_translated(path: str, *, num_heads: int, layout: Optional[str] = None,
     path: `.npz` or `.safetensors`.
     num_heads: the model's heads (needed to split timm's fused qkv).
     layout: None (detect from the keys), 'augreg', 'big_vision' (also reads AugReg files, the
-      older big_vision layout) or 'timm'.
+      older big_vision layout), 'timm' or 'diverse_vit' (the head-diversity authors' ViT).
     ckpt_grid_hw: the checkpoint's patch grid, needed only when it is not square (and not the
       grid `model_grid_hw` of the model being loaded).
   Returns:
@@ -88,6 +88,8 @@ def load_translated(path: str, *, num_heads: int, layout: Optional[str] = None,
   if layout is not None and found != layout and {found, layout} != {'augreg', 'big_vision'}:
     raise errors.UserError(f'{path} looks like a {found!r} checkpoint (keys like '
                            f'{sorted(flat)[:3]}), not {layout!r}: fix config.init_from.kind.')
+  if found == 'diverse_vit':
+    return weight_layouts.from_diverse_vit(flat, num_heads=num_heads), found
   if found == 'timm':
     return weight_layouts.from_timm(flat, num_heads=num_heads, grid_hw=ckpt_grid_hw,
                                     hint_hw=model_grid_hw), found
@@ -170,10 +172,11 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
   gh, gw, prefix = model.token_layout(image_hw)
   ckpt, found = load_translated(path, num_heads=model.num_heads, layout=layout,
                                 ckpt_grid_hw=ckpt_grid_hw, model_grid_hw=(gh, gw))
-  if found == 'timm' and model.gelu_approximate:
-    logging.warning('Loading timm weights into a ViT with tanh GELU: logits will differ slightly '
-                    "from timm's; set model.gelu_approximate=False to reproduce them.")
-  loaded = _merge(ckpt, flatten(init_params), path=path, new_grid=(gh, gw), new_prefix=prefix,
+  if found in ('timm', 'diverse_vit') and model.gelu_approximate:
+    logging.warning('Loading %s weights (PyTorch, exact GELU) into a ViT with tanh GELU: logits '
+                    'will differ slightly; set model.gelu_approximate=False to reproduce them.',
+                    found)
+  loaded = merge(ckpt, flatten(init_params), path=path, new_grid=(gh, gw), new_prefix=prefix,
                   reset_head=reset_head, ckpt_grid_hw=ckpt_grid_hw)
   return flax.traverse_util.unflatten_dict(
       {tuple(k.split('/')): v for k, v in loaded.items()})
@@ -182,8 +185,16 @@ def load_vit(path: str, init_params, *, model, image_hw: Sequence[int],
 load_vit_npz = load_vit  # The name before timm / big_vision layouts were added.
 
 
-def _merge(ckpt, target, *, path, new_grid, new_prefix, reset_head, ckpt_grid_hw):
-  """Checkpoint arrays for every key of `target` (head reset, posemb resampled) or an error."""
+def merge(ckpt, target, *, path, new_grid=None, new_prefix=0, reset_head=None,
+          ckpt_grid_hw=None):
+  """Checkpoint arrays for every key of `target` (head reset, posemb resampled) or an error.
+
+  `ckpt` and `target` are flat `{'/'-joined key: array}` in the model's names; the `head/`
+  arrays are taken from `ckpt` when their shapes fit (and `reset_head` is not True), else
+  zero; `new_grid` / `new_prefix` are the model's patch grid and prefix tokens, for a ViT's
+  position embedding (`models/timm_resnet.py` merges a ResNet's params and batch statistics
+  with it too).
+  """
   loaded, missing, mismatched = {}, [], []
   for key, init in target.items():
     if key.startswith('head/'):

@@ -269,6 +269,13 @@ class ResNet(nn.Module):
     depth: 18, 34 (basic blocks), 50, 101, 152 (bottleneck blocks).
     stem: 'cifar' (32-px inputs) or 'imagenet' (224-px inputs).
     width: channels of the first stage (64); stage s has `width * 2**(s-1)` (x4 in bottlenecks).
+    stem_width: channels of the stem conv; None = `width` (the authors' and torchvision's
+      ResNets). timm's 7x7 stem is always 64 wide (timm/models/resnet.py, `ResNet.__init__`:
+      `inplanes = 64` without a deep stem), so a timm ResNet of other `channels` sets it.
+    blocks_per_stage: blocks in each of the 4 stages; None = the `depth`'s counts (`DEPTHS`).
+      `depth` still picks the block type (basic for 18 / 34, bottleneck from 50), so
+      `depth=50, blocks_per_stage=(1, 1, 1, 1)` is a bottleneck ResNet with one block a stage
+      (the imported timm test fixtures).
     drop_path: stochastic depth of the last block (theirs: `sd`, 0 by default).
     dtype: compute dtype; parameters float32.
     smoothing: the authors' blur block at stage ends (module docstring).
@@ -279,6 +286,8 @@ class ResNet(nn.Module):
   depth: int = 18
   stem: str = 'cifar'
   width: int = 64
+  stem_width: Optional[int] = None
+  blocks_per_stage: Optional[Sequence[int]] = None
   drop_path: float = 0.0
   dtype: str = 'float32'
   smoothing: bool = False
@@ -291,6 +300,12 @@ class ResNet(nn.Module):
     check_choice('stem', self.stem, STEMS)
     attention.resolve_dtype(self.dtype)
     check_smoothing(self)
+    if self.blocks_per_stage is not None:
+      counts = tuple(self.blocks_per_stage)
+      if len(counts) != 4 or any(int(n) != n or n < 1 for n in counts):
+        raise errors.UserError(f'blocks_per_stage must give 4 counts >= 1 (one per stage), got '
+                               f'{counts}.')
+      object.__setattr__(self, 'blocks_per_stage', tuple(int(n) for n in counts))  # hashable
     super().__post_init__()
 
   @nn.compact
@@ -300,14 +315,17 @@ class ResNet(nn.Module):
     check_cnn_call('resnet', head_mask, capture_attention, div_layers)
     dtype = attention.resolve_dtype(self.dtype)
     counts, bottleneck = DEPTHS[self.depth]
+    counts = self.blocks_per_stage or counts
     block_cls = PostBottleneckBlock if bottleneck else PostBasicBlock
     out = {}
-    x = make_stem(images.astype(dtype), self.stem, self.width, train, dtype, post_activation=True)
+    x = make_stem(images.astype(dtype), self.stem, self.stem_width or self.width, train, dtype,
+                  post_activation=True)
     out['stem'] = x
     total, blocks = sum(counts), []
     for s, n in enumerate(counts):
       blocks.append([block_cls(self.width * 2**s, strides=2 if s > 0 and b == 0 else 1,
-                               drop_path=self.drop_path * (sum(counts[:s]) + b) / (total - 1),
+                               drop_path=self.drop_path * (sum(counts[:s]) + b)
+                               / max(total - 1, 1),
                                dtype=dtype, name=f'stage{s + 1}_block{b}') for b in range(n)])
     x = run_stages(x, blocks, train, out, stage_smoothing(self),
                    smoothing_counts(self, len(counts), post_activation=True))

@@ -25,6 +25,20 @@ LayerNorm's `weight` is flax's `scale`. timm's GELU is the exact erf form: build
 (average pooling followed by a norm), `norm_pre`, q/k norms and timm's attention-pool head have
 no `ViT` equivalent and are refused with an error naming the keys.
 
+**diverse_vit** (the head-diversity authors' ViT, ArmandNM/diverse-vit
+`diverse_vit/models/vision_transformer.py`, `DiverseViT`, adapted from lucidrains' vit-pytorch;
+their checkpoints are `torch.save(model.state_dict())` of the `Recorder` wrapping it, so every
+key starts with `vit.`, `diverse_vit/logging.py`, `log_state_dict`): `to_patch_embedding.1`
+is a Linear over each patch flattened as `(p1 p2 c)` (reshaped here to the patch conv's
+`[p, p, C, D]`), `pos_embedding [1, 1 + N, D]` (CLS row first), `cls_token`; per layer i
+`transformer.layers.{i}.0` = `PreNorm(Attention)` (`norm`, bias-free `fn.to_qkv` whose rows
+are `[q; k; v]`, each `(head, dim_head)`-major, `fn.proj.0`; no `proj` when one head of the
+model width, an identity here), `transformer.layers.{i}.1` = `PreNorm(FeedForward)` (`norm`,
+`fn.net.0`, `fn.net.3`); `mlp_head.0` (LayerNorm, our `encoder_norm`) and `mlp_head.1` (the
+head). Their LayerNorm eps (1e-5), exact GELU and the missing residual around the last
+attention are model fields (`configs/mnist_cifar.py`, `AUTHORS_MODEL`), not in the file.
+Detected from the `transformer.layers.` keys; `num_heads` comes from the model, as for timm.
+
     python -m vitreg_jax.models.weight_layouts FILE.npz|FILE.safetensors
 prints the detected layout and the `ViT` geometry the file implies.
 """
@@ -39,7 +53,7 @@ import numpy as np
 
 from vitreg_jax import errors
 
-LAYOUTS = ('augreg', 'big_vision', 'timm')
+LAYOUTS = ('augreg', 'big_vision', 'timm', 'diverse_vit')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 _BV_POSEMB_KEYS = ('pos_embedding', 'Transformer/pos_embedding')
 _SCAN_PREFIX = 'Transformer/encoderblock/'
@@ -84,7 +98,9 @@ def read(path) -> Dict[str, np.ndarray]:
 
 
 def detect(flat: Dict[str, np.ndarray]) -> str:
-  """Names the layout of a flat checkpoint: 'timm', 'big_vision' or 'augreg'."""
+  """Names the layout of a flat checkpoint: 'timm', 'big_vision', 'diverse_vit' or 'augreg'."""
+  if any(k.removeprefix('vit.').startswith('transformer.layers.') for k in flat):
+    return 'diverse_vit'
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in flat):
     return 'timm'
   if (any(k in flat for k in _BV_POSEMB_KEYS) or 'probe' in flat
@@ -97,15 +113,18 @@ def _with_cls_row(posemb: np.ndarray, has_cls: bool, grid_hw: Optional[Sequence[
                   hint_hw: Optional[Sequence[int]] = None):
   """Prepends a zero CLS row when the checkpoint has CLS and the embedding covers patches only.
 
-  `grid_hw` is the checkpoint's patch grid when known; otherwise the embedding covers patches
-  only when its length is a square or equals the grid `hint_hw` of the model being loaded.
+  `grid_hw` is the checkpoint's patch grid when known; otherwise the grid `hint_hw` of the
+  model being loaded decides when the length is its size (patches only) or one more (a CLS
+  row); failing both, a square length means patches only.
   """
   n = posemb.shape[1]
   if grid_hw is not None:
     patches_only = n == grid_hw[0] * grid_hw[1]
+  elif hint_hw is not None and n in (hint_hw[0] * hint_hw[1], hint_hw[0] * hint_hw[1] + 1):
+    # The model's own grid decides first: 1 + 8 tokens of a 4 x 2 grid are a square too.
+    patches_only = n == hint_hw[0] * hint_hw[1]
   else:
-    patches_only = math.isqrt(n) ** 2 == n or (
-        hint_hw is not None and n == hint_hw[0] * hint_hw[1])
+    patches_only = math.isqrt(n) ** 2 == n
   if has_cls and patches_only:
     return np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
   return posemb
@@ -226,6 +245,78 @@ def from_timm(state: Dict[str, np.ndarray], *, num_heads: int,
   return out
 
 
+def _diverse_layer(get, state, i: int, num_heads: int, width: int) -> Dict[str, np.ndarray]:
+  """One authors' layer `transformer.layers.{i}.*` -> `Transformer/encoderblock_{i}/*`."""
+  src, dst = f'transformer.layers.{i}.', f'Transformer/encoderblock_{i}/'
+  attn = dst + 'MultiHeadDotProductAttention_0/'
+  qkv = get(src + '0.fn.to_qkv.weight')  # [3 * H * Dh, D], rows (q|k|v, head, dim_head)
+  inner = qkv.shape[0] // 3
+  if qkv.shape[0] % 3 or inner % num_heads:
+    raise errors.UserError(f'{src}0.fn.to_qkv.weight has shape {qkv.shape}: expected '
+                           f'[3 * heads * dim_head, {width}] with num_heads={num_heads}.')
+  dh = inner // num_heads
+  out = {}
+  for j, name in enumerate(('query', 'key', 'value')):
+    out[attn + name + '/kernel'] = _linear(qkv[j * inner:(j + 1) * inner]).reshape(
+        width, num_heads, dh)
+  if src + '0.fn.proj.0.weight' in state:
+    out[attn + 'out/kernel'] = _linear(get(src + '0.fn.proj.0.weight')).reshape(
+        num_heads, dh, width)
+    out[attn + 'out/bias'] = get(src + '0.fn.proj.0.bias')
+  else:  # `project_out` is False (one head of the model width): the heads' output as is.
+    out[attn + 'out/kernel'] = np.eye(width, dtype=np.float32).reshape(1, width, width)
+    out[attn + 'out/bias'] = np.zeros(width, np.float32)
+  for j, flax_name in ((0, 'LayerNorm_0'), (1, 'LayerNorm_1')):
+    out[dst + flax_name + '/scale'] = get(f'{src}{j}.norm.weight')
+    out[dst + flax_name + '/bias'] = get(f'{src}{j}.norm.bias')
+  for torch_index, flax_name in ((0, 'Dense_0'), (3, 'Dense_1')):
+    out[dst + 'MlpBlock_0/' + flax_name + '/kernel'] = _linear(
+        get(f'{src}1.fn.net.{torch_index}.weight'))
+    out[dst + 'MlpBlock_0/' + flax_name + '/bias'] = get(f'{src}1.fn.net.{torch_index}.bias')
+  return out
+
+
+def from_diverse_vit(state: Dict[str, np.ndarray], *, num_heads: int) -> Dict[str, np.ndarray]:
+  """The head-diversity authors' `DiverseViT` state_dict (module docstring) -> `ViT` names.
+
+  Args:
+    state: {key: array}, with or without the `Recorder`'s `vit.` prefix.
+    num_heads: the model's heads (the file does not record them; 4 in the authors' config).
+  Raises:
+    errors.UserError naming keys this translation does not know, or a missing one.
+  """
+  state = {k.removeprefix('vit.'): v for k, v in state.items()}
+  used = set()
+
+  def get(key):
+    if key not in state:
+      raise errors.UserError(f'diverse-vit state_dict lacks {key!r}; is it a DiverseViT '
+                             '(ArmandNM/diverse-vit) checkpoint?')
+    used.add(key)
+    return np.asarray(state[key], np.float32)
+
+  patch = get('to_patch_embedding.1.weight')  # [D, p * p * C], inputs ordered (p1 p2 c)
+  width, channels = patch.shape[0], 3
+  p = math.isqrt(patch.shape[1] // channels)
+  if p * p * channels != patch.shape[1]:
+    raise errors.UserError(f'to_patch_embedding.1.weight {patch.shape}: not a square patch of '
+                           f'{channels} channels.')
+  out = {'embedding/kernel': _linear(patch).reshape(p, p, channels, width),
+         'embedding/bias': get('to_patch_embedding.1.bias'),
+         'cls': get('cls_token'), POSEMB_KEY: get('pos_embedding'),
+         'Transformer/encoder_norm/scale': get('mlp_head.0.weight'),
+         'Transformer/encoder_norm/bias': get('mlp_head.0.bias'),
+         'head/kernel': _linear(get('mlp_head.1.weight')), 'head/bias': get('mlp_head.1.bias')}
+  depth = 1 + max((int(m.group(1)) for k in state
+                   if (m := re.match(r'transformer\.layers\.(\d+)\.', k))), default=-1)
+  for i in range(depth):
+    out.update(_diverse_layer(get, state, i, num_heads, width))
+  unknown = sorted(set(state) - used)
+  if unknown:
+    raise errors.UserError(f'diverse-vit state_dict keys with no ViT equivalent: {unknown[:10]}.')
+  return out
+
+
 def describe(flat: Dict[str, np.ndarray]) -> dict:
   """The `ViT` geometry a checkpoint implies (after translation to `ViT` names)."""
   kernel = flat['embedding/kernel']
@@ -254,13 +345,14 @@ def main(argv):
   layout = detect(flat)
   # num_heads is not stored in a timm file: translate with 1 head just to read the geometry.
   converted = (from_timm(flat, num_heads=1) if layout == 'timm'
+               else from_diverse_vit(flat, num_heads=1) if layout == 'diverse_vit'
                else from_big_vision(flat))
   info = describe(converted)
   for key in ('pos_embed', POSEMB_KEY, *_BV_POSEMB_KEYS):  # The pretraining resolution.
     if key in flat:
       info['posemb_tokens_in_file'] = int(flat[key].shape[1])
-  if layout == 'timm':
-    info['num_heads'] = 'not stored in timm files: set it from the timm model name'
+  if layout in ('timm', 'diverse_vit'):
+    info['num_heads'] = f'not stored in {layout} files: set it from the model that wrote it'
     info['gelu_approximate'] = False
   print(dict(layout=layout, **info))
 

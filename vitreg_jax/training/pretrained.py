@@ -1,10 +1,13 @@
 """Starting a run from pretrained weights: `config.init_from`.
 
 `init_from = dict(path=..., kind=..., step=None, reset_head=None)`, kind one of `checkpoint`,
-`npz`, `big_vision`, `timm` (docs/finetuning.md):
+`npz`, `big_vision`, `timm`, `diverse_vit` (docs/finetuning.md):
 `checkpoint` reads another vitreg_jax run (e.g. the ARViT rotation pretraining), `npz` a
-public big_vision / AugReg ViT file (`models/convert.py`). Only a fresh run reads it: a run
-that resumes from its own checkpoint ignores `init_from`.
+public big_vision / AugReg ViT file (`models/convert.py`), `timm` a timm ViT or (into a
+`resnet` model, BatchNorm statistics included) a timm ResNet (`models/timm_resnet.py`),
+`diverse_vit` the head-diversity authors' checkpoints (`tools/convert_diverse_vit.py`). Only a
+fresh run reads it: a run that resumes from its own checkpoint ignores `init_from`;
+`python -m vitreg_jax.import_weights` writes it as a run of its own for the analyses.
 """
 
 from typing import Any
@@ -18,6 +21,8 @@ import numpy as np
 
 from vitreg_jax import errors
 from vitreg_jax.models import convert
+from vitreg_jax.models import resnet
+from vitreg_jax.models import timm_resnet
 from vitreg_jax.training import run_files
 from vitreg_jax.training import rundir
 
@@ -38,7 +43,10 @@ def _checkpoint_params(path: str, step: int | None) -> dict:
 
 
 # config.init_from.kind of public ViT weights -> the layout `convert.load_vit` insists on.
-PUBLIC_WEIGHT_KINDS = {"npz": None, "big_vision": "big_vision", "timm": "timm"}
+PUBLIC_WEIGHT_KINDS = {"npz": None, "big_vision": "big_vision", "timm": "timm",
+                       "diverse_vit": "diverse_vit"}
+# Public weight kinds a `resnet` model reads (timm's ResNets: `models/timm_resnet.py`).
+RESNET_KINDS = ("npz", "timm")
 
 
 def init_params_from(init_from, params, *, model, image_hw) -> Any:
@@ -98,17 +106,37 @@ def init_params_from(init_from, params, *, model, image_hw) -> Any:
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
 
 
+def _init_resnet_from(init_from, state, shardings):
+  """`state` with the params and BatchNorm statistics of a timm ResNet file."""
+  path = init_from["path"]
+  if not epath.Path(path).is_file():
+    raise errors.PathNotFoundError(f"config.init_from.path {path!r} is not a file (a timm "
+                                   "ResNet's state_dict as .npz or .safetensors).")
+  variables = host_copy({"params": state.params, **state.model_state})
+  params, stats = timm_resnet.load_resnet(path, variables, reset_head=init_from.get("reset_head"))
+  logging.info("Initialized the resnet and its BatchNorm statistics from %s.", path)
+  return state.replace(
+      params=jax.tree.map(place, params, shardings.params),
+      model_state={"batch_stats": jax.tree.map(place, stats,
+                                               shardings.model_state["batch_stats"])})
+
+
 def init_state_from(init_from, state, shardings, *, tx, model, image_hw):
-  """`state` with its params from `init_from` and a fresh optimizer state for them.
+  """`state` with its params from `init_from` and a fresh optimizer state for them (with a
+  timm ResNet file, the BatchNorm statistics too).
 
   Works when the params are split across processes (`sharding.fsdp` on several hosts): the
   fresh params are gathered to every host (`process_allgather`, not `device_get`, which
   cannot read other processes' shards), merged with the source on the host, and each
   process then places only its own shards (`make_array_from_callback`).
   """
-  params = init_params_from(init_from, host_copy(state.params), model=model,
-                            image_hw=image_hw)
-  params = jax.tree.map(place, params, shardings.params)
+  if isinstance(model, resnet.ResNet) and dict(init_from).get("kind") in RESNET_KINDS:
+    state = _init_resnet_from(dict(init_from), state, shardings)
+    params = state.params
+  else:
+    params = init_params_from(init_from, host_copy(state.params), model=model,
+                              image_hw=image_hw)
+    params = jax.tree.map(place, params, shardings.params)
   return state.replace(params=params, opt_state=jax.jit(
       tx.init, out_shardings=shardings.opt_state)(params))
 
