@@ -36,9 +36,8 @@ Arguments (`:key=value,...`):
   init      path of one of the authors' released checkpoints (ArmandNM/diverse-vit,
             `checkpoints/ckpt_erm_ep37.pth`, `ckpt_diverse_ep34.pth`) converted to `.npz` by
             `tools/convert_diverse_vit.py` (default '': none). Sets `init_from` (kind
-            'diverse_vit', their head kept) and the input scaling their model expects: [0, 1]
-            pixels, no mean / std (their `utils.get_dataset`: `ToTensor()` only, on data built
-            with `normalize=False`), instead of this config's [-1, 1]. Import it as a run with
+            'diverse_vit', their head kept); the inputs are their [0, 1] pixels as in every
+            row of this config (`UNIT_RANGE`, below). Import it as a run with
             `python -m vitreg_jax.import_weights --config=configs/mnist_cifar.py:init=P.npz
             --workdir=DIR`, then `heads` / the analyses read DIR; data=mnist_cifar only (the
             checkpoints are of 64 x 32 MNIST-CIFAR), with the default `residual`.
@@ -92,6 +91,11 @@ AUTHORS_MODEL = dict(patch_size=4, width=64, depth=6, num_heads=4, head_dim=64, 
                      **config_lib.AUTHORS_ARCHITECTURE)
 
 
+# The authors' inputs: [0, 1] pixels (their `get_dataset` in diverse_vit/utils.py applies
+# `ToTensor()` alone), in training, evaluation and when loading their checkpoints (`init`).
+UNIT_RANGE = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
 def get_config(arg=None):
   """Returns the MNIST-CIFAR ERM / DIV config for the argument string `arg`."""
   arg = config_lib.parse_arg(arg, reg="erm", div="code", weight=-1.0, seed=0,
@@ -105,7 +109,7 @@ def get_config(arg=None):
   config.model_name = "vit"
   config.model = dict(AUTHORS_MODEL, last_attn_residual=arg.residual)
   config.data = dict(name="mnist_cifar", agreement=arg.agreement, train_split="train",
-                     eval_splits=("val_id", "val_ood", "test_id", "test_ood"))
+                     eval_splits=("val_id", "val_ood", "test_id", "test_ood"), **UNIT_RANGE)
   config.batch_size = 80
   config.eval_batch_size = 400
   config.total_epochs = 100
@@ -171,7 +175,7 @@ def _use_dominoes(config, arg):
   config.data = dict(name="dominoes", train_split="train",
                      eval_splits=("val_id", "val_ood", "test_id", "test_ood"),
                      spurious_agreement=arg.agreement, num_train=10000, num_val=1000,
-                     num_test=4000)
+                     num_test=4000, **UNIT_RANGE)
   config.batch_size = 80
   config.eval_batch_size = 500
   config.total_epochs = None
@@ -192,18 +196,13 @@ def _use_dominoes(config, arg):
   config.checkpoint_every_steps = config.eval_every_steps * 4
 
 
-# The authors' MNIST-CIFAR inputs: [0, 1] pixels (`ToTensor()` alone, module docstring `init`).
-UNIT_RANGE = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
 def _use_authors_checkpoint(config, arg):
-  """Starts from one of the authors' checkpoints (`init`): their weights, head included, and
-  their input scaling."""
+  """Starts from one of the authors' checkpoints (`init`): their weights, head included (the
+  inputs are already their [0, 1] pixels, `UNIT_RANGE`)."""
   if arg.data != "mnist_cifar" or arg.residual or arg.runlocal:
     raise ValueError("init= loads the authors' MNIST-CIFAR model: use it with data=mnist_cifar, "
                      "without residual or runlocal (the checkpoint fixes the architecture).")
   config.init_from = dict(path=arg.init, kind="diverse_vit", reset_head=False)
-  config.data.update(UNIT_RANGE)
 
 
 def _div_weight(arg):

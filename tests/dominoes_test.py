@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from vitreg_jax import data
 from vitreg_jax.data import dominoes
 from vitreg_jax.data import tiles
 
@@ -233,3 +234,13 @@ def test_bad_split_and_seed():
     dominoes.load('train', seed=-1)
   with pytest.raises(ValueError, match='seed'):
     dominoes.load('train', seed=1.5)
+
+
+def test_embedded_normalization_is_an_option_not_passed_to_the_generator():
+  # mean / std say how the uint8 images are normalized; the generator never sees them.
+  half = data.open({'name': 'dominoes', 'num_train': 40, 'num_val': 8, 'num_test': 8})
+  unit = data.open({'name': 'dominoes', 'num_train': 40, 'num_val': 8, 'num_test': 8,
+                    'mean': (0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0)})
+  pixels = np.array([0, 255], np.uint8).reshape(1, 1, 2, 1).repeat(3, axis=-1)
+  np.testing.assert_allclose(np.asarray(half.normalization(pixels)).ravel()[::3], [-1.0, 1.0])
+  np.testing.assert_allclose(np.asarray(unit.normalization(pixels)).ravel()[::3], [0.0, 1.0])

@@ -195,7 +195,10 @@ def test_mnist_cifar_init_sets_the_authors_scaling_and_weights():
   assert tuple(config.data.mean) == (0.0, 0.0, 0.0) and tuple(config.data.std) == (1.0,) * 3
   assert config.model.layer_norm_eps == 1e-5 and not config.model.last_attn_residual
   plain = testutil.get_config("mnist_cifar", "reg=div")
-  assert not plain.init_from and tuple(plain.data.mean) == (0.5,) * 3
+  # Every row trains on the authors' [0, 1] pixels too, the embedded dominoes included.
+  assert not plain.init_from and tuple(plain.data.mean) == (0.0,) * 3
+  dominoes = testutil.get_config("mnist_cifar", "reg=erm,data=dominoes,epochs=2")
+  assert tuple(dominoes.data.mean) == (0.0,) * 3 and tuple(dominoes.data.std) == (1.0,) * 3
   with pytest.raises(ValueError, match="data=mnist_cifar"):
     testutil.get_config("mnist_cifar", "data=dominoes,init=/ckpt/div.npz")
 

@@ -74,4 +74,5 @@ class EmbeddedRotationDataset(custom.EmbeddedDataset):
     return RotatedSource(self.source(config, split), all_rotations=True)
 
   def transform(self, config: dict, split: str, train: bool):
-    return RotationTransform(preprocess.ImageTransform(size=None, train=train, augment=False))
+    return RotationTransform(preprocess.ImageTransform(size=None, train=train, augment=False,
+                                                       mean=config['mean'], std=config['std']))
