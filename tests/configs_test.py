@@ -261,7 +261,7 @@ def test_mnist_cifar_poster_recipe_on_the_embedded_data():
   assert config.batch_size == 80 and config.total_steps == 1250
   assert config.eval_every_steps == 125
   assert tuple(config.schedule.boundaries) == (875, 1000)
-  assert (config.data.num_val, config.data.num_test) == (1000, 4000)
+  assert (config.data.num_val, config.data.num_test) == (400, 1600)
   assert config.optimizer.lr == 1e-4
   assert get_config("mnist_cifar", "reg=div,data=dominoes,epochs=10").optimizer.lr == 1e-3
   assert get_config("mnist_cifar", "reg=erm,data=dominoes,epochs=10,lr=0.001").optimizer.lr == 1e-3
