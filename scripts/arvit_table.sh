@@ -18,7 +18,8 @@
 #   ROWS            Table 1 rows (configs/arvit.py variants); default the issue's subset and
 #                   both baselines: "base vit_tiny L3 L6 R1-1 R1-5"
 #   SEEDS           default "0 1 2"
-#   PRETRAIN_STEPS  steps of each pretraining run; 0 (default) = the config's (EMBEDDED_STEPS)
+#   PRETRAIN_STEPS  steps of each pretraining run; 0 (default) = the config's (EMBEDDED_STEPS);
+#                   else more than its 100 warmup steps (EMBEDDED_PRETRAIN_WARMUP)
 #   FINETUNE_STEPS  steps of each fine-tuning run; 0 (default) = the config's
 #   PYTHON          default python
 # A run that finished leaves ROOT/<run>/table_done and is skipped next time; an interrupted
@@ -34,6 +35,10 @@ FINETUNE_STEPS=${FINETUNE_STEPS:-0}
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-}
 cd "$(dirname "$0")/.."
+if [[ "$PRETRAIN_STEPS" != 0 && "$PRETRAIN_STEPS" -le 100 ]]; then
+  echo "PRETRAIN_STEPS must be 0 (the config's) or above the 100 warmup steps, got $PRETRAIN_STEPS" >&2
+  exit 2
+fi
 
 steps_flag() {  # --config.total_steps=N, or nothing for the config's own
   if [[ "$1" != 0 ]]; then echo "--config.total_steps=$1"; fi

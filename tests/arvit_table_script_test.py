@@ -48,3 +48,9 @@ def test_default_plan_is_the_issue_subset_and_its_configs_build(tmp_path):
     config = testutil.get_config("arvit", arg)
     assert config.data.name in ("embedded", "embedded_rotation")
     assert ("init=" in arg) == bool((config.get("init_from") or {}).get("path"))
+
+
+def test_pretraining_steps_must_exceed_the_warmup(tmp_path):
+  result = subprocess.run([SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "PRETRAIN_STEPS": "100"})
+  assert result.returncode == 2 and "warmup" in result.stderr and not result.stdout
