@@ -172,11 +172,11 @@ def test_arvit_base_vit_tiny_and_rotation_pretraining():
 
 
 def test_arvit_embedded_pretraining_has_its_own_lr_warmup_and_crops():
-  # Rotation pretraining on embedded data: lr 3e-4 after 100 warmup steps, 48-64 px crops of
+  # Rotation pretraining on embedded data: lr 3e-4 after 100 warmup steps, whole (64 px) crops of
   # 2 x 2-tile windows (docs/embedded.md); fine-tuning keeps lr 1e-3, no warmup, native crops.
   pre = get_config("arvit", "variant=L3,dataset=embedded_rotation")
   assert pre.optimizer.lr == 3e-4 and pre.schedule.warmup_steps == 100
-  assert (pre.data.downscale, pre.data.min_crop, pre.data.max_crop) == (2, 48, 64)
+  assert (pre.data.downscale, pre.data.min_crop, pre.data.max_crop) == (2, 64, 64)
   assert get_config("arvit", "variant=L3,dataset=embedded_rotation,lr=1e-3").optimizer.lr == 1e-3
   fine = get_config("arvit", "variant=L3,dataset=embedded,init=/runs/rot")
   assert fine.optimizer.lr == 1e-3 and not fine.schedule.get("warmup_steps")
