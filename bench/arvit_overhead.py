@@ -1,14 +1,14 @@
 """ARViT's regularizer overheads end to end, the thesis' way: one JSON object.
 
-    python bench/arvit_overhead.py                     # both settings (the paper's is slow on a CPU)
+    python bench/arvit_overhead.py                     # both (the paper's: slow on a CPU)
     python bench/arvit_overhead.py --settings=embedded # the CPU one only
     python bench/arvit_overhead.py --smoke             # seconds: checks it runs
 
 The thesis reports the cost of its penalties as wall time per training epoch on ImageNet
 (papers/arvit-attention-regularization.txt, Section 4.3: 16m44s for ARViT-Base, 18m20s with
 the 2D-distance penalty, 18m44s with the region-similarity one, batch 80). An epoch is a fixed
-number of identical steps through the same input pipeline, so its time ratio is the ratio of
-the steps' times; this bench measures that ratio for the rows `base`, `L<block>` and
+number of identical steps through the same input pipeline, so the ratio of its training time
+is the ratio of the steps' times (the evaluation, the same for every row, is left out); this bench measures that ratio for the rows `base`, `L<block>` and
 `R1-<block>` of `configs/arvit.py` in one process, the rows timed in turns (one window of
 `--window` steps each, `--windows` rounds) so that load drifts on a shared machine hit them
 alike. A step is the training loop's own (`training.train.train_and_evaluate`'s pieces: the
@@ -88,7 +88,8 @@ def build_row(config, mesh, synthetic: bool):
     batch = {'image': rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
              'label': np.arange(config.batch_size, dtype=np.int32) % num_classes}
     batches = train.device_batches(iter(lambda: batch, None), mesh)
-    normalize = data.open(dict(name='embedded_rotation')).normalization  # [-1, 1], as ImageNet's
+    # An affine uint8 -> float map inside the step, as every dataset's; the same for every row.
+    normalize = data.open(dict(name='embedded_rotation')).normalization
   else:
     batches = train.device_batches(
         dataset.train_iterator(global_batch_size=config.batch_size, seed=0), mesh,

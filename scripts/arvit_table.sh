@@ -27,7 +27,8 @@
 # of a run already started is refused by the trainer's resume check: use a new ROOT.
 set -euo pipefail
 
-ROOT=${1:?usage: scripts/arvit_table.sh ROOT (env: ROWS, SEEDS, PRETRAIN_STEPS, FINETUNE_STEPS, DRY_RUN)}
+USAGE="usage: scripts/arvit_table.sh ROOT (env: ROWS SEEDS PRETRAIN_STEPS FINETUNE_STEPS DRY_RUN)"
+ROOT=${1:?$USAGE}
 ROWS=${ROWS:-"base vit_tiny L3 L6 R1-1 R1-5"}
 SEEDS=${SEEDS:-"0 1 2"}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-0}
@@ -36,7 +37,8 @@ PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-}
 cd "$(dirname "$0")/.."
 if [[ "$PRETRAIN_STEPS" != 0 && "$PRETRAIN_STEPS" -le 100 ]]; then
-  echo "PRETRAIN_STEPS must be 0 (the config's) or above the 100 warmup steps, got $PRETRAIN_STEPS" >&2
+  echo "PRETRAIN_STEPS must be 0 (the config's) or above the 100 warmup steps," \
+       "got $PRETRAIN_STEPS" >&2
   exit 2
 fi
 

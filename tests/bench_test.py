@@ -29,8 +29,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 # Every file in bench/ and the test that runs it: a new script must join this table.
-COVERED = {"analysis.py", "arvit_overhead.py", "data.py", "div_scale.py", "heads.py", "input_ratio.py",
-           "quickstart.py", "regularizers.py", "test_compile_flags.py", "timm_step.py",
+COVERED = {"analysis.py", "arvit_overhead.py", "data.py", "div_scale.py", "heads.py",
+           "input_ratio.py", "quickstart.py", "regularizers.py", "test_compile_flags.py", "timm_step.py",
            "train_step.py", "xla_cpu_flags.py", "gpu_run.sh", "make_torch_venv.sh"}
 
 
