@@ -38,7 +38,8 @@ Arguments (`:key=value,...`):
             'embedded_rotation' (pretraining) | 'embedded' (fine-tuning), at a CPU scale: 32 px
             crops, patch 4, width 96 (ViT-Tiny: width 96, MLP 192), 6 blocks, 12 heads, batch
             80, EMBEDDED_STEPS steps (1000 pretraining, 500 fine-tuning) unless `epochs` is set,
-            cosine decay without warmup.
+            cosine decay; pretraining: lr 3e-4 after a 100-step warmup, each crop a whole
+            2 x 2-tile window (128 px) at 32 px (EMBEDDED_PRETRAIN_*; docs/embedded.md).
   impl      'paper' (default, as the library's rule is the paper's definition first: the
             Section 3.4 model, P = D / max D, S = MSE of Gram matrices, 224 px, the row's
             penalty in both stages) | 'code' (the authors' code and protocol, see below).
@@ -47,7 +48,8 @@ Arguments (`:key=value,...`):
             run (`config.init_from = dict(path=init, kind='checkpoint')`); '' = from scratch.
   epochs    training epochs; 0 (default) = 30 for imagenet_rotation, 100 for fine-tuning
             (embedded data: EMBEDDED_STEPS steps).
-  lr        Adam learning rate; 0 (default) = 1e-4 (EMBEDDED_LR = 1e-3 on the embedded pair).
+  lr        Adam learning rate; 0 (default) = 1e-4 (on the embedded pair EMBEDDED_LR = 1e-3,
+            pretraining EMBEDDED_PRETRAIN_LR = 3e-4).
   seed      run seed.
   runlocal  10 steps at 64 px (a 4 x 4 patch grid), width 48, batch 8; depth and heads kept
             so every row's regularized block exists. `init` must then name a runlocal
@@ -101,6 +103,12 @@ IMAGE_SIZE = {"paper": 224, "code": 256}
 EMBEDDED_STEPS = {"pretraining": 1000, "fine-tuning": 500}
 # Adam's lr on the embedded chain: the small model and few steps of the quickstart's ViT.
 EMBEDDED_LR = 1e-3
+# Rotation pretraining on embedded data (docs/embedded.md, "Why pretraining can help"): a
+# lower lr with a linear warmup (at 1e-3 from step 0 the first steps reached CE 5-8), and
+# crops of whole 2 x 2-tile windows (`downscale`: twice the scene per crop, 64 of its 64 px).
+EMBEDDED_PRETRAIN_LR = 3e-4
+EMBEDDED_PRETRAIN_WARMUP = 100
+EMBEDDED_PRETRAIN_DATA = dict(downscale=2, min_crop=64, max_crop=64)
 
 
 def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) -> list:
@@ -132,11 +140,17 @@ def embedded_size(config, arg, pretraining: bool) -> None:
   else:
     config.model.update(patch_size=4, width=96)
   config.eval_batch_size = 500
+  if pretraining:
+    config.data.update(EMBEDDED_PRETRAIN_DATA)
+    if not arg.lr:
+      config.optimizer.lr = EMBEDDED_PRETRAIN_LR
   if not arg.epochs:
     config.total_epochs = None
     config.total_steps = EMBEDDED_STEPS["pretraining" if pretraining else "fine-tuning"]
-    # No warmup: a step override (`--config.total_steps=20`) must not fall below it.
-    config.schedule = dict(name="cosine")
+    # Fine-tuning: no warmup. Pretraining: EMBEDDED_PRETRAIN_WARMUP steps, so a step override
+    # (`--config.total_steps=N`) must stay above it.
+    config.schedule = dict(name="cosine",
+                           warmup_steps=EMBEDDED_PRETRAIN_WARMUP if pretraining else 0)
   config.log_every_steps = 50
   config.eval_every_steps = config.checkpoint_every_steps = 250
 

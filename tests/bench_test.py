@@ -29,8 +29,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 # Every file in bench/ and the test that runs it: a new script must join this table.
-COVERED = {"analysis.py", "data.py", "div_scale.py", "heads.py", "input_ratio.py",
-           "quickstart.py", "regularizers.py", "test_compile_flags.py", "timm_step.py",
+COVERED = {"analysis.py", "arvit_overhead.py", "data.py", "div_scale.py", "heads.py",
+           "input_ratio.py", "quickstart.py", "regularizers.py", "test_compile_flags.py", "timm_step.py",
            "train_step.py", "xla_cpu_flags.py", "gpu_run.sh", "make_torch_venv.sh"}
 
 
@@ -122,6 +122,17 @@ def test_regularizers(bench, capsys):
               "div_step_ratio_quickstart", "distance_step_ratio", "similarity_step_ratio",
               "div_loop_over_vectorized", "div_loop_over_vectorized_12_heads"):
     assert out[key] > 0, key
+  assert out["smoke"]
+
+
+def test_arvit_overhead(bench, capsys):
+  out = smoke(bench, capsys, "arvit_overhead")
+  for setting in ("embedded", "paper"):
+    assert out[setting]["distance_over_base"] > 0 and out[setting]["similarity_over_base"] > 0
+    assert out[setting]["rows"] == {"base": "base", "distance": "L1", "similarity": "R1-1"}
+  assert out["paper"]["patch_size"] == 16 and out["embedded"]["patch_size"] == 4
+  # The thesis' own epoch ratios, printed beside ours: 18m20s and 18m44s over 16m44s.
+  assert abs(out["thesis_epoch_ratio"]["distance"] - 1100 / 1004) < 1e-9
   assert out["smoke"]
 
 

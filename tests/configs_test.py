@@ -171,6 +171,18 @@ def test_arvit_base_vit_tiny_and_rotation_pretraining():
   assert dict(finetune.init_from) == {"path": "/runs/rot", "kind": "checkpoint"}
 
 
+def test_arvit_embedded_pretraining_has_its_own_lr_warmup_and_crops():
+  # Rotation pretraining on embedded data: lr 3e-4 after 100 warmup steps, whole (64 px) crops of
+  # 2 x 2-tile windows (docs/embedded.md); fine-tuning keeps lr 1e-3, no warmup, native crops.
+  pre = get_config("arvit", "variant=L3,dataset=embedded_rotation")
+  assert pre.optimizer.lr == 3e-4 and pre.schedule.warmup_steps == 100
+  assert (pre.data.downscale, pre.data.min_crop, pre.data.max_crop) == (2, 64, 64)
+  assert get_config("arvit", "variant=L3,dataset=embedded_rotation,lr=1e-3").optimizer.lr == 1e-3
+  fine = get_config("arvit", "variant=L3,dataset=embedded,init=/runs/rot")
+  assert fine.optimizer.lr == 1e-3 and not fine.schedule.get("warmup_steps")
+  assert "downscale" not in fine.data and fine.total_steps == 500
+
+
 def test_arvit_code_impl_and_weight_override():
   # The authors' protocol: their encoder at 256 px (16 x 16 grid), their penalty options
   # including the min-max normalized attention, and no penalty while fine-tuning.

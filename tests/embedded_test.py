@@ -114,3 +114,43 @@ def test_rotation_crops_come_from_pretraining_tiles_only():
 def test_mistakes_are_user_errors(load, kwargs, field):
   with pytest.raises(errors.UserError, match=field):
     load(**kwargs)
+
+
+@pytest.mark.parametrize("pool", ["pretrain", "pretrain_val"])
+def test_downscaled_pretraining_windows_lie_in_their_pool(pool):
+  src = embedded.sources()
+  members = {tuple(r) for r in src["tiles"][pool].tolist()}
+  test_tiles = {tuple(r) for r in src["tiles"]["test"].tolist()}
+  images, windows = embedded.super_tiles(pool, 2)
+  assert len(windows) > 0 and images.shape == (len(windows), embedded.TILE, embedded.TILE, 1)
+  t = embedded.TILE
+  for (photo, top, left), image in zip(windows.tolist(), images):
+    cells = {(photo, top + i * t, left + j * t) for i in range(2) for j in range(2)}
+    assert cells <= members and not cells & test_tiles
+    # The window's 128 px, averaged over 2 x 2 pixel boxes (a slow reference).
+    region = src["photos"][photo, top:top + 2 * t, left:left + 2 * t, 0]
+    slow = np.array([[region[2 * y:2 * y + 2, 2 * x:2 * x + 2].mean() for x in range(t)]
+                     for y in range(t)])
+    np.testing.assert_allclose(image[..., 0], slow, atol=1e-6)
+  # downscale 1 is the pool's tiles themselves.
+  np.testing.assert_array_equal(embedded.super_tiles(pool, 1)[1], src["tiles"][pool])
+
+
+def test_partition_keeps_pretraining_blocks_whole():
+  # Whole BLOCK x BLOCK blocks go to pretraining, so downscale 2 finds windows in every
+  # class photo (the rotation task sees all of them at the larger scale).
+  _, windows = embedded.super_tiles("pretrain", 2)
+  assert set(windows[:, 0]) == set(range(len(embedded.SOURCES)))
+  # The downstream tiles are still split one by one: each class photo keeps 10-14 test
+  # tiles (about 20% of its 54-64), the other photos none.
+  test = np.bincount(embedded.sources()["tiles"]["test"][:, 0], minlength=len(embedded.SOURCES))
+  assert all(10 <= n <= 14 for n in test[:embedded.NUM_CLASSES])
+  assert not test[embedded.NUM_CLASSES:].any()
+
+
+def test_downscaled_rotation_crops():
+  ds = embedded_rotation.load("val", seed=0, num_val=50, downscale=2)
+  assert ds["image"].shape == (50, 32, 32, 3)
+  assert not np.array_equal(ds["image"], embedded_rotation.load("val", seed=0, num_val=50)["image"])
+  with pytest.raises(errors.UserError, match="downscale"):
+    embedded_rotation.load("val", downscale=3)

@@ -14,6 +14,7 @@ import pytest
 
 from vitreg_jax import errors
 from vitreg_jax.reports import __main__ as reports_main
+from vitreg_jax.reports import arvit as arvit_report
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
 
@@ -252,3 +253,55 @@ def test_report_and_heads_table_are_one_table(tmp_path, capsys):
   assert tables_lib.report_poster_table(groups, std="authors").rows == authors.rows
   with pytest.raises(errors.UserError, match="--std must be one of"):
     tables_lib.poster_table(workdirs, std="ddof0")
+
+def test_arvit_embedded_table_splits_pretrained_and_scratch(tmp_path):
+  root = str(tmp_path)
+  base = {"total_steps": 500, "batch_size": 80, "model_name": "arvit",
+          "model": {"variant": "paper", "patch_size": 4, "width": 96}, "regularizers": [],
+          "data": {"name": "embedded", "eval_splits": ["val", "test"]}}
+  r1 = dict(base, regularizers=[{"name": "similarity", "weight": 0.01, "layers": [0]}])
+  accs = {("base", "rot"): (0.40, 0.44, 0.45), ("base", "scratch"): (0.30, 0.32, 0.31),
+          ("r1", "rot"): (0.50,)}
+  for (row, init), values in accs.items():
+    for seed, acc in enumerate(values):
+      config = dict(base if row == "base" else r1, seed=seed)
+      if init == "rot":  # each seed fine-tunes its own pretraining run
+        config["init_from"] = {"path": f"/runs/{row}_rot_s{seed}", "kind": "checkpoint"}
+      make_run(root, f"{row}_{init}_s{seed}", config,
+               [train(500, 0.5), (500, "val", {"accuracy": 0.9}),
+                (500, "test", {"accuracy": acc})])
+  # Neither the pretraining run nor a CIFAR-10 run is a row of this table.
+  make_run(root, "base_pretrain", dict(base, data={"name": "embedded_rotation"}),
+           [train(1000, 1.0), (1000, "val", {"accuracy": 0.6})])
+  make_run(root, "cifar", dict(base, data={"name": "cifar10"}),
+           [train(10, 0.5), (10, "test", {"accuracy": 0.7})])
+  groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
+  table = arvit_report.arvit_embedded_table(groups)
+  rows = {(r[0], r[1]): r for r in table.rows}
+  assert list(rows) == [("ARViT-Base", "rotation"), ("ARViT-Base", "scratch"),
+                        ("ARViT-R1-1", "rotation")]
+  rot, scratch, r1_rot = rows.values()
+  # Three seeds pooled although their init_from paths differ: mean and sample std by hand.
+  np.testing.assert_allclose(rot[4][:2], [43.0, math.sqrt(7.0)])
+  assert rot[4][2] == 3 and rot[2] == "ok" and rot[3] == "500"
+  np.testing.assert_allclose(scratch[4][:2], [31.0, 1.0])
+  assert rot[5] == "+12.00" and scratch[5] is None
+  # The thesis' CIFAR-10 figure of the row, on pretrained rows only.
+  assert rot[6] == 83.13 and scratch[6] is None and r1_rot[6] == 88.29
+  assert r1_rot[4] == (50.0, None, 1) and r1_rot[5] is None
+  assert "different dataset" in table.header[6]
+  # The report command writes it (Markdown and CSV) beside the other tables.
+  text, _ = reports_main.write_report([root], str(tmp_path / "out"))
+  assert "ARViT (Table 1) on embedded data" in text
+  assert (tmp_path / "out" / "arvit_embedded.csv").exists()
+
+
+def test_arvit_embedded_table_flags_pooled_configs_that_differ(tmp_path):
+  root = str(tmp_path)
+  for seed, lr in ((0, 1e-3), (1, 3e-4)):
+    config = {"seed": seed, "total_steps": 5, "model_name": "arvit", "model": {},
+              "optimizer": {"lr": lr}, "data": {"name": "embedded"}}
+    make_run(root, f"s{seed}", config, [train(5, 0.5), (5, "test", {"accuracy": 0.3})])
+  groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
+  (row,) = arvit_report.arvit_embedded_table(groups).rows
+  assert "2 configs pooled" in row[2] and row[4][2] == 2

@@ -16,10 +16,15 @@ Two registered datasets share one source (docs/embedded.md):
 
 No leakage: every photo is centre-cropped to at most `MAX_HW`, cut into a grid of
 `TILE x TILE` tiles, and every tile is given once, independently of the seed, to one pool:
-`pretrain` / `pretrain_val` (rotation pretraining), `train` / `val` / `test` (downstream), in
-`CLASS_FRACTIONS` for the ten class photos and `PRETRAIN_ONLY_FRACTIONS` (pretraining pools
-only) for the others. Crops are clamped to one tile of their pool (`tiles.sample_crops`), so
-no pixel of a downstream test tile is seen in pretraining or in downstream training.
+`pretrain` / `pretrain_val` (rotation pretraining), `train` / `val` / `test` (downstream). The
+partition has two levels (`sources`): blocks of `BLOCK x BLOCK` tiles go whole to `pretrain`,
+`pretrain_val` or the downstream side (`BLOCK_FRACTIONS` for the ten class photos,
+`PRETRAIN_ONLY_FRACTIONS` for the others), then the downstream blocks' tiles are split one by
+one into `train` / `val` / `test` (`DOWNSTREAM_FRACTIONS`). Pretraining regions are thus
+contiguous, so a larger-context pretraining crop (`super_tiles`, `downscale` 2) can lie wholly
+inside them, while the downstream test tiles stay scattered over the photo. Crops are clamped
+to one tile (or super-tile) of their pool (`tiles.sample_crops`), so no pixel of a downstream
+test tile is seen in pretraining or in downstream training.
 
 Results are deterministic in `(split, seed, options)`, cached in-process, read-only.
 """
@@ -51,8 +56,13 @@ ATTRIBUTES = ()
 TILE = 64              # tile side in pixels of the photo (native resolution)
 MAX_HW = (512, 640)    # larger photos are centre-cropped to this
 POOLS = ('pretrain', 'pretrain_val', 'train', 'val', 'test')
-CLASS_FRACTIONS = (0.4, 0.1, 0.2, 0.1, 0.2)
-PRETRAIN_ONLY_FRACTIONS = (0.9, 0.1, 0.0, 0.0, 0.0)
+BLOCK = 2              # tiles per side of a partition block (128 px): see the module docstring
+# Blocks -> (pretrain, pretrain_val, downstream); downstream tiles -> (train, val, test). The
+# class photos' tiles end up about 40 / 10 / 20 / 10 / 20 % in POOLS' order.
+BLOCK_FRACTIONS = (0.4, 0.1, 0.5)
+PRETRAIN_ONLY_FRACTIONS = (0.9, 0.1, 0.0)
+DOWNSTREAM_FRACTIONS = (0.4, 0.2, 0.4)
+DOWNSCALES = (1, 2)    # super-tile sides in tiles (`super_tiles`)
 _PARTITION_SEED = 20280  # fixed: every data seed sees the same held-out tiles
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -103,14 +113,54 @@ def sources() -> dict[str, Any]:
     h, w = min(image.shape[0], MAX_HW[0]), min(image.shape[1], MAX_HW[1])
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
     photos[index, :h, :w, 0] = image[top:top + h, left:left + w]
-    grid_h, grid_w = h // TILE, w // TILE
-    oy, ox = (h - grid_h * TILE) // 2, (w - grid_w * TILE) // 2  # centre the grid
-    cells = np.array([(index, oy + r * TILE, ox + c * TILE)
-                      for r in range(grid_h) for c in range(grid_w)], np.int32)
-    fractions = CLASS_FRACTIONS if name in CLASSES else PRETRAIN_ONLY_FRACTIONS
-    for pool, part in zip(POOLS, tiles_lib.partition(rng.permutation(len(cells)), fractions)):
-      pools[pool].append(cells[np.sort(part)])
+    for pool, cells in zip(POOLS, _partition_photo(index, name, h, w, rng)):
+      pools[pool].append(cells)
   return {'photos': photos, 'tiles': {p: np.concatenate(t) for p, t in pools.items()}}
+
+
+def _partition_photo(index: int, name: str, h: int, w: int, rng: np.random.Generator):
+  """One photo's tiles per pool (POOLS' order): whole blocks to pretraining, then tiles."""
+  grid_h, grid_w = h // TILE, w // TILE
+  oy, ox = (h - grid_h * TILE) // 2, (w - grid_w * TILE) // 2  # centre the grid
+  rows, cols = np.divmod(np.arange(grid_h * grid_w), grid_w)
+  cells = np.stack([np.full_like(rows, index), oy + rows * TILE, ox + cols * TILE], 1)
+  block = (rows // BLOCK) * -(-grid_w // BLOCK) + cols // BLOCK  # edge blocks may be partial
+  fractions = BLOCK_FRACTIONS if name in CLASSES else PRETRAIN_ONLY_FRACTIONS
+  pretrain, pretrain_val, down = tiles_lib.partition(rng.permutation(block.max() + 1), fractions)
+  down_tiles = rng.permutation(np.flatnonzero(np.isin(block, down)))
+  parts = [np.flatnonzero(np.isin(block, pretrain)), np.flatnonzero(np.isin(block, pretrain_val))]
+  parts += tiles_lib.partition(down_tiles, DOWNSTREAM_FRACTIONS)
+  return [cells[np.sort(part)].astype(np.int32) for part in parts]
+
+
+@functools.lru_cache(maxsize=4)
+def super_tiles(pool: str, downscale: int) -> tuple[np.ndarray, np.ndarray]:
+  """The `downscale x downscale` windows of tiles lying wholly in `pool`, area-downscaled.
+
+  A window starts at any tile of the pool (windows overlap); it is kept only if all its tiles
+  belong to the pool, so its pixels are the pool's alone. Its `downscale * TILE` px side is
+  averaged down to `TILE` px by `downscale x downscale` box means, so a crop of it sees
+  `downscale` times more of the scene at the same resolution. `downscale=1`: the pool's tiles.
+
+  Returns:
+    (float32 `[m, TILE, TILE, 1]` images, int32 `[m, 3]` rows of (photo index, top, left) of
+    each window's first tile, in native pixels).
+  """
+  src = sources()
+  rows = src['tiles'][pool]
+  members = {tuple(r) for r in rows.tolist()}
+  side = downscale * TILE
+  images, kept = [], []
+  for p, top, left in rows.tolist():
+    if all((p, top + i * TILE, left + j * TILE) in members
+           for i in range(downscale) for j in range(downscale)):
+      region = src['photos'][p, top:top + side, left:left + side, 0]
+      images.append(region.reshape(TILE, downscale, TILE, downscale).mean(axis=(1, 3)))
+      kept.append((p, top, left))
+  if not images:
+    raise errors.UserError(f'No {downscale}x{downscale} window of tiles lies wholly in pool '
+                           f'{pool!r}; use a smaller downscale (one of {DOWNSCALES}).')
+  return np.stack(images)[..., None], np.array(kept, np.int32)
 
 
 def check_options(options: dict[str, Any], defaults: dict[str, Any], dataset: str) -> dict:

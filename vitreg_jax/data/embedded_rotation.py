@@ -5,6 +5,12 @@ registered spec (`rotation.EmbeddedRotationDataset`) turns them into the rotatio
 label becomes the rotation `k` (drawn per epoch in training, all four in evaluation) and the
 photo index the attribute `object_label`. Crops come only from the `pretrain` (split `train`)
 and `pretrain_val` (split `val`) tiles, never from a downstream `test` tile (docs/embedded.md).
+
+`downscale=2` takes the crops from 2 x 2-tile windows of the pool averaged down to one tile
+(`embedded.super_tiles`): each crop then covers twice the scene at the same 32 px, so more
+crops show an orientation (a horizon, an upright figure, light from above) than the texture
+close-ups of a single tile. It exists for this pretraining task only; the downstream crops
+keep the native scale.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ DEFAULT_OPTIONS = {
     'min_crop': embedded.DEFAULT_OPTIONS['min_crop'],
     'max_crop': embedded.DEFAULT_OPTIONS['max_crop'],
     'noise': embedded.DEFAULT_OPTIONS['noise'],
+    # Scene context of a crop: windows of downscale x downscale tiles (embedded.super_tiles).
+    'downscale': 1,
 }
 
 
@@ -42,7 +50,8 @@ def load(split: str, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:
     split: 'train' (pool `pretrain`) or 'val' (pool `pretrain_val`).
     seed: data seed; each split has its own random stream.
     **options: overrides of `DEFAULT_OPTIONS` (`num_train`, `num_val`, `min_crop`,
-      `max_crop`, `noise`; the crop law of `embedded.crops`).
+      `max_crop`, `noise`; the crop law of `embedded.crops`; `downscale`, one of
+      `embedded.DOWNSCALES`, the module docstring).
 
   Returns:
     dict of read-only arrays: `image` uint8 `[n, 32, 32, 3]` (gray, upright), `label` int32
@@ -55,6 +64,9 @@ def load(split: str, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:
     raise errors.UserError(
         f'Unknown embedded_rotation split {split!r}; valid splits are {SPLITS}.')
   opts = embedded.check_options(options, DEFAULT_OPTIONS, 'embedded_rotation')
+  if opts['downscale'] not in embedded.DOWNSCALES:
+    raise errors.UserError(f"embedded_rotation option downscale must be one of "
+                           f"{embedded.DOWNSCALES}, got {opts['downscale']!r}.")
   return _load_cached(split, embedded.check_seed(seed), tuple(sorted(opts.items())))
 
 
@@ -64,9 +76,10 @@ def _load_cached(split: str, seed: int, opts_items: tuple) -> dict[str, np.ndarr
   n = opts[f'num_{split}']
   pool = POOL[split]
   rng = np.random.default_rng([seed, embedded.POOLS.index(pool)])
-  src = embedded.sources()
-  pool_tiles = src['tiles'][pool]
-  tile_index = rng.integers(0, len(pool_tiles), size=n)
-  image = embedded.to_uint8_rgb(embedded.crops(src['photos'], pool_tiles, tile_index, opts, rng))
-  label = pool_tiles[tile_index, 0].astype(np.int32)
-  return embedded.read_only({'image': image, 'label': label})
+  images, windows = embedded.super_tiles(pool, opts['downscale'])
+  photo = windows[:, 0]
+  # Each super-tile is its own "photo" with one tile at (0, 0): embedded.crops clamps to it.
+  cells = np.stack([np.arange(len(images)), np.zeros_like(photo), np.zeros_like(photo)], 1)
+  tile_index = rng.integers(0, len(cells), size=n)
+  image = embedded.to_uint8_rgb(embedded.crops(images, cells, tile_index, opts, rng))
+  return embedded.read_only({'image': image, 'label': photo[tile_index]})

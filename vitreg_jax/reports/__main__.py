@@ -26,6 +26,8 @@ Markdown (`report.md`, also printed) and CSV (`<table>.csv`), from `reports/tabl
   ID, train-weighted mean and worst-group accuracy and the published Waterbirds figures
   (`reports/baselines.py`; shown when GroupDRO / JTT runs or a dfr.json are among the runs).
 - `arvit`: ARViT Table 1, model x downstream task top-1, the paper's figure and difference.
+- `arvit_embedded`: the same rows on the embedded chain (`reports/arvit.py`), each fine-tuned
+  from rotation pretraining and from scratch, the thesis' CIFAR-10 figure beside.
 - `how_vits_work`: the CIFAR comparisons (ViT / ResNet / AlterNet, CLS vs GAP, local MSA
   windows, accuracy under corruptions); the slides give one figure (GAP +2.7 points over CLS),
   shown as the difference between our GAP and CLS rows.
@@ -47,6 +49,7 @@ from etils import epath
 from vitreg_jax import errors
 from vitreg_jax.heads import summary
 from vitreg_jax.reports import baselines
+from vitreg_jax.reports import arvit
 from vitreg_jax.reports import curves
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
@@ -57,7 +60,8 @@ def write_report(paths, out: str, target=None, target_split=None, statistic="aut
   """Reads every run under `paths`, writes report.md, <table>.csv and curves_<table>.png."""
   runs = [runs_lib.load(w) for w in runs_lib.find_runs(paths)]
   groups = runs_lib.group_runs(runs)
-  tables = [t for t in [baselines.baselines_table(groups)] if t is not None]
+  tables = [t for t in [baselines.baselines_table(groups), arvit.arvit_embedded_table(groups)]
+            if t is not None]
   tables += tables_lib.build_tables(groups, target, target_split, statistic, std)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)

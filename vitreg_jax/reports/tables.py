@@ -150,7 +150,8 @@ def _eval_split(run: Run) -> str | None:
   return "test" if "test" in splits else (splits[0] if splits else None)
 
 
-def _final_accuracy(run: Run):
+def final_accuracy(run: Run):
+  """A run's final accuracy on `test` (or its first eval split); None without one."""
   split = _eval_split(run)
   return run.final(split).get("accuracy") if split else None
 
@@ -174,7 +175,7 @@ def arvit_table(groups) -> Table | None:
     row = [model, None]
     for j, d in enumerate(papers.ARVIT_DATASETS):
       gs = cells[model].get(d, [])
-      vals = [v for g in gs for v in g.values(_final_accuracy)]
+      vals = [v for g in gs for v in g.values(final_accuracy)]
       ours = mean_std(vals)
       status += [f"{d}: {g.problems()}" for g in gs if g.problems() != "ok"]
       if len(gs) > 1:
@@ -222,7 +223,7 @@ def how_vits_work_table(groups) -> Table | None:
   for g in groups:
     dataset = g.config["data"]["name"].replace("_corrupted", "")
     label = papers.how_vits_work_row(g.config)
-    acc = mean_std(g.values(_final_accuracy))
+    acc = mean_std(g.values(final_accuracy))
     by_label.setdefault((dataset, label), acc[0])
     rows.append([dataset, label, len(g.runs), g.problems()]
                 + [mean_std(g.values(read(key)), scale) for read in (_final_test,
