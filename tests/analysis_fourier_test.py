@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vitreg_jax import errors
 from vitreg_jax import models
 from vitreg_jax.analysis import fourier
 
@@ -81,3 +82,9 @@ def test_spectra_of_a_tiny_vit():
   whole = fourier.spectra(model, variables, [{"image": images}])
   np.testing.assert_allclose([b["rel_log_amp"] for b in blocks],
                              [b["rel_log_amp"] for b in whole], atol=1e-5)
+
+
+def test_a_map_too_small_for_a_frequency_is_a_user_error():
+  # An ImageNet-stem ResNet's last stage on small images: 1 x 1 maps have no frequency > 0.
+  with pytest.raises(errors.UserError, match="at least 2x2"):
+    fourier.half_diagonal(np.zeros((1, 1)))

@@ -95,8 +95,11 @@ def half_diagonal(logamp) -> tuple:
   logamp = np.asarray(logamp)
   h, w = logamp.shape
   n = min(h, w) // 2
-  if n == 0:
-    raise ValueError(f"A {h}x{w} feature map has no frequency above 0 on its diagonal.")
+  if n == 0:  # e.g. an ImageNet-stem ResNet's last stage on small images
+    raise errors.UserError(
+        f"A {h}x{w} feature map has no frequency above 0 on its diagonal: the Fourier analysis "
+        "needs every feature map at least 2x2; use larger images (the dataset's image_size) "
+        "or a model that downsamples less.")
   i = np.arange(n + 1)
   rows = (h // 2 + np.rint(i * h / (2 * n)).astype(int)) % h
   cols = (w // 2 + np.rint(i * w / (2 * n)).astype(int)) % w
