@@ -158,6 +158,20 @@ def test_gain_fractions_leave_out_and_count_undefined_runs():
   assert fractions == [0.5, 0.5] and undefined == 1 and missing == 1
 
 
+def test_pooled_fraction_is_the_fraction_of_the_summed_gains():
+  rule = {"a": 70.0, "b": 60.5, "c": float("nan")}
+  full = {"a": 60.0, "b": 60.0, "c": 50.0}
+  oracle = {"a": 80.0, "b": 60.1, "c": 60.0}
+  # A slow reference: the runs with all three figures, summed gains.
+  num = (70.0 - 60.0) + (60.5 - 60.0)
+  den = (80.0 - 60.0) + (60.1 - 60.0)
+  assert selection_table.pooled_fraction(rule, full, oracle) == pytest.approx(num / den)
+  # Run b alone gains 0.1 points and makes its own fraction 5x; pooled stays near a's 0.5.
+  per_run, _, _ = selection_table.gain_fractions(rule, full, oracle)
+  assert per_run[1] == pytest.approx(5.0)
+  assert selection_table.pooled_fraction({"a": 1.0}, {"a": 2.0}, {"a": 2.0}) is None
+
+
 def test_heads_table_shows_every_rule_and_writes_the_curve(runs, tmp_path, capsys):
   out = str(tmp_path / "out")
   assert heads_main.main(["--table", *runs, "--out", out]) == 0

@@ -10,7 +10,8 @@ tested on the OOD test figure of the roles, roles.py):
   the authors' BEST HEAD; mean ± std over the runs where it is defined. A run where the
   oracle equals the full model has no gain to recover: it is left out and counted
   (`undefined`); a run where a rule chose nothing (it lacks what the rule reads) is counted
-  in `n/a`. Where the oracle tests below the full model the fraction's sign flips (the
+  in `n/a`. `pooled`: `sum(rule - full) / sum(oracle - full)` over the runs, the fraction of
+  the group's mean gain (stable where one run's oracle gains almost nothing). Where the oracle tests below the full model the fraction's sign flips (the
   per-run figures are in `table.json`).
 `--out DIR` writes `table.md` (both tables), `table.json` (these rows and the k-label
 curves, heads/k_labels.py) and `k_labels.png`.
@@ -35,7 +36,7 @@ from vitreg_jax.reports import tables
 from vitreg_jax.training import rundir
 
 HEADER = ["dataset", "method", "selection", "reads", "runs", "OOD acc.",
-          "gain recovered (%)", "undefined", "n/a"]
+          "oracle - full (points)", "gain recovered (%)", "pooled (%)", "undefined", "n/a"]
 
 
 def _finite(v) -> bool:
@@ -60,6 +61,18 @@ def gain_fractions(rule: dict, full: dict, oracle: dict) -> tuple[list[float], i
     else:
       out.append((value - f) / (o - f))
   return out, undefined, missing
+
+
+def pooled_fraction(rule: dict, full: dict, oracle: dict) -> float | None:
+  """`sum(rule - full) / sum(oracle - full)` over the runs with all three figures: the
+  fraction of the group's mean gain, stable where a run's own oracle gain is near zero
+  (there the per-run fraction can be any size); None without runs or without a gain."""
+  runs = [w for w, v in rule.items()
+          if _finite(v) and _finite(full.get(w)) and _finite(oracle.get(w))]
+  gain = sum(oracle[w] - full[w] for w in runs)
+  if not runs or gain == 0:
+    return None
+  return sum(rule[w] - full[w] for w in runs) / gain
 
 
 def _labels(workdirs: Sequence[str]) -> dict[str, str]:
@@ -94,12 +107,20 @@ def build(workdirs: Sequence[str], rules: Sequence[str], statistic: str = "autho
                    if rule == "full" else rules_lib.get(rule).reads,
                    "runs": len(values), "ood": tables.mean_std(finite, 100.0, ddof),
                    "gain_recovered": tables.mean_std(fractions, 100.0, ddof),
+                   "pooled_gain": pooled_fraction(values, full, oracle),
+                   "oracle_gain": _mean_gain(full, oracle),
                    "undefined": undefined, "missing": missing,
                    "per_run": {w: {"ood": _or_none(v), "full": _or_none(full.get(w)),
                                    "oracle": _or_none(oracle.get(w))}
                                for w, v in values.items()}})
   return {"rows": rows, "k_labels": curves(workdirs, labels, rows, statistic),
           "statistic": statistic, "std": summary.spread(std)[1], "note": note(statistic)}
+
+
+def _mean_gain(full: dict, oracle: dict) -> float | None:
+  """Mean over runs of the oracle's OOD test gain over the full model (points)."""
+  gains = [oracle[w] - f for w, f in full.items() if _finite(f) and _finite(oracle.get(w))]
+  return float(np.mean(gains)) if gains else None
 
 
 def curves(workdirs, labels, rows, statistic) -> dict:
@@ -128,9 +149,12 @@ def note(statistic: str) -> str:
           "runs (%), the authors' statistic" if statistic == "authors" else
           "the FINAL checkpoint") + (
       ". Gain recovered: (rule - full) / (oracle - full) per run, full = the ERM / DIV row, "
-      "oracle = the authors' BEST HEAD; 'undefined' counts runs where oracle == full (left "
-      "out), 'n/a' runs where the rule chose nothing (it lacks what it reads, e.g. "
-      "heads_examples/ of runs trained before it existed, or separate OOD inputs).")
+      "oracle = the authors' BEST HEAD, mean ± std over runs; pooled: sum(rule - full) / "
+      "sum(oracle - full) over the runs, the fraction of the mean gain (a run whose oracle "
+      "gains almost nothing makes its own fraction any size); 'undefined' counts runs where "
+      "oracle == full (left out), 'n/a' runs where the rule chose nothing (it lacks what it "
+      "reads, e.g. heads_examples/ of runs trained before it existed, or separate OOD "
+      "inputs).")
 
 
 def markdown(result: dict) -> str:
@@ -138,10 +162,13 @@ def markdown(result: dict) -> str:
   lines = ["### Head selection by what it reads: OOD accuracy and the oracle's gain recovered",
            "", result["note"], "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
   for r in result["rows"]:
-    gain = "-" if r["rule"] in ("full", "oracle") else cell(r["gain_recovered"])
+    ref = r["rule"] in ("full", "oracle")
+    gain = "-" if ref else cell(r["gain_recovered"])
+    pooled = "-" if ref or r["pooled_gain"] is None else f"{100 * r['pooled_gain']:.0f}"
+    oracle_gain = "-" if r["oracle_gain"] is None else f"{r['oracle_gain']:+.2f}"
     lines.append("| " + " | ".join(str(c) for c in (
-        r["dataset"], r["method"], r["rule"], r["reads"], r["runs"], cell(r["ood"]), gain,
-        r["undefined"], r["missing"])) + " |")
+        r["dataset"], r["method"], r["rule"], r["reads"], r["runs"], cell(r["ood"]),
+        oracle_gain, gain, pooled, r["undefined"], r["missing"])) + " |")
   return "\n".join(lines) + "\n"
 
 
