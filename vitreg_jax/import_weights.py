@@ -29,46 +29,52 @@ from vitreg_jax import config_lib
 from vitreg_jax import errors
 from vitreg_jax.training import imported
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (model, data, init_from), optionally with ':arg'.",
-    lock_config=True)
-flags.FLAGS[_CONFIG.name].parser = config_lib.ConfigFileParser()
-_WORKDIR = flags.DEFINE_string("workdir", None, "The new run directory to write.")
-_TIMM = flags.DEFINE_enum("timm", None, sorted(imported.TIMM_MODELS),
-                          "Instead of --config: a timm ImageNet model (training/imported.py).")
-_WEIGHTS = flags.DEFINE_string("weights", None, "--timm: its state_dict (.npz / .safetensors).")
-_DATA = flags.DEFINE_string("data", None, "--timm: the ImageNet folder <data>/<split>/<class>/.")
-_TRAIN_SPLIT = flags.DEFINE_string("train_split", "train",
-                                   "--timm: the split of the Hessian / landscape batches.")
-_EVAL_SPLIT = flags.DEFINE_string("eval_split", "val", "--timm: the split the analyses read.")
-_PREPARE_DATA = flags.DEFINE_bool("prepare_data", False,
-                                  "Prepare config.data first if it is not (as main's flag).")
-flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (its `__main__`), not at import."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file (model, data, init_from), optionally with ':arg'.",
+      lock_config=True)
+  FLAGS["config"].parser = config_lib.ConfigFileParser()
+  flags.DEFINE_string("workdir", None, "The new run directory to write.")
+  flags.DEFINE_enum("timm", None, sorted(imported.TIMM_MODELS),
+                    "Instead of --config: a timm ImageNet model (training/imported.py).")
+  flags.DEFINE_string("weights", None, "--timm: its state_dict (.npz / .safetensors).")
+  flags.DEFINE_string("data", None, "--timm: the ImageNet folder <data>/<split>/<class>/.")
+  flags.DEFINE_string("train_split", "train",
+                      "--timm: the split of the Hessian / landscape batches.")
+  flags.DEFINE_string("eval_split", "val", "--timm: the split the analyses read.")
+  flags.DEFINE_bool("prepare_data", False,
+                    "Prepare config.data first if it is not (as main's flag).")
+  flags.mark_flag_as_required("workdir")
 
 
 def config_from_flags():
   """The import config: `--config`, or `--timm` with `--weights` and `--data`."""
-  if (_CONFIG.value is None) == (_TIMM.value is None):
+  if (FLAGS.config is None) == (FLAGS.timm is None):
     raise errors.UserError("Pass either --config=FILE (with init_from) or --timm=MODEL "
                            f"(one of {sorted(imported.TIMM_MODELS)}) with --weights and --data.")
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  if not _WEIGHTS.value or not _DATA.value:
+  if FLAGS.config is not None:
+    return FLAGS.config
+  if not FLAGS.weights or not FLAGS.data:
     raise errors.UserError("--timm needs --weights=FILE (tools/convert_timm.py writes it) and "
                            "--data=FOLDER (ImageNet as <data>/<split>/<class>/<image>).")
-  return imported.timm_config(_TIMM.value, _WEIGHTS.value, _DATA.value,
-                              train_split=_TRAIN_SPLIT.value, eval_split=_EVAL_SPLIT.value)
+  return imported.timm_config(FLAGS.timm, FLAGS.weights, FLAGS.data,
+                              train_split=FLAGS.train_split, eval_split=FLAGS.eval_split)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   with errors.exit_on_user_error("FATAL"):
-    workdir = imported.write_run(config_from_flags(), _WORKDIR.value,
-                                 prepare_data=_PREPARE_DATA.value)
+    workdir = imported.write_run(config_from_flags(), FLAGS.workdir,
+                                 prepare_data=FLAGS.prepare_data)
   print(f"wrote {workdir} (config.json, checkpoint step {imported.STEP}): pass it as --workdir "
         "to the analyses, heads and reports")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=config_lib.parse_flags)
