@@ -200,3 +200,10 @@ def test_heads_table_on_runs_without_examples_shows_n_a(runs, tmp_path, capsys):
   atc = next(r for r in result["rows"] if r["rule"] == "atc")
   assert atc["missing"] == 1 and atc["ood"][0] is None and result["k_labels"] == {}
   assert np.isfinite(next(r for r in result["rows"] if r["rule"] == "oracle")["ood"][0])
+
+
+def test_file_datasets_are_labelled_by_their_folder():
+  label = selection_table.dataset_label
+  assert label({"name": "dominoes"}) == "dominoes"
+  assert label({"name": "npz", "path": "/d/colored_digits/{split}.npz"}) == "npz:colored_digits"
+  assert label({"name": "image_folder", "path": "/data/imagenet"}) == "image_folder:imagenet"

@@ -80,8 +80,18 @@ def _labels(workdirs: Sequence[str]) -> dict[str, str]:
   out = {}
   for w in workdirs:
     config = runs_lib.read_config(w)
-    out[w] = f"{config['data']['name']} / {papers.method(config)}"
+    out[w] = f"{dataset_label(config['data'])} / {papers.method(config)}"
   return out
+
+
+def dataset_label(data: dict) -> str:
+  """The data's registered name; for the generic file datasets (`npz`, `image_folder`) the
+  folder they read too (`npz:colored_digits`), so two such datasets are two groups."""
+  path = data.get("path")
+  if data["name"] not in ("npz", "image_folder") or not path:
+    return data["name"]
+  folder = str(path).split("{split}")[0].rstrip("/")
+  return data["name"] + ":" + folder.rsplit("/", 1)[-1]
 
 
 def build(workdirs: Sequence[str], rules: Sequence[str], statistic: str = "authors",
