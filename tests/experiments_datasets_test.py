@@ -3,6 +3,7 @@ digits set has the promised shapes, splits, exact balance and disjoint source po
 experiments' configs read it through the `npz` loader, evaluating the four held-out splits with
 `head_eval` on."""
 
+import importlib.util
 import os
 import types
 
@@ -96,3 +97,23 @@ def test_configs_read_the_npz_with_groups_and_test_splits(name, tiny, monkeypatc
   # Groups (label, texture): 2 * label + spurious, 90 / 10 per class in train.
   assert ds.group_counts().tolist() == [90, 10, 10, 90]
 
+
+
+def test_estimator_error_measures_truth_spread_and_error():
+  # experiments/estimator_error.py on one hand-made step: two candidates, 4 ID and 4 OOD images.
+  spec = importlib.util.spec_from_file_location(
+      "estimator_error", os.path.join(ROOT, "estimator_error.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  label = np.array([0, 1, 0, 1])
+  data = {"val_id": {"label": label, "pred": np.array([[0, 1, 0, 1], [0, 1, 1, 1]]),
+                     "confidence": np.full((2, 4), 0.9, np.float32)},
+          "val_ood": {"label": label, "pred": np.array([[0, 0, 0, 0], [0, 1, 0, 1]]),
+                      "confidence": np.full((2, 4), 0.7, np.float32)}}
+  out = module.step_figures(data, "val_id", "val_ood")
+  truth = np.array([0.5, 1.0])  # OOD accuracies of the two candidates
+  assert out["spread"] == pytest.approx(np.std(truth))
+  assert out["best_gap"] == pytest.approx(0.5)
+  doc = np.array([1.0, 0.75]) - (0.9 - 0.7)  # DoC: ID acc - (ID conf - OOD conf)
+  assert out["doc_mae"] == pytest.approx(np.mean(np.abs(doc - truth)))
+  assert out["doc_rank_corr"] == pytest.approx(-1.0)  # DoC ranks them the wrong way round
