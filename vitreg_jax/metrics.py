@@ -151,10 +151,12 @@ def calibration_metrics(loss, confidence, correct, num_bins: int = ECE_BINS) -> 
     confidence: [n] the predicted class's probability.
     correct: [n] whether the prediction is right.
   Returns:
-    `nll` (mean of `loss`) and `ece` (`reliability`, `num_bins` equal-width bins).
+    `nll` (mean of `loss`), `ece` (`reliability`, `num_bins` equal-width bins) and
+    `mean_confidence` (what Difference of Confidences reads, heads/estimators.py).
   """
   counts = calibration_counts(confidence, correct, num_bins=num_bins)
-  return {'nll': float(np.mean(loss)), 'ece': reliability(counts)['ece']}
+  return {'nll': float(np.mean(loss)), 'ece': reliability(counts)['ece'],
+          'mean_confidence': float(np.mean(confidence))}
 
 
 def mean_corruption_accuracy(accuracy_by_split: Mapping[str, float],

@@ -279,9 +279,7 @@ class RunEval:
       end = start + len(pool.rows[s])
       for key, p, l, c in zip(keys, pred[:, start:end], loss[:, start:end],
                               conf[:, start:end]):
-        # `mean_confidence`: what Difference of Confidences reads (heads/estimators.py).
-        self._cache[(s, key)] = {**self.dataset.metrics(p, l, pool.arrays[s], confidence=c),
-                                 "mean_confidence": float(np.mean(c))}
+        self._cache[(s, key)] = self.dataset.metrics(p, l, pool.arrays[s], confidence=c)
         if s in self.keep_examples:
           self._examples[(s, key)] = (p, c)
       start = end
