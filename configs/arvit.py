@@ -108,7 +108,7 @@ EMBEDDED_LR = 1e-3
 # crops of whole 2 x 2-tile windows (`downscale`: twice the scene per crop, 64 of its 64 px).
 EMBEDDED_PRETRAIN_LR = 3e-4
 EMBEDDED_PRETRAIN_WARMUP = 100
-EMBEDDED_PRETRAIN_DATA = dict(downscale=2, min_crop=64, max_crop=64)
+EMBEDDED_PRETRAIN_DATA = dict(downscale=2, min_crop=64, max_crop=64, faces=1 / 3, digits=1 / 3)
 
 
 def regularizers_for(variant: str, impl: str = "paper", weight: float = -1.0) -> list:

@@ -8,6 +8,7 @@ import pytest
 from vitreg_jax import data
 from vitreg_jax import errors
 from vitreg_jax.data import embedded
+from vitreg_jax.data import embedded_objects
 from vitreg_jax.data import embedded_rotation
 from vitreg_jax.data import rotation
 from vitreg_jax.data import tiles
@@ -82,7 +83,7 @@ def test_rotation_dataset_rotates_and_keeps_the_photo():
   info = ds.info
   assert info.num_classes == 4 and info.splits == ("train", "val")
   assert info.attributes == ("object_label",)
-  assert info.attribute_classes == {"object_label": len(embedded.SOURCES)}
+  assert info.attribute_classes == {"object_label": len(embedded.SOURCES) + 2}
   raw = embedded_rotation.load("val", num_train=64, num_val=8)
   batch = next(iter(ds.eval_iterator("val", global_batch_size=32)))
   assert batch["image"].shape == (32, 32, 32, 3) and batch["mask"].sum() == 32
@@ -110,6 +111,8 @@ def test_rotation_crops_come_from_pretraining_tiles_only():
     (embedded.load, dict(split="train", num_train=0), "num_train"),
     (embedded.load, dict(split="train", seed=-1), "seed"),
     (embedded_rotation.load, dict(split="test"), "split"),
+    (embedded_rotation.load, dict(split="val", faces=1.5), "faces"),
+    (embedded_rotation.load, dict(split="val", faces=0.6, digits=0.6), "sum to at most 1"),
 ])
 def test_mistakes_are_user_errors(load, kwargs, field):
   with pytest.raises(errors.UserError, match=field):
@@ -154,3 +157,37 @@ def test_downscaled_rotation_crops():
   assert not np.array_equal(ds["image"], embedded_rotation.load("val", seed=0, num_val=50)["image"])
   with pytest.raises(errors.UserError, match="downscale"):
     embedded_rotation.load("val", downscale=3)
+
+
+@pytest.mark.parametrize("kind,size", [("faces", 100), ("digits", 1797)])
+def test_object_pools_are_disjoint_and_cover_the_collection(kind, size):
+  train = embedded_objects.indices(kind, "pretrain")
+  val = embedded_objects.indices(kind, "pretrain_val")
+  assert not set(train) & set(val) and len(train) + len(val) == size
+  assert len(val) == round(0.2 * size)
+  images = embedded_objects.images(kind, "pretrain_val")
+  assert images.shape == (len(val), embedded.TILE, embedded.TILE, 1)
+  # Each tile is its source image resampled: the same image, upright (a slow reference: the
+  # tile's mean over the source's footprint equals the source's mean within resampling error).
+  raw = embedded_objects._raw(kind)[val]  # pylint: disable=protected-access
+  np.testing.assert_allclose(images[..., 0].mean((1, 2)), raw.mean((1, 2)), atol=0.03)
+  top = images[:, :embedded.TILE // 2, :, 0].mean((1, 2)) - images[:, embedded.TILE // 2:, :, 0].mean((1, 2))
+  raw_top = raw[:, :raw.shape[1] // 2].mean((1, 2)) - raw[:, raw.shape[1] // 2:].mean((1, 2))
+  np.testing.assert_allclose(top, raw_top, atol=0.05)
+
+
+def test_rotation_mix_of_photos_faces_and_digits():
+  n = 90
+  ds = embedded_rotation.load("val", seed=0, num_val=n, faces=1 / 3, digits=1 / 3)
+  counts = np.bincount(ds["label"], minlength=embedded_rotation.NUM_OBJECTS)
+  faces, digits = len(embedded.SOURCES), len(embedded.SOURCES) + 1
+  assert counts[faces] == 30 and counts[digits] == 30 and counts[:faces].sum() == 30
+  # Interleaved, not in blocks: the first third already holds every kind.
+  first = set(ds["label"][:30])
+  assert faces in first and digits in first and first & set(range(faces))
+  # Object crops are never downstream data: the downstream sources are the photos alone.
+  assert embedded_rotation.load("val", seed=0, num_val=n)["label"].max() < faces
+  # Digits are bright strokes on a dark border: their crops' border is darker than the centre.
+  digit = ds["image"][ds["label"] == digits][..., 0].astype(float)
+  border = np.concatenate([digit[:, 0], digit[:, -1], digit[:, :, 0], digit[:, :, -1]], 1)
+  assert (border.mean(1) < digit[:, 12:20, 12:20].mean((1, 2))).mean() > 0.8
