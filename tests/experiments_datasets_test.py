@@ -117,3 +117,21 @@ def test_estimator_error_measures_truth_spread_and_error():
   doc = np.array([1.0, 0.75]) - (0.9 - 0.7)  # DoC: ID acc - (ID conf - OOD conf)
   assert out["doc_mae"] == pytest.approx(np.mean(np.abs(doc - truth)))
   assert out["doc_rank_corr"] == pytest.approx(-1.0)  # DoC ranks them the wrong way round
+
+
+def test_arvit_rotation_by_source_splits_accuracy_by_kind():
+  # experiments/arvit_rotation_by_source.py on hand-made predictions of 8 crops.
+  spec = importlib.util.spec_from_file_location(
+      "arvit_rotation_by_source", os.path.join(ROOT, "arvit_rotation_by_source.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  photos = 16  # len(embedded.SOURCES); 16 = faces, 17 = digits
+  source = np.array([0, 3, 15, 16, 16, 17, 17, 17])
+  label = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+  pred = np.array([0, 0, 0, 3, 0, 1, 2, 0])  # photos 1/3, faces 2/2, digits 2/3
+  out = module.by_source(pred, label, source)
+  assert out["n_photos"] == 3 and out["n_faces"] == 2 and out["n_digits"] == 3
+  np.testing.assert_allclose([out["all"], out["photos"], out["faces"], out["digits"]],
+                             [5 / 8, 1 / 3, 1.0, 2 / 3])
+  assert module.by_source(pred[:3], label[:3], source[:3])["faces"] is None
+  assert photos == len(module.embedded.SOURCES)
