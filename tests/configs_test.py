@@ -177,10 +177,12 @@ def test_arvit_embedded_pretraining_has_its_own_lr_warmup_and_crops():
   pre = get_config("arvit", "variant=L3,dataset=embedded_rotation")
   assert pre.optimizer.lr == 3e-4 and pre.schedule.warmup_steps == 100
   assert (pre.data.downscale, pre.data.min_crop, pre.data.max_crop) == (2, 64, 64)
+  # A third each of photo windows, faces and digits (the photos alone stay at chance).
+  assert pre.data.faces == pre.data.digits == pytest.approx(1 / 3)
   assert get_config("arvit", "variant=L3,dataset=embedded_rotation,lr=1e-3").optimizer.lr == 1e-3
   fine = get_config("arvit", "variant=L3,dataset=embedded,init=/runs/rot")
   assert fine.optimizer.lr == 1e-3 and not fine.schedule.get("warmup_steps")
-  assert "downscale" not in fine.data and fine.total_steps == 500
+  assert "downscale" not in fine.data and "faces" not in fine.data and fine.total_steps == 500
 
 
 def test_arvit_code_impl_and_weight_override():
