@@ -135,3 +135,20 @@ def test_arvit_rotation_by_source_splits_accuracy_by_kind():
                              [5 / 8, 1 / 3, 1.0, 2 / 3])
   assert module.by_source(pred[:3], label[:3], source[:3])["faces"] is None
   assert photos == len(module.embedded.SOURCES)
+
+
+def test_arvit_linear_probe_chooses_on_val_and_scores_test():
+  # experiments/arvit_linear_probe.py's probe on hand-made features: informative features are
+  # probed far above chance, pure noise near it; the penalty is one of the grid's.
+  spec = importlib.util.spec_from_file_location(
+      "arvit_linear_probe", os.path.join(ROOT, "arvit_linear_probe.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rng = np.random.default_rng(0)
+  labels = {s: rng.integers(0, 3, size=n) for s, n in zip(module.SPLITS, (300, 100, 200))}
+  centres = rng.normal(size=(3, 20)) * 2.0
+  informative = {s: centres[y] + rng.normal(size=(len(y), 20)) for s, y in labels.items()}
+  noise = {s: rng.normal(size=(len(y), 20)) for s, y in labels.items()}
+  good, bad = module.probe(informative, labels), module.probe(noise, labels)
+  assert good["test"] > 0.9 and bad["test"] < 0.5
+  assert good["alpha"] in module.ALPHA_GRID and 0.0 <= good["val"] <= 1.0
