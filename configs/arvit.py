@@ -80,6 +80,7 @@ the number of epochs. CIFAR images are resized to the model's resolution.
 """
 
 from vitreg_jax import config_lib
+from vitreg_jax.reports import papers
 
 VARIANTS = (("base",) + tuple(f"L{k}" for k in range(1, 7))
             + tuple(f"R1-{k}" for k in range(1, 7)) + ("vit_tiny",))
@@ -96,7 +97,7 @@ _CODE_DISTANCE = dict(penalty="smooth_sign", normalize_attention=True, log=True,
 _CODE_SIMILARITY = dict(metric="minkowski", normalize_similarity=True, normalize_attention=True,
                         bias=-0.17, log=True, batch_reduction="sum")
 # lambda of either penalty: the authors' code's value (the paper gives none).
-DEFAULT_WEIGHT = 0.01
+DEFAULT_WEIGHT = papers.ARVIT_WEIGHT
 # impl=code geometry per penalty family (their launch scripts): (width, heads).
 _CODE_GEOMETRY = {"L": (516, 12), "R": (512, 8)}
 IMAGE_SIZE = {"paper": 224, "code": 256}

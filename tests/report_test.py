@@ -15,6 +15,7 @@ import pytest
 from vitreg_jax import errors
 from vitreg_jax.reports import __main__ as reports_main
 from vitreg_jax.reports import arvit as arvit_report
+from vitreg_jax.reports import papers
 from vitreg_jax.reports import runs as runs_lib
 from vitreg_jax.reports import tables as tables_lib
 
@@ -305,3 +306,12 @@ def test_arvit_embedded_table_flags_pooled_configs_that_differ(tmp_path):
   groups = runs_lib.group_runs([runs_lib.load(w) for w in runs_lib.find_runs([root])])
   (row,) = arvit_report.arvit_embedded_table(groups).rows
   assert "2 configs pooled" in row[2] and row[4][2] == 2
+
+
+def test_arvit_row_names_a_non_default_penalty_weight():
+  base = {"model_name": "arvit", "model": {"variant": "paper"}}
+  reg = {"name": "similarity", "layers": [0], "weight": papers.ARVIT_WEIGHT}
+  assert papers.arvit_row(dict(base, regularizers=[reg])) == "ARViT-R1-1"
+  assert papers.arvit_row(dict(base, regularizers=[dict(reg, weight=1.0)])) == "ARViT-R1-1 (λ=1)"
+  dist = {"name": "distance", "layers": [2], "weight": 0.5}
+  assert papers.arvit_row(dict(base, regularizers=[dist])) == "ARViT-L3 (λ=0.5)"
