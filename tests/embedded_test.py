@@ -185,6 +185,9 @@ def test_rotation_mix_of_photos_faces_and_digits():
   # Interleaved, not in blocks: the first third already holds every kind.
   first = set(ds["label"][:30])
   assert faces in first and digits in first and first & set(range(faces))
+  # Rounding never asks for more crops than n (3 x 0.5 rounds to 2 for each kind).
+  tiny = embedded_rotation.load("val", seed=0, num_val=3, faces=0.5, digits=0.5)
+  assert len(tiny["label"]) == 3 and (tiny["label"] >= faces).all()
   # Object crops are never downstream data: the downstream sources are the photos alone.
   assert embedded_rotation.load("val", seed=0, num_val=n)["label"].max() < faces
   # Digits are bright strokes on a dark border: their crops' border is darker than the centre.

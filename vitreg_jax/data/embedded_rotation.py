@@ -95,7 +95,9 @@ def _load_cached(split: str, seed: int, opts_items: tuple) -> dict[str, np.ndarr
   n = opts[f'num_{split}']
   pool = POOL[split]
   rng = np.random.default_rng([seed, embedded.POOLS.index(pool)])
-  counts = [int(round(opts[kind] * n)) for kind in embedded_objects.KINDS]
+  counts = []  # rounded, and capped so that the kinds never exceed n together
+  for kind in embedded_objects.KINDS:
+    counts.append(min(int(round(opts[kind] * n)), n - sum(counts)))
   photo_gray, photo_label = _photo_crops(pool, n - sum(counts), opts, rng)
   gray, label = [photo_gray], [photo_label]
   for index, (kind, count) in enumerate(zip(embedded_objects.KINDS, counts)):
