@@ -23,7 +23,7 @@ FULL = [
     "tensorboard==2.21.0",
     "protobuf<8",
     "scikit-learn",
-    "scikit-image",  # the photos of the embedded ARViT datasets (data/embedded.py)
+    "scikit-image",  # the photos and faces of the embedded ARViT datasets (data/embedded*.py)
     "matplotlib",
     "tqdm",  # progress bars of the analyses
     "pillow",
