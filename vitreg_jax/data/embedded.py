@@ -211,6 +211,16 @@ def crops(photos: np.ndarray, pool_tiles: np.ndarray, tile_index: np.ndarray,
   return np.clip((out - mean) / std * gain + offset + noise, 0.0, 1.0)
 
 
+def whole_tile_crops(images: np.ndarray, n: int, opts: dict[str, Any],
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """`n` crops (`crops`' law) of images that are one tile each (`[m, TILE, TILE, 1]`), drawn
+  uniformly; returns the crops (float32 `[n, SIZE, SIZE]`) and which image each came from."""
+  zeros = np.zeros(len(images), np.int64)
+  cells = np.stack([np.arange(len(images)), zeros, zeros], 1)  # image i's only tile: (0, 0)
+  index = rng.integers(0, len(images), size=n)
+  return crops(images, cells, index, opts, rng), index
+
+
 def to_uint8_rgb(gray: np.ndarray) -> np.ndarray:
   """float `[n, h, w]` in [0, 1] -> uint8 `[n, h, w, 3]` (three equal channels)."""
   image = np.round(gray * 255.0).astype(np.uint8)

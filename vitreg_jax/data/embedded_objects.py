@@ -65,7 +65,4 @@ def indices(kind: str, pool: str) -> np.ndarray:
 
 def crops(kind: str, pool: str, n: int, opts: dict, rng: np.random.Generator) -> np.ndarray:
   """`n` crops of random `pool` images of `kind`, by `embedded.crops`' law; float32 [n, 32, 32]."""
-  pool_images = images(kind, pool)
-  cells = np.stack([np.arange(len(pool_images)), np.zeros(len(pool_images), np.int64),
-                    np.zeros(len(pool_images), np.int64)], 1)
-  return embedded.crops(pool_images, cells, rng.integers(0, len(cells), size=n), opts, rng)
+  return embedded.whole_tile_crops(images(kind, pool), n, opts, rng)[0]

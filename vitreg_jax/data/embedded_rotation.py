@@ -112,8 +112,5 @@ def _load_cached(split: str, seed: int, opts_items: tuple) -> dict[str, np.ndarr
 def _photo_crops(pool: str, n: int, opts: dict, rng: np.random.Generator):
   """`n` crops of the pool's photo windows and their photo index (float32 `[n, 32, 32]`)."""
   images, windows = embedded.super_tiles(pool, opts['downscale'])
-  photo = windows[:, 0]
-  # Each super-tile is its own "photo" with one tile at (0, 0): embedded.crops clamps to it.
-  cells = np.stack([np.arange(len(images)), np.zeros_like(photo), np.zeros_like(photo)], 1)
-  tile_index = rng.integers(0, len(cells), size=n)
-  return embedded.crops(images, cells, tile_index, opts, rng), photo[tile_index]
+  gray, index = embedded.whole_tile_crops(images, n, opts, rng)
+  return gray, windows[index, 0]
