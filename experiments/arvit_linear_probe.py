@@ -3,7 +3,8 @@ the downstream task `embedded` (issue 28).
 
 For every rotation-pretraining run (`configs/arvit.py:dataset=embedded_rotation`) the encoder is
 frozen twice: with its pretrained weights and with a fresh random initialization of the same
-model (the `random_init` reference: what fine-tuning from scratch starts with). Both encode the
+model (the `random_init` reference, drawn from `--seed`, default 0: a random encoder like the
+one fine-tuning from scratch starts with, not that run's exact draw). Both encode the
 `embedded` splits (`pre_logits`, the head's input; evaluation preprocessing), and a linear
 classifier (ridge regression on one-hot labels of the standardized features, scikit-learn's
 `RidgeClassifier`: closed form, seconds on ARViT's 6144 features) is fit on `train`, its
@@ -48,9 +49,14 @@ def probe(feats: dict, labels: dict) -> dict:
           'alpha': alpha}
 
 
+def on_embedded(run):
+  """`run` reading the downstream task (its data seed) instead of its pretraining data."""
+  run.dataset = data.open({'name': 'embedded', 'seed': int(run.config.get('seed', 0))})
+  return run
+
+
 def encode(run) -> tuple[dict, dict]:
   """`pre_logits` and labels of every `embedded` split under `run`'s weights."""
-  run.dataset = data.open({'name': 'embedded', 'seed': int(run.config.get('seed', 0))})
   out = {s: features.extract(run, s) for s in SPLITS}
   return ({s: np.asarray(o['features']) for s, o in out.items()},
           {s: np.asarray(o['label']) for s, o in out.items()})
@@ -75,8 +81,9 @@ def main(argv) -> None:
       workdirs.append(arg)
   for workdir in workdirs:
     result = {'workdir': workdir}
-    result['pretrained'] = probe(*encode(rundir.load_run(workdir)))
-    result['random_init'] = probe(*encode(random_init(rundir.load_run(workdir), seed)))
+    result['pretrained'] = probe(*encode(on_embedded(rundir.load_run(workdir))))
+    fresh = random_init(on_embedded(rundir.load_run(workdir)), seed)
+    result['random_init'] = probe(*encode(fresh))
     print(json.dumps(result), flush=True)
 
 
