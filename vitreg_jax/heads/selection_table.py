@@ -11,8 +11,9 @@ tested on the OOD test figure of the roles, roles.py):
   oracle equals the full model has no gain to recover: it is left out and counted
   (`undefined`); a run where a rule chose nothing (it lacks what the rule reads) is counted
   in `n/a`. `pooled`: `sum(rule - full) / sum(oracle - full)` over the runs, the fraction of
-  the group's mean gain (stable where one run's oracle gains almost nothing). Where the oracle tests below the full model the fraction's sign flips (the
-  per-run figures are in `table.json`).
+  the group's mean gain (stable where one run's oracle gains almost nothing). Where the
+  oracle tests below the full model the fraction's sign flips (the per-run figures are in
+  `table.json`).
 `--out DIR` writes `table.md` (both tables), `table.json` (these rows and the k-label
 curves, heads/k_labels.py) and `k_labels.png`.
 """
